@@ -1,0 +1,5 @@
+import sys
+
+from fastmae.cli import main
+
+sys.exit(main())

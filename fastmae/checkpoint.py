@@ -1,0 +1,177 @@
+"""Checkpoints in the reference container, read safely and written atomically.
+
+The reference saves ``{'model': state_dict, 'optimizer', 'epoch', 'scaler', 'args'}``; released
+weights hold only ``'model'``. We read that container or a bare state_dict (or a .safetensors file)
+with ``torch.load(weights_only=True)``: nothing but tensors and plain containers is unpickled (the
+reference's ``argparse.Namespace`` in 'args' is allowed, it is a plain attribute bag). We write the
+same container with 'args' as a plain dict, so the reference code and any weights-only loader read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from fastmae.pos_embed import interpolate_pos_embed
+
+POS_EMBED_KEYS = ("pos_embed", "decoder_pos_embed")
+# Keys of other heads that a pretraining model legitimately does not have (fine-tuned files).
+FOREIGN_PREFIXES = ("head.", "fc_norm.", "bn.")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The whole container (a dict) of a .pth/.pt or .safetensors file, read without arbitrary unpickling."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return {"model": load_file(str(path))}
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # an unsafe pickle or a broken file: say which
+            raise ValueError(f"cannot read checkpoint {path} as weights only: {err}") from err
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict or state_dict")
+    return obj
+
+
+def state_dict_of(container: dict) -> dict[str, torch.Tensor]:
+    """The model weights in a container: 'model' (reference), 'state_dict', or the dict itself."""
+    for key in ("model", "state_dict", "model_state"):
+        if key in container and isinstance(container[key], dict):
+            return container[key]
+    if container and all(isinstance(v, torch.Tensor) for v in container.values()):
+        return container
+    raise ValueError(f"no model weights found in checkpoint (top-level keys: {sorted(container)[:10]})")
+
+
+@dataclass
+class LoadReport:
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    interpolated: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors"]
+        if self.interpolated:
+            lines.append("interpolated to the model's grid: " + ", ".join(self.interpolated))
+        if self.missing:
+            lines.append(f"not in the checkpoint ({len(self.missing)}, left as initialised): " + _summarise(self.missing))
+        if self.unexpected:
+            lines.append(f"in the checkpoint but not the model ({len(self.unexpected)}, ignored): " + _summarise(self.unexpected))
+        return "\n".join(lines)
+
+
+def _summarise(keys: list[str]) -> str:
+    """Collapse 'decoder_blocks.3.mlp.fc1.weight' and friends into 'decoder_blocks.* (N)'."""
+    groups: dict[str, int] = {}
+    for key in keys:
+        head = re.sub(r"\.\d+\..*", ".*", key) if re.search(r"\.\d+\.", key) else key
+        groups[head] = groups.get(head, 0) + 1
+    return ", ".join(f"{k} ({n})" if n > 1 else k for k, n in groups.items())
+
+
+def _num_blocks(keys, prefix: str) -> int:
+    found = [int(m.group(1)) for k in keys if (m := re.match(rf"{prefix}\.(\d+)\.", k))]
+    return max(found) + 1 if found else 0
+
+
+def load_weights(model: nn.Module, source, strict: bool = False) -> LoadReport:
+    """Load a checkpoint path, container or state_dict into ``model``; returns what happened.
+
+    Shapes must match (a different architecture is a ValueError naming the tensor); position
+    embeddings of another image size are interpolated; an encoder-only file loads with the decoder
+    reported as missing. ``strict=True`` makes any missing or unexpected key an error.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        source = read_checkpoint(source)
+    state = state_dict_of(source)
+    own = model.state_dict()
+    report = LoadReport()
+
+    for prefix in ("blocks", "decoder_blocks"):
+        theirs, ours = _num_blocks(state, prefix), _num_blocks(own, prefix)
+        if theirs and theirs != ours:
+            raise ValueError(f"checkpoint is a different architecture: it has {theirs} {prefix}, the model {ours}")
+
+    to_load = {}
+    for key, value in state.items():
+        if key not in own:
+            report.unexpected.append(key)
+            continue
+        if key in POS_EMBED_KEYS and value.shape != own[key].shape and value.shape[-1] == own[key].shape[-1]:
+            value = interpolate_pos_embed(value, own[key].shape[-2] - 1)
+            report.interpolated.append(key)
+        if value.shape != own[key].shape:
+            raise ValueError(
+                f"checkpoint is a different architecture: {key} has shape {list(value.shape)} in the file, "
+                f"{list(own[key].shape)} in the model"
+            )
+        to_load[key] = value
+    if not to_load:
+        raise ValueError("no tensor of the checkpoint matches the model: wrong file or wrong model")
+    report.missing = [k for k in own if k not in to_load]
+    report.loaded = list(to_load)
+    if strict and (report.missing or report.unexpected):
+        raise ValueError("strict load failed:\n" + str(report))
+    model.load_state_dict(to_load, strict=False)
+    return report
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file beside ``path``, fsync, then rename over it: a kill mid-save
+    leaves the previous file whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def plain_args(args) -> dict | None:
+    """argparse.Namespace or a dataclass -> a dict of plain values (safe for weights-only loading)."""
+    if args is None:
+        return None
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    elif hasattr(args, "__dataclass_fields__"):
+        import dataclasses
+
+        args = dataclasses.asdict(args)
+    return {k: (v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else str(v)) for k, v in args.items()}
+
+
+def save_checkpoint(path, model: nn.Module, optimizer=None, epoch: int | None = None, scaler=None,
+                    args=None, **extra) -> None:
+    """The reference container, atomically. ``extra`` holds what exact resumption needs beyond it."""
+    model = getattr(model, "module", model)  # DDP
+    container = {"model": model.state_dict()}
+    if optimizer is not None:
+        container["optimizer"] = optimizer.state_dict()
+    if epoch is not None:
+        container["epoch"] = epoch
+    if scaler is not None:
+        container["scaler"] = scaler.state_dict()
+    if args is not None:
+        container["args"] = plain_args(args)
+    container.update(extra)
+    atomic_save(container, path)

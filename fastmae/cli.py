@@ -1,0 +1,52 @@
+"""The ``fastmae`` command. Each subcommand lives in its own module, imported only when used;
+a module provides ``add_arguments(parser)`` and ``run(args) -> int``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help); "bench X" are the subcommands of "bench".
+COMMANDS: dict[str, tuple[str, str]] = {
+    "pretrain": ("fastmae.train.pretrain", "pretrain an MAE (accepts the reference main_pretrain.py flags)"),
+    "bench step": ("fastmae.bench.step", "training-step speed: fastmae vs the naive baseline vs reference-style"),
+    "bench table2": ("fastmae.bench.table2", "the paper's Table 2 (encoder with/without mask tokens) on this device"),
+    "bench data": ("fastmae.data.bench", "img/s of each available data loader"),
+    "profile": ("fastmae.bench.profile", "FLOPs, time and memory per component, encoder versus decoder"),
+    "visualize": ("fastmae.downstream.visualize", "reconstructions as PNG (masked / reconstruction / original)"),
+    "linprobe": ("fastmae.downstream.linprobe", "linear probe of a pretrained encoder"),
+    "finetune": ("fastmae.downstream.finetune", "fine-tune a pretrained encoder for classification"),
+    "export": ("fastmae.downstream.export", "export the encoder to timm or HF transformers key layouts"),
+}
+
+
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict[str, str]]:
+    parser = argparse.ArgumentParser(prog="fastmae", description="Fast Masked Autoencoder pretraining.")
+    top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    chosen: dict[str, str] = {}
+    for name, (module, help_text) in COMMANDS.items():
+        words = name.split()
+        if len(words) == 1:
+            sub = top.add_parser(words[0], help=help_text, description=help_text)
+            selected = argv[:1] == words
+        else:
+            if words[0] not in groups:
+                group_parser = top.add_parser(words[0], help=f"{words[0]} subcommands")
+                groups[words[0]] = group_parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+            sub = groups[words[0]].add_parser(words[1], help=help_text, description=help_text)
+            selected = argv[:2] == words
+        sub.set_defaults(command_name=name)
+        if selected:  # import only the command that runs, so start-up stays quick
+            importlib.import_module(module).add_arguments(sub)
+            chosen[name] = module
+    return parser, chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, chosen = build_parser(argv)
+    args = parser.parse_args(argv)
+    module = importlib.import_module(chosen[args.command_name])
+    return int(module.run(args) or 0)

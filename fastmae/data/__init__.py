@@ -1,0 +1,1 @@
+"""Data loading: sources, CPU and GPU pipelines behind one interface."""

@@ -1,0 +1,1 @@
+"""Using what MAE learned: reconstructions, linear probe, fine-tuning, exports."""

@@ -1,0 +1,1 @@
+"""Pretraining: config, optimizer, schedule, training loop, checkpoints, distributed."""

@@ -1,0 +1,93 @@
+"""fastmae's fused kernels, one file per op (installed as ``fastmae.kernels``).
+
+Each op file holds the Triton kernels, the launcher, the ``torch.autograd.Function`` and the
+plain-PyTorch reference that states the semantics. The model calls the three functions below; one
+switch picks the path:
+
+- ``"torch"``: the PyTorch reference,
+- ``"triton"``: the Triton kernels (on CUDA; on CPU only through the interpreter, TRITON_INTERPRET=1),
+- ``"auto"``: Triton on CUDA when Triton is installed, the reference otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+KERNEL_CHOICES = ("auto", "triton", "torch")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_kernels_choice(choice: str) -> str:
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {choice!r}")
+    if choice == "triton" and not triton_available():
+        raise ValueError("kernels='triton' asked for, but Triton is not installed (pip install 'fastmae[triton]')")
+    return choice
+
+
+def resolve_kernels(choice: str, device: torch.device) -> str:
+    """The path ("triton" or "torch") that ``choice`` takes for tensors on ``device``."""
+    check_kernels_choice(choice)
+    if choice == "torch":
+        return "torch"
+    if device.type == "cuda":
+        return "triton" if triton_available() else "torch"
+    if choice == "triton":
+        if triton_interpreter_on():
+            return "triton"
+        raise ValueError(
+            f"kernels='triton' on device {device}: Triton runs on CPU only through its interpreter; "
+            "set TRITON_INTERPRET=1 (tests) or use kernels='auto'/'torch'"
+        )
+    return "torch"
+
+
+def visible_patch_embed(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size: int, path: str = "torch"):
+    """Patch projection of the kept patches only, plus position embeddings and the cls token.
+
+    imgs [N, C, H, W], ids_keep [N, K] (None: all L patches in order), weight [D, C, p, p],
+    bias [D], pos_embed [1, 1+L, D], cls_token [1, 1, D] -> [N, 1+K, D].
+    """
+    if path == "triton":
+        from fastmae.kernels.encoder_input import visible_patch_embed_triton
+
+        return visible_patch_embed_triton(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size)
+    from fastmae.kernels.encoder_input import visible_patch_embed_reference
+
+    return visible_patch_embed_reference(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size)
+
+
+def decoder_unshuffle(x, mask_token, ids_restore, pos_embed, path: str = "torch"):
+    """x [N, 1+K, Dd], mask_token [1, 1, Dd], ids_restore [N, L], pos_embed [1, 1+L, Dd] -> [N, 1+L, Dd]."""
+    if path == "triton":
+        from fastmae.kernels.decoder_input import decoder_unshuffle_triton
+
+        return decoder_unshuffle_triton(x, mask_token, ids_restore, pos_embed)
+    from fastmae.kernels.decoder_input import decoder_unshuffle_reference
+
+    return decoder_unshuffle_reference(x, mask_token, ids_restore, pos_embed)
+
+
+def masked_patch_loss(pred, imgs, patch_size: int, norm_pix_loss: bool, patch_ids=None, weight=None, path: str = "torch"):
+    """Mean squared error per patch against the (optionally per-patch normalised) pixels.
+
+    pred [N, M, p*p*C] for the patches patch_ids [N, M] (None: all L in order); weight [N, M]
+    (None: all ones) -> scalar sum(err * weight) / sum(weight).
+    """
+    if path == "triton":
+        from fastmae.kernels.patch_loss import masked_patch_loss_triton
+
+        return masked_patch_loss_triton(pred, imgs, patch_size, norm_pix_loss, patch_ids, weight)
+    from fastmae.kernels.patch_loss import masked_patch_loss_reference
+
+    return masked_patch_loss_reference(pred, imgs, patch_size, norm_pix_loss, patch_ids, weight)
