@@ -102,7 +102,8 @@ def load_weights(model: nn.Module, source, strict: bool = False) -> LoadReport:
 
     for prefix in ("blocks", "decoder_blocks"):
         theirs, ours = _num_blocks(state, prefix), _num_blocks(own, prefix)
-        if theirs and theirs != ours:
+        # a model without such blocks (a classifier has no decoder) just reports them unexpected
+        if theirs and ours and theirs != ours:
             raise ValueError(f"checkpoint is a different architecture: it has {theirs} {prefix}, the model {ours}")
 
     to_load = {}
