@@ -1,0 +1,81 @@
+"""The paper's pretraining augmentation: RandomResizedCrop(scale 0.2-1, bicubic), horizontal flip,
+ImageNet mean/std normalisation.
+
+``sample_resized_crop`` is torchvision's ``RandomResizedCrop.get_params`` algorithm on a NumPy
+generator. Every loader (this CPU one, the DALI and torchvision GPU ones) draws its crop boxes from
+it, so all loaders share one augmentation distribution and a seeded run is reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+CROP_SCALE = (0.2, 1.0)  # the MAE recipe (main_pretrain.py), not torchvision's default 0.08
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+HFLIP_PROB = 0.5
+
+
+def sample_resized_crop(height: int, width: int, scale: tuple[float, float] = CROP_SCALE,
+                        ratio: tuple[float, float] = CROP_RATIO,
+                        rng: np.random.Generator | None = None) -> tuple[int, int, int, int]:
+    """A crop box (top, left, h, w) of an image of ``height`` x ``width``.
+
+    Ten tries at an area fraction uniform in ``scale`` and a log-uniform aspect ratio in ``ratio``;
+    if none fits, the central crop with the aspect ratio clamped to ``ratio``.
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
+        raise ValueError(f"scale {scale} and ratio {ratio} must be positive, increasing ranges")
+    rng = np.random.default_rng() if rng is None else rng
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect_ratio = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    # Fallback to a central crop, as torchvision
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w = width
+        h = int(round(w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h = height
+        w = int(round(h * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_resized_crop_flip(image: Image.Image, size: int, rng: np.random.Generator,
+                             scale: tuple[float, float] = CROP_SCALE,
+                             ratio: tuple[float, float] = CROP_RATIO,
+                             hflip_prob: float = HFLIP_PROB) -> np.ndarray:
+    """A PIL image -> uint8 array [size, size, 3]: resized crop (bicubic), then a random flip."""
+    image = image.convert("RGB")
+    top, left, h, w = sample_resized_crop(image.height, image.width, scale, ratio, rng)
+    # crop then resize, as torchvision's resized_crop on PIL images
+    image = image.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
+    pixels = np.array(image, dtype=np.uint8)  # a writable copy
+    if rng.random() < hflip_prob:
+        pixels = pixels[:, ::-1]
+    return np.ascontiguousarray(pixels)
+
+
+def normalize(batch_uint8: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 [B, 3, S, S] (any device) -> float32 [B, 3, S, S], (x/255 - mean) / std."""
+    scale = torch.tensor(std, device=batch_uint8.device).mul(255.0).view(1, -1, 1, 1)
+    shift = torch.tensor(mean, device=batch_uint8.device).mul(255.0).view(1, -1, 1, 1)
+    return batch_uint8.float().sub_(shift).div_(scale)

@@ -1,0 +1,212 @@
+"""One interface for every pretraining data pipeline, and the CPU (PIL) pipeline behind it.
+
+``build_loader(cfg, rank, world_size, device)`` returns an ``ImageBatches``: iterate it for
+normalised image batches of this rank's shard, ``set_epoch`` it before each epoch. Loaders:
+
+- ``cpu``: PIL decode and augmentation in DataLoader worker processes (this module).
+- ``dali``: nvJPEG decode on the GPU (``fastmae.data.dali``).
+- ``torchvision``: torchvision's GPU ``decode_jpeg`` (``fastmae.data.gpu_decode``).
+- ``auto``: dali if installed and the device is CUDA, else torchvision if installed and CUDA,
+  else cpu. The embedded photographs are in memory, not files, so they always use ``cpu``.
+
+Every random choice of the CPU pipeline is a function of (seed, epoch, position in the epoch), not
+of worker processes or of what ran before, so a run resumed mid-epoch sees the same batches.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fastmae.data.augment import CROP_RATIO, CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD, normalize, random_resized_crop_flip
+from fastmae.data.sources import ImageSource, open_source, shard_indices
+
+LOADER_CHOICES = ("auto", "dali", "torchvision", "cpu")
+# An item that fails to decode is replaced by the next item; this many failures in a row is an error.
+MAX_CONSECUTIVE_UNREADABLE = 32
+
+
+@dataclass
+class DataConfig:
+    data_path: str | None  # None = the embedded default photographs
+    input_size: int = 224
+    batch_size: int = 64  # per rank
+    num_workers: int = 8
+    pin_mem: bool = True
+    seed: int = 0
+    loader: str = "auto"  # auto | dali | torchvision | cpu
+    scale: tuple[float, float] = CROP_SCALE
+    ratio: tuple[float, float] = CROP_RATIO
+    samples_per_epoch: int | None = None  # embedded source only: crops per epoch
+    drop_last: bool = True  # as the reference DataLoader: every batch is full
+
+    def __post_init__(self):
+        if self.loader not in LOADER_CHOICES:
+            raise ValueError(f"data loader must be one of {LOADER_CHOICES}, got {self.loader!r}")
+        if self.input_size <= 0 or self.batch_size <= 0 or self.num_workers < 0:
+            raise ValueError(
+                f"input_size and batch_size must be positive and num_workers >= 0, got "
+                f"{self.input_size}, {self.batch_size}, {self.num_workers}"
+            )
+
+
+class ImageBatches(Protocol):
+    """What every loader returns.
+
+    Iterating yields imgs [B, 3, S, S] float32, ImageNet-normalised, on the device the loader was
+    built for (the CPU loader moves uint8 pixels and normalises there). ``len`` is the number of
+    batches per epoch on this rank. ``set_epoch(epoch, start_batch)`` must be called before each
+    epoch: it reshuffles with the run's seed and, for a resumed run, starts at batch
+    ``start_batch`` of that epoch without decoding the batches before it. ``skipped`` counts the
+    unreadable items replaced so far (the trainer logs it).
+    """
+
+    skipped: int
+
+    def __iter__(self) -> Iterator[torch.Tensor]: ...
+    def __len__(self) -> int: ...
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
+
+
+def build_loader(cfg: DataConfig, rank: int, world_size: int, device: torch.device) -> ImageBatches:
+    device = torch.device(device)
+    kind = resolve_loader(cfg, device)
+    if kind == "dali":
+        from fastmae.data.dali import build_dali_loader
+
+        return build_dali_loader(cfg, rank, world_size, device)
+    if kind == "torchvision":
+        from fastmae.data.gpu_decode import build_torchvision_loader
+
+        return build_torchvision_loader(cfg, rank, world_size, device)
+    return CPULoader(cfg, rank, world_size, device)
+
+
+def resolve_loader(cfg: DataConfig, device: torch.device) -> str:
+    """The loader ``cfg.loader`` means on ``device`` (see the module docstring)."""
+    if cfg.loader != "auto":
+        if cfg.loader in ("dali", "torchvision") and cfg.data_path is None:
+            raise ValueError(f"the {cfg.loader} loader reads files; the embedded photographs need --data_loader cpu or auto")
+        return cfg.loader
+    if cfg.data_path is None or device.type != "cuda":
+        return "cpu"
+    if _importable("nvidia.dali") and _importable("fastmae.data.dali"):
+        return "dali"
+    if _importable("torchvision") and _importable("fastmae.data.gpu_decode"):
+        return "torchvision"
+    return "cpu"
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package that is missing
+        return False
+
+
+class _AugmentedItems(Dataset):
+    """key (item index, epoch, position) -> (uint8 [3, S, S], names of unreadable items passed over)."""
+
+    def __init__(self, source: ImageSource, cfg: DataConfig):
+        self.source = source
+        self.size = cfg.input_size
+        self.scale = cfg.scale
+        self.ratio = cfg.ratio
+        self.seed = cfg.seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, list[str]]:
+        index, epoch, position = key
+        rng = np.random.default_rng([self.seed, epoch, position])
+        unreadable = []
+        for attempt in range(MAX_CONSECUTIVE_UNREADABLE):
+            item = (index + attempt) % len(self.source)
+            try:
+                image = self.source.load(item)
+            except Exception:  # a truncated or non-image file: replaced and counted, never silent
+                unreadable.append(self.source.name(item))
+                continue
+            pixels = random_resized_crop_flip(image, self.size, rng, self.scale, self.ratio)
+            return torch.from_numpy(pixels).permute(2, 0, 1), unreadable
+        raise RuntimeError(f"{MAX_CONSECUTIVE_UNREADABLE} unreadable images in a row, e.g. {unreadable[:3]}")
+
+
+def _collate(samples: list[tuple[torch.Tensor, list[str]]]) -> tuple[torch.Tensor, list[str]]:
+    return torch.stack([pixels for pixels, _ in samples]), [name for _, names in samples for name in names]
+
+
+class _EpochBatchSampler:
+    """Batches of dataset keys for one epoch of one rank, from ``start_batch`` on."""
+
+    def __init__(self, num_items: int, batch_size: int, rank: int, world_size: int, seed: int, drop_last: bool):
+        self.num_items, self.batch_size = num_items, batch_size
+        self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
+        self.epoch, self.start_batch = 0, 0
+        per_rank = -(-num_items // world_size)
+        self.num_batches = per_rank // batch_size if drop_last else -(-per_rank // batch_size)
+
+    def __len__(self) -> int:
+        return max(self.num_batches - self.start_batch, 0)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        indices = shard_indices(self.num_items, self.epoch, self.seed, self.rank, self.world_size)
+        for b in range(self.start_batch, self.num_batches):
+            rows = range(b * self.batch_size, min((b + 1) * self.batch_size, len(indices)))
+            # position in the epoch's global order, so every sample has its own augmentation seed
+            yield [(int(indices[r]), self.epoch, r * self.world_size + self.rank) for r in rows]
+
+
+class CPULoader:
+    """PIL decode + augmentation in ``num_workers`` processes; batches normalised on ``device``."""
+
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: torch.device):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.source = open_source(cfg.data_path, cfg.samples_per_epoch)
+        self.sampler = _EpochBatchSampler(len(self.source), cfg.batch_size, rank, world_size, cfg.seed, cfg.drop_last)
+        if self.sampler.num_batches == 0:
+            raise ValueError(
+                f"{len(self.source)} images make no full batch of {cfg.batch_size} per rank on {world_size} rank(s); "
+                f"lower --batch_size or add images"
+            )
+        self.skipped = 0
+        self._reported: set[str] = set()
+        self._loader = DataLoader(
+            _AugmentedItems(self.source, cfg),
+            batch_sampler=self.sampler,
+            num_workers=cfg.num_workers,
+            collate_fn=_collate,
+            pin_memory=cfg.pin_mem and self.device.type == "cuda",
+            persistent_workers=cfg.num_workers > 0,
+            prefetch_factor=4 if cfg.num_workers > 0 else None,
+        )
+
+    def __len__(self) -> int:
+        return self.sampler.num_batches
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if not 0 <= start_batch <= self.sampler.num_batches:
+            raise ValueError(f"start_batch {start_batch} is outside the epoch's {self.sampler.num_batches} batches")
+        self.sampler.epoch, self.sampler.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for pixels, unreadable in self._loader:  # pixels: uint8 [B, 3, S, S]
+            if unreadable:
+                self._report(unreadable)
+            pixels = pixels.to(self.device, non_blocking=True)
+            yield normalize(pixels, IMAGENET_MEAN, IMAGENET_STD)
+
+    def _report(self, unreadable: list[str]) -> None:
+        self.skipped += len(unreadable)
+        new = [name for name in unreadable if name not in self._reported]
+        if new:
+            self._reported.update(new)
+            warnings.warn(f"skipped unreadable image(s), replaced by the next one: {', '.join(new[:5])}", stacklevel=2)

@@ -1,0 +1,91 @@
+"""Where images come from, and which of them each rank reads in an epoch.
+
+A source is an indexable collection of images (``len(source)``, ``source.load(i) -> PIL.Image``,
+``source.name(i)``). ``open_source`` picks one for ``--data_path``: an image folder (the reference
+ImageFolder layout ``train/<class>/*``, ``<class>/*``, or a flat folder), or the embedded
+photographs when no path is given. ``shard_indices`` is the per-epoch shuffle and rank split, the
+same as ``torch.utils.data.DistributedSampler`` (pad by wrapping, then every world_size-th item).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+# torchvision's ImageFolder extensions (the reference dataset)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class ImageSource(Protocol):
+    def __len__(self) -> int: ...
+    def load(self, index: int) -> Image.Image: ...  # raises on an unreadable item
+    def name(self, index: int) -> str: ...  # for messages about unreadable items
+
+
+def list_image_files(data_path: str | os.PathLike) -> list[Path]:
+    """Image files under ``data_path`` (or its ``train/`` folder), sorted; recursive, so class
+    sub-folders and flat folders both work. A missing or image-less folder is a ValueError."""
+    root = Path(data_path).expanduser()
+    if not root.exists():
+        raise ValueError(f"--data_path {root} does not exist")
+    if not root.is_dir():
+        raise ValueError(f"--data_path {root} is not a folder")
+    if (root / "train").is_dir():  # the reference reads os.path.join(data_path, 'train')
+        root = root / "train"
+    files = sorted(
+        path for path in root.rglob("*")
+        if path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
+    )
+    if not files:
+        raise ValueError(f"--data_path {root} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+class ImageFiles:
+    """Image files decoded with PIL."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> Image.Image:
+        with Image.open(self.paths[index]) as image:
+            return image.convert("RGB")
+
+    def name(self, index: int) -> str:
+        return str(self.paths[index])
+
+
+def open_source(data_path: str | os.PathLike | None, samples_per_epoch: int | None = None) -> ImageSource:
+    """The source for ``--data_path``; None means the embedded photographs."""
+    if data_path is None:
+        from fastmae.data.embedded import EmbeddedPhotos
+
+        return EmbeddedPhotos(samples_per_epoch=samples_per_epoch)
+    # Other source kinds (e.g. tar shards) are recognised here, before the folder listing.
+    return ImageFiles(list_image_files(data_path))
+
+
+def shard_indices(num_items: int, epoch: int, seed: int, rank: int, world_size: int,
+                  shuffle: bool = True) -> np.ndarray:
+    """This rank's item indices for ``epoch``: disjoint across ranks (up to the wrap-around padding
+    that makes every rank's share equal), a fresh permutation each epoch from (seed, epoch)."""
+    if num_items <= 0:
+        raise ValueError("cannot shard an empty source")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    if shuffle:
+        order = np.random.default_rng([seed, epoch]).permutation(num_items)
+    else:
+        order = np.arange(num_items)
+    per_rank = -(-num_items // world_size)
+    padding = per_rank * world_size - num_items
+    if padding:
+        order = np.concatenate([order, np.resize(order, padding)])
+    return order[rank::world_size]
