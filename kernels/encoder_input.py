@@ -3,14 +3,343 @@
 Reference semantics (the MAE reference code): conv patch embedding of all L patches, + pos_embed
 rows 1.., gather the kept patches, prepend cls_token + pos_embed row 0. Projecting only the K kept
 patches gives the same numbers (to round-off) for a quarter of the work.
+
+The fused forward is one Triton GEMM whose A operand is gathered straight from the images (im2col
+on the fly, only for the kept patches) and whose epilogue adds the bias, rounds to the weight's
+dtype as F.linear does, adds the gathered position row, and writes cls + pos row 0 into row 0 of
+each image: [N, 1+K, D] in one pass, no patch tensor in memory. Backward gathers the kept patches
+once (a Triton kernel writing the GEMM's A operand, zero rows where cls sits) and forms the weight
+gradient with one cuBLAS GEMM; bias and cls gradients are torch row sums (deterministic).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
+from fastmae.kernels._launch import (
+    INTERPRETER,
+    cast_rtne,
+    check_kernel_device,
+    check_patch_grid,
+    check_patch_ids,
+    check_tensor,
+    interpreting,
+    num_warps_for,
+    patch_origin,
+    row_blocks,
+)
 from fastmae.patches import patch_pixels
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels. Output rows are r = n * (1+K) + t: t = 0 is cls, t = 1+s is kept patch s.
+# Projection order of a patch's pixels (the conv weight's): k = (c*p + i)*p + j.
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _token_rows(rows, row_ok, ids_keep_ptr, s_ids, K, grid_w, s_n, s_h, s_w, PATCH: tl.constexpr, ALL_PATCHES: tl.constexpr):
+    """Rows r of [N*(1+K), *] -> (is a patch row, patch index, offset of the patch's first pixel)."""
+    n = rows // (K + 1)
+    t = rows % (K + 1)
+    is_patch = row_ok & (t > 0)
+    if ALL_PATCHES:
+        patch = tl.where(is_patch, t - 1, 0)
+    else:
+        patch = tl.load(ids_keep_ptr + n * s_ids + t - 1, mask=is_patch, other=0)
+    return is_patch, patch, patch_origin(n, patch, grid_w, s_n, s_h, s_w, PATCH)
+
+
+@triton.jit
+def _projection_offsets(k, s_c, s_h, s_w, PATCH: tl.constexpr):
+    """Projection-order index k = (c*p + i)*p + j -> pixel offset inside a patch (int64)."""
+    k = k.to(tl.int64)
+    return (k // (PATCH * PATCH)) * s_c + ((k // PATCH) % PATCH) * s_h + (k % PATCH) * s_w
+
+
+def _gemm_configs() -> list[triton.Config]:
+    if interpreting():  # one config: autotuning needs a GPU; big tiles = few interpreted programs
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 1})]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4),
+            (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 256, 32, 4, 4), (128, 128, 64, 4, 4),
+        ]
+    ]
+
+
+@triton.autotune(configs=_gemm_configs(), key=["D", "KP", "ALL_PATCHES"])
+@triton.jit
+def _visible_patch_embed_fwd_kernel(
+    imgs_ptr,  # [N, C, H, W] strides s_n, s_c, s_h, s_w (any dtype; cast to the weight's)
+    ids_keep_ptr,  # [N, K] int64 kept patches, row stride s_ids (unused when ALL_PATCHES)
+    weight_ptr,  # [D, KP] the conv weight [D, C, p, p] flattened, KP = C*p*p
+    bias_ptr,  # [D] weight's dtype
+    pos_ptr,  # [1+L, D] position embeddings, row 0 for cls
+    cls_ptr,  # [D]
+    out_ptr,  # [N*(1+K), D]
+    num_rows,  # N * (1+K)
+    K,
+    D,
+    KP,
+    grid_w,  # patches per image row
+    s_ids,
+    s_n,
+    s_c,
+    s_h,
+    s_w,
+    PATCH: tl.constexpr,
+    ALL_PATCHES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # grouped tile order: GROUP_M row tiles share their A rows in L2 across the column tiles
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(num_rows, BLOCK_M)
+    tiles_n = tl.cdiv(D, BLOCK_N)
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    group_m = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_m
+    pid_n = (pid % (GROUP_M * tiles_n)) // group_m
+
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < num_rows
+    is_patch, patch, origin = _token_rows(rows, row_ok, ids_keep_ptr, s_ids, K, grid_w, s_n, s_h, s_w, PATCH, ALL_PATCHES)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < D
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, KP, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < KP
+        a = tl.load(imgs_ptr + origin[:, None] + _projection_offsets(k, s_c, s_h, s_w, PATCH)[None, :],
+                    mask=is_patch[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(weight_ptr + cols[None, :].to(tl.int64) * KP + k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        a = cast_rtne(a, weight_ptr.dtype.element_ty)  # F.linear sees the patches in the weight's dtype
+        if INTERPRETER:  # the interpreter's tl.dot is wrong on bf16/fp16 operands
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    # round to the weight's dtype like F.linear's output, then add pos in fp32 (one rounding on store)
+    proj = cast_rtne(acc + bias[None, :], weight_ptr.dtype.element_ty).to(tl.float32)
+    cls = tl.load(cls_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    pos_row = tl.where(is_patch, patch + 1, 0)
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    pos = tl.load(pos_ptr + pos_row[:, None] * D + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+    out = tl.where(is_patch[:, None], proj, cls[None, :]) + pos
+    tl.store(out_ptr + rows[:, None] * D + cols[None, :], cast_rtne(out, out_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _patch_rows_kernel(
+    imgs_ptr,  # [N, C, H, W] strides s_n, s_c, s_h, s_w
+    ids_keep_ptr,  # [N, K] int64, row stride s_ids (unused when ALL_PATCHES)
+    rows_ptr,  # [N*(1+K), KP] written: kept patches in projection order, zero rows where cls sits
+    num_rows,  # N * (1+K)
+    K,
+    KP,
+    grid_w,
+    s_ids,
+    s_n,
+    s_c,
+    s_h,
+    s_w,
+    PATCH: tl.constexpr,
+    ALL_PATCHES: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < num_rows
+    is_patch, patch, origin = _token_rows(rows, row_ok, ids_keep_ptr, s_ids, K, grid_w, s_n, s_h, s_w, PATCH, ALL_PATCHES)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = k < KP
+    pixels = tl.load(imgs_ptr + origin[:, None] + _projection_offsets(k, s_c, s_h, s_w, PATCH)[None, :],
+                     mask=is_patch[:, None] & k_ok[None, :], other=0.0)
+    tl.store(rows_ptr + rows[:, None] * KP + k[None, :], cast_rtne(pixels, rows_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & k_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_inputs(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size) -> tuple[int, int, int]:
+    """-> (N, K, D)."""
+    check_tensor("weight", weight, (None, None, patch_size, patch_size))
+    D, C = weight.shape[:2]
+    L, _ = check_patch_grid(imgs, patch_size, in_chans=C)
+    check_kernel_device(imgs.device)
+    N = imgs.shape[0]
+    check_tensor("weight", weight, device=imgs.device)
+    check_tensor("bias", bias, (D,), dtypes=(weight.dtype,), device=imgs.device)
+    check_tensor("pos_embed", pos_embed, (1, L + 1, D), device=imgs.device)
+    check_tensor("cls_token", cls_token, (1, 1, D), device=imgs.device)
+    if ids_keep is None:
+        return N, L, D
+    check_patch_ids("ids_keep", ids_keep, N, L, imgs.device)
+    return N, ids_keep.shape[1], D
+
+
+def _output_dtype(weight: torch.Tensor, pos_embed: torch.Tensor, cls_token: torch.Tensor) -> torch.dtype:
+    """The reference's type promotion: F.linear in the weight's dtype, + pos, cat with cls + pos."""
+    return torch.promote_types(torch.promote_types(weight.dtype, pos_embed.dtype), cls_token.dtype)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 GEMMs follow torch's own setting, so "triton" and "torch" round alike
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def visible_patch_embed_forward(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size: int) -> torch.Tensor:
+    """Launch the fused GEMM: -> [N, 1+K, D]."""
+    N, K, D = _check_inputs(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size)
+    KP = weight[0].numel()
+    grid_w = imgs.shape[3] // patch_size
+    out = torch.empty((N, K + 1, D), dtype=_output_dtype(weight, pos_embed, cls_token), device=imgs.device)
+    num_rows = N * (K + 1)
+
+    def grid(meta):
+        return (triton.cdiv(num_rows, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
+
+    _visible_patch_embed_fwd_kernel[grid](
+        imgs, ids_keep, weight, bias, pos_embed, cls_token, out,
+        num_rows, K, D, KP, grid_w, 0 if ids_keep is None else ids_keep.stride(0), *imgs.stride(),
+        PATCH=patch_size, ALL_PATCHES=ids_keep is None, DOT_PRECISION=_dot_precision(weight.dtype),
+    )
+    return out
+
+
+def visible_patch_rows(imgs, ids_keep, patch_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Launch the gather: -> [N*(1+K), C*p*p] in ``dtype``, kept patches in projection order, zero cls rows."""
+    L, grid_w = check_patch_grid(imgs, patch_size)
+    check_kernel_device(imgs.device)
+    N, C = imgs.shape[:2]
+    if ids_keep is not None:
+        check_patch_ids("ids_keep", ids_keep, N, L, imgs.device)
+    K = L if ids_keep is None else ids_keep.shape[1]
+    KP = C * patch_size * patch_size
+    num_rows = N * (K + 1)
+    rows = torch.empty((num_rows, KP), dtype=dtype, device=imgs.device)
+    block_rows, block_k = row_blocks(min(KP, 256))
+    _patch_rows_kernel[(triton.cdiv(num_rows, block_rows), triton.cdiv(KP, block_k))](
+        imgs, ids_keep, rows, num_rows, K, KP, grid_w, 0 if ids_keep is None else ids_keep.stride(0), *imgs.stride(),
+        PATCH=patch_size, ALL_PATCHES=ids_keep is None, BLOCK_ROWS=block_rows, BLOCK_K=block_k,
+        num_warps=num_warps_for(block_rows * block_k),
+    )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd and the torch custom ops (so torch.compile traces around the kernels)
+# ---------------------------------------------------------------------------------------------
+
+
+class VisiblePatchEmbed(torch.autograd.Function):
+    """Autograd of the fused patch embedding; its setup_context/backward are also the custom op's.
+
+    Gradients for weight, bias and cls_token come from the kernels. imgs and pos_embed need none in
+    MAE (pixels, frozen sin-cos table); if asked for, they come from differentiating the reference.
+    """
+
+    @staticmethod
+    def forward(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size):
+        return visible_patch_embed_forward(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size = inputs
+        ctx.save_for_backward(imgs, ids_keep, weight, bias, pos_embed, cls_token)
+        ctx.patch_size = patch_size
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        imgs, ids_keep, weight, bias, pos_embed, cls_token = ctx.saved_tensors
+        N, T, D = grad_out.shape
+        grad_rows = grad_out.reshape(N * T, D).to(weight.dtype)  # F.linear's backward runs in its dtype
+        grad_weight = grad_bias = grad_cls = grad_imgs = grad_pos = None
+        if ctx.needs_input_grad[2]:
+            patches = torch.ops.fastmae.visible_patch_rows(imgs, ids_keep, ctx.patch_size, weight.dtype)
+            grad_weight = (grad_rows.t() @ patches).view_as(weight)  # cls rows of patches are zero
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad_rows.view(N, T, D)[:, 1:].sum((0, 1)).to(bias.dtype)
+        if ctx.needs_input_grad[5]:
+            grad_cls = grad_out[:, 0].sum(0).view(1, 1, D).to(cls_token.dtype)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[4]:
+            with torch.enable_grad():
+                imgs_, pos_ = imgs.detach().requires_grad_(), pos_embed.detach().requires_grad_()
+                out = visible_patch_embed_reference(imgs_, ids_keep, weight.detach(), bias.detach(), pos_,
+                                                    cls_token.detach(), ctx.patch_size)
+                grad_imgs, grad_pos = torch.autograd.grad(out, (imgs_, pos_), grad_out.to(out.dtype))
+        return (grad_imgs if ctx.needs_input_grad[0] else None), None, grad_weight, grad_bias, \
+            (grad_pos if ctx.needs_input_grad[4] else None), grad_cls, None
+
+
+@torch.library.custom_op("fastmae::visible_patch_embed", mutates_args=())
+def _visible_patch_embed_op(
+    imgs: torch.Tensor, ids_keep: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
+    pos_embed: torch.Tensor, cls_token: torch.Tensor, patch_size: int,
+) -> torch.Tensor:
+    return visible_patch_embed_forward(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size)
+
+
+@_visible_patch_embed_op.register_fake
+def _(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size):
+    K = pos_embed.shape[1] - 1 if ids_keep is None else ids_keep.shape[1]
+    return imgs.new_empty((imgs.shape[0], K + 1, weight.shape[0]), dtype=_output_dtype(weight, pos_embed, cls_token))
+
+
+@torch.library.custom_op("fastmae::visible_patch_rows", mutates_args=())
+def _visible_patch_rows_op(imgs: torch.Tensor, ids_keep: torch.Tensor | None, patch_size: int, dtype: torch.dtype) -> torch.Tensor:
+    return visible_patch_rows(imgs, ids_keep, patch_size, dtype)
+
+
+@_visible_patch_rows_op.register_fake
+def _(imgs, ids_keep, patch_size, dtype):
+    N, C, H, W = imgs.shape
+    K = (H // patch_size) * (W // patch_size) if ids_keep is None else ids_keep.shape[1]
+    return imgs.new_empty((N * (K + 1), C * patch_size * patch_size), dtype=dtype)
+
+
+torch.library.register_autograd(
+    "fastmae::visible_patch_embed", VisiblePatchEmbed.backward, setup_context=VisiblePatchEmbed.setup_context
+)
+
+
+def visible_patch_embed_triton(
+    imgs: torch.Tensor,  # [N, C, H, W]
+    ids_keep: torch.Tensor | None,  # [N, K] int64, or None for all L patches
+    weight: torch.Tensor,  # [D, C, p, p]
+    bias: torch.Tensor,  # [D]
+    pos_embed: torch.Tensor,  # [1, 1+L, D]
+    cls_token: torch.Tensor,  # [1, 1, D]
+    patch_size: int,
+) -> torch.Tensor:  # [N, 1+K, D]
+    """The fused patch embedding (Triton); same values as ``visible_patch_embed_reference``.
+
+    Under autocast the projection runs in the autocast dtype, as F.linear would: the weight and bias
+    are cast here (differentiably; they are small), the images are cast tile by tile in the kernel.
+    """
+    if torch.is_autocast_enabled(imgs.device.type):
+        dtype = torch.get_autocast_dtype(imgs.device.type)
+        weight, bias = weight.to(dtype), bias.to(dtype)
+    _check_inputs(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size)
+    return torch.ops.fastmae.visible_patch_embed(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------------------------
 
 
 def visible_patch_embed_reference(

@@ -1,0 +1,118 @@
+"""What the three kernel launchers share: input checks, block sizes, and the patch address helper.
+
+Block sizes follow one rule: on a GPU a program holds a few thousand elements (enough loads in
+flight to hide memory latency); under the Triton interpreter (TRITON_INTERPRET=1, ~1 ms per program
+instance) a program holds as many rows as fit a numpy-sized tile, so tests launch few programs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on the CPU through the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# The interpreter's fp32 -> bf16 cast truncates; GPUs round to nearest even. Kernels cast through
+# ``cast_rtne`` so the interpreter rounds like the hardware (and like torch).
+INTERPRETER = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+def check_tensor(
+    name: str,
+    t: torch.Tensor,
+    shape: tuple | None = None,
+    dtypes: tuple = KERNEL_DTYPES,
+    device: torch.device | None = None,
+    contiguous: bool = True,
+) -> None:
+    """Raise ValueError naming ``name``, its shape and what was expected. ``None`` in shape: any size."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if shape is not None:
+        ok = t.ndim == len(shape) and all(want is None or want == got for want, got in zip(shape, t.shape))
+        if not ok:
+            want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+            raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{name} (shape {list(t.shape)}) must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} (shape {list(t.shape)}) is on {t.device}, expected {device} like the other inputs")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} (shape {list(t.shape)}, strides {list(t.stride())}) must be contiguous")
+
+
+def check_kernel_device(device: torch.device) -> None:
+    if device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"the Triton kernels need CUDA tensors (got {device}); on CPU they run only through the "
+            "interpreter (TRITON_INTERPRET=1 before triton is imported)"
+        )
+
+
+def check_patch_grid(imgs: torch.Tensor, patch_size: int, in_chans: int | None = None) -> tuple[int, int]:
+    """imgs [N, C, H, W] cut into p x p patches -> (L, grid width)."""
+    if imgs.ndim != 4:
+        raise ValueError(f"imgs must be [N, C, H, W], got shape {list(imgs.shape)}")
+    if not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    _, C, H, W = imgs.shape
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"imgs shape {list(imgs.shape)}: H and W must be multiples of patch_size {patch_size}")
+    if in_chans is not None and C != in_chans:
+        raise ValueError(f"imgs shape {list(imgs.shape)} has {C} channels, expected {in_chans}")
+    if imgs.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"imgs (shape {list(imgs.shape)}) must be float32/bfloat16/float16, got {imgs.dtype}")
+    return (H // patch_size) * (W // patch_size), W // patch_size
+
+
+def check_patch_ids(name: str, ids: torch.Tensor, batch: int, num_patches: int, device: torch.device) -> None:
+    """ids [N, K] int64 patch indices, rows may be strided (a slice of ids_shuffle) but each row dense.
+
+    The values are not read back (that would synchronise); out-of-range ids are the caller's bug.
+    """
+    check_tensor(name, ids, (batch, None), dtypes=(torch.int64,), device=device, contiguous=False)
+    if ids.shape[1] > 1 and ids.stride(1) != 1:
+        raise ValueError(f"{name} (shape {list(ids.shape)}, strides {list(ids.stride())}) must be dense along its last dim")
+    if ids.shape[1] > num_patches:
+        raise ValueError(f"{name} shape {list(ids.shape)} picks more than the {num_patches} patches of an image")
+
+
+def row_blocks(num_cols: int, gpu_elements: int = 4096, interpreter_elements: int = 1 << 16) -> tuple[int, int]:
+    """(rows per tile, columns per tile) for row-wise kernels over rows of ``num_cols`` values."""
+    block_cols = triton.next_power_of_2(num_cols)
+    budget = interpreter_elements if interpreting() else gpu_elements
+    return max(1, budget // block_cols), block_cols
+
+
+def num_warps_for(block_elements: int) -> int:
+    return 8 if block_elements >= 4096 else 4
+
+
+@triton.jit
+def patch_origin(n, patch_id, grid_w, s_n, s_h, s_w, PATCH: tl.constexpr):
+    """Offset (int64) of the top-left pixel of patch ``patch_id`` of image ``n`` (channel 0)."""
+    n = n.to(tl.int64)
+    patch_id = patch_id.to(tl.int64)
+    row = patch_id // grid_w
+    col = patch_id % grid_w
+    return n * s_n + row * PATCH * s_h + col * PATCH * s_w
+
+
+@triton.jit
+def cast_rtne(x, dtype: tl.constexpr):
+    """x.to(dtype), rounding to nearest even also under the interpreter (for bf16 outputs)."""
+    if INTERPRETER and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
