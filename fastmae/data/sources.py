@@ -69,6 +69,13 @@ def open_source(data_path: str | os.PathLike | None, samples_per_epoch: int | No
 
         return EmbeddedPhotos(samples_per_epoch=samples_per_epoch)
     # Other source kinds (e.g. tar shards) are recognised here, before the folder listing.
+    # --- tar shards (fastmae.data.tar_shards): one .tar, or a folder of .tar files ---
+    from fastmae.data.tar_shards import TarShards, list_tar_shards
+
+    tar_paths = list_tar_shards(data_path)
+    if tar_paths:
+        return TarShards(tar_paths)
+    # --- end tar shards ---
     return ImageFiles(list_image_files(data_path))
 
 

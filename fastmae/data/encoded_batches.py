@@ -1,0 +1,173 @@
+"""The host half of the GPU loaders: this rank's epoch as batches of encoded files, each row with
+the crop box and flip it gets, read ahead by background threads.
+
+The GPU decoders (DALI's nvJPEG, torchvision's ``decode_jpeg``) take the files' bytes; every
+random choice is made here, on the host, exactly as the CPU loader makes it: the same
+``_EpochBatchSampler`` order (shuffle per epoch with the run's seed, rank shard, mid-epoch start),
+one generator per sample seeded by (seed, epoch, position), the crop box from
+``augment.sample_resized_crop`` and then the flip. So a given sample gets the same crop and flip
+whichever loader decodes it, and a resumed run sees the same batches.
+
+Files that cannot be decoded are replaced by the next item of the source, as the CPU loader does,
+and counted in ``skipped``: ``image_header.read_header`` catches empty, non-image, cut-short and
+truncated files before any decoder sees them; a loader whose decoder still fails on a file
+(damage inside the compressed data) calls ``replan`` to replace it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from fastmae.data.augment import HFLIP_PROB, sample_resized_crop
+from fastmae.data.image_header import BadImageError, ImageHeader, read_header
+from fastmae.data.loader import MAX_CONSECUTIVE_UNREADABLE, DataConfig, _EpochBatchSampler
+from fastmae.data.sources import ImageFiles, ImageSource
+
+
+@dataclass
+class EncodedBatch:
+    files: list[np.ndarray]  # B x uint8 [num_bytes]: the encoded images
+    headers: list[ImageHeader]  # B: format and size of each file
+    boxes: np.ndarray  # int64 [B, 4]: crop box (top, left, height, width) in source pixels
+    flips: np.ndarray  # bool [B]: horizontal flip after the crop
+    keys: list[tuple[int, int, int]]  # B: the sampler's (item, epoch, position) each row was planned from
+    items: list[int]  # B: the source item each row holds (a replacement when the keyed one was bad)
+    skipped: list[str] = field(default_factory=list)  # "name: why" for each item passed over here
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def read_encoded(source: ImageSource, item: int) -> bytes:
+    """The encoded bytes of one item of a file-backed source."""
+    if hasattr(source, "read_bytes"):  # tar shards
+        return source.read_bytes(item)
+    if isinstance(source, ImageFiles):
+        with open(source.paths[item], "rb") as file:
+            return file.read()
+    raise ValueError(f"GPU loaders decode files; {type(source).__name__} holds decoded images (use the cpu loader)")
+
+
+class EncodedBatchReader:
+    """Iterate for this rank's ``EncodedBatch``es of the current epoch, from ``start_batch`` on."""
+
+    def __init__(self, source: ImageSource, cfg: DataConfig, rank: int, world_size: int,
+                 num_io_threads: int = 8, prefetch_batches: int = 4):
+        self.source, self.cfg = source, cfg
+        self.sampler = _EpochBatchSampler(len(source), cfg.batch_size, rank, world_size, cfg.seed, cfg.drop_last)
+        if self.sampler.num_batches == 0:
+            raise ValueError(
+                f"{len(source)} images make no full batch of {cfg.batch_size} per rank on {world_size} rank(s); "
+                f"lower --batch_size or add images"
+            )
+        self.num_io_threads, self.prefetch_batches = max(1, num_io_threads), max(1, prefetch_batches)
+        self.undecodable: set[int] = set()  # items found broken; passed over whenever they come up
+        self.skipped = 0
+        self._reported: set[str] = set()
+
+    def __len__(self) -> int:
+        return self.sampler.num_batches
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if not 0 <= start_batch <= self.sampler.num_batches:
+            raise ValueError(f"start_batch {start_batch} is outside the epoch's {self.sampler.num_batches} batches")
+        self.sampler.epoch, self.sampler.start_batch = epoch, start_batch
+
+    def plan_row(self, key: tuple[int, int, int]):
+        """(item, bytes, header, box, flip, skipped) for one sampler key; bad items give way to the next."""
+        index, epoch, position = key
+        skipped = []
+        for attempt in range(MAX_CONSECUTIVE_UNREADABLE):
+            item = (index + attempt) % len(self.source)
+            if item in self.undecodable:
+                skipped.append(f"{self.source.name(item)}: undecodable")
+                continue
+            try:
+                data = read_encoded(self.source, item)
+                header = read_header(data)
+            except (OSError, BadImageError) as error:
+                self.undecodable.add(item)
+                skipped.append(f"{self.source.name(item)}: {error}")
+                continue
+            # the CPU loader's draws, in its order: crop box, then flip
+            rng = np.random.default_rng([self.cfg.seed, epoch, position])
+            box = sample_resized_crop(header.height, header.width, self.cfg.scale, self.cfg.ratio, rng)
+            flip = rng.random() < HFLIP_PROB
+            return item, np.frombuffer(data, dtype=np.uint8), header, box, flip, skipped
+        raise RuntimeError(f"{MAX_CONSECUTIVE_UNREADABLE} unreadable images in a row, e.g. {skipped[:3]}")
+
+    def plan_batch(self, keys: list[tuple[int, int, int]], pool: ThreadPoolExecutor | None = None) -> EncodedBatch:
+        rows = list(pool.map(self.plan_row, keys)) if pool is not None else [self.plan_row(k) for k in keys]
+        return EncodedBatch(
+            files=[row[1] for row in rows],
+            headers=[row[2] for row in rows],
+            boxes=np.array([row[3] for row in rows], dtype=np.int64).reshape(len(rows), 4),
+            flips=np.array([row[4] for row in rows], dtype=bool),
+            keys=list(keys),
+            items=[row[0] for row in rows],
+            skipped=[message for row in rows for message in row[5]],
+        )
+
+    def replan(self, batch: EncodedBatch, bad_rows: list[int]) -> EncodedBatch:
+        """The batch with the items of ``bad_rows`` marked undecodable and replaced (same keys)."""
+        for row in bad_rows:
+            self.undecodable.add(batch.items[row])
+        return self.plan_batch(batch.keys)  # its `skipped` lists the old and the new bad items
+
+    def report(self, batch: EncodedBatch) -> None:
+        """Count the batch's skipped items once it is delivered; warn once per item."""
+        if not batch.skipped:
+            return
+        self.skipped += len(batch.skipped)
+        new = [message for message in batch.skipped if message not in self._reported]
+        if new:
+            self._reported.update(new)
+            warnings.warn(f"skipped unreadable image(s), replaced by the next one: {'; '.join(new[:5])}", stacklevel=3)
+
+    def __iter__(self) -> Iterator[EncodedBatch]:
+        """Batches read ``prefetch_batches`` ahead by a background thread (file reads in a pool)."""
+        ready: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
+        stop = threading.Event()
+        done = object()
+
+        def produce():
+            try:
+                with ThreadPoolExecutor(self.num_io_threads, thread_name_prefix="fastmae-read") as pool:
+                    for keys in self.sampler:
+                        batch = self.plan_batch(keys, pool)
+                        while not stop.is_set():
+                            try:
+                                ready.put(batch, timeout=0.1)
+                                break
+                            except queue.Full:
+                                continue
+                        if stop.is_set():
+                            return
+                ready.put(done)
+            except BaseException as error:  # handed to the consumer, which re-raises it
+                ready.put(error)
+
+        producer = threading.Thread(target=produce, name="fastmae-encoded-batches", daemon=True)
+        producer.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while producer.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    ready.get_nowait()
+                except queue.Empty:
+                    producer.join(timeout=0.05)

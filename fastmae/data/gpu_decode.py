@@ -1,0 +1,198 @@
+"""The torchvision loader: batched nvJPEG decoding with ``torchvision.io.decode_jpeg(device="cuda")``,
+then the crop, bicubic resize, flip and normalisation on the GPU. For machines with torchvision
+but no DALI; CUDA only.
+
+Files, crop boxes and flips come from ``encoded_batches.EncodedBatchReader`` (the CPU loader's
+shuffle, shard and random draws). A background thread decodes and augments each batch on its own
+CUDA stream, a few batches ahead, so decoding overlaps the training step; the training stream
+waits on an event before it uses a batch.
+
+Routing of unusual files: grayscale JPEGs decode on the GPU to RGB; CMYK/YCCK JPEGs (which nvJPEG
+does not convert like libjpeg) and non-JPEG files (PNG, ...) decode on the CPU with PIL. If the
+batched GPU call fails, the batch is decoded image by image, a failing image again on the CPU, and
+an image nothing decodes is replaced by the next item (counted in ``skipped``).
+
+torchvision is imported when the loader is built, never at module import: it does not import
+with the CPU-only torch of the development machines.
+"""
+
+from __future__ import annotations
+
+import io
+import queue
+import threading
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
+from fastmae.data.encoded_batches import EncodedBatch, EncodedBatchReader
+from fastmae.data.loader import DataConfig
+from fastmae.data.sources import open_source
+
+MAX_REPLANS_PER_BATCH = 8
+
+
+def build_torchvision_loader(cfg: DataConfig, rank: int, world_size: int, device: torch.device,
+                             **options) -> "TorchvisionGPULoader":
+    return TorchvisionGPULoader(cfg, rank, world_size, device, **options)
+
+
+def decode_on_cpu(file: np.ndarray) -> torch.Tensor:
+    """uint8 [num_bytes] -> uint8 [3, H, W] with PIL (any format and colour space)."""
+    with Image.open(io.BytesIO(file.tobytes())) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def resized_crops(images: list[torch.Tensor], boxes: np.ndarray, flips: np.ndarray, size: int) -> torch.Tensor:
+    """images: B x uint8 [3, H_i, W_i]; boxes: [B, 4] (top, left, h, w); flips: bool [B]
+    -> uint8 [B, 3, size, size], as torchvision's resized_crop + hflip on PIL images: bicubic with
+    antialiasing, rounded and clamped to 0..255 (PIL resizes to uint8)."""
+    out = torch.empty(len(images), 3, size, size, dtype=torch.uint8, device=images[0].device)
+    for row, (image, (top, left, height, width)) in enumerate(zip(images, boxes.tolist())):
+        crop = image[:, top : top + height, left : left + width].unsqueeze(0).float()
+        resized = F.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+        out[row] = resized[0].round_().clamp_(0, 255).to(torch.uint8)
+    flip_rows = torch.from_numpy(np.flatnonzero(flips)).to(out.device)
+    if flip_rows.numel():
+        out[flip_rows] = out[flip_rows].flip(-1)
+    return out
+
+
+class TorchvisionGPULoader:
+    """``ImageBatches`` decoded by torchvision's nvJPEG: float32 [B, 3, S, S] on a CUDA ``device``."""
+
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: torch.device, *,
+                 num_io_threads: int = 8, prefetch_batches: int = 3, decode_only: bool = False):
+        import torchvision.io  # noqa: F401  (fail here, with the package's name, if it is missing)
+
+        if cfg.data_path is None:
+            raise ValueError("the torchvision loader reads files: give --data_path (the embedded photographs need the cpu loader)")
+        self.device = torch.device(device)
+        if self.device.type != "cuda":
+            raise ValueError(f"the torchvision loader decodes on a CUDA device, not {self.device}; use --data_loader cpu or dali")
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.cfg = cfg
+        self.prefetch_batches = max(1, prefetch_batches)
+        self.decode_only = decode_only  # benchmarks: decode, then a plain resize to batch them
+        self.reader = EncodedBatchReader(open_source(cfg.data_path), cfg, rank, world_size,
+                                         num_io_threads=num_io_threads, prefetch_batches=prefetch_batches + 1)
+
+    @property
+    def skipped(self) -> int:
+        return self.reader.skipped
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.reader.set_epoch(epoch, start_batch)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        ready: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
+        stop = threading.Event()
+        done = object()
+        stream = torch.cuda.Stream(self.device)
+
+        def produce():
+            try:
+                with torch.cuda.device(self.device), torch.cuda.stream(stream):
+                    for batch in self.reader:
+                        images, batch = self._augment(batch)
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                        while not stop.is_set():
+                            try:
+                                ready.put((images, event, batch), timeout=0.1)
+                                break
+                            except queue.Full:
+                                continue
+                        if stop.is_set():
+                            return
+                ready.put(done)
+            except BaseException as error:  # handed to the consumer, which re-raises it
+                ready.put(error)
+
+        producer = threading.Thread(target=produce, name="fastmae-gpu-decode", daemon=True)
+        producer.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                images, event, batch = item
+                consumer = torch.cuda.current_stream(self.device)
+                consumer.wait_event(event)
+                images.record_stream(consumer)  # made on the decode stream, used (and freed) on this one
+                self.reader.report(batch)
+                yield images
+        finally:
+            stop.set()
+            while producer.is_alive():
+                try:
+                    ready.get_nowait()
+                except queue.Empty:
+                    producer.join(timeout=0.05)
+
+    # --- on the decode thread and stream ---------------------------------------------------------
+    def _augment(self, batch: EncodedBatch) -> tuple[torch.Tensor, EncodedBatch]:
+        """-> (float32 [B, 3, S, S] normalised, on the decode stream; the batch with undecodable
+        files replaced, whose ``skipped`` the consumer reports)."""
+        for _ in range(MAX_REPLANS_PER_BATCH):
+            images, bad_rows = self._decode(batch)
+            if not bad_rows:
+                break
+            batch = self.reader.replan(batch, bad_rows)
+        else:
+            raise RuntimeError(f"{MAX_REPLANS_PER_BATCH} rounds of undecodable files in one batch: {batch.skipped[:3]}")
+        size = self.cfg.input_size
+        if self.decode_only:
+            pixels = torch.stack([F.interpolate(image[None].float(), size=(size, size), mode="nearest")[0]
+                                  for image in images]).to(torch.uint8)
+        else:
+            pixels = resized_crops(images, batch.boxes, batch.flips, size)
+        return normalize(pixels, IMAGENET_MEAN, IMAGENET_STD), batch
+
+    def _decode(self, batch: EncodedBatch) -> tuple[list[torch.Tensor | None], list[int]]:
+        """-> (B x uint8 [3, H, W] on the GPU, rows nothing could decode)."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        on_gpu = [row for row, header in enumerate(batch.headers) if header.format == "jpeg" and header.channels in (1, 3)]
+        images: list[torch.Tensor | None] = [None] * len(batch)
+        if on_gpu:
+            # decode_jpeg writes on its own stream into memory allocated on ours: let ours drain first
+            torch.cuda.current_stream(self.device).synchronize()
+            encoded = [torch.from_numpy(batch.files[row].copy()) for row in on_gpu]
+            try:
+                decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:  # one bad file fails the batched call: go image by image
+                decoded = []
+                for data in encoded:
+                    try:
+                        decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+                    except RuntimeError:
+                        decoded.append(None)
+            for row, image in zip(on_gpu, decoded):
+                images[row] = image
+        bad_rows = []
+        for row in range(len(batch)):
+            if images[row] is not None and images[row].shape[0] == 3:
+                continue
+            try:
+                images[row] = decode_on_cpu(batch.files[row]).to(self.device, non_blocking=False)
+            except (OSError, ValueError, SyntaxError):
+                bad_rows.append(row)
+        # a decoded size that differs from the header's would misplace the crop box
+        for row, image in enumerate(images):
+            if image is not None and row not in bad_rows:
+                header = batch.headers[row]
+                if tuple(image.shape[1:]) != (header.height, header.width):
+                    bad_rows.append(row)
+        return images, bad_rows

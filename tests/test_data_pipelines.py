@@ -1,0 +1,311 @@
+"""The GPU data pipelines (DALI, torchvision) against the CPU loader: same crops, flips and
+normalisation, same rank shards, bad data skipped and counted, tar shards.
+
+DALI runs here in its CPU mode (device_id None; the `dali` extra). The torchvision loader is
+CUDA-only: its augmentation (``resized_crops``) is checked on the CPU, the loader itself in the
+gpu-marked tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, sample_resized_crop
+from fastmae.data.encoded_batches import EncodedBatchReader
+from fastmae.data.gpu_decode import decode_on_cpu, resized_crops
+from fastmae.data.image_header import BadImageError, read_header
+from fastmae.data.loader import CPULoader, DataConfig, build_loader
+from fastmae.data.sources import open_source
+from fastmae.data.synthetic import (
+    bad_image_bytes, crop_window_of, encode_jpeg, position_coded_image, write_bad_images, write_jpeg_folder,
+)
+from fastmae.data.tar_shards import TarShards, write_tar_shards
+
+HAS_DALI = importlib.util.find_spec("nvidia.dali") is not None
+needs_dali = pytest.mark.skipif(not HAS_DALI, reason="nvidia-dali is not installed (pip install nvidia-dali-cuda120)")
+SIZE = 32  # output side: small keeps every test fast
+
+
+def config(path, **overrides) -> DataConfig:
+    return DataConfig(**{"data_path": str(path), "input_size": SIZE, "batch_size": 8, "num_workers": 0,
+                         "seed": 3, **overrides})
+
+
+def epoch_of(loader, epoch: int, start_batch: int = 0) -> list[torch.Tensor]:
+    loader.set_epoch(epoch, start_batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [images.cpu() for images in loader]
+
+
+def dali_loader(cfg, rank=0, world_size=1):
+    from fastmae.data.dali import build_dali_loader
+
+    return build_dali_loader(cfg, rank, world_size, torch.device("cpu"))
+
+
+class ResizedCropsOnCPU:
+    """The torchvision loader's host plan and augmentation (``resized_crops``) with PIL decoding:
+    everything but nvJPEG and the CUDA streams, so its statistics run without a GPU."""
+
+    def __init__(self, cfg, rank=0, world_size=1):
+        self.reader = EncodedBatchReader(open_source(cfg.data_path), cfg, rank, world_size)
+        self.size = cfg.input_size
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.reader.set_epoch(epoch, start_batch)
+
+    def __iter__(self):
+        for batch in self.reader:
+            bad = []
+            for row, file in enumerate(batch.files):
+                try:
+                    decode_on_cpu(file)
+                except OSError:
+                    bad.append(row)
+            if bad:
+                batch = self.reader.replan(batch, bad)
+            images = [decode_on_cpu(file) for file in batch.files]
+            yield normalize(resized_crops(images, batch.boxes, batch.flips, self.size), IMAGENET_MEAN, IMAGENET_STD)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
+    write_jpeg_folder(root, 24, size=(96, 72), num_classes=3)
+    return root
+
+
+# --- headers -------------------------------------------------------------------------------------
+def test_read_header_sizes_and_rejects_bad_files():
+    files = bad_image_bytes()
+    for name, data in files.items():
+        if name.startswith("bad_") and name != "bad_corrupt_scan.jpg":  # damage inside the scan passes
+            with pytest.raises(BadImageError):
+                read_header(data)
+    assert read_header(files["grayscale.jpg"]).channels == 1
+    assert read_header(files["cmyk.jpg"]).channels == 4
+    assert (read_header(files["tiny_3x5.jpg"]).width, read_header(files["tiny_3x5.jpg"]).height) == (3, 5)
+    assert read_header(files["png_named.jpg"]).format == "png"
+    header = read_header(encode_jpeg(np.zeros((37, 53, 3), np.uint8)))
+    assert (header.format, header.width, header.height, header.channels) == ("jpeg", 53, 37, 3)
+
+
+# --- same pixels as the CPU loader ---------------------------------------------------------------
+@needs_dali
+def test_dali_cpu_mode_matches_cpu_loader_over_epochs_and_resume(photos):
+    cfg = config(photos)
+    cpu, dali = CPULoader(cfg, 0, 1, torch.device("cpu")), dali_loader(cfg)
+    assert len(dali) == len(cpu) == 3
+    for epoch in (0, 1):
+        expected, got = epoch_of(cpu, epoch), epoch_of(dali, epoch)
+        assert len(got) == len(expected)
+        for a, b in zip(expected, got):
+            assert b.dtype == torch.float32 and b.shape == (8, 3, SIZE, SIZE)
+            # same crop box and flip; resampling filters and JPEG decoders differ by a few levels
+            assert (a - b).abs().mean() < 0.01 and (a - b).abs().max() < 0.15
+    assert not torch.allclose(epoch_of(dali, 0)[0], epoch_of(dali, 1)[0])  # reshuffled per epoch
+    resumed = epoch_of(dali, 1, start_batch=2)
+    assert len(resumed) == 1 and torch.allclose(resumed[0], got[2], atol=1e-6)
+
+
+def test_resized_crops_match_cpu_loader(photos):
+    cfg = config(photos)
+    for a, b in zip(epoch_of(CPULoader(cfg, 0, 1, torch.device("cpu")), 0), epoch_of(ResizedCropsOnCPU(cfg), 0)):
+        assert (a - b).abs().mean() < 0.01 and (a - b).abs().max() < 0.1
+
+
+# --- augmentation statistics ---------------------------------------------------------------------
+def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
+    grid = np.sort(np.concatenate([a, b]))
+    return float(np.abs(np.searchsorted(np.sort(a), grid, "right") / len(a)
+                        - np.searchsorted(np.sort(b), grid, "right") / len(b)).max())
+
+
+def loaders_on_cpu(cfg):
+    loaders = {"cpu": CPULoader(cfg, 0, 1, torch.device("cpu")), "torchvision-resize": ResizedCropsOnCPU(cfg)}
+    if HAS_DALI:
+        loaders["dali-cpu"] = dali_loader(cfg)
+    return loaders
+
+
+def test_augmentation_statistics_agree_across_loaders(tmp_path):
+    """Position-coded images read back each output's crop area, aspect ratio and flip."""
+    width, height = 160, 120
+    coded = encode_jpeg(position_coded_image(width, height), quality=98, subsampling=0)
+    for index in range(64):
+        (tmp_path / f"coded_{index:03d}.jpg").write_bytes(coded)
+    cfg = config(tmp_path, input_size=48, batch_size=32, seed=11)
+    rng = np.random.default_rng(0)
+    reference = []
+    for _ in range(4000):
+        _, _, h, w = sample_resized_crop(height, width, rng=rng)
+        reference.append((h * w / (height * width), w / h))
+    reference = np.array(reference)
+    planned = EncodedBatchReader(open_source(tmp_path), cfg, 0, 1)
+    planned_boxes = np.concatenate([b.boxes for e in range(4) for b in (planned.set_epoch(e) or planned)])
+    planned_area = planned_boxes[:, 2] * planned_boxes[:, 3] / (width * height)
+    blue = (128 / 255 - IMAGENET_MEAN[2]) / IMAGENET_STD[2]
+    for name, loader in loaders_on_cpu(cfg).items():
+        images = torch.cat([x for e in range(4) for x in epoch_of(loader, e)])  # 256 samples
+        rgb = images * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255 + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+        windows = [crop_window_of(sample.numpy(), width, height) for sample in rgb]
+        area = np.array([w["area_fraction"] for w in windows])
+        aspect = np.array([w["aspect_ratio"] for w in windows])
+        flips = np.array([w["flipped"] for w in windows])
+        # each output shows the crop box the shared plan drew for it
+        np.testing.assert_allclose(area, planned_area, rtol=0.12, err_msg=name)
+        # distributions: scale in (0.2, 1), aspect in (3/4, 4/3), flips at 1/2, against sample_resized_crop
+        assert ks_distance(area, reference[:, 0]) < 0.12, name
+        assert ks_distance(aspect, reference[:, 1]) < 0.15, name
+        assert 0.18 < area.min() and area.max() < 1.05 and 0.7 < aspect.min() and aspect.max() < 1.42, name
+        assert abs(flips.mean() - 0.5) < 4 * math.sqrt(0.25 / len(flips)), name
+        assert abs(images[:, 2].mean().item() - blue) < 0.03, name  # normalisation: the constant blue plane
+
+
+# --- rank shards ---------------------------------------------------------------------------------
+def test_rank_shards_disjoint_and_reshuffled(tmp_path):
+    write_jpeg_folder(tmp_path, 30, size=(40, 30))
+    cfg = config(tmp_path, batch_size=5)
+    orders = {}
+    for epoch in (0, 1):
+        per_rank = []
+        for rank in range(3):
+            reader = EncodedBatchReader(open_source(tmp_path), cfg, rank, 3)
+            reader.set_epoch(epoch)
+            per_rank.append([item for batch in reader for item in batch.items])
+        assert all(len(items) == 10 for items in per_rank)
+        assert sorted(sum(per_rank, [])) == list(range(30))  # disjoint and complete
+        orders[epoch] = per_rank
+    assert orders[0] != orders[1]
+
+
+@needs_dali
+def test_dali_rank_shards_equal_cpu_loader_shards(photos):
+    cfg = config(photos, batch_size=4)
+    for rank in range(2):
+        for a, b in zip(epoch_of(CPULoader(cfg, rank, 2, torch.device("cpu")), 1), epoch_of(dali_loader(cfg, rank, 2), 1)):
+            assert (a - b).abs().mean() < 0.01
+
+
+# --- bad data ------------------------------------------------------------------------------------
+def bad_folder(root, num_good=11):
+    write_jpeg_folder(root, num_good, size=(64, 48))
+    write_bad_images(root)
+    return root
+
+
+def loaders_for_bad_data(cfg):
+    loaders = {"cpu": CPULoader(cfg, 0, 1, torch.device("cpu")), "torchvision-resize": ResizedCropsOnCPU(cfg)}
+    if HAS_DALI:
+        loaders["dali-cpu"] = dali_loader(cfg)
+    return loaders
+
+
+def test_bad_files_skipped_and_counted_odd_files_decoded(tmp_path):
+    cfg = config(bad_folder(tmp_path))
+    reference = None
+    for name, loader in loaders_for_bad_data(cfg).items():
+        if name == "torchvision-resize":
+            batches = epoch_of(loader, 0)
+        else:
+            loader.set_epoch(0)
+            with pytest.warns(UserWarning, match="skipped unreadable"):
+                batches = list(loader)
+            # the 5 bad files sit side by side in name order, so each key on one passes over the rest
+            assert loader.skipped == 5 + 4 + 3 + 2 + 1, name
+        assert len(batches) == 3 and all(torch.isfinite(b).all() for b in batches), name
+        if reference is None:
+            reference = batches
+        else:  # the same replacements: odd files (gray, CMYK, PNG, tiny) decode to the same pixels
+            for a, b in zip(reference, batches):
+                assert (a - b).abs().mean() < 0.02, name
+
+
+@needs_dali
+def test_dali_recovers_from_a_file_that_fails_inside_the_decoder(tmp_path):
+    files = bad_image_bytes()
+    write_jpeg_folder(tmp_path, 15, size=(64, 48))
+    (tmp_path / "img_000003_corrupt.jpg").write_bytes(files["bad_corrupt_scan.jpg"])  # passes the header check
+    loader = dali_loader(config(tmp_path))
+    loader.set_epoch(0)
+    with pytest.warns(UserWarning, match="DALI could not decode 1 file"):
+        batches = list(loader)
+    assert len(batches) == 2 and all(torch.isfinite(b).all() for b in batches)
+    batches = epoch_of(loader, 1)  # known bad now: passed over before decoding (warned once per file)
+    assert len(batches) == 2 and all(torch.isfinite(b).all() for b in batches)
+    assert loader.skipped == 2
+    assert loader.pipeline_builds == 2  # the first build and one recovery
+
+
+def test_only_bad_files_and_empty_sources_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="holds no image files"):
+        build_loader(config(tmp_path), 0, 1, torch.device("cpu"))
+    for name, data in bad_image_bytes().items():
+        if name.startswith("bad_") and name != "bad_corrupt_scan.jpg":
+            (tmp_path / name).write_bytes(data)
+    reader = EncodedBatchReader(open_source(tmp_path), config(tmp_path, batch_size=2), 0, 1)
+    with pytest.raises(RuntimeError, match="unreadable images in a row"):
+        next(iter(reader))
+    if HAS_DALI:
+        with pytest.raises(RuntimeError, match="unreadable images in a row"):
+            next(iter(dali_loader(config(tmp_path, batch_size=2))))
+
+
+# --- tar shards ----------------------------------------------------------------------------------
+def test_tar_shards_give_the_folder_batches(photos, tmp_path):
+    from fastmae.data.sources import list_image_files
+
+    shards = write_tar_shards(list_image_files(photos), tmp_path / "shards", images_per_shard=7)
+    assert len(shards) == 4
+    with open(tmp_path / "shards" / "shard-000000.tar", "ab"):
+        pass
+    source = open_source(tmp_path / "shards")
+    assert isinstance(source, TarShards) and len(source) == 24
+    folder_cfg, tar_cfg = config(photos), config(tmp_path / "shards")
+    for a, b in zip(epoch_of(CPULoader(folder_cfg, 0, 1, torch.device("cpu")), 1),
+                    epoch_of(CPULoader(tar_cfg, 0, 1, torch.device("cpu")), 1)):
+        assert torch.equal(a, b)
+    if HAS_DALI:
+        for a, b in zip(epoch_of(dali_loader(folder_cfg), 1), epoch_of(dali_loader(tar_cfg), 1)):
+            assert torch.equal(a, b)
+    single = open_source(shards[0])
+    assert isinstance(single, TarShards) and len(single) == 7
+    (tmp_path / "zipped.tar").write_bytes(b"\x1f\x8b" + b"\x00" * 600)
+    with pytest.raises(ValueError, match="not an uncompressed tar"):
+        open_source(tmp_path / "zipped.tar")
+
+
+# --- GPU -----------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_torchvision_gpu_loader_matches_cpu_loader(photos, tmp_path):
+    pytest.importorskip("torchvision")
+    from fastmae.data.gpu_decode import build_torchvision_loader
+
+    cfg = config(photos)
+    gpu = build_torchvision_loader(cfg, 0, 1, torch.device("cuda"))
+    for a, b in zip(epoch_of(CPULoader(cfg, 0, 1, torch.device("cpu")), 1), epoch_of(gpu, 1)):
+        assert b.dtype == torch.float32 and (a - b).abs().mean() < 0.02  # nvJPEG's IDCT differs a little
+    bad_cfg = config(bad_folder(tmp_path))
+    bad = build_torchvision_loader(bad_cfg, 0, 1, torch.device("cuda"))
+    batches = epoch_of(bad, 0)
+    assert len(batches) == 3 and bad.skipped == 15 and all(torch.isfinite(b).all() for b in batches)
+    for a, b in zip(epoch_of(CPULoader(bad_cfg, 0, 1, torch.device("cpu")), 0), batches):
+        assert (a - b).abs().mean() < 0.03
+
+
+@pytest.mark.gpu
+@needs_dali
+def test_dali_gpu_loader_matches_cpu_loader(photos):
+    from fastmae.data.dali import build_dali_loader
+
+    cfg = config(photos)
+    gpu = build_dali_loader(cfg, 0, 1, torch.device("cuda"))
+    for a, b in zip(epoch_of(CPULoader(cfg, 0, 1, torch.device("cpu")), 1), epoch_of(gpu, 1)):
+        assert (a - b).abs().mean() < 0.02
