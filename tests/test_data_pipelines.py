@@ -309,3 +309,23 @@ def test_dali_gpu_loader_matches_cpu_loader(photos):
     gpu = build_dali_loader(cfg, 0, 1, torch.device("cuda"))
     for a, b in zip(epoch_of(CPULoader(cfg, 0, 1, torch.device("cpu")), 1), epoch_of(gpu, 1)):
         assert (a - b).abs().mean() < 0.02
+
+
+# --- benchmark CLI -------------------------------------------------------------------------------
+def test_bench_data_cli_measures_each_available_loader(photos, tmp_path, capsys):
+    from fastmae.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "data", "--data_path", str(photos), "--batch_size", "4", "--input_size", "32",
+                 "--num_threads", "1", "--warmup", "1", "--json", str(out)]) == 0
+    import json
+
+    report = json.loads(out.read_text())
+    measured = {(row["loader"], row["mode"]) for row in report["results"]}
+    expected = {("cpu", "decode"), ("cpu", "augment")} | ({("dali", "decode"), ("dali", "augment")} if HAS_DALI else set())
+    assert measured == expected
+    for row in report["results"]:
+        assert row["images"] == 4 * (6 - 1 - 1) and row["img_per_s"] > 0
+    assert report["num_threads"] == 1 and "img/s" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no image files"):
+        main(["bench", "data", "--data_path", str(tmp_path)])

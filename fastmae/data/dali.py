@@ -151,13 +151,14 @@ class DALILoader:
         @pipeline_def(batch_size=self.cfg.batch_size, num_threads=self.num_threads, device_id=self.device_id,
                       prefetch_queue_depth=self.prefetch_queue_depth, seed=self.cfg.seed)
         def augment():
-            files, anchors, shapes, flips = fn.external_source(source=self._feed, num_outputs=4, batch=True)
             if self.decode_only:
+                files = fn.external_source(source=lambda: self._feed()[0], batch=True)
                 images = fn.decoders.image(files, **self._decoder_options())
                 # one output shape per batch: resize without a crop (decode cost dominates)
                 images = fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=False)
                 return fn.transpose(images, perm=[2, 0, 1])
             # decode only the crop window (nvJPEG ROI decoding), then as torchvision's resized_crop
+            files, anchors, shapes, flips = fn.external_source(source=self._feed, num_outputs=4, batch=True)
             images = fn.decoders.image_slice(files, anchors, shapes, axis_names="WH", normalized_anchor=False,
                                              normalized_shape=False, **self._decoder_options())
             images = fn.resize(images, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)

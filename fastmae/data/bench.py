@@ -1,0 +1,202 @@
+"""``fastmae bench data``: images per second of each available data loader, decode only and decode +
+augmentation, on a folder of JPEGs or on a generated ImageNet-like set (about 500x375, quality 90).
+
+Each measurement runs the loader as the trainer does (the same ``build_loader`` configuration,
+batches delivered on the training device), drops the first ``--warmup`` batches (worker start-up,
+decoder initialisation) and synchronises the GPU before reading the clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from fastmae.data.loader import CPULoader, DataConfig
+from fastmae.data.sources import ImageSource, open_source
+from fastmae.data.synthetic import IMAGENET_LIKE_QUALITY, IMAGENET_LIKE_SIZE, write_jpeg_folder
+
+LOADERS = ("cpu", "dali", "torchvision")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data_path", default=None, help="folder of images or .tar shards (default: a generated ImageNet-like set)")
+    parser.add_argument("--num_images", type=int, default=512, help="images to generate when no --data_path is given")
+    parser.add_argument("--loaders", nargs="+", choices=LOADERS, default=list(LOADERS),
+                        help="loaders to measure (those not installed or without their device are skipped)")
+    parser.add_argument("--modes", nargs="+", choices=("decode", "augment"), default=["decode", "augment"],
+                        help="decode: decode only; augment: decode + RandomResizedCrop + flip + normalise")
+    parser.add_argument("--num_threads", type=int, default=os.cpu_count() or 1,
+                        help="CPU threads / worker processes each loader may use (default: all cores)")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--input_size", type=int, default=224)
+    parser.add_argument("--batches", type=int, default=0, help="timed batches per measurement (0: one epoch)")
+    parser.add_argument("--warmup", type=int, default=2, help="batches run before the clock starts")
+    parser.add_argument("--hw_decoder_load", type=float, nargs="+", default=None,
+                        help="DALI on a GPU: hardware decoder shares to sweep (default: the loader's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default=None, help="write the results here")
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but CUDA is not available")
+    if args.batch_size <= 0 or args.num_threads <= 0 or args.num_images <= 0:
+        raise SystemExit("error: --batch_size, --num_threads and --num_images must be positive")
+    with tempfile.TemporaryDirectory(prefix="fastmae-bench-data-") as scratch:
+        data_path = args.data_path
+        if data_path is None:
+            print(f"generating {args.num_images} ImageNet-like JPEGs ({IMAGENET_LIKE_SIZE[0]}x{IMAGENET_LIKE_SIZE[1]}, "
+                  f"quality {IMAGENET_LIKE_QUALITY}) in {scratch}")
+            write_jpeg_folder(scratch, args.num_images, num_classes=10)
+            data_path = scratch
+        try:
+            source = open_source(data_path)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}")
+        cfg = DataConfig(data_path=str(data_path), input_size=args.input_size, batch_size=args.batch_size,
+                         num_workers=args.num_threads, seed=0, pin_mem=device.type == "cuda")
+        results = []
+        for loader_name in args.loaders:
+            why_not = unavailable(loader_name, device)
+            if why_not:
+                print(f"{loader_name}: skipped ({why_not})")
+                continue
+            for mode in args.modes:
+                loads = args.hw_decoder_load if loader_name == "dali" and device.type == "cuda" and args.hw_decoder_load else [None]
+                for hw_load in loads:
+                    loader = make_loader(loader_name, mode, cfg, device, source, args.num_threads, hw_load)
+                    label = f"{loader_name} {mode}" + (f" hw_decoder_load={hw_load}" if hw_load is not None else "")
+                    results.append({"loader": loader_name, "mode": mode, "hw_decoder_load": hw_load,
+                                    **measure(loader, label, device, args.warmup, args.batches, args.batch_size)})
+    print_table(results, args.num_threads, device)
+    if args.json:
+        report = {"environment": environment(device), "num_threads": args.num_threads,
+                  "data_path": args.data_path or f"generated: {args.num_images} x ~{IMAGENET_LIKE_SIZE} q{IMAGENET_LIKE_QUALITY}",
+                  "num_images": len(source), "batch_size": args.batch_size, "input_size": args.input_size,
+                  "warmup_batches": args.warmup, "results": results}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def unavailable(loader_name: str, device: torch.device) -> str | None:
+    if loader_name == "dali" and importlib.util.find_spec("nvidia.dali") is None:
+        return "nvidia-dali is not installed"
+    if loader_name == "torchvision":
+        if device.type != "cuda":
+            return "decodes on a CUDA device only"
+        if importlib.util.find_spec("torchvision") is None:
+            return "torchvision is not installed"
+    return None
+
+
+class _DecodedSizes(Dataset):
+    """Decode only, with PIL: item -> its decoded size (the pixels are dropped after decoding)."""
+
+    def __init__(self, source: ImageSource):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = self.source.load(index)
+        return torch.tensor([image.height, image.width])
+
+
+class _CPUDecodeOnly:
+    def __init__(self, source: ImageSource, cfg: DataConfig):
+        self.loader = DataLoader(_DecodedSizes(source), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                 shuffle=True, drop_last=True, persistent_workers=cfg.num_workers > 0)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def make_loader(name: str, mode: str, cfg: DataConfig, device: torch.device, source: ImageSource,
+                num_threads: int, hw_decoder_load: float | None):
+    decode_only = mode == "decode"
+    if name == "cpu":
+        return _CPUDecodeOnly(source, cfg) if decode_only else CPULoader(cfg, 0, 1, device)
+    if name == "dali":
+        from fastmae.data.dali import DEFAULT_HW_DECODER_LOAD, build_dali_loader
+
+        return build_dali_loader(cfg, 0, 1, device, num_threads=num_threads, decode_only=decode_only,
+                                 hw_decoder_load=DEFAULT_HW_DECODER_LOAD if hw_decoder_load is None else hw_decoder_load)
+    from fastmae.data.gpu_decode import build_torchvision_loader
+
+    return build_torchvision_loader(cfg, 0, 1, device, num_io_threads=num_threads, decode_only=decode_only)
+
+
+def measure(loader, label: str, device: torch.device, warmup: int, batches: int, batch_size: int) -> dict:
+    """Run one pass (up to warmup + batches batches) and time the batches after the warm-up."""
+    total = len(loader) if batches <= 0 else min(len(loader), warmup + batches)
+    if total <= warmup:
+        raise SystemExit(f"error: {label}: {len(loader)} batches per epoch leave none to time after {warmup} warm-up "
+                         f"batches; give more images or a smaller --batch_size")
+    timed_images, start = 0, None
+    bar = tqdm(total=total, desc=label, unit="batch", leave=False)
+    for index, images in enumerate(loader):
+        if index == warmup:
+            synchronize(device)
+            start = time.perf_counter()
+        elif index > warmup:
+            timed_images += batch_size
+        bar.update(1)
+        if start is not None and index > warmup:
+            bar.set_postfix(img_s=f"{timed_images / (time.perf_counter() - start):.0f}")
+        if index + 1 >= total:
+            break
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    bar.close()
+    # the batch taken at index == warmup started the clock: its images are not counted
+    return {"timed_batches": total - warmup - 1, "images": timed_images, "seconds": seconds,
+            "img_per_s": timed_images / seconds if seconds > 0 else float("nan"),
+            "skipped_files": getattr(loader, "skipped", 0)}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def print_table(results: list[dict], num_threads: int, device: torch.device) -> None:
+    print(f"\ndata loaders on {device_name(device)} with {num_threads} CPU thread(s):")
+    print(f"{'loader':<12} {'mode':<8} {'hw load':>8} {'images':>8} {'seconds':>9} {'img/s':>9}")
+    for row in results:
+        hw = "" if row["hw_decoder_load"] is None else f"{row['hw_decoder_load']:.2f}"
+        print(f"{row['loader']:<12} {row['mode']:<8} {hw:>8} {row['images']:>8} {row['seconds']:>9.2f} {row['img_per_s']:>9.1f}")
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+
+
+def environment(device: torch.device) -> dict:
+    versions = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
+    for package, module in (("nvidia-dali", "nvidia.dali"), ("torchvision", "torchvision")):
+        if importlib.util.find_spec(module) is not None:
+            versions[package] = __import__(module, fromlist=["__version__"]).__version__
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                                cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {"device": device_name(device), "cpu_count": os.cpu_count(), "git_commit": commit, **versions}
