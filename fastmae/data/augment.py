@@ -74,6 +74,16 @@ def random_resized_crop_flip(image: Image.Image, size: int, rng: np.random.Gener
     return np.ascontiguousarray(pixels)
 
 
+def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
+    """The evaluation view: shorter side resized to ``size`` (bicubic), central square; uint8 [size, size, 3]."""
+    image = image.convert("RGB")
+    scale = size / min(image.width, image.height)
+    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    image = image.resize((width, height), Image.BICUBIC)
+    left, top = (width - size) // 2, (height - size) // 2
+    return np.array(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
 def normalize(batch_uint8: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """uint8 [B, 3, S, S] (any device) -> float32 [B, 3, S, S], (x/255 - mean) / std."""
     scale = torch.tensor(std, device=batch_uint8.device).mul(255.0).view(1, -1, 1, 1)

@@ -47,6 +47,7 @@ class EmbeddedPhotos:
         photos = load_photos()
         self.names = list(photos)
         self.images = [Image.fromarray(pixels, "RGB") for pixels in photos.values()]
+        self.num_distinct = len(self.images)
 
     def __len__(self) -> int:
         return self.samples_per_epoch

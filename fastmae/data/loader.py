@@ -16,6 +16,7 @@ of worker processes or of what ran before, so a run resumed mid-epoch sees the s
 from __future__ import annotations
 
 import importlib.util
+import signal
 import warnings
 from dataclasses import dataclass
 from typing import Iterator, Protocol
@@ -24,7 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fastmae.data.augment import CROP_RATIO, CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD, normalize, random_resized_crop_flip
+from fastmae.data.augment import (CROP_RATIO, CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD, normalize, random_resized_crop_flip,
+                                  resize_center_crop)
 from fastmae.data.sources import ImageSource, open_source, shard_indices
 
 LOADER_CHOICES = ("auto", "dali", "torchvision", "cpu")
@@ -164,6 +166,12 @@ class _EpochBatchSampler:
             yield [(int(indices[r]), self.epoch, r * self.world_size + self.rank) for r in rows]
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group; the main process saves and stops the run, and the
+    # workers must keep serving it until then.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class CPULoader:
     """PIL decode + augmentation in ``num_workers`` processes; batches normalised on ``device``."""
 
@@ -187,6 +195,7 @@ class CPULoader:
             pin_memory=cfg.pin_mem and self.device.type == "cuda",
             persistent_workers=cfg.num_workers > 0,
             prefetch_factor=4 if cfg.num_workers > 0 else None,
+            worker_init_fn=_ignore_sigint,
         )
 
     def __len__(self) -> int:
@@ -210,3 +219,22 @@ class CPULoader:
         if new:
             self._reported.update(new)
             warnings.warn(f"skipped unreadable image(s), replaced by the next one: {', '.join(new[:5])}", stacklevel=2)
+
+
+def preview_batch(cfg: DataConfig, count: int = 8) -> torch.Tensor:
+    """Up to ``count`` distinct images spread over the source, centre-cropped to input_size and
+    normalised: [N, 3, S, S] on the CPU (for reconstruction figures). Unreadable files are passed over."""
+    source = open_source(cfg.data_path, cfg.samples_per_epoch)
+    distinct = getattr(source, "num_distinct", len(source))
+    pixels = []
+    for index in np.linspace(0, distinct - 1, min(count, distinct)).round().astype(int):
+        for item in range(index, min(index + MAX_CONSECUTIVE_UNREADABLE, distinct)):
+            try:
+                image = source.load(int(item))
+            except Exception:
+                continue
+            pixels.append(torch.from_numpy(resize_center_crop(image, cfg.input_size)).permute(2, 0, 1))
+            break
+    if not pixels:
+        raise ValueError(f"no readable image in {cfg.data_path} for the reconstruction figure")
+    return normalize(torch.stack(pixels), IMAGENET_MEAN, IMAGENET_STD)

@@ -1,0 +1,96 @@
+"""Training checkpoints: the reference container (``fastmae.checkpoint.save_checkpoint``) plus what
+an exact resume needs, under the key ``fastmae_resume``: optimizer step, data position (epoch and
+next micro-batch), and the RNG states. Files are ``checkpoint-step<N>.pth`` in --output_dir, written
+atomically; the newest ``keep`` are kept.
+
+The reference ``epoch`` field holds the last *completed* epoch, so the reference code resuming one
+of our files (it starts at ``epoch + 1``) repeats at most the part of an epoch we had done.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastmae.checkpoint import load_weights, read_checkpoint, save_checkpoint
+
+RESUME_KEY = "fastmae_resume"
+_STEP_FILE = re.compile(r"checkpoint-step(\d+)\.pth$")
+
+
+@dataclass
+class TrainingPosition:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch of the next micro-batch
+    batch: int = 0  # index of the next micro-batch within that epoch
+
+
+def step_checkpoint_path(output_dir: str | Path, step: int) -> Path:
+    return Path(output_dir) / f"checkpoint-step{step:08d}.pth"
+
+
+def step_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Step checkpoints in ``output_dir``, oldest first."""
+    found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-step*.pth") if (m := _STEP_FILE.search(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    checkpoints = step_checkpoints(output_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def rng_states() -> dict:
+    numpy_state = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        # numpy's state as tensors and ints, so weights-only loading reads it
+        "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_training_checkpoint(output_dir: str | Path, model, optimizer, scaler, position: TrainingPosition,
+                             args, keep: int) -> Path:
+    path = step_checkpoint_path(output_dir, position.step)
+    resume = {"step": position.step, "epoch": position.epoch, "batch": position.batch, "rng": rng_states()}
+    save_checkpoint(path, model, optimizer, epoch=position.epoch - 1, scaler=scaler, args=args, **{RESUME_KEY: resume})
+    for old in step_checkpoints(output_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def resume_from(path: str | Path, model, optimizer, scaler) -> tuple[TrainingPosition | None, str]:
+    """Load ``path`` into model/optimizer/scaler. A fastmae checkpoint restores everything and returns
+    its position; any other file (a reference checkpoint, released weights) loads the model weights
+    only and returns None. The second value says what happened."""
+    container = read_checkpoint(path)
+    if RESUME_KEY not in container:
+        report = load_weights(model, container)
+        return None, (f"{path} is not a fastmae training checkpoint: loaded the model weights only "
+                      f"(optimizer, schedule and data start fresh)\n{report}")
+    load_weights(model, container, strict=True)
+    optimizer.load_state_dict(container["optimizer"])
+    if container.get("scaler") is not None and scaler.is_enabled():
+        scaler.load_state_dict(container["scaler"])
+    state = container[RESUME_KEY]
+    restore_rng_states(state["rng"])
+    position = TrainingPosition(step=int(state["step"]), epoch=int(state["epoch"]), batch=int(state["batch"]))
+    return position, f"resumed from {path} at step {position.step} (epoch {position.epoch}, batch {position.batch})"

@@ -1,0 +1,83 @@
+"""What a run reports: a tqdm bar (loss, lr, img/s), ``metrics.jsonl`` (one JSON object per logging
+step), and TensorBoard scalars when the ``tensorboard`` package is installed. Only rank 0 reports."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this run: allocated GPU memory on CUDA, the process's max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    kilobytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kilobytes / 2**20
+
+
+def _tensorboard_writer(log_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: str | Path, log_dir: str | Path | None, total_steps: int, start_step: int,
+                 enabled: bool = True, progress_bar: bool = True):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.bar = None
+        self.writer = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a", encoding="utf-8")  # a resumed run continues the file
+        if log_dir is not None:
+            self.writer = _tensorboard_writer(Path(log_dir))
+        if progress_bar:
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                            file=sys.stderr, desc="pretrain")
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def log(self, record: dict) -> None:
+        """One logging step: ``record`` holds plain numbers (step, epoch, loss, lr, img_per_s, ...)."""
+        if not self.enabled:
+            return
+        record = {k: (round(v, 8) if isinstance(v, float) and math.isfinite(v) else v) for k, v in record.items()}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 img_s=f"{record['img_per_s']:.0f}", refresh=False)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        self.file.close()

@@ -1,0 +1,128 @@
+"""``fastmae pretrain``: the reference ``main_pretrain.py`` flags, the paper's recipe as defaults.
+
+Single process:   fastmae pretrain --data_path /data/imagenet --model mae_vit_base_patch16
+Multi-GPU (DDP):  torchrun --nproc_per_node 8 -m fastmae pretrain --data_path ...
+Without --data_path it trains a small model on photographs embedded in scikit-image (the demo
+settings of ``config.DEMO_SETTINGS`` replace every flag you did not set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from fastmae.data.loader import LOADER_CHOICES
+from fastmae.train.config import PRECISIONS, PretrainConfig
+
+# argparse records here which flags the user typed, so demo settings never override them
+EXPLICIT_FLAGS_ATTR = "_explicit_flags"
+
+
+def _recording(action_class: type[argparse.Action]) -> type[argparse.Action]:
+    class Recording(action_class):
+        def __call__(self, parser, namespace, values, option_string=None):
+            explicit = set(getattr(namespace, EXPLICIT_FLAGS_ATTR, ()))
+            setattr(namespace, EXPLICIT_FLAGS_ATTR, explicit | {self.dest})
+            super().__call__(parser, namespace, values, option_string)
+
+    return Recording
+
+
+_STORE = _recording(argparse._StoreAction)
+_STORE_TRUE = _recording(argparse._StoreTrueAction)
+_STORE_FALSE = _recording(argparse._StoreFalseAction)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = PretrainConfig(data_path="")  # the defaults
+    ref = parser.add_argument_group("reference main_pretrain.py flags (paper recipe defaults)")
+    ref.add_argument("--batch_size", type=int, default=d.batch_size, action=_STORE,
+                     help="batch size per GPU; effective batch = batch_size x accum_iter x number of GPUs")
+    ref.add_argument("--epochs", type=int, default=d.epochs, action=_STORE)
+    ref.add_argument("--accum_iter", type=int, default=d.accum_iter, action=_STORE,
+                     help="gradient accumulation steps per optimizer step")
+    ref.add_argument("--model", default=d.model, action=_STORE, metavar="MODEL", help="fastmae.models.MODEL_ARCHS name")
+    ref.add_argument("--input_size", type=int, default=d.input_size, action=_STORE, help="image size")
+    ref.add_argument("--mask_ratio", type=float, default=d.mask_ratio, action=_STORE, help="fraction of patches removed")
+    ref.add_argument("--norm_pix_loss", default=d.norm_pix_loss, action=_STORE_TRUE,
+                     help="per-patch normalised pixels as the target (better representations)")
+    ref.add_argument("--weight_decay", type=float, default=d.weight_decay, action=_STORE)
+    ref.add_argument("--lr", type=float, default=d.lr, action=_STORE, help="absolute lr (default: blr x effective batch / 256)")
+    ref.add_argument("--blr", type=float, default=d.blr, action=_STORE, help="base lr: absolute lr = blr x effective batch / 256")
+    ref.add_argument("--min_lr", type=float, default=d.min_lr, action=_STORE, help="lower bound of the cosine schedule")
+    ref.add_argument("--warmup_epochs", type=float, default=d.warmup_epochs, action=_STORE)
+    ref.add_argument("--data_path", default=None, action=_STORE,
+                     help="image folder (train/<class>/*, <class>/* or flat); omitted: the embedded photographs")
+    ref.add_argument("--output_dir", default=d.output_dir, action=_STORE, help="checkpoints, metrics.jsonl, reconstruction.png")
+    ref.add_argument("--log_dir", default=d.log_dir, action=_STORE, help="TensorBoard folder (default: output_dir)")
+    ref.add_argument("--device", default=d.device, action=_STORE, help="cuda or cpu (default: cuda when available)")
+    ref.add_argument("--seed", type=int, default=d.seed, action=_STORE)
+    ref.add_argument("--resume", default=d.resume, action=_STORE,
+                     help="checkpoint to resume from, or 'auto' for the newest in output_dir")
+    ref.add_argument("--start_epoch", type=int, default=d.start_epoch, action=_STORE)
+    ref.add_argument("--num_workers", type=int, default=d.num_workers, action=_STORE)
+    ref.add_argument("--pin_mem", default=d.pin_mem, action=_STORE_TRUE, help="pin CPU memory for faster host-to-GPU copies")
+    ref.add_argument("--no_pin_mem", dest="pin_mem", action=_STORE_FALSE)
+    # reference distributed flags, accepted so existing scripts run; torchrun's environment decides
+    ref.add_argument("--world_size", type=int, default=None, help="ignored: torchrun sets WORLD_SIZE")
+    ref.add_argument("--local_rank", "--local-rank", type=int, default=None, help="ignored: torchrun sets LOCAL_RANK")
+    ref.add_argument("--dist_on_itp", action="store_true", help="take ranks from OpenMPI's OMPI_COMM_WORLD_* variables")
+    ref.add_argument("--dist_url", default="env://", help="process-group init method")
+
+    ours = parser.add_argument_group("fastmae")
+    ours.add_argument("--max_steps", type=int, default=None, action=_STORE,
+                      help="stop after this many optimizer steps in total (tests, demos, benchmarks)")
+    ours.add_argument("--precision", choices=PRECISIONS, default=None, action=_STORE,
+                      help="autocast dtype (default: bf16 on CUDA, fp32 on CPU); fp16 uses a grad scaler")
+    ours.add_argument("--compile", default=False, action=_STORE_TRUE, help="torch.compile the model")
+    ours.add_argument("--kernels", choices=("auto", "triton", "torch"), default=d.kernels, action=_STORE)
+    ours.add_argument("--attn", choices=("sdpa", "xformers", "math"), default=d.attn, action=_STORE)
+    ours.add_argument("--data_loader", choices=LOADER_CHOICES, default=d.data_loader, action=_STORE,
+                      help="auto: DALI, else torchvision GPU decode, else the CPU loader")
+    ours.add_argument("--save_every", type=int, default=d.save_every, action=_STORE,
+                      help="optimizer steps between checkpoints (also at the end and on SIGTERM/SIGINT)")
+    ours.add_argument("--log_every", type=int, default=d.log_every, action=_STORE,
+                      help="optimizer steps between logging steps (the only host-device syncs)")
+    ours.add_argument("--keep_checkpoints", type=int, default=d.keep_checkpoints, action=_STORE,
+                      help="how many of the newest step checkpoints to keep")
+    ours.add_argument("--samples_per_epoch", type=int, default=d.samples_per_epoch, action=_STORE,
+                      help="embedded photographs only: random crops per epoch")
+    ours.add_argument("--no_progress", dest="progress_bar", default=True, action=_STORE_FALSE,
+                      help="no progress bar (metrics.jsonl and messages still written)")
+
+
+def _ranks_from_openmpi() -> None:
+    """--dist_on_itp: the reference's OpenMPI launch; map its variables to torchrun's."""
+    for ours, theirs in (("RANK", "OMPI_COMM_WORLD_RANK"), ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"),
+                         ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK")):
+        if theirs not in os.environ:
+            raise ValueError(f"--dist_on_itp needs the OpenMPI variable {theirs}")
+        os.environ[ours] = os.environ[theirs]
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastmae.train.distributed import init_distributed, shutdown_distributed
+    from fastmae.train.trainer import Pretrainer
+
+    try:
+        cfg, demo_settings = PretrainConfig.from_args(args, getattr(args, EXPLICIT_FLAGS_ATTR, set()))
+        if getattr(args, "dist_on_itp", False):
+            _ranks_from_openmpi()
+        ctx = init_distributed(cfg.device, getattr(args, "dist_url", "env://"))
+    except ValueError as err:
+        print(f"fastmae pretrain: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        if demo_settings and ctx.is_main:
+            settings = " ".join(f"--{k} {v}" for k, v in demo_settings.items())
+            print(f"no --data_path: pretraining on the photographs embedded in scikit-image with the demo settings "
+                  f"{settings} (flags you set are kept; give --data_path for a real dataset)", flush=True)
+        try:
+            trainer = Pretrainer(cfg, ctx)
+        except ValueError as err:  # bad data path, model name, checkpoint...: a message, not a traceback
+            print(f"fastmae pretrain: error: {err}", file=sys.stderr)
+            return 2
+        return trainer.fit()
+    finally:
+        shutdown_distributed(ctx)

@@ -1,0 +1,367 @@
+"""The pretraining loop: micro-batches -> AdamW steps, with logging, checkpoints and clean stops.
+
+The loop never waits for the accelerator except on logging steps and checkpoint saves: the loss
+and a "non-finite seen" flag are accumulated as device tensors and read back there. Every random
+choice is keyed by (seed, step, rank) (masking noise) or (seed, epoch, position) (augmentation), so
+a run stopped and resumed from a checkpoint computes exactly what the uninterrupted run computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from fastmae.data.loader import DataConfig, build_loader, preview_batch
+from fastmae.models import create_model
+from fastmae.train.checkpoints import (TrainingPosition, latest_checkpoint, resume_from, save_training_checkpoint,
+                                      step_checkpoint_path)
+from fastmae.train.config import PretrainConfig
+from fastmae.train.distributed import DistributedContext
+from fastmae.train.metrics import MetricsLogger, peak_memory_gb
+from fastmae.train.optim import build_optimizer
+from fastmae.train.schedule import base_batch_lr, lr_at, set_lr
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+EXIT_NONFINITE = 3
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    return precision or ("bf16" if device.type == "cuda" else "fp32")
+
+
+def mask_noise_seed(seed: int, step: int, micro_batch: int, rank: int) -> int:
+    """The masking noise's seed for one micro-batch: independent of anything that ran before."""
+    return int(np.random.SeedSequence([seed, step, micro_batch, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               micro_batches, mask_ratio: float, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """One optimizer step over ``micro_batches``, an iterable of (imgs [B,3,S,S], noise [B,L]).
+
+    Gradients are accumulated (DDP all-reduces only on the last micro-batch) and averaged over the
+    micro-batches. Returns the detached per-micro-batch losses [M] as a device tensor (no sync).
+    """
+    micro_batches = list(micro_batches)
+    device_type = micro_batches[0][0].device.type
+    losses = []
+    for index, (imgs, noise) in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else _no_sync(model):
+            with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                loss, _, _ = model(imgs, mask_ratio, noise=noise, full_pred=False)
+            scaler.scale(loss / len(micro_batches)).backward()
+        losses.append(loss.detach().float())
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return torch.stack(losses)
+
+
+def _no_sync(model: nn.Module):
+    """DDP's no_sync (skip the gradient all-reduce of this backward), through a torch.compile wrapper."""
+    ddp = getattr(model, "_orig_mod", model)
+    return ddp.no_sync() if isinstance(ddp, DistributedDataParallel) else contextlib.nullcontext()
+
+
+class Pretrainer:
+    def __init__(self, cfg: PretrainConfig, ctx: DistributedContext, args_to_save=None):
+        self.cfg, self.ctx = cfg, ctx
+        self.device = ctx.device
+        self.output_dir = Path(cfg.output_dir)
+        self.args_to_save = args_to_save if args_to_save is not None else asdict(cfg)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.autocast_dtype = None if self.precision == "fp32" else AUTOCAST_DTYPES[self.precision]
+
+        # data first: a bad --data_path is an error before any model is built
+        self.data_cfg = DataConfig(
+            data_path=cfg.data_path, input_size=cfg.input_size, batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers, pin_mem=cfg.pin_mem, seed=cfg.seed, loader=cfg.data_loader,
+            samples_per_epoch=cfg.samples_per_epoch,
+        )
+        self.data = build_loader(self.data_cfg, ctx.rank, ctx.world_size, self.device)
+        self.batches_per_epoch = len(self.data)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.accum_iter)
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model = create_model(cfg.model, img_size=cfg.input_size, norm_pix_loss=cfg.norm_pix_loss,
+                                  kernels=cfg.kernels, attn=cfg.attn).to(self.device)
+        self.effective_batch = cfg.batch_size * cfg.accum_iter * ctx.world_size
+        self.peak_lr = cfg.lr if cfg.lr is not None else base_batch_lr(cfg.blr, self.effective_batch)
+        self.optimizer = build_optimizer(self.model, self.peak_lr, cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.position = TrainingPosition(epoch=cfg.start_epoch)
+        self.last_checkpoint: Path | None = None
+        self.messages: list[str] = []
+        self._resume()
+
+        self.train_model: nn.Module = self.model
+        if ctx.enabled:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=device_ids, gradient_as_bucket_view=True)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.noise_generator = torch.Generator(device=self.device)
+
+        total = self.steps_per_epoch * cfg.epochs
+        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+        self.logger = MetricsLogger(self.output_dir, cfg.log_dir or self.output_dir, self.total_steps,
+                                    self.position.step, enabled=ctx.is_main, progress_bar=cfg.progress_bar)
+        self._stop_signal: int | None = None
+        self._flops_per_image, self._peak_flops = self._flop_rates()
+
+    # ---- set-up ----
+
+    def _resume(self) -> None:
+        cfg = self.cfg
+        if not cfg.resume:
+            return
+        path = latest_checkpoint(self.output_dir) if cfg.resume == "auto" else Path(cfg.resume)
+        if path is None:
+            self.messages.append(f"--resume auto: no checkpoint in {self.output_dir}, starting from scratch")
+            return
+        if not path.is_file():
+            raise ValueError(f"--resume {path}: no such file")
+        position, message = resume_from(path, self.model, self.optimizer, self.scaler)
+        self.messages.append(message)
+        if position is not None:
+            if position.batch > self.batches_per_epoch:
+                raise ValueError(f"{path} stopped at batch {position.batch} of an epoch, but an epoch now has "
+                                 f"{self.batches_per_epoch} batches: resume with the same data and batch size")
+            self.position = position
+            self.last_checkpoint = path
+
+    def _flop_rates(self) -> tuple[float | None, float | None]:
+        """Training FLOPs per image and the device's peak FLOP/s, for MFU (CUDA only)."""
+        if self.device.type != "cuda":
+            return None, None
+        try:
+            from fastmae.flops import device_peak_flops, train_flops_per_image
+        except ImportError:
+            return None, None
+        dtype = self.autocast_dtype or torch.float32
+        peak = device_peak_flops(torch.cuda.get_device_name(self.device), dtype)
+        return train_flops_per_image(self.model.config, self.cfg.mask_ratio), peak
+
+    def describe(self) -> str:
+        cfg, ctx = self.cfg, self.ctx
+        params = sum(p.numel() for p in self.model.parameters() if p.requires_grad) / 1e6
+        data = cfg.data_path or "the embedded skimage.data photographs"
+        return "\n".join([
+            f"model {cfg.model}: {params:.1f}M trainable parameters, {cfg.input_size}px, mask ratio {cfg.mask_ratio}",
+            f"data {data}: {self.batches_per_epoch} batches of {cfg.batch_size} per epoch per rank "
+            f"({type(self.data).__name__}), {cfg.epochs} epochs",
+            f"device {self.device} x {ctx.world_size} rank(s), {self.precision}, kernels {cfg.kernels}, attention {cfg.attn}",
+            f"effective batch {self.effective_batch} = {cfg.batch_size} x accum {cfg.accum_iter} x {ctx.world_size}; "
+            f"peak lr {self.peak_lr:.3g} (blr {cfg.blr:g}), warm-up {cfg.warmup_epochs} epochs, cosine to {cfg.min_lr:g}",
+            f"{self.total_steps} optimizer steps in total, starting at step {self.position.step}; output in {self.output_dir}",
+        ])
+
+    # ---- the loop ----
+
+    def fit(self) -> int:
+        """Train; returns the process exit status (0 done, 3 non-finite loss, 128+N on signal N)."""
+        for message in self.messages:
+            self.logger.message(message)
+        self.logger.message(self.describe())
+        previous = self._install_signal_handlers()
+        try:
+            status = self._train()
+        except NonFiniteLoss as err:
+            self.logger.message(str(err))
+            status = EXIT_NONFINITE
+        finally:
+            self._restore_signal_handlers(previous)
+            self.logger.close()
+        return status
+
+    def _finished(self) -> bool:
+        return self.position.epoch >= self.cfg.epochs or (
+            self.cfg.max_steps is not None and self.position.step >= self.cfg.max_steps)
+
+    def _train(self) -> int:
+        cfg, pos = self.cfg, self.position
+        window = _LogWindow(self.device, time.perf_counter())
+        self.first_loss = self.last_loss = None
+        while not self._finished():
+            epoch, n = pos.epoch, self.batches_per_epoch
+            self.data.set_epoch(epoch, pos.batch)
+            batches = iter(self.data)
+            while pos.epoch == epoch and not self._finished():
+                if self.ctx.any_rank(self._stop_signal is not None):
+                    return self._stop_on_signal(window)
+                start, stop = pos.batch, min(pos.batch + cfg.accum_iter, n)
+                set_lr(self.optimizer, lr_at(epoch + start / n, self.peak_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs))
+                micro_batches = []
+                for micro in range(stop - start):
+                    t0 = time.perf_counter()
+                    imgs = next(batches)  # [B, 3, S, S] normalised, on the device
+                    window.data_wait += time.perf_counter() - t0
+                    micro_batches.append((imgs, self._mask_noise(pos.step, micro, imgs.shape[0])))
+                losses = train_step(self.train_model, self.optimizer, self.scaler, micro_batches,
+                                    cfg.mask_ratio, self.autocast_dtype)
+                window.add(losses, sum(imgs.shape[0] for imgs, _ in micro_batches))
+                pos.step += 1
+                pos.epoch, pos.batch = (epoch + 1, 0) if stop == n else (epoch, stop)
+                self.logger.advance()
+                last = self._finished()
+                if pos.step % cfg.log_every == 0 or last:
+                    self._log(window)
+                if pos.step % cfg.save_every == 0 and not last:
+                    self._save(window)
+        self._save(window)
+        self._finish()
+        return 0
+
+    def _mask_noise(self, step: int, micro: int, batch: int) -> torch.Tensor:
+        """Masking noise [B, L] keyed by (seed, step, micro-batch, rank), drawn on the device."""
+        self.noise_generator.manual_seed(mask_noise_seed(self.cfg.seed, step, micro, self.ctx.rank))
+        return torch.rand(batch, self.model.num_patches, generator=self.noise_generator, device=self.device)
+
+    def _log(self, window: "_LogWindow") -> None:
+        """A logging step: the one place the loop reads device values back."""
+        pos, cfg = self.position, self.cfg
+        loss_sum, count, nonfinite, skipped = window.reduce(self.ctx, self.data.skipped)
+        now = time.perf_counter()
+        elapsed = max(now - window.started, 1e-9)
+        if nonfinite:
+            raise NonFiniteLoss(self._nonfinite_message(window.first_step, pos.step))
+        loss = loss_sum / max(count, 1)
+        img_per_s = window.images * self.ctx.world_size / elapsed
+        record = {
+            "step": pos.step,
+            "epoch": round(pos.epoch + pos.batch / self.batches_per_epoch, 4),
+            "loss": loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "img_per_s": img_per_s,
+            "data_wait": window.data_wait / elapsed,
+            "peak_mem_gb": peak_memory_gb(self.device),
+            "skipped_images": skipped,
+        }
+        if self._flops_per_image and self._peak_flops:
+            record["mfu"] = self._flops_per_image * img_per_s / self.ctx.world_size / self._peak_flops
+        if skipped > window.skipped_reported:
+            self.logger.message(f"skipped {skipped} unreadable image(s) so far (each replaced by the next image)")
+            window.skipped_reported = skipped
+        self.logger.log(record)
+        self.first_loss = loss if self.first_loss is None else self.first_loss
+        self.last_loss = loss
+        window.restart(now, pos.step)
+
+    def _save(self, window: "_LogWindow") -> Path | None:
+        """Save a checkpoint of the current state, after checking that no loss since the last check
+        was non-finite (a non-finite state is never saved as "good")."""
+        if self.last_checkpoint is not None and self.last_checkpoint.name.endswith(f"{self.position.step:08d}.pth"):
+            return self.last_checkpoint  # this step is saved already (e.g. resumed with nothing to do)
+        _, _, nonfinite, _ = window.reduce(self.ctx, self.data.skipped)
+        if nonfinite:
+            raise NonFiniteLoss(self._nonfinite_message(window.first_step, self.position.step))
+        if self.ctx.is_main:
+            path = save_training_checkpoint(self.output_dir, self.model, self.optimizer, self.scaler,
+                                            self.position, self.args_to_save, self.cfg.keep_checkpoints)
+        else:
+            path = step_checkpoint_path(self.output_dir, self.position.step)
+        self.ctx.barrier()  # the file is complete before any rank moves on (or exits)
+        self.last_checkpoint = path
+        return path
+
+    def _nonfinite_message(self, first_step: int, step: int) -> str:
+        where = f"between optimizer steps {first_step + 1} and {step}"
+        if self.last_checkpoint is None:
+            good = "no checkpoint was saved before it"
+        else:
+            good = f"the last good checkpoint is {self.last_checkpoint} (resume with --resume {self.last_checkpoint}, e.g. with a lower --blr)"
+        return f"stopping: the loss became non-finite {where}; {good}"
+
+    def _stop_on_signal(self, window: "_LogWindow") -> int:
+        signum = self._stop_signal or signal.SIGTERM
+        path = self._save(window)
+        self.logger.message(f"received {signal.Signals(signum).name}: saved {path} at step {self.position.step}; "
+                            f"continue with --resume auto (or --resume {path})")
+        return 128 + int(signum)
+
+    def _finish(self) -> None:
+        if not self.ctx.is_main:
+            return
+        self.logger.message(f"done at step {self.position.step}: checkpoint {self.last_checkpoint}")
+        if self.first_loss is not None:
+            self.logger.message(f"loss {self.first_loss:.4f} at the first logging step, {self.last_loss:.4f} at the last")
+        png = self.write_reconstructions()
+        self.logger.message(f"reconstructions (masked / reconstruction + visible / original): {png}")
+
+    def write_reconstructions(self, count: int = 8) -> Path:
+        from fastmae.reconstruction import save_reconstructions
+
+        imgs = preview_batch(self.data_cfg, count).to(self.device)  # [N, 3, S, S] normalised
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        noise = torch.rand(imgs.shape[0], self.model.num_patches, generator=generator).to(self.device)
+        return save_reconstructions(self.model, imgs, self.output_dir / "reconstruction.png",
+                                    mask_ratios=(self.cfg.mask_ratio,), noise=noise)
+
+    # ---- signals ----
+
+    def _install_signal_handlers(self) -> dict:
+        def request_stop(signum, frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C stops at once
+            self._stop_signal = signum
+
+        previous = {}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[signum] = signal.signal(signum, request_stop)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict) -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class _LogWindow:
+    """What accumulates between logging steps, kept on the device so no step waits for it."""
+
+    def __init__(self, device: torch.device, started: float):
+        self.device = device
+        self.loss_sum = torch.zeros((), device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self.skipped_reported = 0
+        self.restart(started, 0)
+
+    def restart(self, started: float, step: int) -> None:
+        self.loss_sum.zero_()
+        self.count = 0
+        self.images = 0
+        self.data_wait = 0.0
+        self.started = started
+        self.first_step = step
+
+    def add(self, losses: torch.Tensor, images: int) -> None:
+        """losses [M]: the micro-batch losses of one optimizer step."""
+        self.loss_sum += losses.sum()
+        self.nonfinite |= ~torch.isfinite(losses).all()
+        self.count += losses.numel()
+        self.images += images
+
+    def reduce(self, ctx: DistributedContext, skipped: int) -> tuple[float, int, bool, int]:
+        """(loss sum, count, any non-finite, skipped images) over all ranks: one read-back."""
+        values = torch.stack([self.loss_sum, torch.tensor(float(self.count), device=self.device),
+                              self.nonfinite.float(), torch.tensor(float(skipped), device=self.device)])
+        if ctx.enabled:
+            torch.distributed.all_reduce(values)
+        loss_sum, count, nonfinite, skipped_all = values.tolist()
+        return loss_sum, int(count), nonfinite > 0 or not math.isfinite(loss_sum), int(skipped_all)
