@@ -124,7 +124,7 @@ class DALILoader:
         batch = self._replay.popleft() if self._replay else next(self._batches)  # StopIteration ends the epoch
         self._in_flight.append(batch)
         boxes = batch.boxes.astype(np.float32)  # (top, left, h, w)
-        anchors = list(np.ascontiguousarray(boxes[:, [0, 1]]))  # (x, y): DALI's "WH" axis order
+        anchors = list(np.ascontiguousarray(boxes[:, [1, 0]]))  # (x, y): DALI's "WH" axis order
         shapes = list(np.ascontiguousarray(boxes[:, [3, 2]]))  # (w, h)
         flips = list(batch.flips.astype(np.int32))
         return batch.files, anchors, shapes, flips
