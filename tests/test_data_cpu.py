@@ -1,0 +1,185 @@
+"""The CPU data pipeline: folder layouts, rank shards, the crop sampler, the loader and bad data."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastmae.data.augment import (IMAGENET_MEAN, IMAGENET_STD, normalize, random_resized_crop_flip,
+                                  sample_resized_crop)
+from fastmae.data.embedded import EmbeddedPhotos, load_photos
+from fastmae.data.loader import DataConfig, build_loader, preview_batch, resolve_loader
+from fastmae.data.sources import list_image_files, shard_indices
+
+
+def write_images(folder, count, size=(40, 48), prefix="img"):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(str(folder)))
+    for i in range(count):
+        pixels = rng.integers(0, 256, (size[0], size[1], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{prefix}{i:03d}.png")
+
+
+# ---- sources ----
+
+def test_list_image_files_reference_layout_class_folders_and_flat(tmp_path):
+    write_images(tmp_path / "imagenet" / "train" / "n01", 3)
+    write_images(tmp_path / "imagenet" / "train" / "n02", 2)
+    write_images(tmp_path / "imagenet" / "val" / "n01", 4)  # not read: the reference reads train/
+    (tmp_path / "imagenet" / "train" / "n01" / "notes.txt").write_text("not an image")
+    files = list_image_files(tmp_path / "imagenet")
+    assert len(files) == 5 and all("train" in f.parts for f in files)
+
+    write_images(tmp_path / "classes" / "a", 2)
+    write_images(tmp_path / "classes" / "b", 1)
+    assert len(list_image_files(tmp_path / "classes")) == 3
+
+    write_images(tmp_path / "flat", 4)
+    assert [f.name for f in list_image_files(tmp_path / "flat")] == [f"img{i:03d}.png" for i in range(4)]
+
+
+def test_missing_or_empty_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        list_image_files(tmp_path / "nowhere")
+    (tmp_path / "empty" / "train" / "cls").mkdir(parents=True)
+    (tmp_path / "empty" / "train" / "cls" / "readme.txt").write_text("x")
+    with pytest.raises(ValueError, match="no image files"):
+        list_image_files(tmp_path / "empty")
+    with pytest.raises(ValueError, match="does not exist"):
+        build_loader(DataConfig(str(tmp_path / "nowhere"), num_workers=0), 0, 1, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("num_items,world_size", [(10, 1), (10, 2), (11, 3), (7, 4)])
+def test_shards_are_disjoint_cover_everything_and_reshuffle_per_epoch(num_items, world_size):
+    shards = [shard_indices(num_items, epoch=0, seed=5, rank=r, world_size=world_size) for r in range(world_size)]
+    assert len({len(s) for s in shards}) == 1  # equal shares, as DistributedSampler
+    together = np.concatenate(shards)
+    assert set(together.tolist()) == set(range(num_items))
+    assert len(together) - len(set(together.tolist())) == len(together) - num_items  # only the padding repeats
+    if num_items % world_size == 0:
+        assert len(together) == num_items
+    again = shard_indices(num_items, epoch=0, seed=5, rank=0, world_size=world_size)
+    next_epoch = shard_indices(num_items, epoch=1, seed=5, rank=0, world_size=world_size)
+    assert np.array_equal(again, shards[0]) and not np.array_equal(next_epoch, shards[0])
+    with pytest.raises(ValueError, match="rank"):
+        shard_indices(num_items, 0, 0, rank=world_size, world_size=world_size)
+
+
+# ---- augmentation ----
+
+def test_crop_boxes_follow_the_random_resized_crop_distribution():
+    rng = np.random.default_rng(0)
+    height, width = 300, 400
+    fractions, ratios = [], []
+    for _ in range(2000):
+        top, left, h, w = sample_resized_crop(height, width, rng=rng)
+        assert 0 <= top and top + h <= height and 0 <= left and left + w <= width
+        fractions.append(h * w / (height * width))
+        ratios.append(w / h)
+    fractions, ratios = np.array(fractions), np.array(ratios)
+    # area uniform in [0.2, 1] (rounding to whole pixels aside), log-ratio uniform in [log 3/4, log 4/3];
+    # draws that do not fit are retried, which thins out the large-area end
+    assert fractions.min() > 0.19 and fractions.max() <= 1.0
+    assert 0.74 < ratios.min() and ratios.max() < 1.35
+    assert 0.45 < fractions.mean() < 0.6
+    assert np.log(ratios).mean() > 0  # a landscape image fits wide crops more often than tall ones
+    square = np.array([sample_resized_crop(400, 400, rng=rng) for _ in range(2000)])
+    assert abs(np.log(square[:, 3] / square[:, 2]).mean()) < 0.02  # no preferred orientation
+
+
+def test_crop_falls_back_to_the_central_crop_when_nothing_fits():
+    rng = np.random.default_rng(0)
+    # a 10 x 1000 strip: no crop of ratio in [3/4, 4/3] and area >= 20% fits, so the central crop
+    # with the ratio clamped to 4/3 is returned, as torchvision
+    assert sample_resized_crop(10, 1000, rng=rng) == (0, (1000 - 13) // 2, 10, 13)
+    assert sample_resized_crop(1000, 10, rng=rng) == ((1000 - 13) // 2, 0, 13, 10)
+    with pytest.raises(ValueError, match="positive"):
+        sample_resized_crop(0, 10, rng=rng)
+
+
+def test_augment_output_and_normalisation():
+    image = Image.fromarray(np.full((30, 50, 3), 200, dtype=np.uint8))
+    pixels = random_resized_crop_flip(image, 16, np.random.default_rng(0))
+    assert pixels.shape == (16, 16, 3) and pixels.dtype == np.uint8 and pixels.flags.writeable
+    batch = normalize(torch.from_numpy(pixels).permute(2, 0, 1)[None])
+    expected = (200 / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    torch.testing.assert_close(batch[0, :, 3, 3], expected)
+    # flips: with p = 0.5 about half of many draws of an asymmetric image are mirrored
+    ramp = Image.fromarray(np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (64, 1, 3)))
+    rng = np.random.default_rng(1)
+    flipped = [random_resized_crop_flip(ramp, 8, rng, scale=(1, 1), ratio=(1, 1))[0, 0, 0] > 128 for _ in range(200)]
+    assert 70 < sum(flipped) < 130
+
+
+# ---- the loader ----
+
+def cpu_config(data_path, **kw):
+    return DataConfig(data_path=str(data_path) if data_path else None, input_size=16, batch_size=4,
+                      num_workers=0, pin_mem=False, seed=3, loader="cpu", **kw)
+
+
+def test_loader_batches_epoch_length_resume_position_and_workers(tmp_path):
+    write_images(tmp_path / "imgs", 18)
+    loader = build_loader(cpu_config(tmp_path / "imgs"), 0, 2, torch.device("cpu"))
+    assert len(loader) == 2  # 9 images on this rank, full batches of 4 only
+    loader.set_epoch(0)
+    epoch0 = list(loader)
+    assert len(epoch0) == 2 and epoch0[0].shape == (4, 3, 16, 16) and epoch0[0].dtype == torch.float32
+    loader.set_epoch(0, start_batch=1)  # a resumed run: the same second batch, the first not decoded
+    assert [b.shape for b in loader] == [(4, 3, 16, 16)] and torch.equal(list(loader)[0], epoch0[1])
+    loader.set_epoch(1)
+    assert not torch.equal(next(iter(loader)), epoch0[0])
+    with pytest.raises(ValueError, match="start_batch"):
+        loader.set_epoch(0, start_batch=3)
+    # worker processes do not change what is loaded
+    with_workers = build_loader(DataConfig(str(tmp_path / "imgs"), 16, 4, 1, False, 3, "cpu"), 0, 2, torch.device("cpu"))
+    with_workers.set_epoch(0)
+    assert all(torch.equal(a, b) for a, b in zip(list(with_workers), epoch0))
+
+
+def test_too_few_images_for_a_batch_is_an_error(tmp_path):
+    write_images(tmp_path / "few", 3)
+    with pytest.raises(ValueError, match="no full batch"):
+        build_loader(cpu_config(tmp_path / "few"), 0, 1, torch.device("cpu"))
+
+
+def test_unreadable_file_is_skipped_counted_and_reported(tmp_path):
+    write_images(tmp_path / "bad", 8)
+    (tmp_path / "bad" / "img003.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    loader = build_loader(cpu_config(tmp_path / "bad"), 0, 1, torch.device("cpu"))
+    loader.set_epoch(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(loader)
+    assert len(batches) == 2 and all(torch.isfinite(b).all() for b in batches)
+    assert loader.skipped == 1
+    assert any("img003.png" in str(w.message) for w in caught)
+
+
+def test_embedded_photographs_are_real_colour_images():
+    photos = load_photos()
+    assert len(photos) >= 12 and {"astronaut", "coffee", "chelsea", "rocket"} <= set(photos)
+    for name, pixels in photos.items():
+        assert pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3 and min(pixels.shape[:2]) >= 150, name
+        assert pixels.std() > 10, name  # not blank
+    source = EmbeddedPhotos(samples_per_epoch=40)
+    assert len(source) == 40 and source.name(1) == f"skimage.data.{source.names[1]}"
+    loader = build_loader(cpu_config(None, samples_per_epoch=40), 0, 1, torch.device("cpu"))
+    assert len(loader) == 10
+    loader.set_epoch(0)
+    batch = next(iter(loader))
+    assert batch.shape == (4, 3, 16, 16) and -2.5 < batch.mean() < 2.5 and batch.std() > 0.1
+    preview = preview_batch(cpu_config(None), count=5)
+    assert preview.shape == (5, 3, 16, 16)
+
+
+def test_auto_loader_choice():
+    assert resolve_loader(DataConfig(None, loader="auto"), torch.device("cpu")) == "cpu"
+    assert resolve_loader(DataConfig("/data", loader="auto"), torch.device("cpu")) == "cpu"
+    with pytest.raises(ValueError, match="embedded"):
+        resolve_loader(DataConfig(None, loader="dali"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="loader"):
+        DataConfig(None, loader="pil")
