@@ -184,8 +184,10 @@ class DALILoader:
         bad_rows = [row for row in range(len(failed)) if not self._decodes_alone(failed.files[row])]
         if not bad_rows:
             raise RuntimeError(f"DALI failed on a batch whose files all decode one by one: {error}") from error
-        repaired = self.reader.replan(failed, bad_rows)
-        warnings.warn(f"DALI could not decode {len(bad_rows)} file(s); replaced them and rebuilt the pipeline", stacklevel=3)
+        repaired = self.reader.replan(failed, bad_rows, reason="DALI cannot decode it")
+        names = ", ".join(self.reader.source.name(failed.items[row]) for row in bad_rows[:5])
+        warnings.warn(f"DALI could not decode {len(bad_rows)} file(s) ({names}); replaced them and rebuilt the pipeline",
+                      stacklevel=3)
         # the repaired batch first, then those queued behind it, in their order
         self._replay.extendleft(reversed([repaired, *self._in_flight, *self._replay]))
         self._in_flight.clear()

@@ -68,7 +68,7 @@ class EncodedBatchReader:
                 f"lower --batch_size or add images"
             )
         self.num_io_threads, self.prefetch_batches = max(1, num_io_threads), max(1, prefetch_batches)
-        self.undecodable: set[int] = set()  # items found broken; passed over whenever they come up
+        self.undecodable: dict[int, str] = {}  # item -> why it is broken; passed over whenever it comes up
         self.skipped = 0
         self._reported: set[str] = set()
 
@@ -87,13 +87,13 @@ class EncodedBatchReader:
         for attempt in range(MAX_CONSECUTIVE_UNREADABLE):
             item = (index + attempt) % len(self.source)
             if item in self.undecodable:
-                skipped.append(f"{self.source.name(item)}: undecodable")
+                skipped.append(f"{self.source.name(item)}: {self.undecodable[item]}")
                 continue
             try:
                 data = read_encoded(self.source, item)
                 header = read_header(data)
             except (OSError, BadImageError) as error:
-                self.undecodable.add(item)
+                self.undecodable[item] = str(error)
                 skipped.append(f"{self.source.name(item)}: {error}")
                 continue
             # the CPU loader's draws, in its order: crop box, then flip
@@ -115,10 +115,10 @@ class EncodedBatchReader:
             skipped=[message for row in rows for message in row[5]],
         )
 
-    def replan(self, batch: EncodedBatch, bad_rows: list[int]) -> EncodedBatch:
+    def replan(self, batch: EncodedBatch, bad_rows: list[int], reason: str = "the decoder failed on it") -> EncodedBatch:
         """The batch with the items of ``bad_rows`` marked undecodable and replaced (same keys)."""
         for row in bad_rows:
-            self.undecodable.add(batch.items[row])
+            self.undecodable[batch.items[row]] = reason
         return self.plan_batch(batch.keys)  # its `skipped` lists the old and the new bad items
 
     def report(self, batch: EncodedBatch) -> None:

@@ -149,7 +149,7 @@ class TorchvisionGPULoader:
             images, bad_rows = self._decode(batch)
             if not bad_rows:
                 break
-            batch = self.reader.replan(batch, bad_rows)
+            batch = self.reader.replan(batch, bad_rows, reason="neither nvJPEG nor PIL decodes it")
         else:
             raise RuntimeError(f"{MAX_REPLANS_PER_BATCH} rounds of undecodable files in one batch: {batch.skipped[:3]}")
         size = self.cfg.input_size
