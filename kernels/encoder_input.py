@@ -197,8 +197,10 @@ def _output_dtype(weight: torch.Tensor, pos_embed: torch.Tensor, cls_token: torc
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 GEMMs follow torch's own setting, so "triton" and "torch" round alike
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    """fp32 GEMMs follow torch's own TF32 setting, so "triton" and "torch" round alike; bf16/fp16 ignore it."""
+    if dtype != torch.float32:
+        return "tf32"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def visible_patch_embed_forward(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size: int) -> torch.Tensor:

@@ -7,10 +7,13 @@ PyTorch's own error at the same precision, plus a small atol.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import fastmae.kernels as ops
+from fastmae.kernels._launch import interpreting
 from fastmae.kernels.decoder_input import DecoderUnshuffle, decoder_unshuffle_reference, decoder_unshuffle_triton
 from fastmae.kernels.encoder_input import (
     VisiblePatchEmbed,
@@ -22,7 +25,11 @@ from fastmae.masking import random_masking
 from fastmae.models import create_model
 from fastmae.patches import patch_pixels
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+# CPU runs the kernels through the Triton interpreter, which conftest switches on only without CUDA.
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not interpreting(), reason="Triton on CPU needs TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-4}
 
@@ -270,12 +277,14 @@ def test_masked_patch_loss_without_grad(device):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_launchers_reject_bad_inputs():
+def test_launchers_reject_bad_inputs(device):
     N, img, p, D = 2, 16, 4, 8
     L = (img // p) ** 2
-    imgs = torch.randn(N, 3, img, img)
-    masking = random_masking(N, L, 0.75, "cpu")
-    w, b, pos, cls = torch.randn(D, 3, p, p), torch.randn(D), torch.randn(1, L + 1, D), torch.randn(1, 1, D)
+    imgs = torch.randn(N, 3, img, img, device=device)
+    masking = random_masking(N, L, 0.75, device)
+    w, b = torch.randn(D, 3, p, p, device=device), torch.randn(D, device=device)
+    pos, cls = torch.randn(1, L + 1, D, device=device), torch.randn(1, 1, D, device=device)
+    randn = functools.partial(torch.randn, device=device)
     with pytest.raises(ValueError, match=r"pos_embed must have shape \[1, 17, 8\], got \[1, 16, 8\]"):
         visible_patch_embed_triton(imgs, masking.ids_keep, w, b, pos[:, 1:], cls, p)
     with pytest.raises(ValueError, match=r"H and W must be multiples of patch_size 4"):
@@ -286,16 +295,16 @@ def test_launchers_reject_bad_inputs():
         visible_patch_embed_triton(imgs, masking.ids_keep, w, b.half(), pos, cls, p)
     with pytest.raises(ValueError, match=r"weight .*shape \[\*, \*, 4, 4\]"):
         visible_patch_embed_triton(imgs, masking.ids_keep, w[..., :2], b, pos, cls, p)
-    x = torch.randn(N, masking.num_visible + 1, D)
+    x = randn(N, masking.num_visible + 1, D)
     with pytest.raises(ValueError, match=r"mask_token must have shape \[1, 1, 8\]"):
-        decoder_unshuffle_triton(x, torch.randn(1, 1, D + 1), masking.ids_restore, pos)
+        decoder_unshuffle_triton(x, randn(1, 1, D + 1), masking.ids_restore, pos)
     with pytest.raises(ValueError, match=r"x \(shape \[2, 5, 8\], strides .*\) must be contiguous"):
-        decoder_unshuffle_triton(x.transpose(0, 1).contiguous().transpose(0, 1), torch.randn(1, 1, D), masking.ids_restore, pos)
+        decoder_unshuffle_triton(x.transpose(0, 1).contiguous().transpose(0, 1), randn(1, 1, D), masking.ids_restore, pos)
     with pytest.raises(ValueError, match=r"x shape \[2, 18, 8\]"):
-        decoder_unshuffle_triton(torch.randn(N, L + 2, D), torch.randn(1, 1, D), masking.ids_restore, pos)
+        decoder_unshuffle_triton(randn(N, L + 2, D), randn(1, 1, D), masking.ids_restore, pos)
     with pytest.raises(ValueError, match=r"x .*dtype"):
-        decoder_unshuffle_triton(x.double(), torch.randn(1, 1, D), masking.ids_restore, pos)
-    pred = torch.randn(N, L, p * p * 3)
+        decoder_unshuffle_triton(x.double(), randn(1, 1, D), masking.ids_restore, pos)
+    pred = randn(N, L, p * p * 3)
     with pytest.raises(ValueError, match=r"pred must have shape \[2, \*, 48\], got \[2, 16, 47\]"):
         masked_patch_loss_triton(pred[..., :47], imgs, p, True)
     with pytest.raises(ValueError, match=r"without patch_ids it must hold all L = 16"):
@@ -308,19 +317,19 @@ def test_launchers_reject_bad_inputs():
         masked_patch_loss_triton(pred, imgs[0], p, True)
 
 
-def _tiny_op_inputs():
+def _tiny_op_inputs(device):
     N, img, p, D = 2, 16, 4, 8
     L = (img // p) ** 2
-    masking = random_masking(N, L, 0.75, "cpu")
-    imgs = torch.randn(N, 3, img, img)
-    leaf = lambda *s: torch.randn(*s, requires_grad=True)  # noqa: E731
-    pos = torch.randn(1, L + 1, D)
+    masking = random_masking(N, L, 0.75, device)
+    imgs = torch.randn(N, 3, img, img, device=device)
+    leaf = lambda *s: torch.randn(*s, device=device, requires_grad=True)  # noqa: E731
+    pos = torch.randn(1, L + 1, D, device=device)
     return [
         ("visible_patch_embed", (imgs, masking.ids_keep, leaf(D, 3, p, p), leaf(D), pos, leaf(1, 1, D), p)),
         ("visible_patch_embed", (imgs, None, leaf(D, 3, p, p), leaf(D), pos, leaf(1, 1, D), p)),
         ("visible_patch_rows", (imgs, masking.ids_keep, p, torch.float32)),
         ("decoder_unshuffle", (leaf(N, masking.num_visible + 1, D), leaf(1, 1, D), masking.ids_restore, pos)),
-        ("decoder_unshuffle_backward", (torch.randn(N, L + 1, D), masking.ids_restore, masking.num_visible,
+        ("decoder_unshuffle_backward", (torch.randn(N, L + 1, D, device=device), masking.ids_restore, masking.num_visible,
                                         torch.float32, torch.float32)),
         ("masked_patch_loss", (leaf(N, L, 48), imgs, p, True, None, masking.mask, True)),
         ("masked_patch_loss", (leaf(N, L - 4, 48), imgs, p, False, masking.ids_masked, None, True)),
@@ -328,15 +337,14 @@ def _tiny_op_inputs():
 
 
 @pytest.mark.parametrize("case", range(7))
-def test_custom_ops_registered_and_pass_opcheck(case):
-    name, args = _tiny_op_inputs()[case]
+def test_custom_ops_registered_and_pass_opcheck(device, case):
+    name, args = _tiny_op_inputs(device)[case]
     op = getattr(torch.ops.fastmae, name)
     torch.library.opcheck(op, args)  # schema, fake tensor, autograd registration, AOT dispatch
 
 
-def test_autograd_functions_equal_custom_ops():
-    N, img, p, D = 2, 16, 4, 8
-    (_, embed_args), _, _, (_, unshuffle_args), *_ = _tiny_op_inputs()
+def test_autograd_functions_equal_custom_ops(device):
+    (_, embed_args), _, _, (_, unshuffle_args), *_ = _tiny_op_inputs(device)
     for fn, op, args in [(VisiblePatchEmbed, torch.ops.fastmae.visible_patch_embed, embed_args),
                          (DecoderUnshuffle, torch.ops.fastmae.decoder_unshuffle, unshuffle_args)]:
         leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
@@ -346,10 +354,10 @@ def test_autograd_functions_equal_custom_ops():
             assert torch.equal(g_fn, g_op)
 
 
-def test_torch_compile_traces_around_the_ops():
+def test_torch_compile_traces_around_the_ops(device):
     """aot_eager: dynamo + AOTAutograd see the custom ops as single nodes (no C++ compiler on CPU)."""
-    model = create_model("mae_vit_micro_patch4", kernels="triton", norm_pix_loss=True)
-    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
+    model = create_model("mae_vit_micro_patch4", kernels="triton", norm_pix_loss=True).to(device)
+    imgs, noise = torch.randn(2, 3, 32, 32, device=device), torch.rand(2, 64, device=device)
     params = [p for p in model.parameters() if p.requires_grad]
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     loss_c, pred_c, _ = compiled(imgs, 0.75, noise, full_pred=False)
@@ -390,3 +398,26 @@ def test_model_triton_equals_torch(device, norm_pix_loss, full_pred, encoder_mas
     assert grads.keys() == rgrads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], rgrads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("full_pred", [True, False])
+def test_model_triton_equals_torch_under_bf16_autocast(full_pred):
+    """The training setting on a GPU: bf16 autocast, same roundings on both paths up to GEMM order."""
+    device = torch.device("cuda")
+    torch_model = create_model("mae_vit_micro_patch4", kernels="torch", norm_pix_loss=True).to(device)
+    triton_model = create_model("mae_vit_micro_patch4", kernels="triton", norm_pix_loss=True).to(device)
+    triton_model.load_state_dict(torch_model.state_dict())
+    imgs, noise = torch.randn(8, 3, 32, 32, device=device), torch.rand(8, 64, device=device)
+    outputs = []
+    for model in (triton_model, torch_model):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, pred, _ = model(imgs, 0.75, noise, full_pred=full_pred)
+        loss.backward()
+        outputs.append((loss, pred, [p.grad for p in model.parameters() if p.requires_grad]))
+    (loss, pred, grads), (rloss, rpred, rgrads) = outputs
+    assert loss.dtype == torch.float32 and pred.dtype == rpred.dtype
+    torch.testing.assert_close(loss, rloss.float(), rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(pred, rpred, rtol=5e-2, atol=5e-2)
+    for g, rg in zip(grads, rgrads):
+        torch.testing.assert_close(g, rg, rtol=1e-1, atol=5e-2 * rg.abs().max().item() + 1e-6)
