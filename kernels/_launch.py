@@ -81,7 +81,9 @@ def check_patch_ids(name: str, ids: torch.Tensor, batch: int, num_patches: int, 
     """
     check_tensor(name, ids, (batch, None), dtypes=(torch.int64,), device=device, contiguous=False)
     if ids.shape[1] > 1 and ids.stride(1) != 1:
-        raise ValueError(f"{name} (shape {list(ids.shape)}, strides {list(ids.stride())}) must be dense along its last dim")
+        raise ValueError(
+            f"{name} (shape {list(ids.shape)}, strides {list(ids.stride())}) must be dense along its last dim"
+        )
     if ids.shape[1] > num_patches:
         raise ValueError(f"{name} shape {list(ids.shape)} picks more than the {num_patches} patches of an image")
 

@@ -121,7 +121,10 @@ def _check_inputs(x, mask_token, ids_restore, pos_embed) -> tuple[int, int, int,
     check_tensor("ids_restore", ids_restore, (N, None), dtypes=(torch.int64,), device=x.device)
     L = ids_restore.shape[1]
     if not 1 <= T <= L + 1:
-        raise ValueError(f"x shape {list(x.shape)}: expected [N, 1+K, D] with 0 <= K <= L = {L} (ids_restore {list(ids_restore.shape)})")
+        raise ValueError(
+            f"x shape {list(x.shape)}: expected [N, 1+K, D] with 0 <= K <= L = {L} "
+            f"(ids_restore {list(ids_restore.shape)})"
+        )
     check_tensor("mask_token", mask_token, (1, 1, D), device=x.device)
     check_tensor("pos_embed", pos_embed, (1, L + 1, D), device=x.device)
     return N, T - 1, L, D
@@ -141,7 +144,9 @@ def decoder_unshuffle_forward(x, mask_token, ids_restore, pos_embed) -> torch.Te
     return out
 
 
-def decoder_unshuffle_backward(grad_out, ids_restore, num_visible: int, x_dtype: torch.dtype, mask_token_dtype: torch.dtype):
+def decoder_unshuffle_backward(
+    grad_out, ids_restore, num_visible: int, x_dtype: torch.dtype, mask_token_dtype: torch.dtype
+):
     """grad_out [N, 1+L, D] -> (grad_x [N, 1+K, D] in x_dtype, grad_mask_token [1, 1, D])."""
     check_tensor("grad_out", grad_out, (None, None, None))
     N, T, D = grad_out.shape
@@ -191,7 +196,9 @@ class DecoderUnshuffle(torch.autograd.Function):
 
 
 @torch.library.custom_op("fastmae::decoder_unshuffle", mutates_args=())
-def _decoder_unshuffle_op(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
+def _decoder_unshuffle_op(
+    x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor, pos_embed: torch.Tensor
+) -> torch.Tensor:
     return decoder_unshuffle_forward(x, mask_token, ids_restore, pos_embed)
 
 
@@ -203,7 +210,8 @@ def _(x, mask_token, ids_restore, pos_embed):
 
 @torch.library.custom_op("fastmae::decoder_unshuffle_backward", mutates_args=())
 def _decoder_unshuffle_backward_op(
-    grad_out: torch.Tensor, ids_restore: torch.Tensor, num_visible: int, x_dtype: torch.dtype, mask_token_dtype: torch.dtype
+    grad_out: torch.Tensor, ids_restore: torch.Tensor, num_visible: int,
+    x_dtype: torch.dtype, mask_token_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return decoder_unshuffle_backward(grad_out, ids_restore, num_visible, x_dtype, mask_token_dtype)
 
@@ -211,7 +219,8 @@ def _decoder_unshuffle_backward_op(
 @_decoder_unshuffle_backward_op.register_fake
 def _(grad_out, ids_restore, num_visible, x_dtype, mask_token_dtype):
     N, _, D = grad_out.shape
-    return grad_out.new_empty((N, num_visible + 1, D), dtype=x_dtype), grad_out.new_empty((1, 1, D), dtype=mask_token_dtype)
+    grad_x = grad_out.new_empty((N, num_visible + 1, D), dtype=x_dtype)
+    return grad_x, grad_out.new_empty((1, 1, D), dtype=mask_token_dtype)
 
 
 torch.library.register_autograd(

@@ -40,7 +40,8 @@ from fastmae.patches import patch_pixels
 
 
 @triton.jit
-def _token_rows(rows, row_ok, ids_keep_ptr, s_ids, K, grid_w, s_n, s_h, s_w, PATCH: tl.constexpr, ALL_PATCHES: tl.constexpr):
+def _token_rows(rows, row_ok, ids_keep_ptr, s_ids, K, grid_w, s_n, s_h, s_w,
+                PATCH: tl.constexpr, ALL_PATCHES: tl.constexpr):
     """Rows r of [N*(1+K), *] -> (is a patch row, patch index, offset of the patch's first pixel)."""
     n = rows // (K + 1)
     t = rows % (K + 1)
@@ -111,7 +112,8 @@ def _visible_patch_embed_fwd_kernel(
 
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < num_rows
-    is_patch, patch, origin = _token_rows(rows, row_ok, ids_keep_ptr, s_ids, K, grid_w, s_n, s_h, s_w, PATCH, ALL_PATCHES)
+    is_patch, patch, origin = _token_rows(rows, row_ok, ids_keep_ptr, s_ids, K, grid_w, s_n, s_h, s_w,
+                                          PATCH, ALL_PATCHES)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < D
 
@@ -121,7 +123,8 @@ def _visible_patch_embed_fwd_kernel(
         k_ok = k < KP
         a = tl.load(imgs_ptr + origin[:, None] + _projection_offsets(k, s_c, s_h, s_w, PATCH)[None, :],
                     mask=is_patch[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(weight_ptr + cols[None, :].to(tl.int64) * KP + k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        b = tl.load(weight_ptr + cols[None, :].to(tl.int64) * KP + k[:, None],
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         a = cast_rtne(a, weight_ptr.dtype.element_ty)  # F.linear sees the patches in the weight's dtype
         if INTERPRETER:  # the interpreter's tl.dot is wrong on bf16/fp16 operands
             a = a.to(tl.float32)
@@ -160,7 +163,8 @@ def _patch_rows_kernel(
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_ok = rows < num_rows
-    is_patch, patch, origin = _token_rows(rows, row_ok, ids_keep_ptr, s_ids, K, grid_w, s_n, s_h, s_w, PATCH, ALL_PATCHES)
+    is_patch, patch, origin = _token_rows(rows, row_ok, ids_keep_ptr, s_ids, K, grid_w, s_n, s_h, s_w,
+                                          PATCH, ALL_PATCHES)
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = k < KP
     pixels = tl.load(imgs_ptr + origin[:, None] + _projection_offsets(k, s_c, s_h, s_w, PATCH)[None, :],
@@ -302,7 +306,9 @@ def _(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size):
 
 
 @torch.library.custom_op("fastmae::visible_patch_rows", mutates_args=())
-def _visible_patch_rows_op(imgs: torch.Tensor, ids_keep: torch.Tensor | None, patch_size: int, dtype: torch.dtype) -> torch.Tensor:
+def _visible_patch_rows_op(
+    imgs: torch.Tensor, ids_keep: torch.Tensor | None, patch_size: int, dtype: torch.dtype
+) -> torch.Tensor:
     return visible_patch_rows(imgs, ids_keep, patch_size, dtype)
 
 

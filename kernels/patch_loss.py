@@ -107,7 +107,8 @@ def _masked_patch_loss_kernel(
         loss_sum += err * w
         if COMPUTE_GRAD:
             grad = diff * (w * grad_scale)[:, None]
-            tl.store(grad_pred_ptr + rows[:, None] * P + k[None, :], cast_rtne(grad, grad_pred_ptr.dtype.element_ty), mask=ok)
+            tl.store(grad_pred_ptr + rows[:, None] * P + k[None, :],
+                     cast_rtne(grad, grad_pred_ptr.dtype.element_ty), mask=ok)
     tl.store(partial_ptr + tl.program_id(0), tl.sum(loss_sum, axis=0))
 
 
@@ -201,8 +202,10 @@ class MaskedPatchLoss(torch.autograd.Function):
             grad_pred = grad_pred_unit * grad_loss
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[5]:
             with torch.enable_grad():
-                imgs_, weight_ = imgs.detach().requires_grad_(), None if weight is None else weight.detach().requires_grad_()
-                loss = masked_patch_loss_reference(pred.detach(), imgs_, ctx.patch_size, ctx.norm_pix_loss, patch_ids, weight_)
+                imgs_ = imgs.detach().requires_grad_()
+                weight_ = None if weight is None else weight.detach().requires_grad_()
+                loss = masked_patch_loss_reference(pred.detach(), imgs_, ctx.patch_size, ctx.norm_pix_loss,
+                                                   patch_ids, weight_)
                 wrt = [imgs_] + ([weight_] if weight_ is not None else [])
                 grads = torch.autograd.grad(loss, wrt, grad_loss.to(loss.dtype))
             grad_imgs = grads[0] if ctx.needs_input_grad[1] else None
@@ -240,7 +243,9 @@ def masked_patch_loss_triton(
     """The fused loss (Triton); same value as ``masked_patch_loss_reference`` (fp32)."""
     _check_inputs(pred, imgs, patch_size, patch_ids, weight)
     compute_grad = pred.requires_grad and torch.is_grad_enabled()
-    loss, _ = torch.ops.fastmae.masked_patch_loss(pred, imgs, patch_size, bool(norm_pix_loss), patch_ids, weight, compute_grad)
+    loss, _ = torch.ops.fastmae.masked_patch_loss(
+        pred, imgs, patch_size, bool(norm_pix_loss), patch_ids, weight, compute_grad
+    )
     return loss
 
 
