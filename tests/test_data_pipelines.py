@@ -123,6 +123,60 @@ def test_resized_crops_match_cpu_loader(photos):
         assert (a - b).abs().mean() < 0.01 and (a - b).abs().max() < 0.1
 
 
+class FakeNvjpeg:
+    """Stands in for torchvision.io on the CPU: decode_jpeg as nvJPEG behaves (a list in, a list out;
+    one bad file fails the batched call; CMYK is not converted), decoding with PIL."""
+
+    class ImageReadMode:
+        RGB = "RGB"
+
+    def __init__(self):
+        self.batched_calls, self.single_calls = 0, 0
+
+    def decode_jpeg(self, data, mode=None, device=None):
+        if isinstance(data, list):
+            self.batched_calls += 1
+            return [self._decode(d) for d in data]
+        self.single_calls += 1
+        return self._decode(data)
+
+    @staticmethod
+    def _decode(data: torch.Tensor) -> torch.Tensor:
+        header = read_header(data.numpy().tobytes())
+        assert header.format == "jpeg" and header.channels in (1, 3), "the loader routes CMYK and PNG to PIL"
+        try:
+            return decode_on_cpu(data.numpy())
+        except OSError as error:
+            raise RuntimeError(f"nvjpegDecode failed: {error}") from None
+
+
+def test_torchvision_loader_routing_with_a_stand_in_decoder(tmp_path, monkeypatch):
+    """The GPU loader's decode routing and bad-file replacement, driven on the CPU."""
+    import sys
+    import types
+
+    from fastmae.data.gpu_decode import TorchvisionGPULoader
+
+    fake = FakeNvjpeg()
+    module = types.ModuleType("torchvision.io")
+    module.decode_jpeg, module.ImageReadMode = fake.decode_jpeg, FakeNvjpeg.ImageReadMode
+    monkeypatch.setitem(sys.modules, "torchvision", types.ModuleType("torchvision"))
+    monkeypatch.setitem(sys.modules, "torchvision.io", module)
+    cfg = config(bad_folder(tmp_path))
+    loader = TorchvisionGPULoader.__new__(TorchvisionGPULoader)  # __init__ insists on CUDA
+    loader.cfg, loader.device, loader.decode_only = cfg, torch.device("cpu"), False
+    loader.reader = EncodedBatchReader(open_source(tmp_path), cfg, 0, 1)
+    outputs = []
+    for batch in loader.reader:
+        images, batch = loader._augment(batch)
+        loader.reader.report(batch)
+        outputs.append(images)
+    assert fake.batched_calls >= 3 and fake.single_calls > 0  # the damaged scan failed a batched call
+    assert loader.reader.skipped == 15
+    for a, b in zip(epoch_of(CPULoader(cfg, 0, 1, torch.device("cpu")), 0), outputs):
+        assert ((a - b).abs().mean(dim=(1, 2, 3)) < 0.02).all()
+
+
 # --- augmentation statistics ---------------------------------------------------------------------
 def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
     grid = np.sort(np.concatenate([a, b]))

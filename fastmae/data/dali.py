@@ -74,6 +74,7 @@ class DALILoader:
         self._batches: Iterator[EncodedBatch] | None = None
         self._replay: deque[EncodedBatch] = deque()  # batches to feed again after a rebuild
         self._in_flight: deque[EncodedBatch] = deque()  # fed to the pipeline, output not yet taken
+        self._feed_error: BaseException | None = None  # raised by the reader inside DALI's callback
         self.pipeline_builds = 0  # 1 + epochs left early + recoveries from undecodable files
 
     # --- ImageBatches -------------------------------------------------------------------------
@@ -91,6 +92,7 @@ class DALILoader:
         if self._pipeline is None or self._in_flight or self._replay:  # first epoch, or the last one was left early
             self._rebuild()
         self._batches = iter(self.reader)
+        self._feed_error = None
         rebuilds_this_epoch = 0
         finished = False
         try:
@@ -101,6 +103,8 @@ class DALILoader:
                     finished = True
                     return
                 except RuntimeError as error:
+                    if self._feed_error is not None:  # the reader failed (e.g. only unreadable files), not DALI
+                        raise self._feed_error from error
                     rebuilds_this_epoch += 1
                     if rebuilds_this_epoch > MAX_PIPELINE_REBUILDS_PER_EPOCH:
                         raise RuntimeError(f"DALI failed {rebuilds_this_epoch} times this epoch; last error: {error}") from error
@@ -121,7 +125,13 @@ class DALILoader:
     # --- pipeline ----------------------------------------------------------------------------
     def _feed(self):
         """external_source callback: the next batch's files, crop anchors and shapes, and flips."""
-        batch = self._replay.popleft() if self._replay else next(self._batches)  # StopIteration ends the epoch
+        try:
+            batch = self._replay.popleft() if self._replay else next(self._batches)  # StopIteration ends the epoch
+        except StopIteration:
+            raise
+        except Exception as error:
+            self._feed_error = error
+            raise
         self._in_flight.append(batch)
         boxes = batch.boxes.astype(np.float32)  # (top, left, h, w)
         anchors = list(np.ascontiguousarray(boxes[:, [1, 0]]))  # (x, y): DALI's "WH" axis order

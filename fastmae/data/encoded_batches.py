@@ -133,41 +133,52 @@ class EncodedBatchReader:
 
     def __iter__(self) -> Iterator[EncodedBatch]:
         """Batches read ``prefetch_batches`` ahead by a background thread (file reads in a pool)."""
-        ready: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
-        stop = threading.Event()
-        done = object()
+        return run_ahead(self._planned_batches(), self.prefetch_batches, name="fastmae-encoded-batches")
 
-        def produce():
-            try:
-                with ThreadPoolExecutor(self.num_io_threads, thread_name_prefix="fastmae-read") as pool:
-                    for keys in self.sampler:
-                        batch = self.plan_batch(keys, pool)
-                        while not stop.is_set():
-                            try:
-                                ready.put(batch, timeout=0.1)
-                                break
-                            except queue.Full:
-                                continue
-                        if stop.is_set():
-                            return
-                ready.put(done)
-            except BaseException as error:  # handed to the consumer, which re-raises it
-                ready.put(error)
+    def _planned_batches(self) -> Iterator[EncodedBatch]:
+        with ThreadPoolExecutor(self.num_io_threads, thread_name_prefix="fastmae-read") as pool:
+            for keys in self.sampler:
+                yield self.plan_batch(keys, pool)
 
-        producer = threading.Thread(target=produce, name="fastmae-encoded-batches", daemon=True)
-        producer.start()
+
+def run_ahead(items: Iterator, depth: int, name: str) -> Iterator:
+    """Iterate ``items`` on a background thread, up to ``depth`` items ahead of the consumer. Its
+    exceptions are raised in the consumer; leaving the loop early stops and closes it."""
+    ready: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+    done = object()
+
+    def produce():
         try:
-            while True:
-                item = ready.get()
-                if item is done:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        ready.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
                     return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            ready.put(done)
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            ready.put(error)
         finally:
-            stop.set()
-            while producer.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    ready.get_nowait()
-                except queue.Empty:
-                    producer.join(timeout=0.05)
+            items.close()
+
+    producer = threading.Thread(target=produce, name=name, daemon=True)
+    producer.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while producer.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                ready.get_nowait()
+            except queue.Empty:
+                producer.join(timeout=0.05)

@@ -19,8 +19,6 @@ with the CPU-only torch of the development machines.
 from __future__ import annotations
 
 import io
-import queue
-import threading
 from typing import Iterator
 
 import numpy as np
@@ -29,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
-from fastmae.data.encoded_batches import EncodedBatch, EncodedBatchReader
+from fastmae.data.encoded_batches import EncodedBatch, EncodedBatchReader, run_ahead
 from fastmae.data.loader import DataConfig
 from fastmae.data.sources import open_source
 
@@ -44,7 +42,7 @@ def build_torchvision_loader(cfg: DataConfig, rank: int, world_size: int, device
 def decode_on_cpu(file: np.ndarray) -> torch.Tensor:
     """uint8 [num_bytes] -> uint8 [3, H, W] with PIL (any format and colour space)."""
     with Image.open(io.BytesIO(file.tobytes())) as image:
-        pixels = np.asarray(image.convert("RGB"))
+        pixels = np.array(image.convert("RGB"))  # writable, for torch.from_numpy
     return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
@@ -94,54 +92,28 @@ class TorchvisionGPULoader:
         self.reader.set_epoch(epoch, start_batch)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        ready: queue.Queue = queue.Queue(maxsize=self.prefetch_batches)
-        stop = threading.Event()
-        done = object()
-        stream = torch.cuda.Stream(self.device)
-
-        def produce():
-            try:
-                with torch.cuda.device(self.device), torch.cuda.stream(stream):
-                    for batch in self.reader:
-                        images, batch = self._augment(batch)
-                        event = torch.cuda.Event()
-                        event.record(stream)
-                        while not stop.is_set():
-                            try:
-                                ready.put((images, event, batch), timeout=0.1)
-                                break
-                            except queue.Full:
-                                continue
-                        if stop.is_set():
-                            return
-                ready.put(done)
-            except BaseException as error:  # handed to the consumer, which re-raises it
-                ready.put(error)
-
-        producer = threading.Thread(target=produce, name="fastmae-gpu-decode", daemon=True)
-        producer.start()
-        try:
-            while True:
-                item = ready.get()
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                images, event, batch = item
-                consumer = torch.cuda.current_stream(self.device)
-                consumer.wait_event(event)
-                images.record_stream(consumer)  # made on the decode stream, used (and freed) on this one
-                self.reader.report(batch)
-                yield images
-        finally:
-            stop.set()
-            while producer.is_alive():
-                try:
-                    ready.get_nowait()
-                except queue.Empty:
-                    producer.join(timeout=0.05)
+        for images, event, batch in run_ahead(self._decoded_batches(), self.prefetch_batches, name="fastmae-gpu-decode"):
+            consumer = torch.cuda.current_stream(self.device)
+            consumer.wait_event(event)
+            images.record_stream(consumer)  # made on the decode stream, used (and freed) on this one
+            self.reader.report(batch)
+            yield images
 
     # --- on the decode thread and stream ---------------------------------------------------------
+    def _decoded_batches(self) -> Iterator[tuple[torch.Tensor, torch.cuda.Event, EncodedBatch]]:
+        """(float32 [B, 3, S, S] normalised, event marking it ready, its batch), made on a side stream."""
+        stream = torch.cuda.Stream(self.device)
+        batches = iter(self.reader)
+        try:
+            with torch.cuda.device(self.device), torch.cuda.stream(stream):
+                for batch in batches:
+                    images, batch = self._augment(batch)
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                    yield images, event, batch
+        finally:
+            batches.close()
+
     def _augment(self, batch: EncodedBatch) -> tuple[torch.Tensor, EncodedBatch]:
         """-> (float32 [B, 3, S, S] normalised, on the decode stream; the batch with undecodable
         files replaced, whose ``skipped`` the consumer reports)."""
@@ -167,8 +139,9 @@ class TorchvisionGPULoader:
         on_gpu = [row for row, header in enumerate(batch.headers) if header.format == "jpeg" and header.channels in (1, 3)]
         images: list[torch.Tensor | None] = [None] * len(batch)
         if on_gpu:
-            # decode_jpeg writes on its own stream into memory allocated on ours: let ours drain first
-            torch.cuda.current_stream(self.device).synchronize()
+            if self.device.type == "cuda":  # (tests drive this method on the CPU)
+                # decode_jpeg writes on its own stream into memory allocated on ours: let ours drain first
+                torch.cuda.current_stream(self.device).synchronize()
             encoded = [torch.from_numpy(batch.files[row].copy()) for row in on_gpu]
             try:
                 decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
