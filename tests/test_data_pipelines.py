@@ -115,6 +115,9 @@ def test_dali_cpu_mode_matches_cpu_loader_over_epochs_and_resume(photos):
     assert not torch.allclose(epoch_of(dali, 0)[0], epoch_of(dali, 1)[0])  # reshuffled per epoch
     resumed = epoch_of(dali, 1, start_batch=2)
     assert len(resumed) == 1 and torch.allclose(resumed[0], got[2], atol=1e-6)
+    dali.set_epoch(1)
+    assert torch.allclose(next(iter(dali)), got[0], atol=1e-6)  # left after one batch...
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(epoch_of(dali, 1), got))  # ...then a whole epoch
 
 
 def test_resized_crops_match_cpu_loader(photos):
@@ -427,7 +430,8 @@ def test_bench_data_cli_measures_each_available_loader(photos, tmp_path, capsys)
 
     out = tmp_path / "bench.json"
     assert main(["bench", "data", "--data_path", str(photos), "--batch_size", "4", "--input_size", "32",
-                 "--num_threads", "1", "--warmup", "1", "--json", str(out)]) == 0
+                 "--num_threads", "1", "--warmup", "1", "--json", str(out), "--plot", str(tmp_path / "bench.png")]) == 0
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     import json
 
     report = json.loads(out.read_text())
@@ -437,5 +441,6 @@ def test_bench_data_cli_measures_each_available_loader(photos, tmp_path, capsys)
     for row in report["results"]:
         assert row["images"] == 4 * (6 - 1 - 1) and row["img_per_s"] > 0
     assert report["num_threads"] == 1 and "img/s" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no image files"):
-        main(["bench", "data", "--data_path", str(tmp_path)])
+        main(["bench", "data", "--data_path", str(tmp_path / "empty")])

@@ -46,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="DALI on a GPU: hardware decoder shares to sweep (default: the loader's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--plot", default=None, help="draw the img/s as a bar chart PNG here (needs matplotlib)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}")
+    if args.plot:
+        plot(results, args.num_threads, device, args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -104,7 +108,8 @@ def unavailable(loader_name: str, device: torch.device) -> str | None:
 
 
 class _DecodedSizes(Dataset):
-    """Decode only, with PIL: item -> its decoded size (the pixels are dropped after decoding)."""
+    """Decode only, with PIL: item -> its decoded size [height, width] (the pixels are dropped after
+    decoding), [-1, -1] for an unreadable file."""
 
     def __init__(self, source: ImageSource):
         self.source = source
@@ -113,7 +118,10 @@ class _DecodedSizes(Dataset):
         return len(self.source)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        image = self.source.load(index)
+        try:
+            image = self.source.load(index)
+        except Exception:  # counted by _CPUDecodeOnly, as the loaders count theirs
+            return torch.tensor([-1, -1])
         return torch.tensor([image.height, image.width])
 
 
@@ -121,12 +129,15 @@ class _CPUDecodeOnly:
     def __init__(self, source: ImageSource, cfg: DataConfig):
         self.loader = DataLoader(_DecodedSizes(source), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                  shuffle=True, drop_last=True, persistent_workers=cfg.num_workers > 0)
+        self.skipped = 0
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
-        return iter(self.loader)
+        for sizes in self.loader:  # [B, 2]
+            self.skipped += int((sizes[:, 0] < 0).sum())
+            yield sizes
 
 
 def make_loader(name: str, mode: str, cfg: DataConfig, device: torch.device, source: ImageSource,
@@ -183,6 +194,28 @@ def print_table(results: list[dict], num_threads: int, device: torch.device) -> 
     for row in results:
         hw = "" if row["hw_decoder_load"] is None else f"{row['hw_decoder_load']:.2f}"
         print(f"{row['loader']:<12} {row['mode']:<8} {hw:>8} {row['images']:>8} {row['seconds']:>9.2f} {row['img_per_s']:>9.1f}")
+
+
+def plot(results: list[dict], num_threads: int, device: torch.device, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{row['loader']}\n{row['mode']}" + (f"\nhw {row['hw_decoder_load']:.2f}" if row["hw_decoder_load"] is not None else "")
+              for row in results]
+    rates = [row["img_per_s"] for row in results]
+    colors = ["#4c72b0" if row["mode"] == "decode" else "#dd8452" for row in results]
+    figure, axis = plt.subplots(figsize=(max(4.0, 1.1 * len(results) + 1.5), 3.6))
+    bars = axis.bar(range(len(results)), rates, color=colors)
+    axis.bar_label(bars, labels=[f"{rate:.0f}" for rate in rates], fontsize=8)
+    axis.set_xticks(range(len(results)), labels, fontsize=8)
+    axis.set_ylabel("images / s")
+    axis.set_title(f"data loaders on {device_name(device)}, {num_threads} CPU thread(s)", fontsize=9)
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def device_name(device: torch.device) -> str:
