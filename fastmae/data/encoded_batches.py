@@ -71,6 +71,10 @@ class EncodedBatchReader:
         self.undecodable: dict[int, str] = {}  # item -> why it is broken; passed over whenever it comes up
         self.skipped = 0
         self._reported: set[str] = set()
+        try:  # a source of nothing but unreadable files fails here, before training, not at its first step
+            self.plan_row((0, 0, 0))
+        except RuntimeError as error:
+            raise ValueError(f"no readable image among the first items of {cfg.data_path}: {error}") from None
 
     def __len__(self) -> int:
         return self.sampler.num_batches
