@@ -1,0 +1,141 @@
+"""The implementations the step benchmark compares, each as one training step on the same batch.
+
+A training step is forward + backward + optimizer step + zero_grad, as the trainer does it:
+
+- ``fastmae``: the engine (kernels ``auto``: Triton on CUDA; SDPA attention), autocast in the run's
+  dtype, fused AdamW; the head on the removed patches only (``full_pred=False``).
+- ``fastmae+compile``: the same under ``torch.compile``.
+- ``naive w/[M]`` (and ``+compile``): the same engine with mask tokens through the encoder, the
+  paper's baseline "w/ [M]", so its ratio to ``fastmae`` measures the method.
+- ``reference-style``: ``ReferenceStyleMAE``, fp16 autocast with a GradScaler when the run is in
+  half precision (the reference's AMP; fp32 without a scaler when the run is fp32), for-loop AdamW.
+- ``hf-vitmae``: transformers' ViTMAEForPreTraining (SDPA), under the same autocast and fused AdamW
+  as fastmae, so the difference is the model code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from fastmae.flops import train_flops_per_image
+from fastmae.models import MAEConfig, MaskedAutoencoderViT
+from fastmae.train.optim import ADAMW_BETAS, build_optimizer, param_groups
+
+LEARNING_RATE = 1.5e-4  # the recipe's base lr; its value does not change the speed
+WEIGHT_DECAY = 0.05
+CONTENDER_NAMES = ("fastmae", "fastmae+compile", "naive w/[M]", "naive w/[M]+compile", "reference-style", "hf-vitmae")
+
+
+class TrainStep:
+    """One optimisation step of ``model`` on a batch: imgs [N, C, H, W] -> detached loss."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+                 autocast_dtype: torch.dtype | None, mask_ratio: float, forward_kwargs: dict | None = None,
+                 grad_scaler: torch.amp.GradScaler | None = None, compile_backend: str | None = None):
+        self.model = model
+        # compile_backend: None runs eagerly; "inductor" is torch.compile's default
+        self.forward = torch.compile(model, backend=compile_backend) if compile_backend else model
+        self.optimizer = optimizer
+        self.device = device
+        self.autocast_dtype = autocast_dtype
+        self.mask_ratio = mask_ratio
+        self.forward_kwargs = forward_kwargs or {}
+        self.grad_scaler = grad_scaler
+
+    def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            loss = self.forward(imgs, self.mask_ratio, **self.forward_kwargs)[0]
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+@dataclass
+class Contender:
+    name: str
+    description: str
+    precision: str
+    train_flops_per_image: float  # analytic, of what this implementation computes
+    build: Callable[[], TrainStep]
+
+
+def _autocast_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    return None if dtype == torch.float32 else dtype
+
+
+def fastmae_step(config: MAEConfig, device: torch.device, dtype: torch.dtype, mask_ratio: float,
+                 encoder_mask_tokens: bool = False, compile_backend: str | None = None, kernels: str = "auto",
+                 attn: str = "sdpa") -> TrainStep:
+    """The engine's training step (``encoder_mask_tokens``: the naive baseline)."""
+    model = MaskedAutoencoderViT(**dataclasses.asdict(config), kernels=kernels, attn=attn,
+                                 encoder_mask_tokens=encoder_mask_tokens).to(device)
+    optimizer = build_optimizer(model, LEARNING_RATE, WEIGHT_DECAY)
+    return TrainStep(model, optimizer, device, _autocast_dtype(dtype), mask_ratio, {"full_pred": False},
+                     compile_backend=compile_backend)
+
+
+def _reference_style_step(config: MAEConfig, device, dtype, mask_ratio):
+    from fastmae.bench.reference_style import ReferenceStyleMAE
+
+    model = ReferenceStyleMAE.initialised(config).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LEARNING_RATE, betas=ADAMW_BETAS,
+                                  foreach=False, fused=False)
+    half = dtype != torch.float32
+    scaler = torch.amp.GradScaler(device.type, enabled=half) if half else None
+    return TrainStep(model, optimizer, device, torch.float16 if half else None, mask_ratio, grad_scaler=scaler)
+
+
+def _hf_step(config: MAEConfig, device, dtype, mask_ratio):
+    from fastmae.bench.hf_vitmae import HFViTMAELoss, build_hf_vitmae
+
+    model = HFViTMAELoss(build_hf_vitmae(config, mask_ratio)).to(device)
+    optimizer = build_optimizer(model, LEARNING_RATE, WEIGHT_DECAY)
+    return TrainStep(model, optimizer, device, _autocast_dtype(dtype), mask_ratio)
+
+
+def build_contenders(config: MAEConfig, device: torch.device, dtype: torch.dtype, mask_ratio: float,
+                     names: tuple[str, ...], kernels: str = "auto", attn: str = "sdpa",
+                     compile_backend: str = "inductor") -> list[Contender]:
+    """The contenders ``names`` (a subset of CONTENDER_NAMES, in that order), not built yet."""
+    unknown = [n for n in names if n not in CONTENDER_NAMES]
+    if unknown:
+        raise ValueError(f"unknown implementations {unknown}; choose from {list(CONTENDER_NAMES)}")
+    amp = "fp32" if dtype == torch.float32 else f"{str(dtype).removeprefix('torch.')} autocast"
+    mae_flops = train_flops_per_image(config, mask_ratio)
+    naive_flops = train_flops_per_image(config, mask_ratio, encoder_mask_tokens=True)
+    # reference-style and HF embed every patch and predict every patch
+    full_flops = train_flops_per_image(config, mask_ratio, full_pred=True, embed_all_patches=True)
+    table = {
+        "fastmae": Contender(
+            "fastmae", f"fastmae engine (kernels={kernels}, attn={attn}), fused AdamW", amp, mae_flops,
+            lambda: fastmae_step(config, device, dtype, mask_ratio, False, None, kernels, attn)),
+        "fastmae+compile": Contender(
+            "fastmae+compile", f"fastmae engine under torch.compile (backend {compile_backend})", amp, mae_flops,
+            lambda: fastmae_step(config, device, dtype, mask_ratio, False, compile_backend, kernels, attn)),
+        "naive w/[M]": Contender(
+            "naive w/[M]", "same engine, mask tokens through the encoder (paper's baseline)", amp, naive_flops,
+            lambda: fastmae_step(config, device, dtype, mask_ratio, True, None, kernels, attn)),
+        "naive w/[M]+compile": Contender(
+            "naive w/[M]+compile", "naive baseline under torch.compile", amp, naive_flops,
+            lambda: fastmae_step(config, device, dtype, mask_ratio, True, compile_backend, kernels, attn)),
+        "reference-style": Contender(
+            "reference-style", "conv on all patches + gather, softmax(QK^T)V, GradScaler, for-loop AdamW",
+            "fp32" if dtype == torch.float32 else "fp16 autocast + GradScaler", full_flops,
+            lambda: _reference_style_step(config, device, dtype, mask_ratio)),
+        "hf-vitmae": Contender(
+            "hf-vitmae", "transformers ViTMAEForPreTraining (sdpa), fused AdamW", amp, full_flops,
+            lambda: _hf_step(config, device, dtype, mask_ratio)),
+    }
+    return [table[n] for n in CONTENDER_NAMES if n in names]

@@ -1,0 +1,191 @@
+"""``fastmae bench step``: training-step speed of fastmae beside the naive baseline, a reference-style
+implementation and HF's ViTMAE, in one run, on the same batch size, dtype and device.
+
+For each model: img/s, step time (median and spread), peak memory and MFU, the latter against the
+spec-sheet peak and against the GEMM rate measured at the start of the run. Synthetic images already
+on the device measure the model; ``--real_data`` feeds batches from ``fastmae.data`` instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+from fastmae.bench.contenders import CONTENDER_NAMES, build_contenders
+from fastmae.bench.environment import (
+    dtype_name,
+    environment_info,
+    resolve_device,
+    resolve_dtype,
+    result_filename,
+    write_json,
+)
+from fastmae.bench.gemm_peak import measured_gemm_flops
+from fastmae.bench.hf_vitmae import transformers_available
+from fastmae.bench.measure import BatchTooLarge, format_row, measure_contender, model_config
+from fastmae.bench.timing import EndlessLoader, SyntheticImages, TimingPlan
+from fastmae.flops import device_peak_flops
+from fastmae.models import MODEL_ARCHS
+
+
+def speedups(rows: list[dict]) -> dict:
+    """img/s ratios of fastmae over each other contender (eager over eager, compiled over compiled)."""
+    by_name = {r["name"]: r["images_per_s"] for r in rows}
+    out = {}
+    for ours, theirs in [("fastmae", "naive w/[M]"), ("fastmae+compile", "naive w/[M]+compile"),
+                         ("fastmae", "reference-style"), ("fastmae", "hf-vitmae"),
+                         ("fastmae+compile", "reference-style"), ("fastmae+compile", "hf-vitmae"),
+                         ("fastmae+compile", "fastmae")]:
+        if ours in by_name and theirs in by_name:
+            out[f"{ours} / {theirs}"] = by_name[ours] / by_name[theirs]
+    return out
+
+
+def image_source(args, config, batch_size: int, device: torch.device):
+    if not args.real_data:
+        return SyntheticImages(batch_size, config.img_size, device), "synthetic (on device)"
+    from fastmae.data.loader import DataConfig, build_loader, resolve_loader
+
+    data_cfg = DataConfig(data_path=args.data_path, input_size=config.img_size, batch_size=batch_size,
+                          num_workers=args.num_workers, loader=args.data_loader)
+    loader = build_loader(data_cfg, rank=0, world_size=1, device=device)
+    return EndlessLoader(loader), f"real ({resolve_loader(data_cfg, device)} loader, {args.data_path or 'embedded photographs'})"
+
+
+def bench_model(args, name: str, device: torch.device, dtype: torch.dtype, batch_size: int, gemm: dict,
+                names: tuple[str, ...]) -> dict:
+    overrides = {"decoder_depth": args.decoder_depth} if args.decoder_depth is not None else {}
+    config = model_config(name, **overrides)
+    plan = TimingPlan(args.warmup, args.steps)
+    spec_peak = device_peak_flops(torch.cuda.get_device_name(device), dtype) if device.type == "cuda" else None
+    images, data = image_source(args, config, batch_size, device)
+    rows = []
+    for contender in build_contenders(config, device, dtype, args.mask_ratio, names, args.kernels, args.attn,
+                                      args.compile_backend):
+        rows.append(measure_contender(contender, images, plan, device, batch_size, spec_peak,
+                                      gemm["flops_per_s"], progress=not args.no_progress))
+        print(format_row(rows[-1]), flush=True)
+    return {
+        "benchmark": "step",
+        "model": name,
+        "config": dataclasses.asdict(config),
+        "batch_size": batch_size,
+        "dtype": dtype_name(dtype),
+        "mask_ratio": args.mask_ratio,
+        "kernels": args.kernels,
+        "attn": args.attn,
+        "compile_backend": args.compile_backend,
+        "data": data,
+        "warmup_steps": plan.warmup_steps,
+        "timed_steps": plan.timed_steps,
+        "spec_peak_flops_per_s": spec_peak,
+        "measured_gemm": gemm,
+        "results": rows,
+        "speedups": speedups(rows),
+    }
+
+
+def default_contenders(device: torch.device, compile_choice: str, hf: bool) -> tuple[str, ...]:
+    compile_on = compile_choice == "on" or (compile_choice == "auto" and device.type == "cuda")
+    names = ["fastmae", "naive w/[M]", "reference-style"]
+    if compile_on:
+        names += ["fastmae+compile", "naive w/[M]+compile"]
+    if hf and transformers_available():
+        names.append("hf-vitmae")
+    return tuple(n for n in CONTENDER_NAMES if n in names)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="architecture(s), comma separated (default: mae_vit_base_patch16 on CUDA, "
+                             "mae_vit_demo_patch8 on CPU)")
+    parser.add_argument("--decoder_depth", type=int, default=None, help="override the decoder depth")
+    parser.add_argument("--batch_size", type=int, default=None, help="default: 256 on CUDA, 16 on CPU")
+    parser.add_argument("--oom_fallback", action="store_true",
+                        help="on out-of-memory halve the batch and measure every contender again")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--mask_ratio", type=float, default=0.75)
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default: 10 CUDA, 2 CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 30 CUDA, 5 CPU)")
+    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                        help="also measure the torch.compile'd engine (auto: on CUDA only; compiling is slow on CPU)")
+    parser.add_argument("--compile_backend", default="inductor", help="torch.compile backend of the +compile rows")
+    parser.add_argument("--impl", default=None,
+                        help=f"comma-separated subset of {','.join(CONTENDER_NAMES)} (default: all available)")
+    parser.add_argument("--no_hf", action="store_true", help="leave out HF transformers' ViTMAE")
+    parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "xformers", "math"])
+    parser.add_argument("--gemm_size", type=int, default=None, help="matrix size of the GEMM-rate measurement")
+    parser.add_argument("--real_data", action="store_true", help="feed batches from the data loader")
+    parser.add_argument("--data_path", default=None, help="image folder for --real_data (default: embedded photos)")
+    parser.add_argument("--data_loader", default="auto", help="auto | dali | torchvision | cpu")
+    parser.add_argument("--num_workers", type=int, default=8)
+    parser.add_argument("--json", default=None, help="write the result here (one model)")
+    parser.add_argument("--out_dir", default=None, help="write step_<model>_<gpu>_<date>.json here, one per model")
+    parser.add_argument("--no_progress", action="store_true")
+
+
+def run(args) -> int:
+    try:
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+        cuda = device.type == "cuda"
+        models = (args.model or ("mae_vit_base_patch16" if cuda else "mae_vit_demo_patch8")).split(",")
+        for name in models:
+            if name not in MODEL_ARCHS:
+                raise ValueError(f"unknown model {name!r}; choose from {sorted(MODEL_ARCHS)}")
+        if args.json and len(models) > 1:
+            raise ValueError("--json takes one model; use --out_dir for several")
+        batch_size = args.batch_size or (256 if cuda else 16)
+        args.warmup = (10 if cuda else 2) if args.warmup is None else args.warmup
+        args.steps = (30 if cuda else 5) if args.steps is None else args.steps
+        if batch_size < 1:
+            raise ValueError(f"--batch_size must be positive, got {batch_size}")
+        if args.impl:
+            names = tuple(n.strip() for n in args.impl.split(","))
+            unknown = [n for n in names if n not in CONTENDER_NAMES]
+            if unknown:
+                raise ValueError(f"unknown implementations {unknown}; choose from {list(CONTENDER_NAMES)}")
+            if "hf-vitmae" in names and not transformers_available():
+                raise ValueError("hf-vitmae asked for, but transformers is not installed (pip install transformers)")
+        else:
+            names = default_contenders(device, args.compile, not args.no_hf)
+        TimingPlan(args.warmup, args.steps)  # validates
+    except ValueError as err:
+        print(f"fastmae bench step: error: {err}", file=sys.stderr)
+        return 2
+
+    environment = environment_info(device)
+    print(f"device: {environment['device']}  torch {environment['torch']}  dtype {dtype_name(dtype)}", flush=True)
+    gemm = measured_gemm_flops(device, dtype, args.gemm_size)
+    print(f"measured {gemm['dtype']} GEMM ({gemm['size']}^3): {gemm['flops_per_s'] / 1e12:.2f} TFLOP/s", flush=True)
+    status = 0
+    for name in models:
+        batch = batch_size
+        while True:
+            print(f"{name}: batch {batch}, {', '.join(names)}", flush=True)
+            try:
+                result = bench_model(args, name, device, dtype, batch, gemm, names)
+                break
+            except BatchTooLarge as err:
+                if not args.oom_fallback or batch == 1:
+                    print(f"fastmae bench step: error: {err} (try --oom_fallback or a smaller --batch_size)", file=sys.stderr)
+                    status = 1
+                    result = None
+                    break
+                print(f"  {err}; retrying every contender at batch {batch // 2}", flush=True)
+                batch //= 2
+        if result is None:
+            continue
+        result = {"environment": environment, **result}
+        for key, value in result["speedups"].items():
+            print(f"  speedup {key}: {value:.2f}x")
+        path = args.json or (Path(args.out_dir) / result_filename(f"step_{name}", device) if args.out_dir else None)
+        if path:
+            print(f"  wrote {write_json(path, result)}")
+    return status

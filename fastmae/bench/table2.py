@@ -1,0 +1,210 @@
+"""``fastmae bench table2``: the paper's Table 2 on this device.
+
+Table 2 of He et al. (2022) gives the wall-clock speed-up of dropping mask tokens from the encoder
+(128 TPU-v3 cores): relative to ViT-L with mask tokens in the encoder and an 8-block decoder,
+ViT-L without mask tokens is 2.8x faster with an 8-block decoder and 3.7x with a 1-block one;
+ViT-H 3.5x and 4.1x. Every row here is the same engine (fastmae), same batch, same dtype; beside the
+measured speed-up stand the paper's and the FLOP-count limit (the ratio of training FLOPs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fastmae.bench.contenders import Contender, fastmae_step
+from fastmae.bench.environment import dtype_name, environment_info, resolve_device, resolve_dtype, result_filename, write_json
+from fastmae.bench.gemm_peak import measured_gemm_flops
+from fastmae.bench.measure import BatchTooLarge, format_row, measure_contender, model_config
+from fastmae.bench.timing import SyntheticImages, TimingPlan
+from fastmae.flops import device_peak_flops, train_flops_per_image
+from fastmae.models import MODEL_ARCHS
+
+
+@dataclass(frozen=True)
+class Table2Row:
+    encoder: str
+    decoder_depth: int
+    encoder_mask_tokens: bool
+    paper_speedup: float | None  # relative to the encoder's "w/ [M]", 8-block row
+
+    @property
+    def label(self) -> str:
+        return f"{self.encoder}{' w/ [M]' if self.encoder_mask_tokens else ''}, decoder depth {self.decoder_depth}"
+
+
+PAPER_SPEEDUPS = {  # (encoder, decoder depth) -> the paper's wall-clock speed-up without mask tokens
+    ("mae_vit_large_patch16", 8): 2.8,
+    ("mae_vit_large_patch16", 1): 3.7,
+    ("mae_vit_huge_patch14", 8): 3.5,
+    ("mae_vit_huge_patch14", 1): 4.1,
+}
+PAPER_ENCODERS = ("mae_vit_large_patch16", "mae_vit_huge_patch14")
+# Small stand-ins so that CPU runs and CI exercise the same code: 64 patches, a few blocks.
+SMALL_ENCODERS = ("mae_vit_micro_patch4", "mae_vit_demo_patch8")
+
+
+def table2_rows(encoders: tuple[str, ...]) -> list[Table2Row]:
+    """Per encoder: the baseline (w/ [M], 8 blocks), then without mask tokens with 8 and 1 blocks."""
+    rows = []
+    for encoder in encoders:
+        rows.append(Table2Row(encoder, 8, True, 1.0 if encoder in PAPER_ENCODERS else None))
+        for depth in (8, 1):
+            rows.append(Table2Row(encoder, depth, False, PAPER_SPEEDUPS.get((encoder, depth))))
+    return rows
+
+
+def _measure_encoder(rows: list[Table2Row], args, device, dtype, batch_size, gemm, spec_peak) -> list[dict]:
+    plan = TimingPlan(args.warmup, args.steps)
+    results = []
+    baseline = None
+    for row in rows:
+        config = model_config(row.encoder, decoder_depth=row.decoder_depth)
+        flops = train_flops_per_image(config, args.mask_ratio, row.encoder_mask_tokens)
+        contender = Contender(
+            row.label, "fastmae engine" + (f" (torch.compile, {args.compile_backend})" if args.compile else ""),
+            dtype_name(dtype), flops,
+            lambda config=config, row=row: fastmae_step(config, device, dtype, args.mask_ratio, row.encoder_mask_tokens,
+                                                        args.compile_backend if args.compile else None,
+                                                        args.kernels, args.attn))
+        images = SyntheticImages(batch_size, config.img_size, device)
+        measured = measure_contender(contender, images, plan, device, batch_size, spec_peak, gemm["flops_per_s"],
+                                     progress=not args.no_progress)
+        print(format_row(measured), flush=True)
+        result = {**dataclasses.asdict(row), "label": row.label, "batch_size": batch_size, **measured}
+        if baseline is None:
+            baseline = result
+        result["measured_speedup"] = baseline["median_s"] / result["median_s"]
+        result["flop_limit_speedup"] = baseline["train_flops_per_image"] / result["train_flops_per_image"]
+        results.append(result)
+    return results
+
+
+def plot_table2(rows: list[dict], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if not r["encoder_mask_tokens"]]
+    labels = [f"{r['encoder'].removeprefix('mae_vit_')}\ndecoder {r['decoder_depth']}" for r in shown]
+    series = [("measured here", "measured_speedup", "#1f77b4"),
+              ("paper (128 TPU-v3)", "paper_speedup", "#ff7f0e"),
+              ("FLOP-count limit", "flop_limit_speedup", "#7f7f7f")]
+    width = 0.27
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.9 * len(shown)), 4.0))
+    for i, (name, key, color) in enumerate(series):
+        xs = [j + (i - 1) * width for j in range(len(shown))]
+        values = [r[key] if r[key] is not None else 0.0 for r in shown]
+        bars = ax.bar(xs, values, width, label=name, color=color)
+        for bar, value in zip(bars, (r[key] for r in shown)):
+            if value is not None:
+                ax.annotate(f"{value:.1f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=8)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(shown)), labels)
+    ax.set_ylabel("speed-up over encoder w/ [M], 8-block decoder")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'row':<52} {'step ms':>9} {'img/s':>9} {'measured':>9} {'paper':>7} {'FLOP limit':>10}")
+    for r in rows:
+        paper = f"{r['paper_speedup']:.1f}x" if r["paper_speedup"] is not None else "-"
+        print(f"{r['label']:<52} {1e3 * r['median_s']:9.2f} {r['images_per_s']:9.1f} "
+              f"{r['measured_speedup']:8.2f}x {paper:>7} {r['flop_limit_speedup']:9.2f}x")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", default=None,
+                        help=f"encoders, comma separated (default: {','.join(PAPER_ENCODERS)}; "
+                             f"with --small: {','.join(SMALL_ENCODERS)})")
+    parser.add_argument("--small", action="store_true", help="small encoders that run on CPU (CI)")
+    parser.add_argument("--batch_size", type=int, default=None, help="default: 256 on CUDA, 32 on CPU")
+    parser.add_argument("--oom_fallback", action="store_true",
+                        help="on out-of-memory halve an encoder's batch and measure its rows again")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--mask_ratio", type=float, default=0.75)
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default: 10 CUDA, 2 CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 30 CUDA, 5 CPU)")
+    parser.add_argument("--compile", action="store_true", help="run every row under torch.compile")
+    parser.add_argument("--compile_backend", default="inductor", help="torch.compile backend with --compile")
+    parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "xformers", "math"])
+    parser.add_argument("--json", default=None, help="write the result here (the PNG goes beside it)")
+    parser.add_argument("--out_dir", default=None, help="write table2_<gpu>_<date>.json and .png here")
+    parser.add_argument("--no_progress", action="store_true")
+
+
+def run(args) -> int:
+    try:
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+        cuda = device.type == "cuda"
+        encoders = tuple((args.models or ",".join(SMALL_ENCODERS if args.small else PAPER_ENCODERS)).split(","))
+        for name in encoders:
+            if name not in MODEL_ARCHS:
+                raise ValueError(f"unknown model {name!r}; choose from {sorted(MODEL_ARCHS)}")
+        batch_size = args.batch_size or (256 if cuda else 32)
+        if batch_size < 1:
+            raise ValueError(f"--batch_size must be positive, got {batch_size}")
+        args.warmup = (10 if cuda else 2) if args.warmup is None else args.warmup
+        args.steps = (30 if cuda else 5) if args.steps is None else args.steps
+        plan = TimingPlan(args.warmup, args.steps)
+    except ValueError as err:
+        print(f"fastmae bench table2: error: {err}", file=sys.stderr)
+        return 2
+
+    environment = environment_info(device)
+    print(f"device: {environment['device']}  torch {environment['torch']}  dtype {dtype_name(dtype)}", flush=True)
+    gemm = measured_gemm_flops(device, dtype)
+    spec_peak = device_peak_flops(torch.cuda.get_device_name(device), dtype) if cuda else None
+    rows: list[dict] = []
+    for encoder in encoders:
+        batch = batch_size
+        while True:
+            try:
+                rows += _measure_encoder(table2_rows((encoder,)), args, device, dtype, batch, gemm, spec_peak)
+                break
+            except BatchTooLarge as err:
+                if not args.oom_fallback or batch == 1:
+                    print(f"fastmae bench table2: error: {err} (try --oom_fallback or a smaller --batch_size)",
+                          file=sys.stderr)
+                    return 1
+                print(f"  {err}; measuring {encoder}'s rows again at batch {batch // 2}", flush=True)
+                batch //= 2
+    print_table(rows)
+    result = {
+        "environment": environment,
+        "benchmark": "table2",
+        "dtype": dtype_name(dtype),
+        "mask_ratio": args.mask_ratio,
+        "compile": args.compile_backend if args.compile else None,
+        "kernels": args.kernels,
+        "attn": args.attn,
+        "data": "synthetic (on device)",
+        "warmup_steps": plan.warmup_steps,
+        "timed_steps": plan.timed_steps,
+        "spec_peak_flops_per_s": spec_peak,
+        "measured_gemm": gemm,
+        "paper": "He et al. 2022, Table 2: wall-clock speed-up on 128 TPU-v3 cores, relative to w/ [M] with 8 blocks",
+        "rows": rows,
+    }
+    path = args.json or (Path(args.out_dir) / result_filename("table2", device) if args.out_dir else None)
+    if path:
+        path = write_json(path, result)
+        png = plot_table2(rows, path.with_suffix(".png"), f"Table 2 on {environment['device']}, {dtype_name(dtype)}")
+        print(f"wrote {path} and {png}")
+    return 0

@@ -1,0 +1,205 @@
+"""The step benchmark, Table 2 and the profile on CPU with small configs, and their building blocks."""
+
+import json
+
+import pytest
+import torch
+
+from fastmae.bench import profile as profile_cmd
+from fastmae.bench.contenders import build_contenders, fastmae_step
+from fastmae.bench.environment import environment_info, resolve_device, resolve_dtype, result_filename
+from fastmae.bench.gemm_peak import measured_gemm_flops
+from fastmae.bench.hf_vitmae import transformers_available
+from fastmae.bench.measure import model_config
+from fastmae.bench.reference_style import ReferenceStyleMAE
+from fastmae.bench.table2 import PAPER_SPEEDUPS, table2_rows
+from fastmae.bench.timing import SyntheticImages, TimingPlan, time_steps
+from fastmae.cli import main
+from fastmae.flops import train_flops_per_image
+from fastmae.models import create_model
+
+MICRO = "mae_vit_micro_patch4"
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Timing tests on a shared 2-core machine: two OpenMP threads fighting other jobs are 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_reference_style_is_the_same_model():
+    model = create_model(MICRO, kernels="torch")
+    reference = ReferenceStyleMAE(model.config)
+    reference.load_state_dict(model.state_dict())
+    imgs = torch.randn(3, 3, 32, 32)
+    noise = torch.rand(3, 64)
+    loss, pred, mask = model(imgs, noise=noise)
+    ref_loss, ref_pred, ref_mask = reference(imgs, noise=noise)
+    torch.testing.assert_close(ref_loss, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ref_pred, pred, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ref_mask, mask)
+    # the attention really is the written-out softmax(QK^T)V
+    assert all(blk.attn.backend == "math" for blk in reference.blocks)
+
+
+def test_training_steps_learn():
+    """Each contender's step is a real optimisation step: the loss on a fixed batch goes down."""
+    config = model_config(MICRO)
+    imgs = torch.randn(8, 3, 32, 32)
+    names = ("fastmae", "naive w/[M]", "reference-style") + (("hf-vitmae",) if transformers_available() else ())
+    for contender in build_contenders(config, CPU, torch.float32, 0.75, names):
+        step = contender.build()
+        torch.manual_seed(0)
+        first = float(step(imgs))
+        for _ in range(4):
+            last = float(step(imgs))
+        assert last < first, contender.name
+    flops = {c.name: c.train_flops_per_image for c in build_contenders(config, CPU, torch.float32, 0.75, names)}
+    assert flops["naive w/[M]"] > flops["reference-style"] > flops["fastmae"]
+
+
+@pytest.mark.skipif(not transformers_available(), reason="transformers not installed")
+def test_hf_vitmae_matches_config():
+    from fastmae.bench.hf_vitmae import HFViTMAELoss, build_hf_vitmae
+
+    config = model_config(MICRO)
+    hf = HFViTMAELoss(build_hf_vitmae(config))
+    ours = create_model(MICRO, kernels="torch")
+    assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in ours.parameters())
+    loss, pred, mask = hf(torch.randn(2, 3, 32, 32))
+    assert pred.shape == (2, 64, 48) and mask.sum() == 2 * 48 and torch.isfinite(loss)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        hf(torch.randn(2, 3, 32, 32), mask_ratio=0.5)
+
+
+def test_time_steps_counts_and_summary():
+    calls = []
+    times = time_steps(lambda: calls.append(1), TimingPlan(2, 5), CPU, batch_size=4, progress=False)
+    assert len(calls) == 7 and len(times.times_s) == 5
+    summary = times.summary()
+    assert summary["min_s"] <= summary["median_s"] <= summary["max_s"]
+    assert summary["images_per_s"] == pytest.approx(4 / summary["median_s"])
+    with pytest.raises(ValueError, match="timed_steps"):
+        TimingPlan(1, 0)
+    batches = SyntheticImages(2, 8, CPU, count=3)
+    seen = [next(batches) for _ in range(4)]
+    assert seen[0] is seen[3] and not torch.equal(seen[0], seen[1])
+
+
+def test_gemm_rate_and_environment():
+    gemm = measured_gemm_flops(CPU, torch.float32, size=128, repeats=1)
+    assert gemm["flops_per_s"] > 0 and gemm["size"] == 128
+    with pytest.raises(ValueError, match="GEMM size"):
+        measured_gemm_flops(CPU, torch.float32, size=0)
+    info = environment_info(CPU)
+    for key in ("device", "torch", "triton", "cuda", "git", "utc_time"):
+        assert key in info
+    assert result_filename("step", CPU).startswith("step_cpu_")
+    assert resolve_dtype("auto", CPU) == torch.float32
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("int8", CPU)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            resolve_device("cuda")
+
+
+def test_bench_step_cli_writes_everything(tmp_path, capsys):
+    path = tmp_path / "step.json"
+    impl = "fastmae,fastmae+compile,naive w/[M],reference-style" + (",hf-vitmae" if transformers_available() else "")
+    code = main(["bench", "step", "--model", MICRO, "--batch_size", "8", "--warmup", "1", "--steps", "2",
+                 "--impl", impl, "--compile_backend", "aot_eager", "--gemm_size", "128", "--no_progress",
+                 "--json", str(path)])
+    assert code == 0
+    result = json.loads(path.read_text())
+    for key in ("environment", "config", "batch_size", "dtype", "warmup_steps", "timed_steps", "measured_gemm", "speedups"):
+        assert key in result
+    assert result["environment"]["git"]["commit"] and result["dtype"] == "fp32" and result["batch_size"] == 8
+    rows = {r["name"]: r for r in result["results"]}
+    assert set(rows) == set(impl.split(","))
+    for row in rows.values():
+        assert len(row["step_times_s"]) == 2 and row["images_per_s"] > 0 and row["mfu_measured_gemm"] > 0
+        assert row["mfu_spec"] is None  # no spec peak for a CPU
+    assert rows["fastmae"]["train_flops_per_image"] == train_flops_per_image(model_config(MICRO))
+    assert "fastmae / naive w/[M]" in result["speedups"]
+    assert "speedup fastmae / naive w/[M]" in capsys.readouterr().out
+
+
+def test_bench_step_cli_rejects_bad_input(capsys):
+    assert main(["bench", "step", "--model", "vit_nope"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    assert main(["bench", "step", "--model", MICRO, "--impl", "fastmae,turbo"]) == 2
+    assert "turbo" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown implementations"):
+        build_contenders(model_config(MICRO), CPU, torch.float32, 0.75, ("turbo",))
+    assert main(["bench", "step", "--model", MICRO, "--dtype", "fp8"]) == 2
+    assert "dtype" in capsys.readouterr().err
+
+
+def test_table2_rows_follow_the_paper():
+    rows = table2_rows(("mae_vit_large_patch16", "mae_vit_huge_patch14"))
+    assert [(r.decoder_depth, r.encoder_mask_tokens, r.paper_speedup) for r in rows[:3]] == [
+        (8, True, 1.0), (8, False, 2.8), (1, False, 3.7)]
+    assert [r.paper_speedup for r in rows[3:]] == [1.0, 3.5, 4.1]
+    assert PAPER_SPEEDUPS[("mae_vit_huge_patch14", 1)] == 4.1
+
+
+def test_table2_small_shows_the_speedup(tmp_path):
+    """On CPU a small encoder without mask tokens already beats the naive baseline (fewer FLOPs)."""
+    path = tmp_path / "table2.json"
+    code = main(["bench", "table2", "--models", MICRO, "--batch_size", "32", "--warmup", "1", "--steps", "5",
+                 "--no_progress", "--json", str(path)])
+    assert code == 0
+    result = json.loads(path.read_text())
+    rows = result["rows"]
+    assert [(r["decoder_depth"], r["encoder_mask_tokens"]) for r in rows] == [(8, True), (8, False), (1, False)]
+    assert rows[0]["measured_speedup"] == 1.0
+    assert rows[2]["flop_limit_speedup"] > rows[1]["flop_limit_speedup"] > 1
+    assert rows[2]["measured_speedup"] > 1.0
+    assert path.with_suffix(".png").stat().st_size > 1000
+
+
+def test_profile_cli(tmp_path, capsys):
+    path = tmp_path / "profile.json"
+    assert main(["profile", "--model", MICRO, "--batch_size", "4", "--warmup", "1", "--steps", "2",
+                 "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["flop_cross_check"]["passed"]
+    flops = report["flops_per_image"]
+    assert flops["with_mask_tokens"]["forward_total"] > flops["without_mask_tokens"]["forward_total"]
+    assert flops["without_mask_tokens"]["train_total"] == pytest.approx(3 * flops["without_mask_tokens"]["forward_total"])
+    checks = {c["claim"][:30]: c for c in report["paper_checks"]}
+    assert len(checks) == 3
+    phases = report["time"]["median_s"]
+    assert set(phases) == set(profile_cmd.PHASES) and all(v >= 0 for v in phases.values())
+    assert sum(phases.values()) == pytest.approx(report["time"]["step_median_s"], rel=0.5)
+    saved = report["activations"]["saved_bytes_per_image"]
+    assert saved["encoder"] > 0 and saved["decoder"] > 0
+    params = report["parameters"]
+    assert params["encoder"]["parameters"] + params["decoder"]["parameters"] == sum(
+        p.numel() for p in create_model(MICRO).parameters())
+    assert "The paper's statements" in capsys.readouterr().out
+    assert main(["profile", "--model", "nope"]) == 2
+
+
+def test_profile_component_cross_check_on_vit_large():
+    """Component by component, ViT-L's analytic FLOPs are what flop_counter counts (meta device)."""
+    config = model_config("mae_vit_large_patch16")
+    check = profile_cmd.flop_cross_check(config, 0.75)
+    assert check["passed"]
+    row = check["without_mask_tokens"]["encoder_blocks"]
+    assert row["analytic"] == pytest.approx(row["flop_counter"], rel=1e-9)
+    large = {c["claim"][:30]: c["holds"] for c in profile_cmd.paper_checks(config, 0.75)}
+    assert all(large.values())  # the paper's three statements hold for ViT-L
+
+
+def test_activation_split_without_mask_tokens_is_smaller():
+    step = fastmae_step(model_config(MICRO), CPU, torch.float32, 0.75)
+    naive = fastmae_step(model_config(MICRO), CPU, torch.float32, 0.75, encoder_mask_tokens=True)
+    imgs = torch.randn(4, 3, 32, 32)
+    ours = profile_cmd.activation_split(step.model, imgs, 0.75, None)["saved_bytes_per_image"]
+    theirs = profile_cmd.activation_split(naive.model, imgs, 0.75, None)["saved_bytes_per_image"]
+    assert theirs["encoder"] > 3 * ours["encoder"]
