@@ -1,0 +1,72 @@
+"""The optimisation recipe: learning-rate schedule, scaling rule, parameter groups, AdamW settings."""
+
+import math
+
+import pytest
+import torch
+
+from fastmae.models import create_model
+from fastmae.train.optim import ADAMW_BETAS, build_optimizer, param_groups
+from fastmae.train.schedule import base_batch_lr, lr_at, set_lr
+
+
+def test_linear_scaling_rule():
+    assert base_batch_lr(1.5e-4, 4096) == pytest.approx(2.4e-3)  # the paper's ViT-L setting
+    assert base_batch_lr(1.5e-4, 256) == pytest.approx(1.5e-4)
+
+
+def test_warmup_then_half_cycle_cosine_values():
+    peak, floor, warmup, epochs = 1e-3, 1e-5, 4, 20
+    assert lr_at(0.0, peak, floor, warmup, epochs) == 0.0
+    assert lr_at(1.0, peak, floor, warmup, epochs) == pytest.approx(2.5e-4)  # linear, per iteration
+    assert lr_at(3.5, peak, floor, warmup, epochs) == pytest.approx(8.75e-4)
+    assert lr_at(4.0, peak, floor, warmup, epochs) == pytest.approx(peak)
+    assert lr_at(12.0, peak, floor, warmup, epochs) == pytest.approx((peak + floor) / 2)  # half-way down
+    assert lr_at(8.0, peak, floor, warmup, epochs) == pytest.approx(floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_at(20.0, peak, floor, warmup, epochs) == pytest.approx(floor)
+    values = [lr_at(e / 10, peak, floor, warmup, epochs) for e in range(0, 200)]
+    top = values.index(max(values))
+    assert all(a <= b for a, b in zip(values[:top], values[1:top + 1]))  # rises, then only falls
+    assert all(a >= b for a, b in zip(values[top:], values[top + 1:]))
+    assert lr_at(3.0, peak, floor, 0, epochs) < peak  # no warm-up: cosine from the start
+
+
+def test_set_lr_honours_lr_scale():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([{"params": [p]}, {"params": [torch.nn.Parameter(torch.zeros(2))], "lr_scale": 0.1}])
+    set_lr(opt, 0.5)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.5, 0.05])
+
+
+def test_no_weight_decay_on_biases_norms_and_tokens():
+    model = create_model("mae_vit_micro_patch4")
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    decayed = {names[id(p)] for p in decay["params"]}
+    not_decayed = {names[id(p)] for p in no_decay["params"]}
+    assert {"cls_token", "mask_token", "norm.weight", "norm.bias", "decoder_norm.weight", "patch_embed.proj.bias",
+            "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "decoder_pred.bias"} <= not_decayed
+    assert {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.weight",
+            "decoder_embed.weight", "decoder_pred.weight"} <= decayed
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert not any(n.endswith("bias") or "norm" in n or "token" in n for n in decayed)
+    # frozen sin-cos position embeddings are not optimised at all; every trainable parameter is, once
+    assert "pos_embed" not in decayed | not_decayed and "decoder_pos_embed" not in decayed | not_decayed
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert decayed | not_decayed == trainable and not decayed & not_decayed
+
+
+def test_adamw_recipe_settings():
+    model = create_model("mae_vit_micro_patch4")
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.05)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert opt.defaults["betas"] == ADAMW_BETAS == (0.9, 0.95)
+    assert opt.defaults["fused"] is True  # this torch has a fused AdamW for CPU as well as CUDA
+    # weight decay really is off for the no-decay group: with zero gradients only decayed weights move
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert "blocks.0.attn.qkv.weight" in moved and "cls_token" not in moved and "norm.weight" not in moved

@@ -1,0 +1,230 @@
+"""`fastmae pretrain` end to end on the micro model: flags, exact resume, a non-finite loss, atomic
+checkpoints, SIGTERM."""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fastmae.train.trainer as trainer_module
+from fastmae.checkpoint import read_checkpoint
+from fastmae.cli import main as fastmae_main
+from fastmae.train.checkpoints import RESUME_KEY, latest_checkpoint, step_checkpoint_path
+from fastmae.train.config import DEMO_SETTINGS, PretrainConfig
+from fastmae.train.pretrain import EXPLICIT_FLAGS_ATTR, add_arguments
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """16 small noise-and-gradient PNGs in class folders: 4 batches of 4 per epoch."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, 48)[None, :, None]
+    for i in range(16):
+        folder = root / "train" / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = np.clip(ramp * (i % 3 + 1) / 3 + rng.normal(0, 30, (40, 48, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def micro_flags(data, out, *extra):
+    return ["pretrain", "--data_path", str(data), "--output_dir", str(out), "--model", "mae_vit_micro_patch4",
+            "--input_size", "32", "--batch_size", "4", "--num_workers", "0", "--epochs", "3",
+            "--warmup_epochs", "1", "--blr", "2e-3", "--log_every", "1", "--no_progress", *extra]
+
+
+def logged(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---- flags ----
+
+def test_defaults_are_the_paper_recipe():
+    args = parse([])
+    assert (args.blr, args.warmup_epochs, args.weight_decay, args.mask_ratio) == (1.5e-4, 40, 0.05, 0.75)
+    assert (args.model, args.batch_size, args.input_size, args.accum_iter) == ("mae_vit_large_patch16", 64, 224, 1)
+    assert (args.output_dir, args.min_lr, args.lr, args.pin_mem, args.norm_pix_loss) == ("./output_dir", 0.0, None, True, False)
+    assert args.data_path is None and args.resume == "" and args.precision is None and args.max_steps is None
+
+
+def test_reference_flags_parse_with_their_meanings():
+    args = parse(["--batch_size", "32", "--epochs", "5", "--accum_iter", "4", "--model", "mae_vit_base_patch16",
+                  "--input_size", "112", "--mask_ratio", "0.6", "--norm_pix_loss", "--weight_decay", "0.1",
+                  "--lr", "1e-3", "--blr", "2e-4", "--min_lr", "1e-6", "--warmup_epochs", "2", "--data_path", "/d",
+                  "--output_dir", "/o", "--log_dir", "/l", "--device", "cpu", "--seed", "7", "--resume", "auto",
+                  "--start_epoch", "1", "--num_workers", "3", "--no_pin_mem", "--world_size", "2",
+                  "--local_rank", "0", "--dist_url", "env://", "--dist_on_itp",
+                  "--max_steps", "9", "--precision", "fp16", "--compile", "--kernels", "torch", "--attn", "math",
+                  "--data_loader", "cpu", "--save_every", "50"])
+    cfg, demo = PretrainConfig.from_args(args, getattr(args, EXPLICIT_FLAGS_ATTR))
+    assert demo == {}
+    assert (cfg.batch_size, cfg.epochs, cfg.accum_iter, cfg.model, cfg.input_size) == (32, 5, 4, "mae_vit_base_patch16", 112)
+    assert (cfg.mask_ratio, cfg.norm_pix_loss, cfg.weight_decay, cfg.lr, cfg.blr, cfg.min_lr) == (0.6, True, 0.1, 1e-3, 2e-4, 1e-6)
+    assert (cfg.warmup_epochs, cfg.data_path, cfg.output_dir, cfg.log_dir, cfg.device, cfg.seed) == (2, "/d", "/o", "/l", "cpu", 7)
+    assert (cfg.resume, cfg.start_epoch, cfg.num_workers, cfg.pin_mem) == ("auto", 1, 3, False)
+    assert (cfg.max_steps, cfg.precision, cfg.compile, cfg.kernels, cfg.attn) == (9, "fp16", True, "torch", "math")
+    assert (cfg.data_loader, cfg.save_every) == ("cpu", 50)
+    with pytest.raises(SystemExit):
+        parse(["--precision", "fp8"])
+
+
+def test_demo_settings_only_for_flags_not_set():
+    args = parse(["--batch_size", "8", "--epochs", "2"])
+    cfg, demo = PretrainConfig.from_args(args, getattr(args, EXPLICIT_FLAGS_ATTR))
+    assert cfg.model == DEMO_SETTINGS["model"] and cfg.input_size == DEMO_SETTINGS["input_size"]
+    assert (cfg.batch_size, cfg.epochs) == (8, 2) and "batch_size" not in demo and "model" in demo
+    args = parse(["--data_path", "/d"])
+    cfg, demo = PretrainConfig.from_args(args, getattr(args, EXPLICIT_FLAGS_ATTR))
+    assert demo == {} and cfg.model == "mae_vit_large_patch16"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--mask_ratio", "1.0"], "mask_ratio"),
+    (["--batch_size", "0"], "batch_size"),
+    (["--data_path", "MISSING"], "does not exist"),
+    (["--model", "mae_vit_gigantic"], "unknown model"),
+    (["--resume", "MISSING/ckpt.pth"], "no such file"),
+])
+def test_bad_input_is_a_message_and_exit_2_before_any_work(tmp_path, image_folder, capsys, flags, message):
+    out = tmp_path / "out"
+    flags = [f.replace("MISSING", str(tmp_path / "missing")) for f in flags]
+    argv = micro_flags(image_folder, out)
+    for flag, value in zip(flags[::2], flags[1::2]):  # override the micro settings
+        i = argv.index(flag) if flag in argv else None
+        argv = argv[:i] + argv[i + 2:] if i is not None else argv
+        argv += [flag, value]
+    assert fastmae_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "fastmae pretrain: error:" in err and message in err
+    assert not out.exists()
+
+
+# ---- training runs ----
+
+def test_stopped_and_resumed_run_logs_exactly_the_uninterrupted_losses(tmp_path, image_folder):
+    flags = ["--accum_iter", "2", "--save_every", "100"]  # 2 steps per epoch, 6 in all
+    assert fastmae_main(micro_flags(image_folder, tmp_path / "straight", *flags)) == 0
+    straight = logged(tmp_path / "straight")
+    assert [r["step"] for r in straight] == [1, 2, 3, 4, 5, 6]
+
+    assert fastmae_main(micro_flags(image_folder, tmp_path / "split", *flags, "--max_steps", "3")) == 0
+    assert latest_checkpoint(tmp_path / "split").name == "checkpoint-step00000003.pth"  # mid-epoch 1
+    assert fastmae_main(micro_flags(image_folder, tmp_path / "split", *flags, "--resume", "auto")) == 0
+    split = logged(tmp_path / "split")
+    assert [r["step"] for r in split] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in split] == [r["loss"] for r in straight]
+    assert [r["lr"] for r in split] == [r["lr"] for r in straight]
+    assert straight[-1]["loss"] < straight[0]["loss"]
+    final_a = read_checkpoint(step_checkpoint_path(tmp_path / "straight", 6))
+    final_b = read_checkpoint(step_checkpoint_path(tmp_path / "split", 6))
+    assert all(torch.equal(final_a["model"][k], final_b["model"][k]) for k in final_a["model"])
+    # the reference container, plus the resume fields; the 'epoch' field is the last completed epoch
+    assert {"model", "optimizer", "epoch", "scaler", "args"} <= set(final_a) and final_a["epoch"] == 2
+    assert final_a[RESUME_KEY]["step"] == 6 and final_a["args"]["accum_iter"] == 2
+    assert (tmp_path / "straight" / "reconstruction.png").stat().st_size > 1000
+
+
+def test_resume_from_a_reference_checkpoint_loads_weights_only(tmp_path, image_folder, capsys):
+    from fastmae.models import create_model
+
+    reference_file = tmp_path / "mae_pretrain.pth"
+    torch.save({"model": create_model("mae_vit_micro_patch4").state_dict(), "epoch": 399}, reference_file)
+    assert fastmae_main(micro_flags(image_folder, tmp_path / "out", "--resume", str(reference_file), "--max_steps", "1")) == 0
+    assert "not a fastmae training checkpoint: loaded the model weights only" in capsys.readouterr().out
+    assert [r["step"] for r in logged(tmp_path / "out")] == [1]
+
+
+def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(tmp_path, image_folder, monkeypatch, capsys):
+    real_step = trainer_module.train_step
+    calls = []
+
+    def step_that_diverges_at_call_4(*args, **kwargs):
+        losses = real_step(*args, **kwargs)
+        calls.append(1)
+        return losses * float("nan") if len(calls) >= 4 else losses
+
+    monkeypatch.setattr(trainer_module, "train_step", step_that_diverges_at_call_4)
+    out = tmp_path / "out"
+    status = fastmae_main(micro_flags(image_folder, out, "--log_every", "3", "--save_every", "2"))
+    assert status == trainer_module.EXIT_NONFINITE
+    printed = capsys.readouterr().out
+    assert "non-finite" in printed and str(step_checkpoint_path(out, 2)) in printed
+    # the step-4 state came after the non-finite loss: it is never saved
+    assert latest_checkpoint(out) == step_checkpoint_path(out, 2)
+    assert [r["step"] for r in logged(out)] == [3]
+
+
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint_whole(tmp_path, image_folder):
+    out = tmp_path / "out"
+    assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "2")) == 0
+    good = step_checkpoint_path(out, 2)
+    before = good.read_bytes()
+    # resume, and SIGKILL the process half-way through writing the step-3 checkpoint
+    script = f"""
+import os, signal, sys, torch
+import fastmae.checkpoint as checkpoint
+real_save = torch.save
+def save_then_die(obj, f, *a, **k):
+    real_save(obj, f, *a, **k)
+    f.flush()
+    f.truncate(f.tell() // 2)
+    os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.torch.save = save_then_die
+from fastmae.cli import main
+sys.exit(main({micro_flags(image_folder, out, "--resume", "auto", "--max_steps", "3")!r}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL
+    assert good.read_bytes() == before and latest_checkpoint(out) == good
+    assert not step_checkpoint_path(out, 3).exists()
+    assert read_checkpoint(good)[RESUME_KEY]["step"] == 2
+    # the leftover partial file is ignored: resuming continues from step 2
+    assert fastmae_main(micro_flags(image_folder, out, "--resume", "auto", "--max_steps", "3")) == 0
+    assert latest_checkpoint(out) == step_checkpoint_path(out, 3)
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, image_folder):
+    out = tmp_path / "out"
+    argv = micro_flags(image_folder, out, "--epochs", "1000", "--save_every", "100000")
+    process = subprocess.Popen([sys.executable, "-m", "fastmae", *argv], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 90
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, output
+    saved = latest_checkpoint(out)
+    assert saved is not None and "received SIGTERM: saved" in output and str(saved) in output
+    step = read_checkpoint(saved)[RESUME_KEY]["step"]
+    assert step >= 2 and logged(out)[-1]["step"] <= step
+    assert fastmae_main(micro_flags(image_folder, out, "--epochs", "1000", "--resume", "auto",
+                                    "--max_steps", str(step + 2))) == 0
+    assert [r["step"] for r in logged(out)][-2:] == [step + 1, step + 2]
+
+
+def test_keeps_only_the_newest_checkpoints(tmp_path, image_folder):
+    out = tmp_path / "out"
+    assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "5", "--save_every", "1",
+                                    "--keep_checkpoints", "2", "--log_every", "5")) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == ["checkpoint-step00000004.pth", "checkpoint-step00000005.pth"]
+    assert not list(out.glob(".*tmp"))
