@@ -203,3 +203,35 @@ def test_activation_split_without_mask_tokens_is_smaller():
     ours = profile_cmd.activation_split(step.model, imgs, 0.75, None)["saved_bytes_per_image"]
     theirs = profile_cmd.activation_split(naive.model, imgs, 0.75, None)["saved_bytes_per_image"]
     assert theirs["encoder"] > 3 * ours["encoder"]
+
+
+def load_results_table_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "make_results_table.py"
+    spec = importlib.util.spec_from_file_location("make_results_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_table(tmp_path, capsys):
+    table = load_results_table_script()
+    assert table.main(["--results_dir", str(tmp_path)]) == 0
+    assert "No benchmark results yet" in capsys.readouterr().out
+    quick = ["--warmup", "0", "--steps", "1", "--batch_size", "2", "--no_progress"]
+    assert main(["bench", "step", "--model", MICRO, "--impl", "fastmae,naive w/[M]", "--gemm_size", "64",
+                 "--out_dir", str(tmp_path), *quick]) == 0
+    assert main(["bench", "table2", "--models", MICRO, "--out_dir", str(tmp_path), *quick]) == 0
+    assert main(["profile", "--model", MICRO, "--json", str(tmp_path / "profile.json"), *quick[:4]]) == 0
+    capsys.readouterr()
+    assert table.main(["--results_dir", str(tmp_path)]) == 0  # CPU results are left out by default
+    assert "No benchmark results yet" in capsys.readouterr().out
+    assert table.main(["--results_dir", str(tmp_path), "--include_cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "#### Training step" in out and "| mae_vit_micro_patch4 |" in out and "naive w/[M]" in out
+    assert "#### Table 2" in out and "#### Where the step's time goes" in out
+    (tmp_path / "broken.json").write_text("{")
+    assert table.main(["--results_dir", str(tmp_path)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err

@@ -1,0 +1,132 @@
+"""Markdown tables for the README from the committed results in benchmarks/results/*.json.
+
+    python benchmarks/make_results_table.py [--results_dir DIR] [--include_cpu]
+
+Step benchmarks become one table (img/s, step time, peak memory, MFU per implementation), Table 2
+runs another (measured speed-up beside the paper's and the FLOP-count limit), profiles a third
+(encoder / decoder / loss share of the step). CPU results are left out unless asked for: they only
+show that the code runs. With no result files it says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def load_results(results_dir: Path, include_cpu: bool = False) -> list[dict]:
+    results = []
+    for path in sorted(results_dir.glob("*.json")):
+        try:
+            result = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(result, dict) or "benchmark" not in result:
+            continue  # not one of ours
+        if result.get("environment", {}).get("device_type") == "cpu" and not include_cpu:
+            continue
+        result["_file"] = path.name
+        results.append(result)
+    return results
+
+
+def _pct(value) -> str:
+    return f"{100 * value:.1f}%" if value is not None else "-"
+
+
+def _gib(value) -> str:
+    return f"{value / 2**30:.1f}" if value is not None else "-"
+
+
+def _commit(result: dict) -> str:
+    git = result.get("environment", {}).get("git", {})
+    commit = (git.get("commit") or "?")[:7]
+    return commit + ("+" if git.get("dirty") else "")
+
+
+def step_table(results: list[dict]) -> list[str]:
+    lines = ["| model | device | dtype | batch | implementation | img/s | step ms (p10-p90) | peak GiB | "
+             "MFU (spec) | MFU (meas. GEMM) | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        env = r["environment"]
+        for row in r["results"]:
+            lines.append(
+                f"| {r['model']} | {env['device']} | {r['dtype']} | {r['batch_size']} | {row['name']} | "
+                f"{row['images_per_s']:.0f} | {1e3 * row['median_s']:.1f} ({1e3 * row['p10_s']:.1f}-{1e3 * row['p90_s']:.1f}) | "
+                f"{_gib(row.get('peak_memory_bytes'))} | {_pct(row.get('mfu_spec'))} | {_pct(row.get('mfu_measured_gemm'))} | "
+                f"{_commit(r)} |")
+    speedups = [(r["model"], r["environment"]["device"], k, v) for r in results for k, v in r.get("speedups", {}).items()]
+    if speedups:
+        lines += ["", "| model | device | img/s ratio | speed-up |", "|---|---|---|---|"]
+        lines += [f"| {m} | {d} | {k} | {v:.2f}x |" for m, d, k, v in speedups]
+    return lines
+
+
+def table2_table(results: list[dict]) -> list[str]:
+    lines = ["| encoder | decoder depth | mask tokens in encoder | batch | step ms | measured speed-up | paper (TPU) | "
+             "FLOP-count limit | device |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for row in r["rows"]:
+            paper = f"{row['paper_speedup']:.1f}x" if row.get("paper_speedup") is not None else "-"
+            lines.append(
+                f"| {row['encoder']} | {row['decoder_depth']} | {'yes' if row['encoder_mask_tokens'] else 'no'} | "
+                f"{row['batch_size']} | {1e3 * row['median_s']:.1f} | {row['measured_speedup']:.2f}x | {paper} | "
+                f"{row['flop_limit_speedup']:.2f}x | {r['environment']['device']} |")
+    return lines
+
+
+def profile_table(results: list[dict]) -> list[str]:
+    lines = ["| model | device | batch | step ms | encoder | decoder | loss | optimizer | train GFLOP/img w/o [M] | w/ [M] |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        flops = r["flops_per_image"]
+        t = r.get("time")
+        if t is None:
+            timing = "| - | - | - | - | - | -"
+        else:
+            step = t["step_median_s"]
+            timing = (f"| {r['batch_size']} | {1e3 * step:.1f} | {_pct(t['encoder_s'] / step)} | {_pct(t['decoder_s'] / step)} | "
+                      f"{_pct(t['loss_s'] / step)} | {_pct(t['median_s']['optimizer'] / step)}")
+        lines.append(f"| {r['model']} | {r['environment']['device']} {timing} | "
+                     f"{flops['without_mask_tokens']['train_total'] / 1e9:.3g} | {flops['with_mask_tokens']['train_total'] / 1e9:.3g} |")
+    return lines
+
+
+def markdown(results: list[dict]) -> str:
+    if not results:
+        return "_No benchmark results yet: run `fastmae bench step`, `fastmae bench table2` or `fastmae profile` " \
+               "with `--out_dir benchmarks/results` / `--json` on a GPU._\n"
+    sections = []
+    for kind, title, table in (("step", "Training step", step_table), ("table2", "Table 2: encoder without mask tokens", table2_table),
+                               ("profile", "Where the step's time goes", profile_table)):
+        chosen = [r for r in results if r["benchmark"] == kind]
+        if chosen:
+            files = ", ".join(f"`{r['_file']}`" for r in chosen)
+            sections.append("\n".join([f"#### {title}", "", *table(chosen), "", f"From {files}."]))
+    return "\n\n".join(sections) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results_dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--include_cpu", action="store_true", help="also CPU results (smoke runs)")
+    args = parser.parse_args(argv)
+    if not args.results_dir.is_dir():
+        print(f"make_results_table: error: {args.results_dir} is not a directory", file=sys.stderr)
+        return 2
+    try:
+        print(markdown(load_results(args.results_dir, args.include_cpu)), end="")
+    except ValueError as err:
+        print(f"make_results_table: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
