@@ -235,3 +235,14 @@ def test_results_table(tmp_path, capsys):
     (tmp_path / "broken.json").write_text("{")
     assert table.main(["--results_dir", str(tmp_path)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_bench_step_real_data(tmp_path):
+    """--real_data feeds the embedded photographs through the CPU loader inside the timed step."""
+    path = tmp_path / "real.json"
+    assert main(["bench", "step", "--model", MICRO, "--impl", "fastmae", "--real_data", "--num_workers", "0",
+                 "--warmup", "1", "--steps", "2", "--batch_size", "4", "--gemm_size", "64", "--no_progress",
+                 "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["data"].startswith("real (cpu loader")
+    assert result["results"][0]["images_per_s"] > 0

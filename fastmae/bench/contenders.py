@@ -79,6 +79,10 @@ def fastmae_step(config: MAEConfig, device: torch.device, dtype: torch.dtype, ma
                  encoder_mask_tokens: bool = False, compile_backend: str | None = None, kernels: str = "auto",
                  attn: str = "sdpa") -> TrainStep:
     """The engine's training step (``encoder_mask_tokens``: the naive baseline)."""
+    if compile_backend:
+        # a fresh compilation per contender: models compiled earlier in the run must not use up
+        # dynamo's recompile limit (past it, torch.compile silently falls back to eager)
+        torch._dynamo.reset()
     model = MaskedAutoencoderViT(**dataclasses.asdict(config), kernels=kernels, attn=attn,
                                  encoder_mask_tokens=encoder_mask_tokens).to(device)
     optimizer = build_optimizer(model, LEARNING_RATE, WEIGHT_DECAY)
