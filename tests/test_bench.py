@@ -246,3 +246,33 @@ def test_bench_step_real_data(tmp_path):
     result = json.loads(path.read_text())
     assert result["data"].startswith("real (cpu loader")
     assert result["results"][0]["images_per_s"] > 0
+
+
+def test_out_of_memory_halves_the_batch(tmp_path, monkeypatch):
+    from fastmae.bench import step as step_cmd
+    from fastmae.bench.contenders import Contender
+    from fastmae.bench.measure import BatchTooLarge, measure_contender
+
+    def no_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    with pytest.raises(BatchTooLarge, match="out of memory at batch 64"):
+        measure_contender(Contender("x", "", "fp32", 1.0, no_memory), iter([]), TimingPlan(0, 1), CPU, 64, None, 1.0)
+
+    measured_batches = []
+    real_bench_model = step_cmd.bench_model
+
+    def bench_model_with_small_memory(args, name, device, dtype, batch_size, gemm, names):
+        measured_batches.append(batch_size)
+        if batch_size > 4:
+            raise BatchTooLarge(f"fastmae: out of memory at batch {batch_size}")
+        return real_bench_model(args, name, device, dtype, batch_size, gemm, names)
+
+    monkeypatch.setattr(step_cmd, "bench_model", bench_model_with_small_memory)
+    path = tmp_path / "oom.json"
+    args = ["bench", "step", "--model", MICRO, "--impl", "fastmae", "--batch_size", "16", "--warmup", "0",
+            "--steps", "1", "--gemm_size", "64", "--no_progress", "--json", str(path)]
+    assert main(args) == 1  # without --oom_fallback: a clear error
+    assert main(args + ["--oom_fallback"]) == 0
+    assert measured_batches == [16, 16, 8, 4]
+    assert json.loads(path.read_text())["batch_size"] == 4

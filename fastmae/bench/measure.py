@@ -33,6 +33,7 @@ def peak_memory_reset(device: torch.device) -> None:
 def measure_contender(contender: Contender, images, plan: TimingPlan, device: torch.device, batch_size: int,
                       spec_peak: float | None, gemm_peak: float, progress: bool = True) -> dict:
     peak_memory_reset(device)
+    resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else None  # the input batches
     try:
         step = contender.build()
         last_loss = [None]
@@ -57,6 +58,7 @@ def measure_contender(contender: Contender, images, plan: TimingPlan, device: to
         "mfu_spec": achieved / spec_peak if spec_peak else None,
         "mfu_measured_gemm": achieved / gemm_peak,
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "resident_before_bytes": resident,  # included in the peak: the synthetic batches on the device
         "last_loss": loss,
     })
     if not math.isfinite(loss):

@@ -22,12 +22,14 @@ import re
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastmae.bench.environment import dtype_name, environment_info, resolve_device, resolve_dtype, write_json
+from fastmae.bench.environment import (dtype_name, environment_info, resolve_device, resolve_dtype, result_filename,
+                                       write_json)
 from fastmae.bench.timing import SyntheticImages, synchronize
 from fastmae.flops import COMPONENTS, ENCODER_COMPONENTS, component_flops, token_counts
 from fastmae.models import MODEL_ARCHS, MaskedAutoencoderViT, create_model
@@ -317,6 +319,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: 20 CUDA, 3 CPU")
     parser.add_argument("--flops_only", action="store_true", help="only the analytic and counted FLOPs")
     parser.add_argument("--json", default=None, help="write the whole profile here")
+    parser.add_argument("--out_dir", default=None, help="write profile_<model>_<device>_<date>.json here")
 
 
 def run(args) -> int:
@@ -365,6 +368,7 @@ def run(args) -> int:
         if cuda:
             report["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
     print_report(report)
-    if args.json:
-        print(f"\nwrote {write_json(args.json, report)}")
+    path = args.json or (Path(args.out_dir) / result_filename(f"profile_{args.model}", device) if args.out_dir else None)
+    if path:
+        print(f"\nwrote {write_json(path, report)}")
     return 0 if report["flop_cross_check"]["passed"] else 1

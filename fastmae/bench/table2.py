@@ -76,7 +76,8 @@ def _measure_encoder(rows: list[Table2Row], args, device, dtype, batch_size, gem
         measured = measure_contender(contender, images, plan, device, batch_size, spec_peak, gemm["flops_per_s"],
                                      progress=not args.no_progress)
         print(format_row(measured), flush=True)
-        result = {**dataclasses.asdict(row), "label": row.label, "batch_size": batch_size, **measured}
+        result = {**dataclasses.asdict(row), "label": row.label, "config": dataclasses.asdict(config),
+                  "batch_size": batch_size, **measured}
         if baseline is None:
             baseline = result
         result["measured_speedup"] = baseline["median_s"] / result["median_s"]
