@@ -10,6 +10,7 @@ import torch
 
 from fastmae.bench.contenders import Contender
 from fastmae.bench.timing import TimingPlan, synchronize, time_steps
+from fastmae.flops import device_peak_flops
 from fastmae.models import create_model
 
 
@@ -21,6 +22,14 @@ def model_config(name: str, **overrides):
     """The MAEConfig of a named architecture (built on the meta device: no memory, no init cost)."""
     with torch.device("meta"):
         return create_model(name, kernels="torch", **overrides).config
+
+
+def spec_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The data-sheet peak for this run's matmuls (TF32 for fp32 when torch allows it); None on CPU."""
+    if device.type != "cuda":
+        return None
+    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    return device_peak_flops(torch.cuda.get_device_name(device), dtype, tf32=tf32)
 
 
 def peak_memory_reset(device: torch.device) -> None:

@@ -204,7 +204,8 @@ def parameter_split(model: nn.Module) -> dict:
 
 
 class SavedActivations:
-    """Bytes of the distinct storages autograd saves for backward, parameters excluded."""
+    """Bytes of the distinct storages autograd saves for backward, parameters excluded. Under autocast
+    the half-precision copies of the weights are saved too and counted: they are held until backward."""
 
     def __init__(self, model: nn.Module):
         self.excluded = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -354,8 +355,12 @@ def run(args) -> int:
         "flop_cross_check": flop_cross_check(config, args.mask_ratio),
         "paper_checks": paper_checks(config, args.mask_ratio),
     }
-    model = create_model(args.model, kernels=args.kernels, **overrides).to(device)
-    report["parameters"] = parameter_split(model)
+    if args.flops_only:  # parameter counts need no memory
+        with torch.device("meta"):
+            report["parameters"] = parameter_split(create_model(args.model, kernels="torch", **overrides))
+    else:
+        model = create_model(args.model, kernels=args.kernels, **overrides).to(device)
+        report["parameters"] = parameter_split(model)
     if not args.flops_only:
         autocast_dtype = None if dtype == torch.float32 else dtype
         images = SyntheticImages(batch, config.img_size, device, count=2)

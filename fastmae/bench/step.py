@@ -26,9 +26,8 @@ from fastmae.bench.environment import (
 )
 from fastmae.bench.gemm_peak import measured_gemm_flops
 from fastmae.bench.hf_vitmae import transformers_available
-from fastmae.bench.measure import BatchTooLarge, format_row, measure_contender, model_config
+from fastmae.bench.measure import BatchTooLarge, format_row, measure_contender, model_config, spec_peak_flops
 from fastmae.bench.timing import EndlessLoader, SyntheticImages, TimingPlan
-from fastmae.flops import device_peak_flops
 from fastmae.models import MODEL_ARCHS
 
 
@@ -61,7 +60,7 @@ def bench_model(args, name: str, device: torch.device, dtype: torch.dtype, batch
     overrides = {"decoder_depth": args.decoder_depth} if args.decoder_depth is not None else {}
     config = model_config(name, **overrides)
     plan = TimingPlan(args.warmup, args.steps)
-    spec_peak = device_peak_flops(torch.cuda.get_device_name(device), dtype) if device.type == "cuda" else None
+    spec_peak = spec_peak_flops(device, dtype)
     images, data = image_source(args, config, batch_size, device)
     rows = []
     for contender in build_contenders(config, device, dtype, args.mask_ratio, names, args.kernels, args.attn,

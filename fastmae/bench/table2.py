@@ -15,14 +15,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from fastmae.bench.contenders import Contender, fastmae_step
 from fastmae.bench.environment import dtype_name, environment_info, resolve_device, resolve_dtype, result_filename, write_json
 from fastmae.bench.gemm_peak import measured_gemm_flops
-from fastmae.bench.measure import BatchTooLarge, format_row, measure_contender, model_config
+from fastmae.bench.measure import BatchTooLarge, format_row, measure_contender, model_config, spec_peak_flops
 from fastmae.bench.timing import SyntheticImages, TimingPlan
-from fastmae.flops import device_peak_flops, train_flops_per_image
+from fastmae.flops import train_flops_per_image
 from fastmae.models import MODEL_ARCHS
 
 
@@ -171,7 +169,7 @@ def run(args) -> int:
     environment = environment_info(device)
     print(f"device: {environment['device']}  torch {environment['torch']}  dtype {dtype_name(dtype)}", flush=True)
     gemm = measured_gemm_flops(device, dtype)
-    spec_peak = device_peak_flops(torch.cuda.get_device_name(device), dtype) if cuda else None
+    spec_peak = spec_peak_flops(device, dtype)
     rows: list[dict] = []
     for encoder in encoders:
         batch = batch_size
