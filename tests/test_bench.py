@@ -31,8 +31,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_reference_style_is_the_same_model():
-    model = create_model(MICRO, kernels="torch")
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_reference_style_is_the_same_model(norm_pix_loss):
+    model = create_model(MICRO, kernels="torch", norm_pix_loss=norm_pix_loss)
     reference = ReferenceStyleMAE(model.config)
     reference.load_state_dict(model.state_dict())
     imgs = torch.randn(3, 3, 32, 32)

@@ -3,7 +3,8 @@
 Written from the paper and the reference code's description (models_mae.py, main_pretrain.py):
 the stride-p convolution embeds every patch, the kept ones are then picked by ``gather`` after an
 ``argsort`` of the noise; attention is softmax(QK^T)V written out; the decoder predicts all L
-patches and the loss weighs them with the mask; training runs under fp16 autocast with a gradient
+patches and the loss weighs them with the mask (the un-shuffle and the loss are the plain-PyTorch
+reference paths of ``fastmae.kernels``, i.e. the reference code's own ops); training runs under fp16 autocast with a gradient
 scaler and a for-loop (not fused, not foreach) AdamW. The parameter layout is fastmae's (which is
 the reference's), so both load the same state_dict and, for the same noise, give the same loss.
 """
@@ -15,11 +16,9 @@ import dataclasses
 import torch
 import torch.nn as nn
 
+from fastmae import kernels as ops
 from fastmae.models import MAEConfig, MaskedAutoencoderViT
-from fastmae.patches import patchify
 from fastmae.vit import Block, PatchEmbed
-
-NORM_PIX_EPS = 1e-6
 
 
 class ReferenceStyleMAE(nn.Module):
@@ -77,23 +76,17 @@ class ReferenceStyleMAE(nn.Module):
         return self.norm(x), mask, ids_restore
 
     def forward_decoder(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """latent [N, 1+K, D] -> pred [N, L, p*p*C]: the head runs on every patch."""
         x = self.decoder_embed(x)
-        mask_tokens = self.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
-        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
-        x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
-        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
+        # the reference's un-shuffle: append mask tokens, gather by ids_restore, add positions
+        x = ops.decoder_unshuffle(x, self.mask_token, ids_restore, self.decoder_pos_embed, path="torch")
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        target = patchify(imgs, self.config.patch_size)
-        if self.config.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + NORM_PIX_EPS) ** 0.5
-        loss = ((pred - target) ** 2).mean(dim=-1)
-        return (loss * mask).sum() / mask.sum()
+        """The reference's loss: per-patch MSE over all L patches, averaged with the mask as weights."""
+        return ops.masked_patch_loss(pred, imgs, self.config.patch_size, self.config.norm_pix_loss, None, mask, path="torch")
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None):
         """-> (loss, pred [N, L, p*p*C], mask [N, L]), as the reference."""
