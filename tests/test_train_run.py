@@ -48,7 +48,7 @@ def image_folder(tmp_path_factory):
 def micro_flags(data, out, *extra):
     return ["pretrain", "--data_path", str(data), "--output_dir", str(out), "--model", "mae_vit_micro_patch4",
             "--input_size", "32", "--batch_size", "4", "--num_workers", "0", "--epochs", "3",
-            "--warmup_epochs", "1", "--blr", "2e-3", "--log_every", "1", "--no_progress", *extra]
+            "--warmup_epochs", "1", "--blr", "2e-3", "--log_every", "1", "--threads", "1", "--no_progress", *extra]
 
 
 def logged(out):

@@ -15,10 +15,13 @@ DEMO_SETTINGS = dict(
     model="mae_vit_demo_patch8",
     input_size=64,
     batch_size=32,
-    epochs=12,
+    epochs=20,
     warmup_epochs=1,
     blr=4e-3,
     samples_per_epoch=1024,
+    # one core computes, one decodes: two busy threads on two cores, never more (an oversubscribed
+    # OpenMP pool makes each step several times slower)
+    threads=1,
     num_workers=1,
     save_every=128,
     log_every=8,
@@ -60,6 +63,7 @@ class PretrainConfig:
     log_every: int = 20  # optimizer steps between logging steps (the only host-device syncs)
     keep_checkpoints: int = 2  # newest step checkpoints kept in output_dir
     samples_per_epoch: int | None = None  # embedded photographs only: random crops per epoch
+    threads: int | None = None  # CPU threads for the model's math (torch.set_num_threads); None = torch's choice
     progress_bar: bool = True
 
     def __post_init__(self):
@@ -79,6 +83,8 @@ class PretrainConfig:
             raise ValueError("--warmup_epochs, --weight_decay and --min_lr must be >= 0 and --blr > 0")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.threads is not None and self.threads <= 0:
+            raise ValueError(f"--threads must be positive, got {self.threads}")
         if self.start_epoch < 0 or self.num_workers < 0:
             raise ValueError("--start_epoch and --num_workers must be >= 0")
 

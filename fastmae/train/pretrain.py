@@ -12,6 +12,8 @@ import argparse
 import os
 import sys
 
+import torch
+
 from fastmae.data.loader import LOADER_CHOICES
 from fastmae.train.config import PRECISIONS, PretrainConfig
 
@@ -88,6 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="how many of the newest step checkpoints to keep")
     ours.add_argument("--samples_per_epoch", type=int, default=d.samples_per_epoch, action=_STORE,
                       help="embedded photographs only: random crops per epoch")
+    ours.add_argument("--threads", type=int, default=d.threads, action=_STORE,
+                      help="CPU threads for the model's math (default: torch's choice)")
     ours.add_argument("--no_progress", dest="progress_bar", default=True, action=_STORE_FALSE,
                       help="no progress bar (metrics.jsonl and messages still written)")
 
@@ -113,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"fastmae pretrain: error: {err}", file=sys.stderr)
         return 2
+    threads_before = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     try:
         if demo_settings and ctx.is_main:
             settings = " ".join(f"--{k} {v}" for k, v in demo_settings.items())
@@ -125,4 +132,5 @@ def run(args: argparse.Namespace) -> int:
             return 2
         return trainer.fit()
     finally:
+        torch.set_num_threads(threads_before)
         shutdown_distributed(ctx)

@@ -152,7 +152,8 @@ class Pretrainer:
         except ImportError:
             return None, None
         dtype = self.autocast_dtype or torch.float32
-        peak = device_peak_flops(torch.cuda.get_device_name(self.device), dtype)
+        tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+        peak = device_peak_flops(torch.cuda.get_device_name(self.device), dtype, tf32=tf32)
         return train_flops_per_image(self.model.config, self.cfg.mask_ratio), peak
 
     def describe(self) -> str:
@@ -163,7 +164,8 @@ class Pretrainer:
             f"model {cfg.model}: {params:.1f}M trainable parameters, {cfg.input_size}px, mask ratio {cfg.mask_ratio}",
             f"data {data}: {self.batches_per_epoch} batches of {cfg.batch_size} per epoch per rank "
             f"({type(self.data).__name__}), {cfg.epochs} epochs",
-            f"device {self.device} x {ctx.world_size} rank(s), {self.precision}, kernels {cfg.kernels}, attention {cfg.attn}",
+            f"device {self.device} x {ctx.world_size} rank(s), {self.precision}, kernels {cfg.kernels}, attention {cfg.attn}"
+            + (f", {torch.get_num_threads()} CPU thread(s)" if self.device.type == "cpu" else ""),
             f"effective batch {self.effective_batch} = {cfg.batch_size} x accum {cfg.accum_iter} x {ctx.world_size}; "
             f"peak lr {self.peak_lr:.3g} (blr {cfg.blr:g}), warm-up {cfg.warmup_epochs} epochs, cosine to {cfg.min_lr:g}",
             f"{self.total_steps} optimizer steps in total, starting at step {self.position.step}; output in {self.output_dir}",
