@@ -99,6 +99,7 @@ def test_demo_settings_only_for_flags_not_set():
 @pytest.mark.parametrize("flags,message", [
     (["--mask_ratio", "1.0"], "mask_ratio"),
     (["--batch_size", "0"], "batch_size"),
+    (["--threads", "0"], "threads"),
     (["--data_path", "MISSING"], "does not exist"),
     (["--model", "mae_vit_gigantic"], "unknown model"),
     (["--resume", "MISSING/ckpt.pth"], "no such file"),
@@ -121,7 +122,9 @@ def test_bad_input_is_a_message_and_exit_2_before_any_work(tmp_path, image_folde
 
 def test_stopped_and_resumed_run_logs_exactly_the_uninterrupted_losses(tmp_path, image_folder):
     flags = ["--accum_iter", "2", "--save_every", "100"]  # 2 steps per epoch, 6 in all
+    threads = torch.get_num_threads()
     assert fastmae_main(micro_flags(image_folder, tmp_path / "straight", *flags)) == 0
+    assert torch.get_num_threads() == threads  # --threads 1 held for the run only
     straight = logged(tmp_path / "straight")
     assert [r["step"] for r in straight] == [1, 2, 3, 4, 5, 6]
 

@@ -8,6 +8,7 @@ it, so all loaders share one augmentation distribution and a seeded run is repro
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -86,6 +87,14 @@ def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
 
 def normalize(batch_uint8: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """uint8 [B, 3, S, S] (any device) -> float32 [B, 3, S, S], (x/255 - mean) / std."""
-    scale = torch.tensor(std, device=batch_uint8.device).mul(255.0).view(1, -1, 1, 1)
-    shift = torch.tensor(mean, device=batch_uint8.device).mul(255.0).view(1, -1, 1, 1)
+    shift, scale = _normalization_constants(tuple(map(float, mean)), tuple(map(float, std)), batch_uint8.device)
     return batch_uint8.float().sub_(shift).div_(scale)
+
+
+@functools.lru_cache(maxsize=16)
+def _normalization_constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
+    """(255 mean, 255 std) as [1, C, 1, 1] tensors on ``device``, made once: building them per batch
+    would copy from pageable host memory, which makes the host wait for the GPU on every step."""
+    shift = torch.tensor(mean, device=device).mul(255.0).view(1, -1, 1, 1)
+    scale = torch.tensor(std, device=device).mul(255.0).view(1, -1, 1, 1)
+    return shift, scale
