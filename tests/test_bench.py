@@ -138,6 +138,10 @@ def test_bench_step_cli_rejects_bad_input(capsys):
         build_contenders(model_config(MICRO), CPU, torch.float32, 0.75, ("turbo",))
     assert main(["bench", "step", "--model", MICRO, "--dtype", "fp8"]) == 2
     assert "dtype" in capsys.readouterr().err
+    assert main(["bench", "table2", "--models", MICRO, "--mask_ratio", "1.0"]) == 2
+    assert "mask_ratio" in capsys.readouterr().err
+    assert main(["bench", "step", "--model", MICRO, "--batch_size", "0"]) == 2
+    assert "batch_size" in capsys.readouterr().err
 
 
 def test_table2_rows_follow_the_paper():

@@ -330,7 +330,7 @@ def run(args) -> int:
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         cuda = device.type == "cuda"
-        batch = args.batch_size or (64 if cuda else 4)
+        batch = args.batch_size if args.batch_size is not None else (64 if cuda else 4)
         warmup = (5 if cuda else 1) if args.warmup is None else args.warmup
         steps = (20 if cuda else 3) if args.steps is None else args.steps
         if batch < 1 or warmup < 0 or steps < 1:

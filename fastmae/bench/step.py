@@ -28,6 +28,7 @@ from fastmae.bench.gemm_peak import measured_gemm_flops
 from fastmae.bench.hf_vitmae import transformers_available
 from fastmae.bench.measure import BatchTooLarge, format_row, measure_contender, model_config, spec_peak_flops
 from fastmae.bench.timing import EndlessLoader, SyntheticImages, TimingPlan
+from fastmae.flops import token_counts
 from fastmae.models import MODEL_ARCHS
 
 
@@ -138,9 +139,10 @@ def run(args) -> int:
         for name in models:
             if name not in MODEL_ARCHS:
                 raise ValueError(f"unknown model {name!r}; choose from {sorted(MODEL_ARCHS)}")
+            token_counts(model_config(name), args.mask_ratio)  # a mask ratio that leaves patches visible
         if args.json and len(models) > 1:
             raise ValueError("--json takes one model; use --out_dir for several")
-        batch_size = args.batch_size or (256 if cuda else 16)
+        batch_size = args.batch_size if args.batch_size is not None else (256 if cuda else 16)
         args.warmup = (10 if cuda else 2) if args.warmup is None else args.warmup
         args.steps = (30 if cuda else 5) if args.steps is None else args.steps
         if batch_size < 1:

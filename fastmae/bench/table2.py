@@ -20,7 +20,7 @@ from fastmae.bench.environment import dtype_name, environment_info, resolve_devi
 from fastmae.bench.gemm_peak import measured_gemm_flops
 from fastmae.bench.measure import BatchTooLarge, format_row, measure_contender, model_config, spec_peak_flops
 from fastmae.bench.timing import SyntheticImages, TimingPlan
-from fastmae.flops import train_flops_per_image
+from fastmae.flops import token_counts, train_flops_per_image
 from fastmae.models import MODEL_ARCHS
 
 
@@ -156,7 +156,8 @@ def run(args) -> int:
         for name in encoders:
             if name not in MODEL_ARCHS:
                 raise ValueError(f"unknown model {name!r}; choose from {sorted(MODEL_ARCHS)}")
-        batch_size = args.batch_size or (256 if cuda else 32)
+            token_counts(model_config(name), args.mask_ratio)  # a mask ratio that leaves patches visible
+        batch_size = args.batch_size if args.batch_size is not None else (256 if cuda else 32)
         if batch_size < 1:
             raise ValueError(f"--batch_size must be positive, got {batch_size}")
         args.warmup = (10 if cuda else 2) if args.warmup is None else args.warmup
