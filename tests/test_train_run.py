@@ -231,3 +231,12 @@ def test_keeps_only_the_newest_checkpoints(tmp_path, image_folder):
                                     "--keep_checkpoints", "2", "--log_every", "5")) == 0
     assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == ["checkpoint-step00000004.pth", "checkpoint-step00000005.pth"]
     assert not list(out.glob(".*tmp"))
+
+
+def test_a_fresh_run_replaces_an_earlier_runs_checkpoints_and_metrics(tmp_path, image_folder, capsys):
+    out = tmp_path / "out"
+    assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "3")) == 0
+    assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "1")) == 0  # no --resume: from scratch
+    assert "holds checkpoints of an earlier run (newest checkpoint-step00000003.pth)" in capsys.readouterr().out
+    assert [p.name for p in out.glob("checkpoint-*.pth")] == ["checkpoint-step00000001.pth"]
+    assert [r["step"] for r in logged(out)] == [1]

@@ -31,7 +31,7 @@ def _tensorboard_writer(log_dir: Path):
 
 class MetricsLogger:
     def __init__(self, output_dir: str | Path, log_dir: str | Path | None, total_steps: int, start_step: int,
-                 enabled: bool = True, progress_bar: bool = True):
+                 enabled: bool = True, progress_bar: bool = True, append: bool = False):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self.bar = None
@@ -39,7 +39,8 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a", encoding="utf-8")  # a resumed run continues the file
+        # a resumed run continues the file; a fresh run starts it anew
+        self.file = open(self.path, "a" if append else "w", encoding="utf-8")
         if log_dir is not None:
             self.writer = _tensorboard_writer(Path(log_dir))
         if progress_bar:

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fastmae.data.loader import DataConfig, build_loader, preview_batch
 from fastmae.models import create_model
 from fastmae.train.checkpoints import (TrainingPosition, latest_checkpoint, resume_from, save_training_checkpoint,
-                                      step_checkpoint_path)
+                                      step_checkpoint_path, step_checkpoints)
 from fastmae.train.config import PretrainConfig
 from fastmae.train.distributed import DistributedContext
 from fastmae.train.metrics import MetricsLogger, peak_memory_gb
@@ -106,6 +106,14 @@ class Pretrainer:
         self.last_checkpoint: Path | None = None
         self.messages: list[str] = []
         self._resume()
+        resumed = self.last_checkpoint is not None
+        # A fresh run owns its output_dir: an earlier run's step checkpoints would otherwise pass for
+        # this run's newest ones (--resume auto, pruning). They are removed at this run's first save.
+        self.stale_checkpoints = [] if resumed else step_checkpoints(self.output_dir)
+        if self.stale_checkpoints:
+            self.messages.append(
+                f"{self.output_dir} holds checkpoints of an earlier run (newest {self.stale_checkpoints[-1].name}); "
+                f"this run starts from scratch and removes them at its first save (use --resume auto to continue that run)")
 
         self.train_model: nn.Module = self.model
         if ctx.enabled:
@@ -118,7 +126,8 @@ class Pretrainer:
         total = self.steps_per_epoch * cfg.epochs
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
         self.logger = MetricsLogger(self.output_dir, cfg.log_dir or self.output_dir, self.total_steps,
-                                    self.position.step, enabled=ctx.is_main, progress_bar=cfg.progress_bar)
+                                    self.position.step, enabled=ctx.is_main, progress_bar=cfg.progress_bar,
+                                    append=resumed)
         self._stop_signal: int | None = None
         self._flops_per_image, self._peak_flops = self._flop_rates()
 
@@ -277,6 +286,11 @@ class Pretrainer:
             path = step_checkpoint_path(self.output_dir, self.position.step)
         self.ctx.barrier()  # the file is complete before any rank moves on (or exits)
         self.last_checkpoint = path
+        if self.ctx.is_main:
+            for stale in self.stale_checkpoints:
+                if stale != path:
+                    stale.unlink(missing_ok=True)
+        self.stale_checkpoints = []
         return path
 
     def _nonfinite_message(self, first_step: int, step: int) -> str:
