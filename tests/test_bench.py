@@ -281,3 +281,26 @@ def test_out_of_memory_halves_the_batch(tmp_path, monkeypatch):
     assert main(args + ["--oom_fallback"]) == 0
     assert measured_batches == [16, 16, 8, 4]
     assert json.loads(path.read_text())["batch_size"] == 4
+
+
+@pytest.mark.gpu
+def test_host_sync_detection_on_gpu():
+    x = torch.ones(4, device="cuda")
+    assert profile_cmd.host_syncs(lambda: x.sum().item())
+    assert profile_cmd.host_syncs(lambda: x + 1) == []
+
+
+@pytest.mark.gpu
+def test_gpu_commands_on_micro(tmp_path):
+    quick = ["--warmup", "1", "--steps", "3", "--batch_size", "8", "--device", "cuda"]
+    assert main(["profile", "--model", MICRO, "--json", str(tmp_path / "p.json"), *quick]) == 0
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert report["peak_memory_bytes"] > 0 and "allocated_growth_bytes_per_image" in report["activations"]
+    assert isinstance(report["host_syncs_in_step"], list)
+    assert main(["bench", "step", "--model", MICRO, "--compile", "off", "--json", str(tmp_path / "s.json"),
+                 "--gemm_size", "2048", "--no_progress", *quick]) == 0
+    result = json.loads((tmp_path / "s.json").read_text())
+    assert result["dtype"] == "bf16"
+    for row in result["results"]:
+        assert row["peak_memory_bytes"] > 0 and row["images_per_s"] > 0
+    assert main(["bench", "table2", "--models", MICRO, "--out_dir", str(tmp_path), "--no_progress", *quick]) == 0

@@ -9,7 +9,7 @@
    host clock does, operations being synchronous there.
 3. Memory: parameters (and their gradients and AdamW state) of encoder and decoder; the activation
    memory each phase keeps for backward, counted as the distinct storages autograd saves; on CUDA
-   also the allocator's growth per phase and its peak.
+   also the allocator's growth per phase and its peak, and the host synchronisations in a step.
 4. The paper's statements as checks: dropping mask tokens cuts encoder FLOPs ~4x (and ViT-L's total
    3.3x, Table 1c); the decoder costs < 10% of the encoder per token (stated for ViT-L).
 """
@@ -22,6 +22,7 @@ import re
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -183,6 +184,19 @@ def time_phases(model, optimizer, images, mask_ratio, autocast_dtype, device, wa
             "loss_s": phases["forward_loss"] + phases["backward_loss"]}
 
 
+def host_syncs(step) -> list[str]:
+    """The synchronising CUDA calls one run of ``step`` makes (torch's sync debug mode): the training
+    step should make none, so that the host queues work ahead of the GPU."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sorted({str(w.message) for w in caught if "synchroniz" in str(w.message).lower()})
+
+
 # ---- memory ----
 def is_decoder_parameter(name: str) -> bool:
     return name.startswith("decoder_") or name == "mask_token"
@@ -300,6 +314,9 @@ def print_report(report: dict) -> None:
         saved = report["activations"]["saved_bytes_per_image"]
         print("Activation memory saved for backward, per image: "
               + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in saved.items()))
+    if "host_syncs_in_step" in report:
+        syncs = report["host_syncs_in_step"]
+        print(f"Host synchronisations in a training step: {len(syncs)}" + "".join(f"\n  {m}" for m in syncs))
     if "time" in report:
         t = report["time"]
         print(f"\nMeasured on {report['environment']['device']}, batch {report['batch_size']}, {report['dtype']}: "
@@ -372,6 +389,8 @@ def run(args) -> int:
         report["time"] = time_phases(model, optimizer, images, args.mask_ratio, autocast_dtype, device, warmup, steps)
         if cuda:
             report["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+            report["host_syncs_in_step"] = host_syncs(
+                lambda: profiled_step(model, optimizer, next(images), args.mask_ratio, autocast_dtype, PhaseMarks(device)))
     print_report(report)
     path = args.json or (Path(args.out_dir) / result_filename(f"profile_{args.model}", device) if args.out_dir else None)
     if path:
