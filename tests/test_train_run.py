@@ -240,3 +240,14 @@ def test_a_fresh_run_replaces_an_earlier_runs_checkpoints_and_metrics(tmp_path, 
     assert "holds checkpoints of an earlier run (newest checkpoint-step00000003.pth)" in capsys.readouterr().out
     assert [p.name for p in out.glob("checkpoint-*.pth")] == ["checkpoint-step00000001.pth"]
     assert [r["step"] for r in logged(out)] == [1]
+
+
+def test_tensorboard_scalars_when_installed(tmp_path, image_folder):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "out"
+    assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "2")) == 0
+    events = EventAccumulator(str(out))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]

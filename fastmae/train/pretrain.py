@@ -15,7 +15,7 @@ import sys
 import torch
 
 from fastmae.data.loader import LOADER_CHOICES
-from fastmae.train.config import PRECISIONS, PretrainConfig
+from fastmae.train.config import DEMO_SETTINGS, PRECISIONS, PretrainConfig
 
 # argparse records here which flags the user typed, so demo settings never override them
 EXPLICIT_FLAGS_ATTR = "_explicit_flags"
@@ -38,10 +38,14 @@ _STORE_FALSE = _recording(argparse._StoreFalseAction)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = PretrainConfig(data_path="")  # the defaults
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.epilog = ("Without --data_path: a demo on photographs embedded in scikit-image; these settings replace the "
+                     "defaults of flags you do not set: " + " ".join(f"--{k} {v}" for k, v in DEMO_SETTINGS.items()))
     ref = parser.add_argument_group("reference main_pretrain.py flags (paper recipe defaults)")
     ref.add_argument("--batch_size", type=int, default=d.batch_size, action=_STORE,
                      help="batch size per GPU; effective batch = batch_size x accum_iter x number of GPUs")
-    ref.add_argument("--epochs", type=int, default=d.epochs, action=_STORE)
+    ref.add_argument("--epochs", type=int, default=d.epochs, action=_STORE,
+                     help="epochs of the schedule (the paper: 800 for ablations, 1600 for its best results)")
     ref.add_argument("--accum_iter", type=int, default=d.accum_iter, action=_STORE,
                      help="gradient accumulation steps per optimizer step")
     ref.add_argument("--model", default=d.model, action=_STORE, metavar="MODEL", help="fastmae.models.MODEL_ARCHS name")
@@ -49,23 +53,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ref.add_argument("--mask_ratio", type=float, default=d.mask_ratio, action=_STORE, help="fraction of patches removed")
     ref.add_argument("--norm_pix_loss", default=d.norm_pix_loss, action=_STORE_TRUE,
                      help="per-patch normalised pixels as the target (better representations)")
-    ref.add_argument("--weight_decay", type=float, default=d.weight_decay, action=_STORE)
+    ref.add_argument("--weight_decay", type=float, default=d.weight_decay, action=_STORE,
+                     help="AdamW weight decay (not on biases, norms, tokens)")
     ref.add_argument("--lr", type=float, default=d.lr, action=_STORE, help="absolute lr (default: blr x effective batch / 256)")
     ref.add_argument("--blr", type=float, default=d.blr, action=_STORE, help="base lr: absolute lr = blr x effective batch / 256")
     ref.add_argument("--min_lr", type=float, default=d.min_lr, action=_STORE, help="lower bound of the cosine schedule")
-    ref.add_argument("--warmup_epochs", type=float, default=d.warmup_epochs, action=_STORE)
+    ref.add_argument("--warmup_epochs", type=float, default=d.warmup_epochs, action=_STORE,
+                     help="linear warm-up, per iteration, before the half-cycle cosine")
     ref.add_argument("--data_path", default=None, action=_STORE,
                      help="image folder (train/<class>/*, <class>/* or flat); omitted: the embedded photographs")
     ref.add_argument("--output_dir", default=d.output_dir, action=_STORE, help="checkpoints, metrics.jsonl, reconstruction.png")
     ref.add_argument("--log_dir", default=d.log_dir, action=_STORE, help="TensorBoard folder (default: output_dir)")
     ref.add_argument("--device", default=d.device, action=_STORE, help="cuda or cpu (default: cuda when available)")
-    ref.add_argument("--seed", type=int, default=d.seed, action=_STORE)
+    ref.add_argument("--seed", type=int, default=d.seed, action=_STORE,
+                     help="weights, masking and augmentation all follow from it")
     ref.add_argument("--resume", default=d.resume, action=_STORE,
                      help="checkpoint to resume from, or 'auto' for the newest in output_dir")
-    ref.add_argument("--start_epoch", type=int, default=d.start_epoch, action=_STORE)
-    ref.add_argument("--num_workers", type=int, default=d.num_workers, action=_STORE)
+    ref.add_argument("--start_epoch", type=int, default=d.start_epoch, action=_STORE,
+                     help="epoch to start the schedule at (a resumed checkpoint sets its own)")
+    ref.add_argument("--num_workers", type=int, default=d.num_workers, action=_STORE,
+                     help="CPU loader: decoding worker processes")
     ref.add_argument("--pin_mem", default=d.pin_mem, action=_STORE_TRUE, help="pin CPU memory for faster host-to-GPU copies")
-    ref.add_argument("--no_pin_mem", dest="pin_mem", action=_STORE_FALSE)
+    ref.add_argument("--no_pin_mem", dest="pin_mem", default=argparse.SUPPRESS, action=_STORE_FALSE,
+                     help="do not pin CPU memory")
     # reference distributed flags, accepted so existing scripts run; torchrun's environment decides
     ref.add_argument("--world_size", type=int, default=None, help="ignored: torchrun sets WORLD_SIZE")
     ref.add_argument("--local_rank", "--local-rank", type=int, default=None, help="ignored: torchrun sets LOCAL_RANK")
@@ -78,8 +88,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ours.add_argument("--precision", choices=PRECISIONS, default=None, action=_STORE,
                       help="autocast dtype (default: bf16 on CUDA, fp32 on CPU); fp16 uses a grad scaler")
     ours.add_argument("--compile", default=False, action=_STORE_TRUE, help="torch.compile the model")
-    ours.add_argument("--kernels", choices=("auto", "triton", "torch"), default=d.kernels, action=_STORE)
-    ours.add_argument("--attn", choices=("sdpa", "xformers", "math"), default=d.attn, action=_STORE)
+    ours.add_argument("--kernels", choices=("auto", "triton", "torch"), default=d.kernels, action=_STORE,
+                      help="fused Triton kernels (auto: on CUDA) or their PyTorch references")
+    ours.add_argument("--attn", choices=("sdpa", "xformers", "math"), default=d.attn, action=_STORE,
+                      help="attention backend")
     ours.add_argument("--data_loader", choices=LOADER_CHOICES, default=d.data_loader, action=_STORE,
                       help="auto: DALI, else torchvision GPU decode, else the CPU loader")
     ours.add_argument("--save_every", type=int, default=d.save_every, action=_STORE,
@@ -92,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="embedded photographs only: random crops per epoch")
     ours.add_argument("--threads", type=int, default=d.threads, action=_STORE,
                       help="CPU threads for the model's math (default: torch's choice)")
-    ours.add_argument("--no_progress", dest="progress_bar", default=True, action=_STORE_FALSE,
+    ours.add_argument("--no_progress", dest="progress_bar", default=argparse.SUPPRESS, action=_STORE_FALSE,
                       help="no progress bar (metrics.jsonl and messages still written)")
 
 
