@@ -251,3 +251,24 @@ def test_tensorboard_scalars_when_installed(tmp_path, image_folder):
     events = EventAccumulator(str(out))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs(tmp_path, image_folder, precision):
+    out = tmp_path / precision
+    assert fastmae_main(micro_flags(image_folder, out, "--precision", precision, "--max_steps", "2")) == 0
+    records = logged(out)
+    assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
+    saved = read_checkpoint(step_checkpoint_path(out, 2))
+    assert saved["args"]["precision"] == precision
+    assert (saved["scaler"] != {}) == (precision == "fp16")  # the grad scaler is only used with fp16
+
+
+def test_start_epoch_and_absolute_lr(tmp_path, image_folder):
+    from fastmae.train.schedule import lr_at
+
+    out = tmp_path / "out"
+    assert fastmae_main(micro_flags(image_folder, out, "--start_epoch", "2", "--lr", "1e-3", "--max_steps", "1")) == 0
+    (record,) = logged(out)
+    # 4 batches per epoch; the first step of epoch 2 of 3, warm-up 1: on the cosine
+    assert record["lr"] == pytest.approx(lr_at(2.0, 1e-3, 0.0, 1, 3)) and record["epoch"] == 2.25
