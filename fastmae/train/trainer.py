@@ -123,8 +123,10 @@ class Pretrainer:
             self.train_model = torch.compile(self.train_model)
         self.noise_generator = torch.Generator(device=self.device)
 
-        total = self.steps_per_epoch * cfg.epochs
-        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+        # the step count at the end: what is done, plus the rest of this epoch and the epochs after it
+        remaining = self.steps_per_epoch * (cfg.epochs - self.position.epoch) - self.position.batch // cfg.accum_iter
+        end = self.position.step + max(remaining, 0)
+        self.total_steps = min(end, cfg.max_steps) if cfg.max_steps else end
         self.logger = MetricsLogger(self.output_dir, cfg.log_dir or self.output_dir, self.total_steps,
                                     self.position.step, enabled=ctx.is_main, progress_bar=cfg.progress_bar,
                                     append=resumed)
