@@ -35,6 +35,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self.bar = None
+        self.bar_settings = None
         self.writer = None
         if not enabled:
             return
@@ -43,13 +44,20 @@ class MetricsLogger:
         self.file = open(self.path, "a" if append else "w", encoding="utf-8")
         if log_dir is not None:
             self.writer = _tensorboard_writer(Path(log_dir))
-        if progress_bar:
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                            file=sys.stderr, desc="pretrain")
+        self.bar_settings = dict(total=total_steps, initial=start_step) if progress_bar else None
 
     def advance(self, steps: int = 1) -> None:
+        """An optimizer step is done. The bar appears at the first one, below the start-up messages."""
+        if self.bar is None and self.bar_settings is not None:
+            self.bar = tqdm(**self.bar_settings, unit="step", dynamic_ncols=True, file=sys.stderr, desc="pretrain")
         if self.bar is not None:
             self.bar.update(steps)
+
+    def close_bar(self) -> None:
+        """No more steps: later messages print below the finished bar."""
+        if self.bar is not None:
+            self.bar.close()
+        self.bar, self.bar_settings = None, None
 
     def log(self, record: dict) -> None:
         """One logging step: ``record`` holds plain numbers (step, epoch, loss, lr, img_per_s, ...)."""
@@ -77,8 +85,7 @@ class MetricsLogger:
     def close(self) -> None:
         if not self.enabled:
             return
-        if self.bar is not None:
-            self.bar.close()
+        self.close_bar()
         if self.writer is not None:
             self.writer.close()
         self.file.close()

@@ -306,6 +306,7 @@ class Pretrainer:
     def _stop_on_signal(self, window: "_LogWindow") -> int:
         signum = self._stop_signal or signal.SIGTERM
         path = self._save(window)
+        self.logger.close_bar()
         self.logger.message(f"received {signal.Signals(signum).name}: saved {path} at step {self.position.step}; "
                             f"continue with --resume auto (or --resume {path})")
         return 128 + int(signum)
@@ -313,6 +314,7 @@ class Pretrainer:
     def _finish(self) -> None:
         if not self.ctx.is_main:
             return
+        self.logger.close_bar()
         self.logger.message(f"done at step {self.position.step}: checkpoint {self.last_checkpoint}")
         if self.first_loss is not None:
             self.logger.message(f"loss {self.first_loss:.4f} at the first logging step, {self.last_loss:.4f} at the last")
