@@ -19,11 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from fastmae.patches import patchify, unpatchify
-
-# fastmae.data.augment did not exist when this module was written; these are the reference's values.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 NORM_PIX_EPS = 1e-6  # the loss's eps, so de-normalising inverts exactly what was predicted
 COLUMN_TITLES = ("masked", "reconstruction + visible", "original")

@@ -57,3 +57,194 @@ def test_save_reconstructions_writes_the_grid(tmp_path):
         save_reconstructions(model, torch.randn(1, 3, 32, 32), tmp_path / "rec.jpg")
     with pytest.raises(ValueError, match="image size"):
         save_reconstructions(model, torch.randn(1, 3, 16, 16), tmp_path / "rec.png")
+
+
+# ---- the classifier (reference models_vit layout) ----
+from fastmae.checkpoint import load_weights, save_checkpoint  # noqa: E402
+from fastmae.downstream.vit_classifier import create_classifier  # noqa: E402
+
+
+def encoder_keys(depth: int) -> set[str]:
+    keys = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"}
+    for i in range(depth):
+        for module in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"):
+            keys |= {f"blocks.{i}.{module}.weight", f"blocks.{i}.{module}.bias"}
+    return keys
+
+
+def test_classifier_has_the_reference_models_vit_keys():
+    pooled = create_classifier("vit_micro_patch4", 7, global_pool=True)
+    assert set(pooled.state_dict()) == encoder_keys(2) | {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
+    cls = create_classifier("vit_micro_patch4", 7)
+    assert set(cls.state_dict()) == encoder_keys(2) | {"norm.weight", "norm.bias", "head.weight", "head.bias"}
+    assert pooled(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    with pytest.raises(ValueError, match="unknown model"):
+        create_classifier("vit_nonexistent", 10)
+
+
+def test_mae_checkpoint_loads_into_the_classifier_and_gives_the_encoder_features():
+    mae = micro_mae()
+    pooled = create_classifier("vit_micro_patch4", 10, global_pool=True)
+    report = load_weights(pooled, {"model": mae.state_dict()})
+    assert sorted(report.missing) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    assert "decoder_pred.weight" in report.unexpected and "norm.weight" in report.unexpected
+    cls = create_classifier("vit_micro_patch4", 10).eval()
+    report = load_weights(cls, mae.state_dict())
+    assert sorted(report.missing) == ["head.bias", "head.weight"]
+    # the cls feature is the MAE encoder's cls output when nothing is masked
+    imgs = torch.randn(2, 3, 32, 32)
+    latent, _, _ = mae.forward_encoder(imgs, 0.0, torch.arange(64.0).expand(2, 64))
+    torch.testing.assert_close(cls.forward_features(imgs), latent[:, 0])
+
+
+# ---- layer-wise lr decay, LARS, mixup ----
+from fastmae.downstream.lars import LARS  # noqa: E402
+from fastmae.downstream.lr_decay import param_groups_lrd  # noqa: E402
+from fastmae.downstream.mixup import Mixup, smooth_one_hot, soft_target_cross_entropy  # noqa: E402
+
+
+def test_layer_decay_groups_follow_the_reference():
+    model = create_classifier("vit_micro_patch4", 10, global_pool=True)  # depth 2 -> 3 layers + head
+    groups = param_groups_lrd(model, 0.05, model.no_weight_decay(), layer_decay=0.5)
+    scale = {name: g["lr_scale"] for g in groups for name in g["names"]}
+    decay = {name: g["weight_decay"] for g in groups for name in g["names"]}
+    assert scale["patch_embed.proj.weight"] == scale["cls_token"] == scale["pos_embed"] == 0.5**3
+    assert scale["blocks.0.attn.qkv.weight"] == 0.5**2 and scale["blocks.1.mlp.fc2.weight"] == 0.5
+    assert scale["head.weight"] == scale["fc_norm.weight"] == 1.0
+    assert decay["blocks.0.attn.qkv.weight"] == 0.05 and decay["head.weight"] == 0.05
+    assert decay["blocks.0.attn.qkv.bias"] == decay["cls_token"] == decay["pos_embed"] == decay["fc_norm.weight"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match="layer_decay"):
+        param_groups_lrd(model, layer_decay=0.0)
+
+
+def test_lars_step_matches_the_reference_rule():
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    b = torch.nn.Parameter(torch.randn(4))
+    w.grad, b.grad = torch.randn(4, 3), torch.randn(4)
+    w0, b0, gw, gb = w.detach().clone(), b.detach().clone(), w.grad.clone(), b.grad.clone()
+    LARS([w, b], lr=0.5, weight_decay=0.1, momentum=0.9).step()
+    update = gw + 0.1 * w0
+    update = update * (0.001 * w0.norm() / update.norm())
+    torch.testing.assert_close(w.detach(), w0 - 0.5 * update)
+    torch.testing.assert_close(b.detach(), b0 - 0.5 * gb)  # 1-D: plain momentum SGD, no decay
+
+
+def test_mixup_and_cutmix_targets():
+    labels = torch.tensor([0, 1, 2, 3])
+    target = smooth_one_hot(labels, 5, 0.1)
+    torch.testing.assert_close(target.sum(1), torch.ones(4))
+    assert target[0, 0] == pytest.approx(0.92) and target[0, 1] == pytest.approx(0.02)
+
+    imgs = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 8, 8).contiguous()
+    mixed, soft = Mixup(5, mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.0, seed=1)(imgs, labels)
+    pasted = (mixed[0, 0] == 3.0).float().mean()  # sample 0 received a box from sample 3
+    assert soft[0, 0] == pytest.approx(1 - pasted.item()) and soft[0, 3] == pytest.approx(pasted.item())
+    mixed, soft = Mixup(5, mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.0, seed=2)(imgs, labels)
+    lam = soft[0, 0].item()
+    torch.testing.assert_close(mixed[0], imgs[0] * lam + imgs[3] * (1 - lam))
+    unchanged, soft = Mixup(5, prob=0.0, label_smoothing=0.1)(imgs, labels)
+    assert torch.equal(unchanged, imgs) and torch.allclose(soft, target)
+    loss = soft_target_cross_entropy(torch.zeros(4, 5), soft)
+    assert loss.item() == pytest.approx(torch.log(torch.tensor(5.0)).item())
+    with pytest.raises(ValueError, match="even batch"):
+        Mixup(5)(imgs[:3], labels[:3])
+    with pytest.raises(ValueError, match="mixup_alpha"):
+        Mixup(5, mixup_alpha=0.0, cutmix_alpha=0.0)
+
+
+# ---- labelled image folders and the commands, end to end on a tiny folder ----
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from fastmae.cli import main as fastmae_main  # noqa: E402
+from fastmae.downstream.labeled_data import ClassificationTransform, build_datasets  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """data/{train,val}/{cat,dog}/*.png: 40x36 images, bright for cats, dark for dogs."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("val", 4)):
+        for name, level in (("cat", 200), ("dog", 40)):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(rng.normal(level, 20, (36, 40, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def mae_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "mae.pth"
+    torch.manual_seed(1)
+    save_checkpoint(path, create_model("mae_vit_micro_patch4"), epoch=3, args={"model": "mae_vit_micro_patch4"})
+    return path
+
+
+def test_labeled_image_folder(tiny_folder, tmp_path):
+    train, val = build_datasets(tiny_folder, 32)
+    assert train.classes == val.classes == ["cat", "dog"]
+    assert len(train) == 12 and len(val) == 8
+    x, label = val[5]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and label == 1
+    assert torch.equal(val[5][0], x)  # evaluation view is deterministic
+    crops = {tuple(train[0][0].flatten()[:5].tolist()) for _ in range(4)}
+    assert len(crops) > 1  # training view is random
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with pytest.raises(ValueError, match="val"):
+        build_datasets(tmp_path, 32)
+    with pytest.raises(ValueError, match="input_size"):
+        ClassificationTransform(0, train=False)
+
+
+def read_log(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_linprobe_command(tiny_folder, mae_checkpoint, tmp_path, capsys):
+    out = tmp_path / "lp"
+    common = ["--data_path", str(tiny_folder), "--num_workers", "0", "--batch_size", "4"]
+    rc = fastmae_main(["linprobe", "--checkpoint", str(mae_checkpoint), "--epochs", "2", "--warmup_epochs", "1",
+                       "--output_dir", str(out), *common])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "head.weight" in text and "decoder_blocks" in text  # the load report
+    log = read_log(out / "log.jsonl")
+    assert [r["epoch"] for r in log[:2]] == [1, 2] and log[-1]["final"]
+    container = torch.load(out / "checkpoint-linprobe.pth", weights_only=True)
+    state = container["model"]
+    assert {"head.0.running_mean", "head.1.weight", "norm.weight", "blocks.1.attn.qkv.weight"} <= set(state)
+    assert "head.0.weight" not in state  # BatchNorm without affine
+    assert torch.equal(state["blocks.0.attn.qkv.weight"], torch.load(mae_checkpoint)["model"]["blocks.0.attn.qkv.weight"])
+    rc = fastmae_main(["linprobe", "--eval", "--checkpoint", str(out / "checkpoint-linprobe.pth"), *common])
+    assert rc == 0
+    assert f"top-1 {log[-1]['val_top1']:.2f}%" in capsys.readouterr().out
+
+    rc = fastmae_main(["linprobe", "--random_init", "--model", "vit_micro_patch4", "--input_size", "32",
+                       "--cache_features", "--optimizer", "sgd", "--epochs", "1", "--global_pool", *common])
+    assert rc == 0 and "linear probe top-1" in capsys.readouterr().out
+    assert fastmae_main(["linprobe", *common]) == 2
+    assert "--random_init" in capsys.readouterr().err
+
+
+def test_finetune_command(tiny_folder, mae_checkpoint, tmp_path, capsys):
+    out = tmp_path / "ft"
+    common = ["--data_path", str(tiny_folder), "--num_workers", "0", "--batch_size", "4"]
+    rc = fastmae_main(["finetune", "--checkpoint", str(mae_checkpoint), "--epochs", "2", "--warmup_epochs", "1",
+                       "--mixup", "0.8", "--cutmix", "1.0", "--drop_path", "0.1", "--output_dir", str(out), *common])
+    assert rc == 0
+    log = read_log(out / "log.jsonl")
+    assert len(log) == 3 and log[-1]["final"] and 0.0 <= log[-1]["val_top1"] <= 100.0
+    state = torch.load(out / "checkpoint-best.pth", weights_only=True)["model"]
+    assert set(state) == encoder_keys(2) | {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
+    before = torch.load(mae_checkpoint)["model"]["blocks.0.mlp.fc1.weight"]
+    assert not torch.equal(state["blocks.0.mlp.fc1.weight"], before)  # the encoder was fine-tuned
+    rc = fastmae_main(["finetune", "--eval", "--checkpoint", str(out / "checkpoint-last.pth"), *common])
+    assert rc == 0
+    assert f"top-1 {log[-1]['val_top1']:.2f}%" in capsys.readouterr().out
+    assert fastmae_main(["finetune", "--checkpoint", str(tmp_path / "missing.pth"), *common]) == 2
+    assert "does not exist" in capsys.readouterr().err

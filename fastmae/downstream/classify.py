@@ -1,0 +1,177 @@
+"""What the linear probe and fine-tuning share: building the classifier from a pretrained checkpoint,
+data loaders, top-k evaluation, the jsonl log and the command-line flags both take.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from fastmae.checkpoint import LoadReport, load_weights, read_checkpoint, state_dict_of
+from fastmae.downstream.labeled_data import build_datasets
+from fastmae.downstream.vit_classifier import VisionTransformer, create_classifier
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int, epochs: int, blr: float,
+                         weight_decay: float, warmup_epochs: float, min_lr: float) -> None:
+    """Flags of the reference main_linprobe.py / main_finetune.py that both commands take."""
+    parser.add_argument("--checkpoint", "--finetune", dest="checkpoint", default=None,
+                        help="pretrained MAE checkpoint (.pth reference container or .safetensors)")
+    parser.add_argument("--random_init", action="store_true",
+                        help="no checkpoint: start from a random encoder (the baseline pretraining must beat)")
+    parser.add_argument("--model", default=None,
+                        help="architecture, e.g. vit_base_patch16 (default: the one named in the checkpoint's args)")
+    parser.add_argument("--data_path", required=True, help="folder with train/ and val/ ImageFolders")
+    parser.add_argument("--nb_classes", type=int, default=None, help="default: number of class folders in train/")
+    parser.add_argument("--input_size", type=int, default=None, help="default: the checkpoint's image size")
+    parser.add_argument("--batch_size", type=int, default=batch_size)
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * batch_size / 256)")
+    parser.add_argument("--blr", type=float, default=blr)
+    parser.add_argument("--min_lr", type=float, default=min_lr)
+    parser.add_argument("--warmup_epochs", type=float, default=warmup_epochs)
+    parser.add_argument("--weight_decay", type=float, default=weight_decay)
+    parser.add_argument("--output_dir", default=None, help="checkpoints and log.jsonl go here")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval", action="store_true",
+                        help="only evaluate --checkpoint (a classifier saved by this command) on val/")
+
+
+@dataclass
+class Pretrained:
+    """Where the encoder weights come from: a checkpoint's state_dict and the architecture it implies."""
+
+    state: dict | None  # None: random init
+    model_name: str
+    img_size: int | None  # None: random init
+
+
+def describe_pretrained(checkpoint: str | None, model_name: str | None, random_init: bool) -> Pretrained:
+    if checkpoint is None and not random_init:
+        raise ValueError("give --checkpoint PATH (a pretrained MAE), or --random_init for the random-encoder baseline")
+    if checkpoint is not None and random_init:
+        raise ValueError("--checkpoint and --random_init exclude each other")
+    if checkpoint is None:
+        if model_name is None:
+            raise ValueError("--random_init needs --model (e.g. vit_base_patch16)")
+        return Pretrained(None, model_name.removeprefix("mae_"), None)
+    container = read_checkpoint(checkpoint)
+    state = state_dict_of(container)
+    saved_args = container.get("args") if isinstance(container.get("args"), dict) else None
+    if saved_args is None and isinstance(container.get("args"), argparse.Namespace):
+        saved_args = vars(container["args"])
+    if model_name is None:
+        model_name = (saved_args or {}).get("model")
+        if not model_name:
+            raise ValueError(f"{checkpoint} does not say its architecture: pass --model (e.g. vit_base_patch16)")
+    weight = state.get("patch_embed.proj.weight")  # [D, C, p, p]
+    pos = state.get("pos_embed")  # [1, 1+L, D]
+    if weight is None or pos is None:
+        raise ValueError(f"{checkpoint} holds no ViT encoder (no patch_embed.proj.weight / pos_embed)")
+    if weight.shape[1] != 3:
+        raise ValueError(f"{checkpoint} has a {weight.shape[1]}-channel patch embedding; images are read as RGB")
+    return Pretrained(state, model_name.removeprefix("mae_"), math.isqrt(pos.shape[1] - 1) * weight.shape[-1])
+
+
+def build_classifier(pretrained: Pretrained, num_classes: int, input_size: int,
+                     **kwargs) -> tuple[VisionTransformer, LoadReport | None]:
+    """The classifier with the pretrained encoder loaded (position embeddings resized to input_size)."""
+    model = create_classifier(pretrained.model_name, num_classes, img_size=input_size, **kwargs)
+    report = load_weights(model, pretrained.state) if pretrained.state is not None else None
+    return model, report
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def input_size_of(args, pretrained: Pretrained) -> int:
+    size = args.input_size or pretrained.img_size
+    if size is None:
+        raise ValueError("--random_init needs --input_size")
+    return size
+
+
+def datasets_and_loaders(args, input_size: int, train_augment: bool):
+    train_set, val_set = build_datasets(args.data_path, input_size, train_augment)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+    generator = torch.Generator().manual_seed(args.seed)
+    common = dict(batch_size=args.batch_size, num_workers=args.num_workers, persistent_workers=args.num_workers > 0)
+    train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, drop_last=len(train_set) > args.batch_size,
+                                               generator=generator, **common)
+    val_loader = torch.utils.data.DataLoader(val_set, shuffle=False, **common)
+    return train_set, val_set, train_loader, val_loader
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
+    """logits [N, K], labels [N] -> number of samples whose label is among the top k, per k (k capped at K)."""
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices  # [N, kmax]
+    hit = top == labels.view(-1, 1)
+    return [int(hit[:, :min(k, kmax)].any(dim=1).sum()) for k in ks]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, desc: str = "eval") -> dict:
+    """-> {'top1', 'top5' (percent), 'loss' (cross-entropy), 'n'}."""
+    was_training = model.training
+    model.eval()
+    n = correct1 = correct5 = 0
+    loss_sum = 0.0
+    for imgs, labels in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        logits = model(imgs).float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        c1, c5 = topk_correct(logits, labels)
+        correct1, correct5, n = correct1 + c1, correct5 + c5, n + labels.shape[0]
+    model.train(was_training)
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n, "n": n}
+
+
+def append_jsonl(path: str | os.PathLike | None, record: dict) -> None:
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps({"time": time.time(), **record}) + "\n")
+
+
+def progress(loader, desc: str):
+    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def show_rate(bar, seen: int, start: float, loss: float, lr: float) -> None:
+    """img/s, loss and lr on the tqdm bar (reads the loss back only on these logging calls)."""
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{seen / max(time.perf_counter() - start, 1e-9):.0f}")
+
+
+def evaluate_saved(args, device: torch.device, build_model) -> dict:
+    """--eval: a classifier checkpoint saved by linprobe/finetune, on val/. ``build_model(pretrained,
+    input_size)`` returns the empty classifier matching the state (or raises ValueError); loading is strict."""
+    if args.checkpoint is None:
+        raise ValueError("--eval needs --checkpoint (a classifier saved by this command)")
+    pretrained = describe_pretrained(args.checkpoint, args.model, False)
+    size = input_size_of(args, pretrained)
+    _, _, _, val_loader = datasets_and_loaders(args, size, False)
+    model = build_model(pretrained, size)
+    load_weights(model, pretrained.state, strict=True)
+    return evaluate(model.to(device), val_loader, device)

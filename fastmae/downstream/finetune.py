@@ -1,0 +1,144 @@
+"""``fastmae finetune``: end-to-end fine-tuning of a pretrained encoder (the reference's main_finetune.py).
+
+Protocol: global average pooling of the patch tokens + ``fc_norm`` (``--cls_token`` for the cls
+token after ``norm``), head trunc-normal std 2e-5, drop path (stochastic depth, linearly growing
+to ``--drop_path`` over the blocks), AdamW on layer-wise-lr-decayed parameter groups (no weight
+decay on biases, norms, cls_token and pos_embed), linear warm-up then cosine, label smoothing,
+mixup/cutmix when asked for. Train images: RandomResizedCrop(0.08-1) + flip (the reference adds
+RandAugment and random erasing, which are not implemented here).
+
+Checkpoints (``checkpoint-best.pth``, ``checkpoint-last.pth``) hold the reference models_vit
+state_dict in the reference container, so its code loads them; top-1 per epoch goes to log.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fastmae.checkpoint import save_checkpoint
+from fastmae.downstream.classify import (
+    add_common_arguments, append_jsonl, build_classifier, datasets_and_loaders, describe_pretrained,
+    evaluate, evaluate_saved, input_size_of, pick_device, progress, show_rate,
+)
+from fastmae.downstream.lr_decay import param_groups_lrd
+from fastmae.train.schedule import base_batch_lr, lr_at, set_lr
+from fastmae.downstream.mixup import Mixup, soft_target_cross_entropy
+from fastmae.downstream.vit_classifier import create_classifier, init_head
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser, batch_size=64, epochs=50, blr=5e-4, weight_decay=0.05, warmup_epochs=5, min_lr=1e-6)
+    parser.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay")
+    parser.add_argument("--drop_path", type=float, default=0.1, help="drop path rate of the last block")
+    parser.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    parser.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (reference recipe: 0.8)")
+    parser.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (reference recipe: 1.0)")
+    parser.add_argument("--mixup_prob", type=float, default=1.0)
+    parser.add_argument("--mixup_switch_prob", type=float, default=0.5)
+    parser.add_argument("--clip_grad", type=float, default=None)
+    parser.add_argument("--global_pool", action="store_true", default=True, help="mean of patch tokens (default)")
+    parser.add_argument("--cls_token", action="store_false", dest="global_pool", help="the cls token instead")
+
+
+def run(args) -> int:
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"fastmae finetune: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    out = Path(args.output_dir) if args.output_dir else None
+    log = out / "log.jsonl" if out else None
+    if args.eval:
+        return _evaluate_saved(args, device)
+
+    pretrained = describe_pretrained(args.checkpoint, args.model, args.random_init)
+    size = input_size_of(args, pretrained)
+    train_set, val_set, train_loader, val_loader = datasets_and_loaders(args, size, True)
+    num_classes = args.nb_classes or len(train_set.classes)
+    model, report = build_classifier(pretrained, num_classes, size, global_pool=args.global_pool,
+                                     drop_path_rate=args.drop_path)
+    if report is not None:
+        print(f"loaded {args.checkpoint}:\n{report}")
+    args.model = pretrained.model_name  # saved with the checkpoints, so --eval finds the architecture
+    init_head(model, std=2e-5)
+    model.to(device)
+
+    lr = args.lr if args.lr is not None else base_batch_lr(args.blr, args.batch_size)
+    groups = param_groups_lrd(model, args.weight_decay, model.no_weight_decay(), args.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr)
+    mixup = None
+    if args.mixup > 0 or args.cutmix > 0:
+        mixup = Mixup(num_classes, args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob,
+                      args.smoothing, seed=args.seed)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    print(f"fine-tuning {pretrained.model_name} ({'random init' if args.random_init else args.checkpoint}): "
+          f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes, lr {lr:.3g}, "
+          f"layer decay {args.layer_decay}, drop path {args.drop_path}, "
+          f"{'mixup/cutmix' if mixup else f'label smoothing {args.smoothing}'}")
+
+    best, steps_per_epoch = -1.0, len(train_loader)
+    for epoch in range(args.epochs):
+        model.train()
+        bar = progress(train_loader, f"finetune epoch {epoch + 1}/{args.epochs}")
+        start, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
+        for step, (imgs, labels) in enumerate(bar):
+            set_lr(optimizer, lr_at(epoch + step / steps_per_epoch, lr, args.min_lr, args.warmup_epochs, args.epochs))
+            imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with autocast:
+                if mixup is not None:
+                    imgs, soft = mixup(imgs, labels)
+                    loss = soft_target_cross_entropy(model(imgs).float(), soft)
+                else:
+                    loss = F.cross_entropy(model(imgs).float(), labels, label_smoothing=args.smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            optimizer.step()
+            loss_sum += loss.detach()
+            seen += labels.shape[0]
+            if step % 10 == 0:
+                show_rate(bar, seen, start, loss.item(), optimizer.param_groups[-1]["lr"])
+        with autocast:
+            stats = evaluate(model, val_loader, device)
+        record = {"epoch": epoch + 1, "train_loss": (loss_sum / max(steps_per_epoch, 1)).item(),
+                  "lr": optimizer.param_groups[-1]["lr"], "val_top1": stats["top1"], "val_top5": stats["top5"],
+                  "val_loss": stats["loss"]}
+        if out:
+            save_checkpoint(out / "checkpoint-last.pth", model, optimizer, epoch + 1, args=args, top1=stats["top1"])
+            if stats["top1"] > best:
+                save_checkpoint(out / "checkpoint-best.pth", model, None, epoch + 1, args=args, top1=stats["top1"])
+        best = max(best, stats["top1"])
+        append_jsonl(log, {**record, "max_top1": best})
+        print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val top-1 {stats['top1']:.2f}% "
+              f"top-5 {stats['top5']:.2f}% (max {best:.2f}%)")
+    print(f"fine-tuned top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  (max {best:.2f}%) "
+          f"on {stats['n']} val images")
+    append_jsonl(log, {"final": True, "val_top1": stats["top1"], "val_top5": stats["top5"], "max_top1": best,
+                       "n": stats["n"]})
+    return 0
+
+
+def _evaluate_saved(args, device: torch.device) -> int:
+    def build(pretrained, size):
+        if "head.weight" not in pretrained.state:
+            raise ValueError(f"{args.checkpoint} is not a fine-tuned classifier (no head.weight)")
+        return create_classifier(pretrained.model_name, pretrained.state["head.weight"].shape[0], img_size=size,
+                                 global_pool="fc_norm.weight" in pretrained.state)
+
+    stats = evaluate_saved(args, device, build)
+    print(f"fine-tuned top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  on {stats['n']} val images")
+    return 0

@@ -1,0 +1,117 @@
+"""Labelled images for classification: an ImageFolder (the class is the folder name) and the
+reference's transforms, with PIL only (no torchvision).
+
+    root/<class_a>/xxx.png, root/<class_b>/yyy.jpg, ...   classes sorted by name -> 0, 1, ...
+
+Train: RandomResizedCrop(input_size, scale=(0.08, 1), ratio=(3/4, 4/3), bicubic) + horizontal flip
+(``fastmae.data.augment``, the pretraining loader's crop, with the classification scale range).
+Eval: resize the shorter side to input_size / 0.875 (bicubic), centre crop input_size. Images are
+read as RGB (grey ones replicated) and normalised with the ImageNet mean/std. The reference's
+linear probe uses exactly these; its fine-tuning adds RandAugment and random erasing on top (not
+done here).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, random_resized_crop_flip, resize_center_crop
+from fastmae.data.sources import list_image_files
+
+CLASSIFY_CROP_SCALE = (0.08, 1.0)  # torchvision's default, used by the reference's linprobe/finetune
+EVAL_CROP_FRACTION = 0.875  # 224 / 256, the reference's crop_pct
+
+
+def list_labeled_images(root: str | os.PathLike) -> tuple[list[tuple[Path, int]], list[str]]:
+    """-> ([(path, class index)], class names): one sub-folder per class, images at any depth below it."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"image folder {root} does not exist or is not a directory")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"{root} has no class sub-folders (expected {root}/<class>/<image files>)")
+    samples = []
+    for index, name in enumerate(classes):
+        samples.extend((path, index) for path in list_image_files(root / name))
+    return samples, classes
+
+
+@dataclass
+class ClassificationTransform:
+    """PIL image -> normalised float32 tensor [3, input_size, input_size]."""
+
+    input_size: int
+    train: bool
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    _rng: np.random.Generator | None = field(default=None, repr=False)
+    _rng_seed: int | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.input_size < 1:
+            raise ValueError(f"input_size must be positive, got {self.input_size}")
+
+    def rng(self) -> np.random.Generator:
+        # one generator per DataLoader worker, seeded from the worker's torch seed: reproducible, distinct
+        seed = torch.initial_seed()
+        if self._rng is None or self._rng_seed != seed:
+            self._rng, self._rng_seed = np.random.default_rng(seed), seed
+        return self._rng
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        size = self.input_size
+        if self.train:
+            pixels = random_resized_crop_flip(img, size, self.rng(), scale=CLASSIFY_CROP_SCALE)
+        else:
+            resized = resize_center_crop(img, int(size / EVAL_CROP_FRACTION))  # [S', S', 3], S' >= size
+            top = (resized.shape[0] - size) // 2
+            pixels = np.ascontiguousarray(resized[top:top + size, top:top + size])
+        x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # uint8 [1, 3, S, S]
+        return normalize(x, self.mean, self.std)[0]
+
+
+class LabeledImageFolder(torch.utils.data.Dataset):
+    """(image tensor [3, S, S], class index) pairs from ``root/<class>/<images>``."""
+
+    def __init__(self, root: str | os.PathLike, transform: ClassificationTransform,
+                 classes: Sequence[str] | None = None):
+        self.root = Path(root)
+        self.samples, found = list_labeled_images(root)
+        if classes is not None and list(found) != list(classes):
+            raise ValueError(f"{root} has classes {found}, expected {list(classes)} (as in the train folder)")
+        self.classes = list(found)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        with Image.open(path) as img:
+            return self.transform(img), label
+
+
+def train_val_folders(data_path: str | os.PathLike) -> tuple[Path, Path]:
+    """The reference layout: data_path/train and data_path/val."""
+    data_path = Path(data_path)
+    train, val = data_path / "train", data_path / "val"
+    for folder in (train, val):
+        if not folder.is_dir():
+            raise ValueError(f"expected {folder}: --data_path must hold train/ and val/ ImageFolders")
+    return train, val
+
+
+def build_datasets(data_path, input_size: int, train_augment: bool = True,
+                   mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[LabeledImageFolder, LabeledImageFolder]:
+    """Train (augmented unless train_augment is False) and val datasets with the same classes."""
+    train_dir, val_dir = train_val_folders(data_path)
+    train = LabeledImageFolder(train_dir, ClassificationTransform(input_size, train_augment, mean, std))
+    val = LabeledImageFolder(val_dir, ClassificationTransform(input_size, False, mean, std), train.classes)
+    return train, val

@@ -1,0 +1,103 @@
+"""``fastmae visualize``: reconstructions of a pretrained MAE in the paper's figure layout.
+
+    fastmae visualize --checkpoint out/checkpoint-last.pth --images photos/ --mask_ratio 0.75 0.9 --output rec.png
+
+Each image is resized (shorter side) and centre-cropped to the model's size; each row shows one
+image at one mask ratio: masked input | reconstruction with the visible patches pasted back |
+original. Norm-pix models are shown de-normalised with each patch's own statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from fastmae.checkpoint import load_weights, read_checkpoint, state_dict_of
+from fastmae.data.augment import normalize, resize_center_crop
+from fastmae.data.sources import IMAGE_EXTENSIONS, list_image_files
+from fastmae.models import create_model
+from fastmae.reconstruction import save_reconstructions
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="pretrained MAE checkpoint (with its decoder)")
+    parser.add_argument("--images", required=True, nargs="+", help="image files and/or folders (searched recursively)")
+    parser.add_argument("--mask_ratio", type=float, nargs="+", default=[0.75], help="one row per image and ratio")
+    parser.add_argument("--output", required=True, help="PNG file to write")
+    parser.add_argument("--model", default=None, help="architecture (default: the checkpoint's args)")
+    parser.add_argument("--norm_pix_loss", action="store_true", default=None,
+                        help="the model predicts per-patch normalised pixels (default: the checkpoint's args)")
+    parser.add_argument("--num_images", type=int, default=8, help="at most this many images (sorted by path)")
+    parser.add_argument("--seed", type=int, default=0, help="masking noise seed")
+    parser.add_argument("--device", default="cpu")
+
+
+def image_paths(inputs: list[str]) -> list[Path]:
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            paths.extend(list_image_files(path))
+        elif path.is_file():
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise ValueError(f"{path} is not an image file ({', '.join(IMAGE_EXTENSIONS)})")
+            paths.append(path)
+        else:
+            raise ValueError(f"--images: {path} does not exist")
+    return paths
+
+
+def load_images(paths: list[Path], size: int) -> torch.Tensor:
+    """-> normalised [N, 3, size, size] (shorter side resized, centre crop)."""
+    crops = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                crops.append(torch.from_numpy(resize_center_crop(img, size)).permute(2, 0, 1))
+        except OSError as err:
+            raise ValueError(f"cannot read image {path}: {err}") from err
+    return normalize(torch.stack(crops))
+
+
+def load_mae(checkpoint: str, model_name: str | None, norm_pix_loss: bool | None):
+    container = read_checkpoint(checkpoint)
+    state = state_dict_of(container)
+    saved = container.get("args")
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else (saved or {})
+    model_name = model_name or saved.get("model")
+    if not model_name:
+        raise ValueError(f"{checkpoint} does not name its architecture: pass --model (e.g. mae_vit_base_patch16)")
+    if "decoder_pred.weight" not in state:
+        raise ValueError(f"{checkpoint} has no MAE decoder (encoder-only or fine-tuned): nothing to reconstruct with")
+    norm_pix = norm_pix_loss if norm_pix_loss is not None else bool(saved.get("norm_pix_loss", False))
+    weight, pos = state["patch_embed.proj.weight"], state["pos_embed"]  # [D, C, p, p], [1, 1+L, D]
+    img_size = math.isqrt(pos.shape[1] - 1) * weight.shape[-1]
+    name = model_name if model_name.startswith("mae_") else f"mae_{model_name}"
+    model = create_model(name, img_size=img_size, in_chans=weight.shape[1], norm_pix_loss=norm_pix)
+    load_weights(model, state, strict=True)
+    return model.eval(), norm_pix
+
+
+def run(args) -> int:
+    try:
+        model, norm_pix = load_mae(args.checkpoint, args.model, args.norm_pix_loss)
+        if model.in_chans != 3:
+            raise ValueError(f"the model takes {model.in_chans}-channel images; visualize reads RGB images")
+        if args.num_images < 1:
+            raise ValueError(f"--num_images must be >= 1, got {args.num_images}")
+        paths = image_paths(args.images)[:args.num_images]
+        imgs = load_images(paths, model.patch_embed.img_size[0])
+        noise = torch.rand(len(paths), model.num_patches, generator=torch.Generator().manual_seed(args.seed))
+        model.to(args.device)
+        out = save_reconstructions(model, imgs, args.output, mask_ratios=tuple(args.mask_ratio), noise=noise)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"fastmae visualize: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}: {len(paths)} images x mask ratios {args.mask_ratio}"
+          f"{' (norm-pix, de-normalised per patch)' if norm_pix else ''}")
+    return 0
