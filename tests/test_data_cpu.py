@@ -1,6 +1,5 @@
 """The CPU data pipeline: folder layouts, rank shards, the crop sampler, the loader and bad data."""
 
-import math
 import warnings
 
 import numpy as np

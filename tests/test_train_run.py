@@ -3,7 +3,6 @@ checkpoints, SIGTERM."""
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -272,3 +271,35 @@ def test_start_epoch_and_absolute_lr(tmp_path, image_folder):
     (record,) = logged(out)
     # 4 batches per epoch; the first step of epoch 2 of 3, warm-up 1: on the cosine
     assert record["lr"] == pytest.approx(lr_at(2.0, 1e-3, 0.0, 1, 3)) and record["epoch"] == 2.25
+
+
+@pytest.mark.gpu
+def test_training_step_never_waits_for_the_gpu():
+    from fastmae.data.augment import normalize
+    from fastmae.models import create_model
+    from fastmae.train.optim import build_optimizer
+    from fastmae.train.trainer import _LogWindow, mask_noise_seed, train_step
+
+    device = torch.device("cuda")
+    model = create_model("mae_vit_micro_patch4").to(device)
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.05)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    window = _LogWindow(device, 0.0)
+    generator = torch.Generator(device=device)
+    pixels = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8).pin_memory()
+
+    def step(index):
+        imgs = normalize(pixels.to(device, non_blocking=True))
+        generator.manual_seed(mask_noise_seed(0, index, 0, 0))
+        noise = torch.rand(8, 64, generator=generator, device=device)
+        window.add(train_step(model, optimizer, scaler, [(imgs, noise)], 0.75, torch.bfloat16), 8)
+
+    step(0)  # warm-up: lazy CUDA initialisation may synchronise once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for index in range(1, 4):
+            step(index)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert window.count == 4 and torch.isfinite(window.loss_sum).item()

@@ -245,7 +245,7 @@ class Pretrainer:
 
     def _log(self, window: "_LogWindow") -> None:
         """A logging step: the one place the loop reads device values back."""
-        pos, cfg = self.position, self.cfg
+        pos = self.position
         loss_sum, count, nonfinite, skipped = window.reduce(self.ctx, self.data.skipped)
         now = time.perf_counter()
         elapsed = max(now - window.started, 1e-9)
