@@ -303,3 +303,13 @@ def test_training_step_never_waits_for_the_gpu():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert window.count == 4 and torch.isfinite(window.loss_sum).item()
+
+
+def test_resume_with_another_batch_size_continues_after_the_same_images(tmp_path, image_folder, capsys):
+    out = tmp_path / "out"
+    assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "2")) == 0  # 8 of the 16 images of epoch 0
+    assert fastmae_main(micro_flags(image_folder, out, "--resume", "auto", "--max_steps", "3",
+                                    "--batch_size", "8")) == 0
+    assert "continuing at batch 1 of epoch 0" in capsys.readouterr().out
+    last = logged(out)[-1]
+    assert last["step"] == 3 and last["epoch"] == 1.0  # the second batch of 8 ends epoch 0

@@ -28,6 +28,7 @@ class TrainingPosition:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # epoch of the next micro-batch
     batch: int = 0  # index of the next micro-batch within that epoch
+    images_per_batch: int = 0  # of a micro-batch over all ranks (batch_size x world size); 0 = unknown
 
 
 def step_checkpoint_path(output_dir: str | Path, step: int) -> Path:
@@ -70,7 +71,8 @@ def restore_rng_states(states: dict) -> None:
 def save_training_checkpoint(output_dir: str | Path, model, optimizer, scaler, position: TrainingPosition,
                              args, keep: int) -> Path:
     path = step_checkpoint_path(output_dir, position.step)
-    resume = {"step": position.step, "epoch": position.epoch, "batch": position.batch, "rng": rng_states()}
+    resume = {"step": position.step, "epoch": position.epoch, "batch": position.batch,
+              "images_per_batch": position.images_per_batch, "rng": rng_states()}
     save_checkpoint(path, model, optimizer, epoch=position.epoch - 1, scaler=scaler, args=args, **{RESUME_KEY: resume})
     for old in step_checkpoints(output_dir)[:-keep]:
         old.unlink(missing_ok=True)
@@ -92,5 +94,6 @@ def resume_from(path: str | Path, model, optimizer, scaler) -> tuple[TrainingPos
         scaler.load_state_dict(container["scaler"])
     state = container[RESUME_KEY]
     restore_rng_states(state["rng"])
-    position = TrainingPosition(step=int(state["step"]), epoch=int(state["epoch"]), batch=int(state["batch"]))
+    position = TrainingPosition(step=int(state["step"]), epoch=int(state["epoch"]), batch=int(state["batch"]),
+                                images_per_batch=int(state.get("images_per_batch", 0)))
     return position, f"resumed from {path} at step {position.step} (epoch {position.epoch}, batch {position.batch})"

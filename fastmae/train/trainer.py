@@ -102,7 +102,8 @@ class Pretrainer:
         self.peak_lr = cfg.lr if cfg.lr is not None else base_batch_lr(cfg.blr, self.effective_batch)
         self.optimizer = build_optimizer(self.model, self.peak_lr, cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.position = TrainingPosition(epoch=cfg.start_epoch)
+        self.images_per_batch = cfg.batch_size * ctx.world_size
+        self.position = TrainingPosition(epoch=cfg.start_epoch, images_per_batch=self.images_per_batch)
         self.last_checkpoint: Path | None = None
         self.messages: list[str] = []
         self._resume()
@@ -148,11 +149,26 @@ class Pretrainer:
         position, message = resume_from(path, self.model, self.optimizer, self.scaler)
         self.messages.append(message)
         if position is not None:
+            self._convert_data_position(position)
             if position.batch > self.batches_per_epoch:
                 raise ValueError(f"{path} stopped at batch {position.batch} of an epoch, but an epoch now has "
                                  f"{self.batches_per_epoch} batches: resume with the same data and batch size")
             self.position = position
             self.last_checkpoint = path
+
+    def _convert_data_position(self, position: TrainingPosition) -> None:
+        """A checkpoint of a run with another batch size or world size: continue after the same number
+        of images of the epoch (exact resumption needs both unchanged)."""
+        saved, now = position.images_per_batch or self.images_per_batch, self.images_per_batch
+        if saved != now and position.batch:
+            batch = position.batch * saved // now
+            batch -= batch % self.cfg.accum_iter  # start on an optimizer-step boundary
+            self.messages.append(
+                f"the checkpoint's micro-batches held {saved} images over all ranks, this run's hold {now}: "
+                f"continuing at batch {batch} of epoch {position.epoch} (the same images seen, but the data "
+                f"order now differs from an uninterrupted run)")
+            position.batch = batch
+        position.images_per_batch = now
 
     def _flop_rates(self) -> tuple[float | None, float | None]:
         """Training FLOPs per image and the device's peak FLOP/s, for MFU (CUDA only)."""
