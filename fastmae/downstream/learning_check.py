@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastmae.downstream.learning_check", description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=LearningCheckConfig.steps)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--lr", type=float, default=LearningCheckConfig.lr, help="peak AdamW lr")
+    parser.add_argument("--batch_size", type=int, default=LearningCheckConfig.batch_size)
     parser.add_argument("--model", default=LearningCheckConfig.model)
     parser.add_argument("--global_pool", action="store_true")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
@@ -151,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for seed in args.seeds:
-            cfg = LearningCheckConfig(model=args.model, steps=args.steps, seed=seed, global_pool=args.global_pool)
+            cfg = LearningCheckConfig(model=args.model, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                                      seed=seed, global_pool=args.global_pool)
             result = run_check(cfg)
             results.append(result)
             print(f"seed {seed}: linear probe top-1 random init {result['random_init_top1']:.1f}% -> "
@@ -161,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.output:
-        config = dataclasses.asdict(LearningCheckConfig(model=args.model, steps=args.steps, global_pool=args.global_pool))
+        config = dataclasses.asdict(LearningCheckConfig(model=args.model, steps=args.steps, lr=args.lr,
+                                                        batch_size=args.batch_size, global_pool=args.global_pool))
         with open(args.output, "w") as f:
             json.dump({"config": config, "results": results}, f, indent=2, default=str)
     return 0
