@@ -142,6 +142,7 @@ def test_stopped_and_resumed_run_logs_exactly_the_uninterrupted_losses(tmp_path,
     assert {"model", "optimizer", "epoch", "scaler", "args"} <= set(final_a) and final_a["epoch"] == 2
     assert final_a[RESUME_KEY]["step"] == 6 and final_a["args"]["accum_iter"] == 2
     assert (tmp_path / "straight" / "reconstruction.png").stat().st_size > 1000
+    assert (tmp_path / "straight" / "loss.png").stat().st_size > 1000
 
 
 def test_resume_from_a_reference_checkpoint_loads_weights_only(tmp_path, image_folder, capsys):

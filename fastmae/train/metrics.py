@@ -89,3 +89,28 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.close()
         self.file.close()
+
+
+def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Path:
+    """loss and lr against the optimizer step, from metrics.jsonl, as a PNG (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    if not records:
+        raise ValueError(f"{metrics_path} holds no logging steps to plot")
+    steps = [r["step"] for r in records]
+    figure, loss_axis = plt.subplots(figsize=(7, 4), dpi=100)
+    loss_axis.plot(steps, [r["loss"] for r in records], color="tab:blue")
+    loss_axis.set_xlabel("optimizer step")
+    loss_axis.set_ylabel("loss (masked patches)", color="tab:blue")
+    lr_axis = loss_axis.twinx()
+    lr_axis.plot(steps, [r["lr"] for r in records], color="tab:orange", alpha=0.6)
+    lr_axis.set_ylabel("learning rate", color="tab:orange")
+    loss_axis.set_title("MAE pretraining")
+    figure.tight_layout()
+    figure.savefig(png_path)
+    plt.close(figure)
+    return Path(png_path)

@@ -26,7 +26,7 @@ from fastmae.train.checkpoints import (TrainingPosition, latest_checkpoint, resu
                                       step_checkpoint_path, step_checkpoints)
 from fastmae.train.config import PretrainConfig
 from fastmae.train.distributed import DistributedContext
-from fastmae.train.metrics import MetricsLogger, peak_memory_gb
+from fastmae.train.metrics import MetricsLogger, peak_memory_gb, plot_loss_curve
 from fastmae.train.optim import build_optimizer
 from fastmae.train.schedule import base_batch_lr, lr_at, set_lr
 
@@ -336,6 +336,11 @@ class Pretrainer:
             self.logger.message(f"loss {self.first_loss:.4f} at the first logging step, {self.last_loss:.4f} at the last")
         png = self.write_reconstructions()
         self.logger.message(f"reconstructions (masked / reconstruction + visible / original): {png}")
+        try:
+            curve = plot_loss_curve(self.logger.path, self.output_dir / "loss.png")
+            self.logger.message(f"loss curve: {curve}")
+        except ImportError:
+            self.logger.message("no loss.png: matplotlib is not installed (pip install 'fastmae[viz]')")
 
     def write_reconstructions(self, count: int = 8) -> Path:
         from fastmae.reconstruction import save_reconstructions
