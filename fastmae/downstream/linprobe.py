@@ -177,9 +177,9 @@ def _run(args) -> int:
 
 def _encode(model: VisionTransformer, loader, device: torch.device):
     """Batches of (frozen features [B, D], labels [B]) from augmented images."""
+    # no mode switch here: the encoder has no dropout or drop path, and the head's BatchNorm must stay in train mode
     for imgs, labels in loader:
         with torch.no_grad():
-            model.eval()  # frozen encoder; only the head's BatchNorm is in training mode
             feats = model.forward_features(imgs.to(device, non_blocking=True))
         yield feats.float(), labels.to(device, non_blocking=True)
 

@@ -79,7 +79,9 @@ def load_mae(checkpoint: str, model_name: str | None, norm_pix_loss: bool | None
     img_size = math.isqrt(pos.shape[1] - 1) * weight.shape[-1]
     name = model_name if model_name.startswith("mae_") else f"mae_{model_name}"
     model = create_model(name, img_size=img_size, in_chans=weight.shape[1], norm_pix_loss=norm_pix)
-    load_weights(model, state, strict=True)
+    report = load_weights(model, state)
+    if report.missing:
+        raise ValueError(f"{checkpoint} does not fit {name}: missing {report.missing[:5]}")
     return model.eval(), norm_pix
 
 
