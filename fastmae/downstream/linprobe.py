@@ -33,8 +33,8 @@ from fastmae.downstream.classify import (
     evaluate, evaluate_saved, input_size_of, pick_device, progress, show_rate,
 )
 from fastmae.downstream.lars import LARS
-from fastmae.train.schedule import base_batch_lr, lr_at, set_lr
 from fastmae.downstream.vit_classifier import VisionTransformer, create_classifier, init_head
+from fastmae.train.schedule import base_batch_lr, lr_at, set_lr
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,6 +20,7 @@ from PIL import Image
 from fastmae.checkpoint import load_weights, read_checkpoint, state_dict_of
 from fastmae.data.augment import normalize, resize_center_crop
 from fastmae.data.sources import IMAGE_EXTENSIONS, list_image_files
+from fastmae.downstream.classify import saved_args
 from fastmae.models import create_model
 from fastmae.reconstruction import save_reconstructions
 
@@ -67,8 +68,7 @@ def load_images(paths: list[Path], size: int) -> torch.Tensor:
 def load_mae(checkpoint: str, model_name: str | None, norm_pix_loss: bool | None):
     container = read_checkpoint(checkpoint)
     state = state_dict_of(container)
-    saved = container.get("args")
-    saved = vars(saved) if isinstance(saved, argparse.Namespace) else (saved or {})
+    saved = saved_args(container)
     model_name = model_name or saved.get("model")
     if not model_name:
         raise ValueError(f"{checkpoint} does not name its architecture: pass --model (e.g. mae_vit_base_patch16)")
