@@ -296,6 +296,9 @@ def test_hf_export_round_trip(mae_checkpoint, tmp_path):
     assert config["layer_norm_eps"] == 1e-6 and config["patch_size"] == 4
     saved = load_file(str(out / "model.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in hf.items())
+    classifier = tmp_path / "classifier.pth"
+    save_checkpoint(classifier, create_classifier("vit_micro_patch4", 10, global_pool=True), args={"model": "vit_micro_patch4"})
+    assert fastmae_main(["export", "--checkpoint", str(classifier), "--format", "hf", "--output", str(out)]) == 2
     with pytest.raises(ValueError, match="unknown HF"):
         hf_to_fastmae({"vit.pooler.dense.weight": torch.zeros(1)})
 

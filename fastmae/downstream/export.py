@@ -125,7 +125,7 @@ def hf_to_fastmae(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def hf_config(state: dict[str, torch.Tensor], model_name: str, norm_pix_loss: bool, norm_eps: float = 1e-6) -> dict:
+def hf_config(state: dict[str, torch.Tensor], model_name: str, norm_pix_loss: bool, mask_ratio: float = 0.75) -> dict:
     """config.json of transformers' ViTMAEConfig, sizes read from the weights, head counts from the named arch."""
     with torch.device("meta"):  # only for its config: no memory, no init
         arch = create_model(model_name).config
@@ -138,9 +138,9 @@ def hf_config(state: dict[str, torch.Tensor], model_name: str, norm_pix_loss: bo
         "hidden_size": D, "num_hidden_layers": depth, "num_attention_heads": arch.num_heads,
         "intermediate_size": state["blocks.0.mlp.fc1.weight"].shape[0], "hidden_act": "gelu",
         "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02,
-        "layer_norm_eps": norm_eps, "image_size": grid * proj.shape[-1], "patch_size": proj.shape[-1],
+        "layer_norm_eps": arch.norm_eps, "image_size": grid * proj.shape[-1], "patch_size": proj.shape[-1],
         "num_channels": proj.shape[1], "qkv_bias": "blocks.0.attn.qkv.bias" in state,
-        "mask_ratio": 0.75, "norm_pix_loss": norm_pix_loss,
+        "mask_ratio": mask_ratio, "norm_pix_loss": norm_pix_loss,
     }
     if "decoder_embed.weight" in state:
         Dd = state["decoder_embed.weight"].shape[0]
@@ -202,11 +202,14 @@ def _run(args) -> int:
     if not model_name:
         raise ValueError(f"{args.checkpoint} does not name its architecture: pass --model (e.g. mae_vit_base_patch16)")
     model_name = model_name if model_name.startswith("mae_") else f"mae_{model_name}"
+    if "norm.weight" not in state:
+        raise ValueError(f"{args.checkpoint} has no encoder norm (a global-pool classifier has fc_norm instead): "
+                         "HF ViTMAE needs it; export classifiers with --format timm")
     norm_pix = args.norm_pix_loss if args.norm_pix_loss is not None else bool(saved.get("norm_pix_loss", False))
     exported = fastmae_to_hf({k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm."))})
     out.mkdir(parents=True, exist_ok=True)
     save_state(exported, out / "model.safetensors")
-    config = hf_config(state, model_name, norm_pix)
+    config = hf_config(state, model_name, norm_pix, float(saved.get("mask_ratio", 0.75)))
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     print(f"wrote {len(exported)} tensors in HF ViTMAE layout + config.json to {out}/ "
           f"(transformers.ViTMAEForPreTraining.from_pretrained('{out}'))")
