@@ -141,6 +141,7 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; a checkpoint is for others to read too
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
