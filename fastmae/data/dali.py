@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from fastmae.data.encoded_batches import EncodedBatch, EncodedBatchReader
+from fastmae.data.encoded_batches import EncodedBatch, EncodedBatchReader, ReaderBackedBatches
 from fastmae.data.loader import DataConfig
 from fastmae.data.sources import open_source
 
@@ -40,7 +40,7 @@ def build_dali_loader(cfg: DataConfig, rank: int, world_size: int, device: torch
     return DALILoader(cfg, rank, world_size, device, **options)
 
 
-class DALILoader:
+class DALILoader(ReaderBackedBatches):
     """``ImageBatches`` decoded by DALI: float32 [B, 3, S, S] on ``device`` (a CUDA device, or the CPU
     for DALI's CPU mode)."""
 
@@ -76,17 +76,6 @@ class DALILoader:
         self._in_flight: deque[EncodedBatch] = deque()  # fed to the pipeline, output not yet taken
         self._feed_error: BaseException | None = None  # raised by the reader inside DALI's callback
         self.pipeline_builds = 0  # 1 + epochs left early + recoveries from undecodable files
-
-    # --- ImageBatches -------------------------------------------------------------------------
-    @property
-    def skipped(self) -> int:
-        return self.reader.skipped
-
-    def __len__(self) -> int:
-        return len(self.reader)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.reader.set_epoch(epoch, start_batch)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         if self._pipeline is None or self._in_flight or self._replay:  # first epoch, or the last one was left early

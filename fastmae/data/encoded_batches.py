@@ -145,6 +145,23 @@ class EncodedBatchReader:
                 yield self.plan_batch(keys, pool)
 
 
+class ReaderBackedBatches:
+    """The ImageBatches bookkeeping of a GPU loader: its EncodedBatchReader decides the epoch order,
+    the rank's share, the mid-epoch start and the skipped files; the loader only decodes."""
+
+    reader: EncodedBatchReader
+
+    @property
+    def skipped(self) -> int:
+        return self.reader.skipped
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.reader.set_epoch(epoch, start_batch)
+
+
 def run_ahead(items: Iterator, depth: int, name: str) -> Iterator:
     """Iterate ``items`` on a background thread, up to ``depth`` items ahead of the consumer. Its
     exceptions are raised in the consumer; leaving the loop early stops and closes it."""

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
-from fastmae.data.encoded_batches import EncodedBatch, EncodedBatchReader, run_ahead
+from fastmae.data.encoded_batches import EncodedBatch, EncodedBatchReader, ReaderBackedBatches, run_ahead
 from fastmae.data.loader import DataConfig
 from fastmae.data.sources import open_source
 
@@ -61,7 +61,7 @@ def resized_crops(images: list[torch.Tensor], boxes: np.ndarray, flips: np.ndarr
     return out
 
 
-class TorchvisionGPULoader:
+class TorchvisionGPULoader(ReaderBackedBatches):
     """``ImageBatches`` decoded by torchvision's nvJPEG: float32 [B, 3, S, S] on a CUDA ``device``."""
 
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: torch.device, *,
@@ -80,16 +80,6 @@ class TorchvisionGPULoader:
         self.decode_only = decode_only  # benchmarks: decode, then a plain resize to batch them
         self.reader = EncodedBatchReader(open_source(cfg.data_path), cfg, rank, world_size,
                                          num_io_threads=num_io_threads, prefetch_batches=prefetch_batches + 1)
-
-    @property
-    def skipped(self) -> int:
-        return self.reader.skipped
-
-    def __len__(self) -> int:
-        return len(self.reader)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.reader.set_epoch(epoch, start_batch)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for images, event, batch in run_ahead(self._decoded_batches(), self.prefetch_batches, name="fastmae-gpu-decode"):
