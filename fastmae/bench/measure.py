@@ -3,15 +3,53 @@ peak memory. Shared by ``fastmae bench step`` and ``fastmae bench table2``."""
 
 from __future__ import annotations
 
+import argparse
 import gc
 import math
 
 import torch
 
 from fastmae.bench.contenders import Contender
+from fastmae.bench.environment import resolve_device, resolve_dtype
 from fastmae.bench.timing import TimingPlan, synchronize, time_steps
-from fastmae.flops import device_peak_flops
-from fastmae.models import create_model
+from fastmae.flops import device_peak_flops, token_counts
+from fastmae.models import MODEL_ARCHS, create_model
+
+
+def add_measurement_arguments(parser: argparse.ArgumentParser, cpu_batch: int) -> None:
+    """The flags every step-timing command shares (bench step, bench table2)."""
+    parser.add_argument("--batch_size", type=int, default=None, help=f"default: 256 on CUDA, {cpu_batch} on CPU")
+    parser.add_argument("--oom_fallback", action="store_true",
+                        help="on out-of-memory halve the batch and measure again")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--mask_ratio", type=float, default=0.75)
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default: 10 CUDA, 2 CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 30 CUDA, 5 CPU)")
+    parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "xformers", "math"])
+    parser.add_argument("--no_progress", action="store_true")
+
+
+def resolve_measurement(args: argparse.Namespace, cpu_batch: int) -> tuple[torch.device, torch.dtype, int, TimingPlan]:
+    """Device, dtype, batch size and timing plan from the shared flags; fills in the per-device
+    defaults of --warmup and --steps. Raises ValueError naming a bad flag."""
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    cuda = device.type == "cuda"
+    batch_size = args.batch_size if args.batch_size is not None else (256 if cuda else cpu_batch)
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be positive, got {batch_size}")
+    args.warmup = (10 if cuda else 2) if args.warmup is None else args.warmup
+    args.steps = (30 if cuda else 5) if args.steps is None else args.steps
+    return device, dtype, batch_size, TimingPlan(args.warmup, args.steps)
+
+
+def check_model_names(names, mask_ratio: float) -> None:
+    for name in names:
+        if name not in MODEL_ARCHS:
+            raise ValueError(f"unknown model {name!r}; choose from {sorted(MODEL_ARCHS)}")
+        token_counts(model_config(name), mask_ratio)  # a mask ratio that leaves patches visible
 
 
 class BatchTooLarge(RuntimeError):

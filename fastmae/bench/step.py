@@ -19,17 +19,22 @@ from fastmae.bench.contenders import CONTENDER_NAMES, build_contenders
 from fastmae.bench.environment import (
     dtype_name,
     environment_info,
-    resolve_device,
-    resolve_dtype,
     result_filename,
     write_json,
 )
 from fastmae.bench.gemm_peak import measured_gemm_flops
 from fastmae.bench.hf_vitmae import transformers_available
-from fastmae.bench.measure import BatchTooLarge, format_row, measure_contender, model_config, spec_peak_flops
+from fastmae.bench.measure import (
+    BatchTooLarge,
+    add_measurement_arguments,
+    check_model_names,
+    format_row,
+    measure_contender,
+    model_config,
+    resolve_measurement,
+    spec_peak_flops,
+)
 from fastmae.bench.timing import EndlessLoader, SyntheticImages, TimingPlan
-from fastmae.flops import token_counts
-from fastmae.models import MODEL_ARCHS
 
 
 def speedups(rows: list[dict]) -> dict:
@@ -104,22 +109,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="architecture(s), comma separated (default: mae_vit_base_patch16 on CUDA, "
                              "mae_vit_demo_patch8 on CPU)")
     parser.add_argument("--decoder_depth", type=int, default=None, help="override the decoder depth")
-    parser.add_argument("--batch_size", type=int, default=None, help="default: 256 on CUDA, 16 on CPU")
-    parser.add_argument("--oom_fallback", action="store_true",
-                        help="on out-of-memory halve the batch and measure every contender again")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--mask_ratio", type=float, default=0.75)
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default: 10 CUDA, 2 CPU)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 30 CUDA, 5 CPU)")
+    add_measurement_arguments(parser, cpu_batch=16)
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                         help="also measure the torch.compile'd engine (auto: on CUDA only; compiling is slow on CPU)")
     parser.add_argument("--compile_backend", default="inductor", help="torch.compile backend of the +compile rows")
     parser.add_argument("--impl", default=None,
                         help=f"comma-separated subset of {','.join(CONTENDER_NAMES)} (default: all available)")
     parser.add_argument("--no_hf", action="store_true", help="leave out HF transformers' ViTMAE")
-    parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
-    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "xformers", "math"])
     parser.add_argument("--gemm_size", type=int, default=None, help="matrix size of the GEMM-rate measurement")
     parser.add_argument("--real_data", action="store_true", help="feed batches from the data loader")
     parser.add_argument("--data_path", default=None, help="image folder for --real_data (default: embedded photos)")
@@ -127,26 +123,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_workers", type=int, default=8)
     parser.add_argument("--json", default=None, help="write the result here (one model)")
     parser.add_argument("--out_dir", default=None, help="write step_<model>_<gpu>_<date>.json here, one per model")
-    parser.add_argument("--no_progress", action="store_true")
 
 
 def run(args) -> int:
     try:
-        device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device)
+        device, dtype, batch_size, _ = resolve_measurement(args, cpu_batch=16)
         cuda = device.type == "cuda"
         models = (args.model or ("mae_vit_base_patch16" if cuda else "mae_vit_demo_patch8")).split(",")
-        for name in models:
-            if name not in MODEL_ARCHS:
-                raise ValueError(f"unknown model {name!r}; choose from {sorted(MODEL_ARCHS)}")
-            token_counts(model_config(name), args.mask_ratio)  # a mask ratio that leaves patches visible
+        check_model_names(models, args.mask_ratio)
         if args.json and len(models) > 1:
             raise ValueError("--json takes one model; use --out_dir for several")
-        batch_size = args.batch_size if args.batch_size is not None else (256 if cuda else 16)
-        args.warmup = (10 if cuda else 2) if args.warmup is None else args.warmup
-        args.steps = (30 if cuda else 5) if args.steps is None else args.steps
-        if batch_size < 1:
-            raise ValueError(f"--batch_size must be positive, got {batch_size}")
         if args.impl:
             names = tuple(n.strip() for n in args.impl.split(","))
             unknown = [n for n in names if n not in CONTENDER_NAMES]
@@ -156,7 +142,6 @@ def run(args) -> int:
                 raise ValueError("hf-vitmae asked for, but transformers is not installed (pip install transformers)")
         else:
             names = default_contenders(device, args.compile, not args.no_hf)
-        TimingPlan(args.warmup, args.steps)  # validates
     except ValueError as err:
         print(f"fastmae bench step: error: {err}", file=sys.stderr)
         return 2

@@ -16,12 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastmae.bench.contenders import Contender, fastmae_step
-from fastmae.bench.environment import dtype_name, environment_info, resolve_device, resolve_dtype, result_filename, write_json
+from fastmae.bench.environment import dtype_name, environment_info, result_filename, write_json
 from fastmae.bench.gemm_peak import measured_gemm_flops
-from fastmae.bench.measure import BatchTooLarge, format_row, measure_contender, model_config, spec_peak_flops
+from fastmae.bench.measure import (
+    BatchTooLarge,
+    add_measurement_arguments,
+    check_model_names,
+    format_row,
+    measure_contender,
+    model_config,
+    resolve_measurement,
+    spec_peak_flops,
+)
 from fastmae.bench.timing import SyntheticImages, TimingPlan
-from fastmae.flops import token_counts, train_flops_per_image
-from fastmae.models import MODEL_ARCHS
+from fastmae.flops import train_flops_per_image
 
 
 @dataclass(frozen=True)
@@ -130,39 +138,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"encoders, comma separated (default: {','.join(PAPER_ENCODERS)}; "
                              f"with --small: {','.join(SMALL_ENCODERS)})")
     parser.add_argument("--small", action="store_true", help="small encoders that run on CPU (CI)")
-    parser.add_argument("--batch_size", type=int, default=None, help="default: 256 on CUDA, 32 on CPU")
-    parser.add_argument("--oom_fallback", action="store_true",
-                        help="on out-of-memory halve an encoder's batch and measure its rows again")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--mask_ratio", type=float, default=0.75)
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default: 10 CUDA, 2 CPU)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 30 CUDA, 5 CPU)")
+    add_measurement_arguments(parser, cpu_batch=32)
     parser.add_argument("--compile", action="store_true", help="run every row under torch.compile")
     parser.add_argument("--compile_backend", default="inductor", help="torch.compile backend with --compile")
-    parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
-    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "xformers", "math"])
     parser.add_argument("--json", default=None, help="write the result here (the PNG goes beside it)")
     parser.add_argument("--out_dir", default=None, help="write table2_<gpu>_<date>.json and .png here")
-    parser.add_argument("--no_progress", action="store_true")
 
 
 def run(args) -> int:
     try:
-        device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device)
-        cuda = device.type == "cuda"
+        device, dtype, batch_size, plan = resolve_measurement(args, cpu_batch=32)
         encoders = tuple((args.models or ",".join(SMALL_ENCODERS if args.small else PAPER_ENCODERS)).split(","))
-        for name in encoders:
-            if name not in MODEL_ARCHS:
-                raise ValueError(f"unknown model {name!r}; choose from {sorted(MODEL_ARCHS)}")
-            token_counts(model_config(name), args.mask_ratio)  # a mask ratio that leaves patches visible
-        batch_size = args.batch_size if args.batch_size is not None else (256 if cuda else 32)
-        if batch_size < 1:
-            raise ValueError(f"--batch_size must be positive, got {batch_size}")
-        args.warmup = (10 if cuda else 2) if args.warmup is None else args.warmup
-        args.steps = (30 if cuda else 5) if args.steps is None else args.steps
-        plan = TimingPlan(args.warmup, args.steps)
+        check_model_names(encoders, args.mask_ratio)
     except ValueError as err:
         print(f"fastmae bench table2: error: {err}", file=sys.stderr)
         return 2
