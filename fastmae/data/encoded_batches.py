@@ -3,7 +3,7 @@ the crop box and flip it gets, read ahead by background threads.
 
 The GPU decoders (DALI's nvJPEG, torchvision's ``decode_jpeg``) take the files' bytes; every
 random choice is made here, on the host, exactly as the CPU loader makes it: the same
-``_EpochBatchSampler`` order (shuffle per epoch with the run's seed, rank shard, mid-epoch start),
+``EpochBatchSampler`` order (shuffle per epoch with the run's seed, rank shard, mid-epoch start),
 one generator per sample seeded by (seed, epoch, position), the crop box from
 ``augment.sample_resized_crop`` and then the flip. So a given sample gets the same crop and flip
 whichever loader decodes it, and a resumed run sees the same batches.
@@ -27,7 +27,7 @@ import numpy as np
 
 from fastmae.data.augment import HFLIP_PROB, sample_resized_crop
 from fastmae.data.image_header import BadImageError, ImageHeader, read_header
-from fastmae.data.loader import MAX_CONSECUTIVE_UNREADABLE, DataConfig, _EpochBatchSampler
+from fastmae.data.loader import MAX_CONSECUTIVE_UNREADABLE, DataConfig, EpochBatchSampler
 from fastmae.data.sources import ImageFiles, ImageSource
 
 
@@ -61,12 +61,7 @@ class EncodedBatchReader:
     def __init__(self, source: ImageSource, cfg: DataConfig, rank: int, world_size: int,
                  num_io_threads: int = 8, prefetch_batches: int = 4):
         self.source, self.cfg = source, cfg
-        self.sampler = _EpochBatchSampler(len(source), cfg.batch_size, rank, world_size, cfg.seed, cfg.drop_last)
-        if self.sampler.num_batches == 0:
-            raise ValueError(
-                f"{len(source)} images make no full batch of {cfg.batch_size} per rank on {world_size} rank(s); "
-                f"lower --batch_size or add images"
-            )
+        self.sampler = EpochBatchSampler(len(source), cfg, rank, world_size)
         self.num_io_threads, self.prefetch_batches = max(1, num_io_threads), max(1, prefetch_batches)
         self.undecodable: dict[int, str] = {}  # item -> why it is broken; passed over whenever it comes up
         self.skipped = 0
@@ -80,9 +75,7 @@ class EncodedBatchReader:
         return self.sampler.num_batches
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if not 0 <= start_batch <= self.sampler.num_batches:
-            raise ValueError(f"start_batch {start_batch} is outside the epoch's {self.sampler.num_batches} batches")
-        self.sampler.epoch, self.sampler.start_batch = epoch, start_batch
+        self.sampler.set_epoch(epoch, start_batch)
 
     def plan_row(self, key: tuple[int, int, int]):
         """(item, bytes, header, box, flip, skipped) for one sampler key; bad items give way to the next."""

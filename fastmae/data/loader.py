@@ -145,15 +145,26 @@ def _collate(samples: list[tuple[torch.Tensor, list[str]]]) -> tuple[torch.Tenso
     return torch.stack([pixels for pixels, _ in samples]), [name for _, names in samples for name in names]
 
 
-class _EpochBatchSampler:
-    """Batches of dataset keys for one epoch of one rank, from ``start_batch`` on."""
+class EpochBatchSampler:
+    """Batches of dataset keys for one epoch of one rank, from ``start_batch`` on. Every loader
+    (CPU, DALI, torchvision) takes its order from here, so they agree sample for sample."""
 
-    def __init__(self, num_items: int, batch_size: int, rank: int, world_size: int, seed: int, drop_last: bool):
-        self.num_items, self.batch_size = num_items, batch_size
-        self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
+    def __init__(self, num_items: int, cfg: DataConfig, rank: int, world_size: int):
+        self.num_items, self.batch_size = num_items, cfg.batch_size
+        self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, cfg.seed, cfg.drop_last
         self.epoch, self.start_batch = 0, 0
         per_rank = -(-num_items // world_size)
-        self.num_batches = per_rank // batch_size if drop_last else -(-per_rank // batch_size)
+        self.num_batches = per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+        if self.num_batches == 0:
+            raise ValueError(
+                f"{num_items} images make no full batch of {cfg.batch_size} per rank on {world_size} rank(s); "
+                f"lower --batch_size or add images"
+            )
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if not 0 <= start_batch <= self.num_batches:
+            raise ValueError(f"start_batch {start_batch} is outside the epoch's {self.num_batches} batches")
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
         return max(self.num_batches - self.start_batch, 0)
@@ -179,12 +190,7 @@ class CPULoader:
         self.cfg = cfg
         self.device = torch.device(device)
         self.source = open_source(cfg.data_path, cfg.samples_per_epoch)
-        self.sampler = _EpochBatchSampler(len(self.source), cfg.batch_size, rank, world_size, cfg.seed, cfg.drop_last)
-        if self.sampler.num_batches == 0:
-            raise ValueError(
-                f"{len(self.source)} images make no full batch of {cfg.batch_size} per rank on {world_size} rank(s); "
-                f"lower --batch_size or add images"
-            )
+        self.sampler = EpochBatchSampler(len(self.source), cfg, rank, world_size)
         self.skipped = 0
         self._reported: set[str] = set()
         self._loader = DataLoader(
@@ -202,9 +208,7 @@ class CPULoader:
         return self.sampler.num_batches
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if not 0 <= start_batch <= self.sampler.num_batches:
-            raise ValueError(f"start_batch {start_batch} is outside the epoch's {self.sampler.num_batches} batches")
-        self.sampler.epoch, self.sampler.start_batch = epoch, start_batch
+        self.sampler.set_epoch(epoch, start_batch)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for pixels, unreadable in self._loader:  # pixels: uint8 [B, 3, S, S]
