@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -27,7 +26,7 @@ import numpy as np
 
 from fastmae.data.augment import HFLIP_PROB, sample_resized_crop
 from fastmae.data.image_header import BadImageError, ImageHeader, read_header
-from fastmae.data.loader import MAX_CONSECUTIVE_UNREADABLE, DataConfig, EpochBatchSampler
+from fastmae.data.loader import MAX_CONSECUTIVE_UNREADABLE, DataConfig, EpochBatchSampler, SkipLog
 from fastmae.data.sources import ImageFiles, ImageSource
 
 
@@ -64,8 +63,7 @@ class EncodedBatchReader:
         self.sampler = EpochBatchSampler(len(source), cfg, rank, world_size)
         self.num_io_threads, self.prefetch_batches = max(1, num_io_threads), max(1, prefetch_batches)
         self.undecodable: dict[int, str] = {}  # item -> why it is broken; passed over whenever it comes up
-        self.skipped = 0
-        self._reported: set[str] = set()
+        self._skips = SkipLog()
         try:  # a source of nothing but unreadable files fails here, before training, not at its first step
             self.plan_row((0, 0, 0))
         except RuntimeError as error:
@@ -120,13 +118,12 @@ class EncodedBatchReader:
 
     def report(self, batch: EncodedBatch) -> None:
         """Count the batch's skipped items once it is delivered; warn once per item."""
-        if not batch.skipped:
-            return
-        self.skipped += len(batch.skipped)
-        new = [message for message in batch.skipped if message not in self._reported]
-        if new:
-            self._reported.update(new)
-            warnings.warn(f"skipped unreadable image(s), replaced by the next one: {'; '.join(new[:5])}", stacklevel=3)
+        if batch.skipped:
+            self._skips.record(batch.skipped, stacklevel=3)
+
+    @property
+    def skipped(self) -> int:
+        return self._skips.count
 
     def __iter__(self) -> Iterator[EncodedBatch]:
         """Batches read ``prefetch_batches`` ahead by a background thread (file reads in a pool)."""

@@ -145,6 +145,23 @@ def _collate(samples: list[tuple[torch.Tensor, list[str]]]) -> tuple[torch.Tenso
     return torch.stack([pixels for pixels, _ in samples]), [name for _, names in samples for name in names]
 
 
+class SkipLog:
+    """Unreadable images replaced by the next one: every replacement counted, each file warned about once."""
+
+    def __init__(self):
+        self.count = 0
+        self._warned: set[str] = set()
+
+    def record(self, messages: list[str], stacklevel: int = 1) -> None:
+        """stacklevel counts from record's caller, as warnings.warn's counts from its own caller."""
+        self.count += len(messages)
+        new = [m for m in messages if m not in self._warned]
+        if new:
+            self._warned.update(new)
+            warnings.warn(f"skipped unreadable image(s), replaced by the next one: {'; '.join(new[:5])}",
+                          stacklevel=stacklevel + 1)
+
+
 class EpochBatchSampler:
     """Batches of dataset keys for one epoch of one rank, from ``start_batch`` on. Every loader
     (CPU, DALI, torchvision) takes its order from here, so they agree sample for sample."""
@@ -191,8 +208,7 @@ class CPULoader:
         self.device = torch.device(device)
         self.source = open_source(cfg.data_path, cfg.samples_per_epoch)
         self.sampler = EpochBatchSampler(len(self.source), cfg, rank, world_size)
-        self.skipped = 0
-        self._reported: set[str] = set()
+        self._skips = SkipLog()
         self._loader = DataLoader(
             _AugmentedItems(self.source, cfg),
             batch_sampler=self.sampler,
@@ -213,16 +229,13 @@ class CPULoader:
     def __iter__(self) -> Iterator[torch.Tensor]:
         for pixels, unreadable in self._loader:  # pixels: uint8 [B, 3, S, S]
             if unreadable:
-                self._report(unreadable)
+                self._skips.record(unreadable, stacklevel=1)
             pixels = pixels.to(self.device, non_blocking=True)
             yield normalize(pixels, IMAGENET_MEAN, IMAGENET_STD)
 
-    def _report(self, unreadable: list[str]) -> None:
-        self.skipped += len(unreadable)
-        new = [name for name in unreadable if name not in self._reported]
-        if new:
-            self._reported.update(new)
-            warnings.warn(f"skipped unreadable image(s), replaced by the next one: {', '.join(new[:5])}", stacklevel=2)
+    @property
+    def skipped(self) -> int:
+        return self._skips.count
 
 
 def preview_batch(cfg: DataConfig, count: int = 8) -> torch.Tensor:
