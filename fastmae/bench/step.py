@@ -68,12 +68,16 @@ def bench_model(args, name: str, device: torch.device, dtype: torch.dtype, batch
     plan = TimingPlan(args.warmup, args.steps)
     spec_peak = spec_peak_flops(device, dtype)
     images, data = image_source(args, config, batch_size, device)
-    rows = []
-    for contender in build_contenders(config, device, dtype, args.mask_ratio, names, args.kernels, args.attn,
-                                      args.compile_backend):
-        rows.append(measure_contender(contender, images, plan, device, batch_size, spec_peak,
-                                      gemm["flops_per_s"], progress=not args.no_progress))
-        print(format_row(rows[-1]), flush=True)
+    contenders = build_contenders(config, device, dtype, args.mask_ratio, names, args.kernels, args.attn,
+                                  args.compile_backend)
+    # The eager naive baseline (every token through the encoder) needs the most memory: measured first,
+    # so that running out of memory (--oom_fallback) happens before any torch.compile is spent.
+    measured = {}
+    for contender in sorted(contenders, key=lambda c: c.name != "naive w/[M]"):
+        measured[contender.name] = measure_contender(contender, images, plan, device, batch_size, spec_peak,
+                                                     gemm["flops_per_s"], progress=not args.no_progress)
+        print(format_row(measured[contender.name]), flush=True)
+    rows = [measured[contender.name] for contender in contenders]
     return {
         "benchmark": "step",
         "model": name,

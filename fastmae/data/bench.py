@@ -31,7 +31,9 @@ LOADERS = ("cpu", "dali", "torchvision")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data_path", default=None, help="folder of images or .tar shards (default: a generated ImageNet-like set)")
-    parser.add_argument("--num_images", type=int, default=512, help="images to generate when no --data_path is given")
+    parser.add_argument("--num_images", type=int, default=None,
+                        help="images to generate when no --data_path is given (default: at least 512, and enough "
+                             "for the warm-up and two rounds of every CPU worker)")
     parser.add_argument("--loaders", nargs="+", choices=LOADERS, default=list(LOADERS),
                         help="loaders to measure (those not installed or without their device are skipped)")
     parser.add_argument("--modes", nargs="+", choices=("decode", "augment"), default=["decode", "augment"],
@@ -53,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but CUDA is not available")
+    if args.num_images is None:
+        # the CPU loaders' workers make whole batches at once: time whole rounds of them (see measure)
+        rounds_needed = warmup_batches(args.warmup, args.num_threads) + 1 + 2 * args.num_threads
+        args.num_images = max(512, args.batch_size * rounds_needed)
     if args.batch_size <= 0 or args.num_threads <= 0 or args.num_images <= 0:
         raise SystemExit("error: --batch_size, --num_threads and --num_images must be positive")
     with tempfile.TemporaryDirectory(prefix="fastmae-bench-data-") as scratch:
@@ -79,8 +85,11 @@ def run(args: argparse.Namespace) -> int:
                 for hw_load in loads:
                     loader = make_loader(loader_name, mode, cfg, device, source, args.num_threads, hw_load)
                     label = f"{loader_name} {mode}" + (f" hw_decoder_load={hw_load}" if hw_load is not None else "")
+                    # the CPU loaders' worker processes each make a whole batch: num_threads at once
+                    parallel = max(1, args.num_threads) if loader_name == "cpu" else 1
                     results.append({"loader": loader_name, "mode": mode, "hw_decoder_load": hw_load,
-                                    **measure(loader, label, device, args.warmup, args.batches, args.batch_size)})
+                                    **measure(loader, label, device, args.warmup, args.batches, args.batch_size,
+                                              parallel)})
     print_table(results, args.num_threads, device)
     if args.json:
         report = {"environment": environment(device), "num_threads": args.num_threads,
@@ -155,13 +164,28 @@ def make_loader(name: str, mode: str, cfg: DataConfig, device: torch.device, sou
     return build_torchvision_loader(cfg, 0, 1, device, num_io_threads=num_threads, decode_only=decode_only)
 
 
-def measure(loader, label: str, device: torch.device, warmup: int, batches: int, batch_size: int) -> dict:
-    """Run one pass (up to warmup + batches batches) and time the batches after the warm-up."""
+def warmup_batches(warmup: int, parallel: int) -> int:
+    """The warm-up, rounded up to whole rounds of ``parallel`` workers (at least one round)."""
+    return max(1, -(-max(warmup, 1) // parallel)) * parallel if parallel > 1 else warmup
+
+
+def measure(loader, label: str, device: torch.device, warmup: int, batches: int, batch_size: int,
+            parallel: int = 1) -> dict:
+    """Run one pass (up to warmup + batches batches) and time the batches after the warm-up.
+
+    ``parallel``: batches the loader makes at the same time (worker processes that each make a whole
+    batch). Such a loader delivers its batches in bursts of ``parallel``: the warm-up and the timed
+    span are whole rounds, or the batches made during the warm-up would be counted as made in no time.
+    """
+    warmup = warmup_batches(warmup, parallel)
     total = len(loader) if batches <= 0 else min(len(loader), warmup + batches)
-    if total <= warmup:
+    if parallel > 1:  # whole rounds after the batch that starts the clock
+        total = warmup + 1 + max(0, total - warmup - 1) // parallel * parallel
+    if total <= warmup or (parallel > 1 and total == warmup + 1):
         raise SystemExit(f"error: {label}: {len(loader)} batches per epoch leave none to time after {warmup} warm-up "
-                         f"batches; give more images or a smaller --batch_size")
-    timed_images, start = 0, None
+                         f"batches{f' (whole rounds of {parallel} workers are timed)' if parallel > 1 else ''}; give more "
+                         f"images{' or --batches' if parallel > 1 else ''} or a smaller --batch_size")
+    timed_images, start, seconds = 0, None, None
     bar = tqdm(total=total, desc=label, unit="batch", leave=False)
     for index, images in enumerate(loader):
         if index == warmup:
@@ -173,12 +197,16 @@ def measure(loader, label: str, device: torch.device, warmup: int, batches: int,
         if start is not None and index > warmup:
             bar.set_postfix(img_s=f"{timed_images / (time.perf_counter() - start):.0f}")
         if index + 1 >= total:
+            # stop the clock here: leaving the loop stops the loader's read-ahead threads, not timed
+            synchronize(device)
+            seconds = time.perf_counter() - start
             break
-    synchronize(device)
-    seconds = time.perf_counter() - start
+    if seconds is None:
+        synchronize(device)
+        seconds = time.perf_counter() - start
     bar.close()
     # the batch taken at index == warmup started the clock: its images are not counted
-    return {"timed_batches": total - warmup - 1, "images": timed_images, "seconds": seconds,
+    return {"warmup_batches": warmup, "timed_batches": total - warmup - 1, "images": timed_images, "seconds": seconds,
             "img_per_s": timed_images / seconds if seconds > 0 else float("nan"),
             "skipped_files": getattr(loader, "skipped", 0)}
 
