@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench table2": ("fastmae.bench.table2", "the paper's Table 2 (encoder with/without mask tokens) on this device"),
     "bench data": ("fastmae.data.bench", "img/s of each available data loader"),
     "profile": ("fastmae.bench.profile", "FLOPs, time and memory per component, encoder versus decoder"),
+    "kernels compile": ("fastmae.bench.kernel_resources",
+                        "compile the Triton kernels for sm_90/sm_80 without a GPU: registers, spills, shared memory"),
     "visualize": ("fastmae.downstream.visualize", "reconstructions as PNG (masked / reconstruction / original)"),
     "linprobe": ("fastmae.downstream.linprobe", "linear probe of a pretrained encoder"),
     "finetune": ("fastmae.downstream.finetune", "fine-tune a pretrained encoder for classification"),

@@ -5,7 +5,8 @@ plain-PyTorch reference that states the semantics. The model calls the three fun
 switch picks the path:
 
 - ``"torch"``: the PyTorch reference,
-- ``"triton"``: the Triton kernels (on CUDA; on CPU only through the interpreter, TRITON_INTERPRET=1),
+- ``"triton"``: the Triton kernels (on CUDA; on CPU only through the interpreter, TRITON_INTERPRET=1,
+  or compiled for a GPU and not run, under ``cross_compile.CompileOnlyDriver``),
 - ``"auto"``: Triton on CUDA when Triton is installed, the reference otherwise.
 """
 
@@ -27,6 +28,15 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _compiling_only() -> bool:
+    """A CompileOnlyDriver is active: Triton launches compile for a GPU and do not run (any device)."""
+    if not triton_available():
+        return False
+    from fastmae.kernels._launch import compiling_only
+
+    return compiling_only()
+
+
 def check_kernels_choice(choice: str) -> str:
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {choice!r}")
@@ -43,7 +53,7 @@ def resolve_kernels(choice: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "triton" if triton_available() else "torch"
     if choice == "triton":
-        if triton_interpreter_on():
+        if triton_interpreter_on() or _compiling_only():
             return "triton"
         raise ValueError(
             f"kernels='triton' on device {device}: Triton runs on CPU only through its interpreter; "

@@ -50,8 +50,15 @@ def check_tensor(
         raise ValueError(f"{name} (shape {list(t.shape)}, strides {list(t.stride())}) must be contiguous")
 
 
+def compiling_only() -> bool:
+    """True while a CompileOnlyDriver takes the launches: kernels compile for a GPU and do not run."""
+    from fastmae.kernels.cross_compile import active_compile_only_driver
+
+    return active_compile_only_driver() is not None
+
+
 def check_kernel_device(device: torch.device) -> None:
-    if device.type != "cuda" and not interpreting():
+    if device.type != "cuda" and not interpreting() and not compiling_only():
         raise ValueError(
             f"the Triton kernels need CUDA tensors (got {device}); on CPU they run only through the "
             "interpreter (TRITON_INTERPRET=1 before triton is imported)"
@@ -71,6 +78,10 @@ def check_patch_grid(imgs: torch.Tensor, patch_size: int, in_chans: int | None =
         raise ValueError(f"imgs shape {list(imgs.shape)} has {C} channels, expected {in_chans}")
     if imgs.dtype not in KERNEL_DTYPES:
         raise ValueError(f"imgs (shape {list(imgs.shape)}) must be float32/bfloat16/float16, got {imgs.dtype}")
+    # offsets inside one image are int32 in the kernels (int64 costs registers); across images int64
+    if sum((size - 1) * abs(stride) for size, stride in zip(imgs.shape[1:], imgs.stride()[1:])) >= 2**31:
+        raise ValueError(f"imgs shape {list(imgs.shape)}, strides {list(imgs.stride())}: one image spans 2**31 "
+                         "elements or more, beyond the kernels' 32-bit offsets inside an image")
     return (H // patch_size) * (W // patch_size), W // patch_size
 
 

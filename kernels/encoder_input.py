@@ -4,12 +4,17 @@ Reference semantics (the MAE reference code): conv patch embedding of all L patc
 rows 1.., gather the kept patches, prepend cls_token + pos_embed row 0. Projecting only the K kept
 patches gives the same numbers (to round-off) for a quarter of the work.
 
-The fused forward is one Triton GEMM whose A operand is gathered straight from the images (im2col
-on the fly, only for the kept patches) and whose epilogue adds the bias, rounds to the weight's
-dtype as F.linear does, adds the gathered position row, and writes cls + pos row 0 into row 0 of
-each image: [N, 1+K, D] in one pass, no patch tensor in memory. Backward gathers the kept patches
-once (a Triton kernel writing the GEMM's A operand, zero rows where cls sits) and forms the weight
-gradient with one cuBLAS GEMM; bias and cls gradients are torch row sums (deterministic).
+Forward, two Triton kernels:
+1. the gather: the kept patches' pixels, in the conv weight's order and dtype, into the rows of a
+   dense matrix A [N*(1+K), KP'] (zero rows where cls sits; KP = C*p*p padded to KP' with zero
+   columns so every row starts 128-byte aligned: ViT-H's 588 values would leave rows 8-byte aligned);
+2. a GEMM A @ W^T whose epilogue adds the bias, rounds to the weight's dtype as F.linear does, adds
+   the gathered position row and writes cls + pos row 0 into row 0 of each image: [N, 1+K, D].
+A GEMM that gathers its A operand from the images itself was tried first: the im2col addressing
+held so many registers that ptxas spilled for most tile configs (and for ViT-H's 14-pixel patches,
+whose rows are not 16-byte aligned, for nearly all; ``fastmae kernels compile`` shows it), while a
+dense A loads in 16-byte vectors. A is kept for backward, whose weight gradient is one cuBLAS GEMM
+with it (the gather is not repeated); bias and cls gradients are torch row sums (deterministic).
 """
 
 from __future__ import annotations
@@ -33,16 +38,19 @@ from fastmae.kernels._launch import (
 )
 from fastmae.patches import patch_pixels
 
+# The GEMM's reduction dimension KP = C*p*p is padded to a multiple of this (zero columns in A and
+# W): every BLOCK_K of the configs divides it, so the GEMM loop needs no mask along K.
+K_ALIGN = 64
+
 # ---------------------------------------------------------------------------------------------
-# Triton kernels. Output rows are r = n * (1+K) + t: t = 0 is cls, t = 1+s is kept patch s.
+# Triton kernels. Rows are r = n * (1+K) + t: t = 0 is cls, t = 1+s is kept patch s.
 # Projection order of a patch's pixels (the conv weight's): k = (c*p + i)*p + j.
 # ---------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _token_rows(rows, row_ok, ids_keep_ptr, s_ids, K, grid_w, s_n, s_h, s_w,
-                PATCH: tl.constexpr, ALL_PATCHES: tl.constexpr):
-    """Rows r of [N*(1+K), *] -> (is a patch row, patch index, offset of the patch's first pixel)."""
+def _token_patch(rows, row_ok, ids_keep_ptr, s_ids, K, ALL_PATCHES: tl.constexpr):
+    """Rows r of [N*(1+K), *] -> (image n, is a patch row, patch index: 0 on cls rows)."""
     n = rows // (K + 1)
     t = rows % (K + 1)
     is_patch = row_ok & (t > 0)
@@ -50,42 +58,37 @@ def _token_rows(rows, row_ok, ids_keep_ptr, s_ids, K, grid_w, s_n, s_h, s_w,
         patch = tl.where(is_patch, t - 1, 0)
     else:
         patch = tl.load(ids_keep_ptr + n * s_ids + t - 1, mask=is_patch, other=0)
-    return is_patch, patch, patch_origin(n, patch, grid_w, s_n, s_h, s_w, PATCH)
+    return n, is_patch, patch
 
 
 @triton.jit
-def _projection_offsets(k, s_c, s_h, s_w, PATCH: tl.constexpr):
-    """Projection-order index k = (c*p + i)*p + j -> pixel offset inside a patch (int64)."""
-    k = k.to(tl.int64)
-    return (k // (PATCH * PATCH)) * s_c + ((k // PATCH) % PATCH) * s_h + (k % PATCH) * s_w
+def _patch_slab(step, s_c, s_h, s_w, PATCH: tl.constexpr, PATCH_PAD: tl.constexpr, SLAB_ROWS: tl.constexpr):
+    """Slab ``step`` of a patch's pixels: SLAB_ROWS pixel rows of one channel, each padded to PATCH_PAD
+    lanes, so lanes run contiguously along image rows and the loads vectorise.
+
+    -> (pixel offsets inside the patch [SLAB], projection-order index (c*p + i)*p + j [SLAB], valid
+    lanes [SLAB]) with SLAB = SLAB_ROWS * PATCH_PAD; steps 0 .. C * cdiv(PATCH, SLAB_ROWS) cover the patch.
+    """
+    STEPS_PER_CHANNEL: tl.constexpr = (PATCH + SLAB_ROWS - 1) // SLAB_ROWS
+    lane = tl.arange(0, SLAB_ROWS * PATCH_PAD)
+    c = step // STEPS_PER_CHANNEL
+    i = (step % STEPS_PER_CHANNEL) * SLAB_ROWS + lane // PATCH_PAD
+    j = lane % PATCH_PAD
+    if PATCH == PATCH_PAD and PATCH % SLAB_ROWS == 0:  # no padding: a constant mask keeps the vectors
+        ok = lane < SLAB_ROWS * PATCH_PAD
+    else:
+        ok = (i < PATCH) & (j < PATCH)
+    return c * s_c + i * s_h + j * s_w, (c * PATCH + i) * PATCH + j, ok  # int32: within one image
 
 
-def _gemm_configs() -> list[triton.Config]:
-    if interpreting():  # one config: autotuning needs a GPU; big tiles = few interpreted programs
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 1})]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in [
-            (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 32, 4, 4),
-            (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 256, 32, 4, 4), (128, 128, 64, 4, 4),
-        ]
-    ]
-
-
-@triton.autotune(configs=_gemm_configs(), key=["D", "KP", "ALL_PATCHES"])
 @triton.jit
-def _visible_patch_embed_fwd_kernel(
-    imgs_ptr,  # [N, C, H, W] strides s_n, s_c, s_h, s_w (any dtype; cast to the weight's)
-    ids_keep_ptr,  # [N, K] int64 kept patches, row stride s_ids (unused when ALL_PATCHES)
-    weight_ptr,  # [D, KP] the conv weight [D, C, p, p] flattened, KP = C*p*p
-    bias_ptr,  # [D] weight's dtype
-    pos_ptr,  # [1+L, D] position embeddings, row 0 for cls
-    cls_ptr,  # [D]
-    out_ptr,  # [N*(1+K), D]
+def _patch_rows_kernel(
+    imgs_ptr,  # [N, C, H, W] strides s_n, s_c, s_h, s_w
+    ids_keep_ptr,  # [N, K] int64, row stride s_ids (unused when ALL_PATCHES)
+    rows_ptr,  # [N*(1+K), row_stride] written (first C*p*p columns): kept patches in projection order, zero cls rows
     num_rows,  # N * (1+K)
     K,
-    D,
-    KP,
+    row_stride,  # >= C*p*p
     grid_w,  # patches per image row
     s_ids,
     s_n,
@@ -93,6 +96,54 @@ def _visible_patch_embed_fwd_kernel(
     s_h,
     s_w,
     PATCH: tl.constexpr,
+    PATCH_PAD: tl.constexpr,  # next power of two >= PATCH
+    SLAB_ROWS: tl.constexpr,  # pixel rows per program along axis 1 (see _patch_slab)
+    ALL_PATCHES: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < num_rows
+    n, is_patch, patch = _token_patch(rows, row_ok, ids_keep_ptr, s_ids, K, ALL_PATCHES)
+    origin = patch_origin(n, patch, grid_w, s_n, s_h, s_w, PATCH)
+    pixel, k, k_ok = _patch_slab(tl.program_id(1), s_c, s_h, s_w, PATCH, PATCH_PAD, SLAB_ROWS)
+    pixels = tl.load(imgs_ptr + origin[:, None] + pixel[None, :], mask=is_patch[:, None] & k_ok[None, :], other=0.0)
+    tl.store(rows_ptr + rows[:, None] * row_stride + k[None, :], cast_rtne(pixels, rows_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & k_ok[None, :])
+
+
+def _gemm_configs() -> list[triton.Config]:
+    if interpreting():  # one config: autotuning needs a GPU; big tiles = few interpreted programs
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 1})]
+    # Tiles whose fp32 accumulator takes at most 64 registers per thread (BLOCK_M * BLOCK_N <= 64 x
+    # threads): the epilogue holds a position-row tile beside it, and larger accumulators made ptxas
+    # spill (``fastmae kernels compile``).
+    configs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+            (64, 64, 64, 4, 4), (64, 256, 64, 8, 3), (256, 64, 64, 8, 3),
+        ]
+    ]
+    assert all(K_ALIGN % c.kwargs["BLOCK_K"] == 0 for c in configs)
+    assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps for c in configs)
+    return configs
+
+
+@triton.autotune(configs=_gemm_configs(), key=["D", "KP", "ALL_PATCHES"])
+@triton.jit
+def _visible_patch_embed_fwd_kernel(
+    rows_ptr,  # [N*(1+K), KP] the gathered patches (_patch_rows_kernel), weight's dtype, zero padding columns
+    ids_keep_ptr,  # [N, K] int64 kept patches, row stride s_ids (unused when ALL_PATCHES)
+    weight_ptr,  # [D, KP] the conv weight [D, C, p, p] flattened, zero padding columns
+    bias_ptr,  # [D] weight's dtype
+    pos_ptr,  # [1+L, D] position embeddings, row 0 for cls
+    cls_ptr,  # [D]
+    out_ptr,  # [N*(1+K), D]
+    num_rows,  # N * (1+K)
+    K,
+    D,
+    KP,  # C*p*p padded to a multiple of K_ALIGN (so of BLOCK_K)
+    s_ids,
     ALL_PATCHES: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -112,25 +163,23 @@ def _visible_patch_embed_fwd_kernel(
 
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < num_rows
-    is_patch, patch, origin = _token_rows(rows, row_ok, ids_keep_ptr, s_ids, K, grid_w, s_n, s_h, s_w,
-                                          PATCH, ALL_PATCHES)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < D
-
+    k = tl.arange(0, BLOCK_K)
+    a_ptrs = rows_ptr + rows[:, None] * KP + k[None, :]
+    b_ptrs = weight_ptr + cols[None, :].to(tl.int64) * KP + k[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, KP, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < KP
-        a = tl.load(imgs_ptr + origin[:, None] + _projection_offsets(k, s_c, s_h, s_w, PATCH)[None, :],
-                    mask=is_patch[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(weight_ptr + cols[None, :].to(tl.int64) * KP + k[:, None],
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        a = cast_rtne(a, weight_ptr.dtype.element_ty)  # F.linear sees the patches in the weight's dtype
+    for _ in range(0, KP, BLOCK_K):  # no mask along K: KP is a multiple of BLOCK_K, padding is zero
+        a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+        b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
         if INTERPRETER:  # the interpreter's tl.dot is wrong on bf16/fp16 operands
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
 
+    n, is_patch, patch = _token_patch(rows, row_ok, ids_keep_ptr, s_ids, K, ALL_PATCHES)
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     # round to the weight's dtype like F.linear's output, then add pos in fp32 (one rounding on store)
     proj = cast_rtne(acc + bias[None, :], weight_ptr.dtype.element_ty).to(tl.float32)
@@ -140,37 +189,6 @@ def _visible_patch_embed_fwd_kernel(
     pos = tl.load(pos_ptr + pos_row[:, None] * D + cols[None, :], mask=tile_ok, other=0.0).to(tl.float32)
     out = tl.where(is_patch[:, None], proj, cls[None, :]) + pos
     tl.store(out_ptr + rows[:, None] * D + cols[None, :], cast_rtne(out, out_ptr.dtype.element_ty), mask=tile_ok)
-
-
-@triton.jit
-def _patch_rows_kernel(
-    imgs_ptr,  # [N, C, H, W] strides s_n, s_c, s_h, s_w
-    ids_keep_ptr,  # [N, K] int64, row stride s_ids (unused when ALL_PATCHES)
-    rows_ptr,  # [N*(1+K), KP] written: kept patches in projection order, zero rows where cls sits
-    num_rows,  # N * (1+K)
-    K,
-    KP,
-    grid_w,
-    s_ids,
-    s_n,
-    s_c,
-    s_h,
-    s_w,
-    PATCH: tl.constexpr,
-    ALL_PATCHES: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    row_ok = rows < num_rows
-    is_patch, patch, origin = _token_rows(rows, row_ok, ids_keep_ptr, s_ids, K, grid_w, s_n, s_h, s_w,
-                                          PATCH, ALL_PATCHES)
-    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_ok = k < KP
-    pixels = tl.load(imgs_ptr + origin[:, None] + _projection_offsets(k, s_c, s_h, s_w, PATCH)[None, :],
-                     mask=is_patch[:, None] & k_ok[None, :], other=0.0)
-    tl.store(rows_ptr + rows[:, None] * KP + k[None, :], cast_rtne(pixels, rows_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & k_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,27 +225,13 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def visible_patch_embed_forward(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size: int) -> torch.Tensor:
-    """Launch the fused GEMM: -> [N, 1+K, D]."""
-    N, K, D = _check_inputs(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size)
-    KP = weight[0].numel()
-    grid_w = imgs.shape[3] // patch_size
-    out = torch.empty((N, K + 1, D), dtype=_output_dtype(weight, pos_embed, cls_token), device=imgs.device)
-    num_rows = N * (K + 1)
-
-    def grid(meta):
-        return (triton.cdiv(num_rows, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
-
-    _visible_patch_embed_fwd_kernel[grid](
-        imgs, ids_keep, weight, bias, pos_embed, cls_token, out,
-        num_rows, K, D, KP, grid_w, 0 if ids_keep is None else ids_keep.stride(0), *imgs.stride(),
-        PATCH=patch_size, ALL_PATCHES=ids_keep is None, DOT_PRECISION=_dot_precision(weight.dtype),
-    )
-    return out
+def _padded_width(patch_values: int) -> int:
+    return triton.cdiv(patch_values, K_ALIGN) * K_ALIGN
 
 
-def visible_patch_rows(imgs, ids_keep, patch_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """Launch the gather: -> [N*(1+K), C*p*p] in ``dtype``, kept patches in projection order, zero cls rows."""
+def gather_patch_rows(imgs, ids_keep, patch_size: int, dtype: torch.dtype, row_stride: int) -> torch.Tensor:
+    """Launch the gather: -> [N*(1+K), row_stride] in ``dtype``: kept patches in projection order in the
+    first C*p*p columns, zeros in the others and in the cls rows."""
     L, grid_w = check_patch_grid(imgs, patch_size)
     check_kernel_device(imgs.device)
     N, C = imgs.shape[:2]
@@ -236,14 +240,46 @@ def visible_patch_rows(imgs, ids_keep, patch_size: int, dtype: torch.dtype) -> t
     K = L if ids_keep is None else ids_keep.shape[1]
     KP = C * patch_size * patch_size
     num_rows = N * (K + 1)
-    rows = torch.empty((num_rows, KP), dtype=dtype, device=imgs.device)
-    block_rows, block_k = row_blocks(min(KP, 256))
-    _patch_rows_kernel[(triton.cdiv(num_rows, block_rows), triton.cdiv(KP, block_k))](
-        imgs, ids_keep, rows, num_rows, K, KP, grid_w, 0 if ids_keep is None else ids_keep.stride(0), *imgs.stride(),
-        PATCH=patch_size, ALL_PATCHES=ids_keep is None, BLOCK_ROWS=block_rows, BLOCK_K=block_k,
-        num_warps=num_warps_for(block_rows * block_k),
+    rows = torch.empty((num_rows, row_stride), dtype=dtype, device=imgs.device)
+    if row_stride > KP:
+        rows[:, KP:].zero_()
+    patch_pad = triton.next_power_of_2(patch_size)
+    slab_rows = min(patch_pad, max(1, 256 // patch_pad))  # slabs of ~256 pixels
+    block_rows, slab = row_blocks(slab_rows * patch_pad)
+    steps = C * triton.cdiv(patch_size, slab_rows)
+    _patch_rows_kernel[(triton.cdiv(num_rows, block_rows), steps)](
+        imgs, ids_keep, rows, num_rows, K, row_stride, grid_w, 0 if ids_keep is None else ids_keep.stride(0),
+        *imgs.stride(),
+        PATCH=patch_size, PATCH_PAD=patch_pad, SLAB_ROWS=slab_rows, ALL_PATCHES=ids_keep is None,
+        BLOCK_ROWS=block_rows, num_warps=num_warps_for(block_rows * slab),
     )
     return rows
+
+
+def visible_patch_rows(imgs, ids_keep, patch_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """-> [N*(1+K), C*p*p] in ``dtype``, kept patches in projection order, zero cls rows."""
+    return gather_patch_rows(imgs, ids_keep, patch_size, dtype, imgs.shape[1] * patch_size * patch_size)
+
+
+def visible_patch_embed_forward(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size: int):
+    """Launch the gather and the GEMM: -> (out [N, 1+K, D], the gathered patches A [N*(1+K), KP'])."""
+    N, K, D = _check_inputs(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size)
+    KP = weight[0].numel()
+    KP_pad = _padded_width(KP)
+    rows = gather_patch_rows(imgs, ids_keep, patch_size, weight.dtype, KP_pad)
+    weight_rows = F.pad(weight.reshape(D, KP), (0, KP_pad - KP)) if KP_pad > KP else weight.reshape(D, KP)
+    out = torch.empty((N, K + 1, D), dtype=_output_dtype(weight, pos_embed, cls_token), device=imgs.device)
+    num_rows = N * (K + 1)
+
+    def grid(meta):
+        return (triton.cdiv(num_rows, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
+
+    _visible_patch_embed_fwd_kernel[grid](
+        rows, ids_keep, weight_rows, bias, pos_embed, cls_token, out,
+        num_rows, K, D, KP_pad, 0 if ids_keep is None else ids_keep.stride(0),
+        ALL_PATCHES=ids_keep is None, DOT_PRECISION=_dot_precision(weight.dtype),
+    )
+    return out, rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,8 +290,10 @@ def visible_patch_rows(imgs, ids_keep, patch_size: int, dtype: torch.dtype) -> t
 class VisiblePatchEmbed(torch.autograd.Function):
     """Autograd of the fused patch embedding; its setup_context/backward are also the custom op's.
 
-    Gradients for weight, bias and cls_token come from the kernels. imgs and pos_embed need none in
-    MAE (pixels, frozen sin-cos table); if asked for, they come from differentiating the reference.
+    The op returns (out, the gathered patches); the second output is kept for the weight gradient,
+    not a value to differentiate. Gradients for weight, bias and cls_token come from the kernels'
+    outputs. imgs and pos_embed need none in MAE (pixels, frozen sin-cos table); if asked for, they
+    come from differentiating the reference.
     """
 
     @staticmethod
@@ -265,18 +303,19 @@ class VisiblePatchEmbed(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size = inputs
-        ctx.save_for_backward(imgs, ids_keep, weight, bias, pos_embed, cls_token)
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(imgs, ids_keep, weight, bias, pos_embed, cls_token, output[1])
         ctx.patch_size = patch_size
 
     @staticmethod
-    def backward(ctx, grad_out):
-        imgs, ids_keep, weight, bias, pos_embed, cls_token = ctx.saved_tensors
+    def backward(ctx, grad_out, _grad_of_rows):
+        imgs, ids_keep, weight, bias, pos_embed, cls_token, rows = ctx.saved_tensors
         N, T, D = grad_out.shape
         grad_rows = grad_out.reshape(N * T, D).to(weight.dtype)  # F.linear's backward runs in its dtype
         grad_weight = grad_bias = grad_cls = grad_imgs = grad_pos = None
         if ctx.needs_input_grad[2]:
-            patches = torch.ops.fastmae.visible_patch_rows(imgs, ids_keep, ctx.patch_size, weight.dtype)
-            grad_weight = (grad_rows.t() @ patches).view_as(weight)  # cls rows of patches are zero
+            patches = rows[:, : weight[0].numel()]  # cls rows are zero: they add nothing
+            grad_weight = (grad_rows.t() @ patches).view_as(weight)
         if ctx.needs_input_grad[3]:
             grad_bias = grad_rows.view(N, T, D)[:, 1:].sum((0, 1)).to(bias.dtype)
         if ctx.needs_input_grad[5]:
@@ -295,14 +334,16 @@ class VisiblePatchEmbed(torch.autograd.Function):
 def _visible_patch_embed_op(
     imgs: torch.Tensor, ids_keep: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
     pos_embed: torch.Tensor, cls_token: torch.Tensor, patch_size: int,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     return visible_patch_embed_forward(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size)
 
 
 @_visible_patch_embed_op.register_fake
 def _(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size):
     K = pos_embed.shape[1] - 1 if ids_keep is None else ids_keep.shape[1]
-    return imgs.new_empty((imgs.shape[0], K + 1, weight.shape[0]), dtype=_output_dtype(weight, pos_embed, cls_token))
+    N, D = imgs.shape[0], weight.shape[0]
+    out = imgs.new_empty((N, K + 1, D), dtype=_output_dtype(weight, pos_embed, cls_token))
+    return out, imgs.new_empty((N * (K + 1), _padded_width(weight[0].numel())), dtype=weight.dtype)
 
 
 @torch.library.custom_op("fastmae::visible_patch_rows", mutates_args=())
@@ -336,13 +377,14 @@ def visible_patch_embed_triton(
     """The fused patch embedding (Triton); same values as ``visible_patch_embed_reference``.
 
     Under autocast the projection runs in the autocast dtype, as F.linear would: the weight and bias
-    are cast here (differentiably; they are small), the images are cast tile by tile in the kernel.
+    are cast here (differentiably; they are small), the images by the gather kernel as it copies them.
     """
     if torch.is_autocast_enabled(imgs.device.type):
         dtype = torch.get_autocast_dtype(imgs.device.type)
         weight, bias = weight.to(dtype), bias.to(dtype)
     _check_inputs(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size)
-    return torch.ops.fastmae.visible_patch_embed(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size)
+    out, _ = torch.ops.fastmae.visible_patch_embed(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def _masked_patch_loss_kernel(
     c = k % C
     j = (k // C) % PATCH
     i = k // (C * PATCH)
-    pixel = c.to(tl.int64) * s_c + i.to(tl.int64) * s_h + j.to(tl.int64) * s_w
+    pixel = c * s_c + i * s_h + j * s_w  # inside one image: int32 (the launcher checks C*H*W < 2**31)
     if WEIGHTED:
         scale = 1.0 / tl.load(weight_sum_ptr)
     else:

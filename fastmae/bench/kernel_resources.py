@@ -1,0 +1,133 @@
+"""``fastmae kernels compile``: the Triton kernels of a training step, compiled for an H100 (sm_90)
+or A100 (sm_80) on any machine, with what each costs: registers, register spills, shared memory.
+
+A spill (ptxas stack frame) costs local-memory traffic on every use; a config whose shared memory
+does not fit is refused by the GPU (the autotuner skips it, after compiling it for nothing). Both
+are visible before any GPU is at hand. The workloads are the model's own calls:
+
+- ``train``: forward with the prediction head on the removed patches, backward (pretraining);
+- ``naive``: the naive baseline (mask tokens through the encoder), forward and backward;
+- ``full_pred``: forward with every patch predicted, no gradient (visualisation, parity checks);
+
+each with and without norm_pix_loss, under the autocast dtype of ``--precision``. Depth does not
+change which kernels run, so the model is built one block deep; the batch (default 16, divisible
+by 16 like real batches) keeps Triton's integer specialisations those of a real run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from fastmae.bench.environment import DTYPES, environment_info, write_json
+from fastmae.models import MODEL_ARCHS, create_model
+
+WORKLOADS = ("train", "naive", "full_pred")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", nargs="+", default=["mae_vit_large_patch16"], help=f"any of {sorted(MODEL_ARCHS)}")
+    parser.add_argument("--arch", nargs="+", type=int, default=[90, 80], help="90: H100/H200, 80: A100")
+    parser.add_argument("--precision", nargs="+", default=["bf16"], choices=sorted(DTYPES),
+                        help="autocast dtype of the step (fp32: no autocast), as pretrain --precision")
+    parser.add_argument("--workload", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--json", default=None, help="write every compiled kernel's record here")
+
+
+def run_workload(model, imgs: torch.Tensor, workload: str, autocast_dtype: torch.dtype | None) -> None:
+    """One call of the model as the workload makes it (outputs are never read: nothing ran)."""
+    autocast = torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None)
+    if workload == "full_pred":
+        with torch.no_grad(), autocast:
+            model(imgs, full_pred=True)
+        return
+    with autocast:
+        loss, _, _ = model(imgs, full_pred=False)
+    loss.backward()
+
+
+def compile_step_kernels(model_name: str, arch: int, precision: str, workloads=WORKLOADS, batch_size: int = 16):
+    """-> the kernels (one record per compiled specialisation) the model's calls launch on sm_<arch>."""
+    from fastmae.kernels.cross_compile import CompileOnlyDriver
+
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be positive, got {batch_size}")
+    autocast_dtype = None if precision == "fp32" else DTYPES[precision]
+    records = []
+    with CompileOnlyDriver(arch) as gpu:
+        for norm_pix_loss in (False, True):
+            for workload in workloads:
+                model = create_model(model_name, kernels="triton", depth=1, decoder_depth=1,
+                                     norm_pix_loss=norm_pix_loss, encoder_mask_tokens=workload == "naive")
+                imgs = torch.randn(batch_size, model.config.in_chans, model.config.img_size, model.config.img_size)
+                first = len(gpu.compiled)
+                run_workload(model, imgs, workload, autocast_dtype)
+                for record in gpu.compiled[first:]:
+                    records.append({"model": model_name, "precision": precision, "workload": workload,
+                                    "norm_pix_loss": norm_pix_loss, **record.as_dict()})
+    return records
+
+
+def format_table(records: list[dict]) -> str:
+    lines = [f"{'kernel':34s} {'tiles':44s} {'warps':>5s} {'stages':>6s} {'regs':>5s} {'spill B':>7s} "
+             f"{'smem KiB':>8s}  fits"]
+    for r in records:
+        tiles = " ".join(f"{k}={v}" for k, v in r["tiles"].items())
+        regs = "-" if r["registers"] is None else str(r["registers"])
+        spill = "-" if r["spill_bytes"] is None else str(r["spill_bytes"])
+        fits = "yes" if r["fits"] else f"NO: {r['refusal']}"
+        lines.append(f"{r['name'].strip('_'):34s} {tiles:44s} {r['num_warps']:5d} {r['num_stages']:6d} {regs:>5s} "
+                     f"{spill:>7s} {r['shared_bytes'] / 1024:8.1f}  {fits}")
+    return "\n".join(lines)
+
+
+def summarize(records: list[dict]) -> dict:
+    spilling = [r for r in records if r["spill_bytes"]]
+    refused = [r for r in records if not r["fits"]]
+    return {
+        "compiled": len(records),
+        "kernels": sorted({r["name"] for r in records}),
+        "spilling": len(spilling),
+        "refused": len(refused),
+        "max_registers": max((r["registers"] or 0 for r in records), default=0),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    for name in args.model:
+        if name not in MODEL_ARCHS:
+            print(f"error: unknown model {name!r}; choose from {sorted(MODEL_ARCHS)}", file=sys.stderr)
+            return 2
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("error: Triton is not installed (pip install 'fastmae[triton]')", file=sys.stderr)
+        return 2
+    from fastmae.kernels._launch import interpreting
+
+    if interpreting():
+        print("error: TRITON_INTERPRET=1 makes Triton interpret the kernels, which cannot then be compiled; "
+              "unset it", file=sys.stderr)
+        return 2
+    results = []
+    try:
+        for arch in args.arch:
+            for precision in args.precision:
+                for model_name in args.model:
+                    records = compile_step_kernels(model_name, arch, precision, args.workload, args.batch_size)
+                    print(f"\n{model_name}, sm_{arch}, {precision}: {summarize(records)}")
+                    print(format_table(records))
+                    results.extend(records)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        env = environment_info(torch.device("cpu"))
+        path = write_json(Path(args.json), {"what": "kernel_resources", "environment": env,
+                                            "summary": summarize(results), "kernels": results})
+        print(f"\nwrote {path}")
+    return 0
