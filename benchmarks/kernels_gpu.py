@@ -231,14 +231,24 @@ def check_agreement(case: KernelCase, impls: dict) -> dict:
     return {"max_abs_diff_forward": diff, "max_abs_eager_forward": outputs["eager"].abs().max().item()}
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, out: Path | None = None) -> dict:
+    """Every case; with ``out``, the JSON is rewritten after each case, so a run stopped part-way
+    (a time limit, a crash in one case) keeps what it measured."""
     from tqdm import tqdm
 
-    from fastmae.bench.environment import environment_info
+    from fastmae.bench.environment import environment_info, write_json
 
     device = torch.device("cuda")
     timer = Timer(args.warmup, args.iters, device)
     results = []
+    report = {
+        "what": "fused kernels, forward + backward",
+        "environment": environment_info(device),
+        "config": {"batch": args.batch, "mask_ratio": MASK_RATIO, "decoder_dim": DECODER_DIM,
+                   "warmup_steps": args.warmup, "timed_steps": args.iters, "l2_flush_mib": 512,
+                   "precisions": args.modes, "compile": "torch.compile(reference, dynamic=False), inductor default"},
+        "results": results,
+    }
     jobs = [(k, m, mode) for mode in args.modes for m in args.models for k in args.kernels]
     bar = tqdm(jobs, desc="kernels", unit="case")
     for kernel, model, mode in bar:
@@ -275,14 +285,10 @@ def run(args: argparse.Namespace) -> dict:
             entry["targets_met"] = targets
         results.append(entry)
         print(format_row(entry), file=sys.stderr)
-    return {
-        "what": "fused kernels, forward + backward",
-        "environment": environment_info(device),
-        "config": {"batch": args.batch, "mask_ratio": MASK_RATIO, "decoder_dim": DECODER_DIM,
-                   "warmup_steps": args.warmup, "timed_steps": args.iters, "l2_flush_mib": 512,
-                   "precisions": args.modes, "compile": "torch.compile(reference, dynamic=False), inductor default"},
-        "results": results,
-    }
+        report["complete"] = len(results) == len(jobs)
+        if out is not None:
+            write_json(out, report)
+    return report
 
 
 def format_row(entry: dict) -> str:
@@ -313,11 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         print("kernels_gpu.py measures Triton kernels on a CUDA GPU; this machine has none (torch "
               f"{torch.__version__}, CUDA available: False). Run it on a GPU machine.", file=sys.stderr)
         return 2
-    from fastmae.bench.environment import result_filename, write_json
+    from fastmae.bench.environment import result_filename
 
-    result = run(args)
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / result_filename("kernels", torch.device("cuda"))
-    print(f"wrote {write_json(out, result)}", file=sys.stderr)
+    run(args, out)
+    print(f"wrote {out}", file=sys.stderr)
     return 0
 
 

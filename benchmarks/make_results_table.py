@@ -55,6 +55,10 @@ def step_table(results: list[dict]) -> list[str]:
     for r in results:
         env = r["environment"]
         for row in r["results"]:
+            if "error" in row:
+                lines.append(f"| {r['model']} | {env['device']} | {r['dtype']} | {r['batch_size']} | {row['name']} | "
+                             f"failed: {row['error'][:80]} | | | | | {_commit(r)} |")
+                continue
             lines.append(
                 f"| {r['model']} | {env['device']} | {r['dtype']} | {r['batch_size']} | {row['name']} | "
                 f"{row['images_per_s']:.0f} | {1e3 * row['median_s']:.1f} ({1e3 * row['p10_s']:.1f}-{1e3 * row['p90_s']:.1f}) | "

@@ -129,6 +129,26 @@ def test_bench_step_cli_writes_everything(tmp_path, capsys):
     assert "speedup fastmae / naive w/[M]" in capsys.readouterr().out
 
 
+def test_bench_step_records_a_failing_contender_and_measures_the_others(tmp_path, capsys, monkeypatch):
+    import fastmae.bench.contenders as contenders
+
+    def broken(*args):
+        raise RuntimeError("this transformers version rejects noise=")
+
+    monkeypatch.setattr(contenders, "_reference_style_step", broken)
+    path = tmp_path / "step.json"
+    code = main(["bench", "step", "--model", MICRO, "--batch_size", "4", "--warmup", "1", "--steps", "2",
+                 "--impl", "fastmae,naive w/[M],reference-style", "--gemm_size", "64", "--no_progress",
+                 "--json", str(path)])
+    assert code == 1
+    rows = {r["name"]: r for r in json.loads(path.read_text())["results"]}
+    assert rows["reference-style"]["error"] == "RuntimeError: this transformers version rejects noise="
+    assert rows["fastmae"]["images_per_s"] > 0 and rows["naive w/[M]"]["images_per_s"] > 0
+    assert "reference-style failed" in capsys.readouterr().err
+    assert load_results_table_script().main(["--results_dir", str(tmp_path), "--include_cpu"]) == 0
+    assert "| reference-style | failed: RuntimeError: this transformers version" in capsys.readouterr().out
+
+
 def test_bench_step_cli_rejects_bad_input(capsys):
     assert main(["bench", "step", "--model", "vit_nope"]) == 2
     assert "unknown model" in capsys.readouterr().err

@@ -39,7 +39,7 @@ from fastmae.bench.timing import EndlessLoader, SyntheticImages, TimingPlan
 
 def speedups(rows: list[dict]) -> dict:
     """img/s ratios of fastmae over each other contender (eager over eager, compiled over compiled)."""
-    by_name = {r["name"]: r["images_per_s"] for r in rows}
+    by_name = {r["name"]: r["images_per_s"] for r in rows if "error" not in r}
     out = {}
     for ours, theirs in [("fastmae", "naive w/[M]"), ("fastmae+compile", "naive w/[M]+compile"),
                          ("fastmae", "reference-style"), ("fastmae", "hf-vitmae"),
@@ -74,8 +74,17 @@ def bench_model(args, name: str, device: torch.device, dtype: torch.dtype, batch
     # so that running out of memory (--oom_fallback) happens before any torch.compile is spent.
     measured = {}
     for contender in sorted(contenders, key=lambda c: c.name != "naive w/[M]"):
-        measured[contender.name] = measure_contender(contender, images, plan, device, batch_size, spec_peak,
-                                                     gemm["flops_per_s"], progress=not args.no_progress)
+        try:
+            measured[contender.name] = measure_contender(contender, images, plan, device, batch_size, spec_peak,
+                                                         gemm["flops_per_s"], progress=not args.no_progress)
+        except BatchTooLarge:
+            raise
+        except Exception as err:  # noqa: BLE001 - one contender failing (an HF version, a compiler error) is
+            # recorded; the others are still measured and written
+            measured[contender.name] = {"name": contender.name, "description": contender.description,
+                                        "error": f"{type(err).__name__}: {err}"}
+            print(f"  {contender.name:<20} failed: {measured[contender.name]['error']}", flush=True)
+            continue
         print(format_row(measured[contender.name]), flush=True)
     rows = [measured[contender.name] for contender in contenders]
     return {
@@ -173,6 +182,11 @@ def run(args) -> int:
         if result is None:
             continue
         result = {"environment": environment, **result}
+        failed = [r["name"] for r in result["results"] if "error" in r]
+        if failed:
+            print(f"fastmae bench step: error: {name}: {', '.join(failed)} failed (recorded in the results)",
+                  file=sys.stderr)
+            status = 1
         for key, value in result["speedups"].items():
             print(f"  speedup {key}: {value:.2f}x")
         path = args.json or (Path(args.out_dir) / result_filename(f"step_{name}", device) if args.out_dir else None)
