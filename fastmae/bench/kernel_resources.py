@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", nargs="+", default=["mae_vit_large_patch16"], help=f"any of {sorted(MODEL_ARCHS)}")
     parser.add_argument("--arch", nargs="+", type=int, default=[90, 80], help="90: H100/H200, 80: A100")
     parser.add_argument("--precision", nargs="+", default=["bf16"], choices=sorted(DTYPES),
-                        help="autocast dtype of the step (fp32: no autocast), as pretrain --precision")
+                        help="autocast dtype of the step (fp32: no autocast), as pretrain --precision; fp16 takes "
+                             "minutes, the model's own half-precision backward being slow on a CPU")
     parser.add_argument("--workload", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--json", default=None, help="write every compiled kernel's record here")
@@ -73,16 +74,23 @@ def compile_step_kernels(model_name: str, arch: int, precision: str, workloads=W
 
 
 def format_table(records: list[dict]) -> str:
-    lines = [f"{'kernel':34s} {'tiles':44s} {'warps':>5s} {'stages':>6s} {'regs':>5s} {'spill B':>7s} "
-             f"{'smem KiB':>8s}  fits"]
+    lines = [f"{'kernel':30s} {'workload':9s} {'switches on':31s} {'tiles':30s} {'warps':>5s} {'stages':>6s} "
+             f"{'regs':>5s} {'spill B':>7s} {'smem KiB':>8s}  fits"]
     for r in records:
-        tiles = " ".join(f"{k}={v}" for k, v in r["tiles"].items())
+        tiles = " ".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in r["tiles"].items())
+        switches = " ".join(k for k, v in r["constants"].items() if v is True) or "-"
         regs = "-" if r["registers"] is None else str(r["registers"])
         spill = "-" if r["spill_bytes"] is None else str(r["spill_bytes"])
         fits = "yes" if r["fits"] else f"NO: {r['refusal']}"
-        lines.append(f"{r['name'].strip('_'):34s} {tiles:44s} {r['num_warps']:5d} {r['num_stages']:6d} {regs:>5s} "
-                     f"{spill:>7s} {r['shared_bytes'] / 1024:8.1f}  {fits}")
+        lines.append(f"{r['name'].strip('_'):30s} {r['workload']:9s} {switches:31s} {tiles:30s} {r['num_warps']:5d} "
+                     f"{r['num_stages']:6d} {regs:>5s} {spill:>7s} {r['shared_bytes'] / 1024:8.1f}  {fits}")
     return "\n".join(lines)
+
+
+def format_summary(summary: dict) -> str:
+    return (f"{summary['compiled']} compiled specialisations of {len(summary['kernels'])} kernels; "
+            f"{summary['spilling']} with register spills, {summary['refused']} the GPU would refuse; "
+            f"at most {summary['max_registers']} registers per thread")
 
 
 def summarize(records: list[dict]) -> dict:
@@ -119,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
             for precision in args.precision:
                 for model_name in args.model:
                     records = compile_step_kernels(model_name, arch, precision, args.workload, args.batch_size)
-                    print(f"\n{model_name}, sm_{arch}, {precision}: {summarize(records)}")
+                    print(f"\n{model_name}, sm_{arch}, {precision}: {format_summary(summarize(records))}")
                     print(format_table(records))
                     results.extend(records)
     except ValueError as err:
