@@ -7,7 +7,8 @@ whole NVIDIA pipeline (TTIR -> TTGIR -> LLVM -> PTX -> ptxas cubin) for the chos
 and nothing runs: output tensors are left as allocated. Triton's autotuner "benchmarks" every
 config, so each one is compiled, and the configs whose shared memory does not fit the device are
 refused as a real GPU would refuse them. ptxas's register and stack (spill) counts are read from
-each cubin with cuobjdump, which ships with Triton.
+each cubin with cuobjdump, which ships with Triton, and so is the width of every global memory access
+in the machine code (a memory-bound kernel should move 64 or 128 bits per instruction, not 16).
 
     with CompileOnlyDriver(arch=90) as gpu:
         ...launch the kernels on CPU tensors...
@@ -61,6 +62,9 @@ class CompiledKernel:
     max_shared_bytes: int
     registers: int | None = None  # per thread; None when the launch was refused before loading
     spill_bytes: int | None = None  # ptxas stack frame per thread: register spills (these kernels call nothing)
+    # global memory instructions in the machine code by kind (LDG loads, STG stores, LDGSTS async
+    # copies to shared memory) and access width in bits: {"LDG": {"128": 16, "32": 128}, ...}
+    memory_instructions: dict = field(default_factory=dict)
     fits: bool = True  # shared memory and registers within the device's per-block limits
     refusal: str = ""  # why a GPU would refuse to launch it
 
@@ -90,7 +94,7 @@ class _Utils:
 
     def load_binary(self, name, cubin, shared, device):
         record = self.gpu.compiled[-1]  # Triton builds the launcher, then loads the binary
-        record.registers, record.spill_bytes = cubin_resources(cubin, name)
+        record.registers, record.spill_bytes, record.memory_instructions = cubin_resources(cubin, name)
         threads = record.num_warps * 32
         if record.registers * threads > self.gpu.properties["max_num_regs"]:
             record.fits = False
@@ -223,17 +227,34 @@ def _plain(value):
 
 
 _RESOURCE_LINE = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+)")
+_GLOBAL_ACCESS = re.compile(r"\b(LDGSTS|LDG|STG)((?:\.[A-Z0-9_]+)*)")
+_WIDTH_SUFFIX = {"128": "128", "64": "64", "U16": "16", "S16": "16", "U8": "8", "S8": "8"}
 
 
-def cubin_resources(cubin: bytes, name: str) -> tuple[int, int]:
-    """(registers per thread, stack bytes per thread) of kernel ``name`` in ``cubin``, from cuobjdump."""
+def _access_width(modifiers: str) -> str:
+    """Bits moved by one LDG/STG/LDGSTS from its modifiers (.E.128, .E.U16, ...; none: 32)."""
+    widths = [_WIDTH_SUFFIX[m] for m in modifiers.split(".") if m in _WIDTH_SUFFIX]
+    return widths[-1] if widths else "32"
+
+
+def cubin_resources(cubin: bytes, name: str) -> tuple[int, int, dict]:
+    """(registers per thread, stack bytes per thread, global memory instructions by kind and width)
+    of kernel ``name`` in ``cubin``, from cuobjdump's resource usage and disassembly."""
     tool = triton.knobs.nvidia.cuobjdump.path
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{name}.cubin"
         path.write_bytes(cubin)
-        out = subprocess.run([tool, "--dump-resource-usage", str(path)], check=True, capture_output=True,
-                             text=True).stdout
-    for function, registers, stack in _RESOURCE_LINE.findall(out):
+
+        def dump(*flags: str) -> str:
+            return subprocess.run([tool, *flags, str(path)], check=True, capture_output=True, text=True).stdout
+
+        usage, sass = dump("--dump-resource-usage"), dump("--dump-sass")
+    memory: dict[str, dict[str, int]] = {}
+    for kind, modifiers in _GLOBAL_ACCESS.findall(sass):
+        widths = memory.setdefault(kind, {})
+        width = _access_width(modifiers)
+        widths[width] = widths.get(width, 0) + 1
+    for function, registers, stack in _RESOURCE_LINE.findall(usage):
         if function == name:
-            return int(registers), int(stack)
-    raise RuntimeError(f"cuobjdump printed no resource usage for {name}:\n{out}")
+            return int(registers), int(stack), memory
+    raise RuntimeError(f"cuobjdump printed no resource usage for {name}:\n{usage}")

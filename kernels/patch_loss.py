@@ -49,7 +49,6 @@ def _masked_patch_loss_kernel(
     num_rows,  # N * M
     M,
     grid_w,  # patches per image row
-    P,  # p * p * C
     inv_count,  # 1 / (N * M), the mean's scale when not WEIGHTED
     s_ids,
     s_n,
@@ -67,6 +66,9 @@ def _masked_patch_loss_kernel(
     BLOCK_P: tl.constexpr,
     ROW_TILES: tl.constexpr,
 ):
+    # P = p*p*C as a constexpr: ViT-H's 588 then proves 4-element alignment of pred's rows and of the
+    # mask, so pred and its gradient move in 8-byte vectors rather than one bf16 at a time
+    P: tl.constexpr = PATCH * PATCH * C
     k = tl.arange(0, BLOCK_P)
     k_ok = k < P
     # target order k = (i*p + j)*C + c -> pixel (c, i, j) of the patch
@@ -159,7 +161,7 @@ def masked_patch_loss_forward(pred, imgs, patch_size: int, norm_pix_loss: bool, 
     partial = torch.empty(programs, dtype=torch.float32, device=pred.device)
     _masked_patch_loss_kernel[(programs,)](
         pred, imgs, patch_ids, weight, weight_sum, grad_pred, partial,
-        num_rows, M, grid_w, P, 1.0 / num_rows, 0 if patch_ids is None else patch_ids.stride(0), *imgs.stride(),
+        num_rows, M, grid_w, 1.0 / num_rows, 0 if patch_ids is None else patch_ids.stride(0), *imgs.stride(),
         PATCH=patch_size, C=C, NORM_PIX=norm_pix_loss, EPS=NORM_PIX_EPS,
         ALL_PATCHES=patch_ids is None, WEIGHTED=weight is not None, COMPUTE_GRAD=compute_grad,
         BLOCK_ROWS=block_rows, BLOCK_P=block_p, ROW_TILES=row_tiles, num_warps=num_warps_for(block_rows * block_p),

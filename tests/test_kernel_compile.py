@@ -65,6 +65,22 @@ def test_no_kernel_spills_registers_or_overflows_shared_memory(sm90_step):
     assert all(r["shared_bytes"] <= r["max_shared_bytes"] for r in records)
 
 
+def test_memory_bound_kernels_never_move_one_half_precision_value_at_a_time(sm90_step):
+    """The loss and the unshuffle stream bf16 rows: 16-bit loads or stores there (as ViT-H's 588-value
+    rows once gave the loss) mean one instruction per value."""
+    records = sm90_step[0]["kernels"]
+    streaming = [r for r in records if r["name"] in ("_masked_patch_loss_kernel", "_decoder_unshuffle_fwd_kernel",
+                                                     "_decoder_unshuffle_bwd_kernel")]
+    assert streaming and all(r["memory_instructions"].get("LDG") for r in streaming)
+    narrow = [(r["model"], r["name"], r["memory_instructions"]) for r in streaming
+              if any(int(bits) < 32 for widths in r["memory_instructions"].values() for bits in widths)]
+    assert not narrow, narrow
+    for r in streaming:  # the rows themselves move in 64- or 128-bit vectors (a loss without gradient stores one sum)
+        if r["constants"].get("COMPUTE_GRAD") is False:
+            continue
+        assert max(int(bits) for bits in r["memory_instructions"]["STG"]) >= 64, (r["model"], r["name"])
+
+
 def test_the_gemm_autotunes_over_several_configs_and_tf32_follows_torch(sm90_step):
     records = sm90_step[0]["kernels"]
     gemm = [r for r in records if r["name"] == "_visible_patch_embed_fwd_kernel"

@@ -75,7 +75,7 @@ def compile_step_kernels(model_name: str, arch: int, precision: str, workloads=W
 
 def format_table(records: list[dict]) -> str:
     lines = [f"{'kernel':30s} {'workload':9s} {'switches on':31s} {'tiles':30s} {'warps':>5s} {'stages':>6s} "
-             f"{'regs':>5s} {'spill B':>7s} {'smem KiB':>8s}  fits"]
+             f"{'regs':>5s} {'spill B':>7s} {'smem KiB':>8s}  {'global memory instructions (bits x count)':50s} fits"]
     for r in records:
         tiles = " ".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in r["tiles"].items())
         switches = " ".join(k for k, v in r["constants"].items() if v is True) or "-"
@@ -83,8 +83,21 @@ def format_table(records: list[dict]) -> str:
         spill = "-" if r["spill_bytes"] is None else str(r["spill_bytes"])
         fits = "yes" if r["fits"] else f"NO: {r['refusal']}"
         lines.append(f"{r['name'].strip('_'):30s} {r['workload']:9s} {switches:31s} {tiles:30s} {r['num_warps']:5d} "
-                     f"{r['num_stages']:6d} {regs:>5s} {spill:>7s} {r['shared_bytes'] / 1024:8.1f}  {fits}")
+                     f"{r['num_stages']:6d} {regs:>5s} {spill:>7s} {r['shared_bytes'] / 1024:8.1f}  "
+                     f"{format_memory_instructions(r['memory_instructions']):50s} {fits}")
     return "\n".join(lines)
+
+
+def format_memory_instructions(memory: dict) -> str:
+    """{"LDG": {"128": 16, "32": 128}} -> "LDG 128x16 32x128", widest first."""
+    parts = []
+    for kind in ("LDG", "LDGSTS", "STG"):
+        if kind in memory:
+            widths = sorted(memory[kind].items(), key=lambda item: -int(item[0]))
+            parts.append(kind + " " + " ".join(f"{bits}x{count}" for bits, count in widths))
+        else:
+            parts.append("")
+    return "; ".join(p for p in parts if p) or "-"
 
 
 def format_summary(summary: dict) -> str:
