@@ -32,9 +32,9 @@ def _compiling_only() -> bool:
     """A CompileOnlyDriver is active: Triton launches compile for a GPU and do not run (any device)."""
     if not triton_available():
         return False
-    from fastmae.kernels._launch import compiling_only
+    from fastmae.kernels.cross_compile import active_compile_only_driver
 
-    return compiling_only()
+    return active_compile_only_driver() is not None
 
 
 def check_kernels_choice(choice: str) -> str:

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastmae.kernels.cross_compile import active_compile_only_driver
+
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -50,15 +52,9 @@ def check_tensor(
         raise ValueError(f"{name} (shape {list(t.shape)}, strides {list(t.stride())}) must be contiguous")
 
 
-def compiling_only() -> bool:
-    """True while a CompileOnlyDriver takes the launches: kernels compile for a GPU and do not run."""
-    from fastmae.kernels.cross_compile import active_compile_only_driver
-
-    return active_compile_only_driver() is not None
-
-
 def check_kernel_device(device: torch.device) -> None:
-    if device.type != "cuda" and not interpreting() and not compiling_only():
+    # under a CompileOnlyDriver the kernels compile for a GPU and nothing reads the tensors
+    if device.type != "cuda" and not interpreting() and active_compile_only_driver() is None:
         raise ValueError(
             f"the Triton kernels need CUDA tensors (got {device}); on CPU they run only through the "
             "interpreter (TRITON_INTERPRET=1 before triton is imported)"

@@ -256,11 +256,6 @@ def gather_patch_rows(imgs, ids_keep, patch_size: int, dtype: torch.dtype, row_s
     return rows
 
 
-def visible_patch_rows(imgs, ids_keep, patch_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """-> [N*(1+K), C*p*p] in ``dtype``, kept patches in projection order, zero cls rows."""
-    return gather_patch_rows(imgs, ids_keep, patch_size, dtype, imgs.shape[1] * patch_size * patch_size)
-
-
 def visible_patch_embed_forward(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size: int):
     """Launch the gather and the GEMM: -> (out [N, 1+K, D], the gathered patches A [N*(1+K), KP'])."""
     N, K, D = _check_inputs(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size)
@@ -344,20 +339,6 @@ def _(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size):
     N, D = imgs.shape[0], weight.shape[0]
     out = imgs.new_empty((N, K + 1, D), dtype=_output_dtype(weight, pos_embed, cls_token))
     return out, imgs.new_empty((N * (K + 1), _padded_width(weight[0].numel())), dtype=weight.dtype)
-
-
-@torch.library.custom_op("fastmae::visible_patch_rows", mutates_args=())
-def _visible_patch_rows_op(
-    imgs: torch.Tensor, ids_keep: torch.Tensor | None, patch_size: int, dtype: torch.dtype
-) -> torch.Tensor:
-    return visible_patch_rows(imgs, ids_keep, patch_size, dtype)
-
-
-@_visible_patch_rows_op.register_fake
-def _(imgs, ids_keep, patch_size, dtype):
-    N, C, H, W = imgs.shape
-    K = (H // patch_size) * (W // patch_size) if ids_keep is None else ids_keep.shape[1]
-    return imgs.new_empty((N * (K + 1), C * patch_size * patch_size), dtype=dtype)
 
 
 torch.library.register_autograd(

@@ -113,7 +113,7 @@ def test_compile_only_driver_refuses_what_a_gpu_refuses_and_cleans_up():
         import pytest, torch, triton
         from fastmae.kernels import encoder_input as E
         from fastmae.kernels.cross_compile import CompileOnlyDriver
-        from fastmae.kernels._launch import compiling_only
+        from fastmae.kernels.cross_compile import active_compile_only_driver
 
         # bf16 A and B tiles of 128 x 128, 3 buffered stages: 192 KiB of shared memory, the A100 has 163
         big = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=4)
@@ -123,9 +123,9 @@ def test_compile_only_driver_refuses_what_a_gpu_refuses_and_cleans_up():
         imgs, weight = torch.randn(16, 3, 32, 32), torch.randn(64, 3, 16, 16, dtype=bf16)
         args = (imgs, None, weight, torch.zeros(64, dtype=bf16), torch.zeros(1, 5, 64), torch.zeros(1, 1, 64), 16)
         with CompileOnlyDriver(80) as gpu:
-            assert compiling_only()
+            assert active_compile_only_driver() is gpu
             E.visible_patch_embed_forward(*args)
-        assert not compiling_only()
+        assert active_compile_only_driver() is None
         by_tiles = {r.tiles["BLOCK_M"]: r for r in gpu.compiled if r.name == "_visible_patch_embed_fwd_kernel"}
         assert not by_tiles[128].fits and "shared memory" in by_tiles[128].refusal, by_tiles[128]
         assert by_tiles[128].registers is None  # refused before loading, as CUDA would
