@@ -34,7 +34,7 @@ def run_compiled(args: list[str] | None = None, code: str | None = None, timeout
 
 @pytest.fixture(scope="module")
 def sm90_step(tmp_path_factory):
-    """Every kernel of a training step of ViT-B/16 and ViT-H/14 (patch 14: padded slabs), bf16 and fp32."""
+    """Every kernel of a training step of ViT-B/16 and ViT-H/14 (patch 14: padded rows), bf16 and fp32."""
     out = tmp_path_factory.mktemp("kernels") / "sm90.json"
     proc = run_compiled(["kernels", "compile", "--model", "mae_vit_base_patch16", "mae_vit_huge_patch14",
                          "--arch", "90", "--precision", "bf16", "fp32", "--json", str(out)])
@@ -112,8 +112,7 @@ def test_compile_only_driver_refuses_what_a_gpu_refuses_and_cleans_up():
     code = """
         import pytest, torch, triton
         from fastmae.kernels import encoder_input as E
-        from fastmae.kernels.cross_compile import CompileOnlyDriver
-        from fastmae.kernels.cross_compile import active_compile_only_driver
+        from fastmae.kernels.cross_compile import CompileOnlyDriver, active_compile_only_driver
 
         # bf16 A and B tiles of 128 x 128, 3 buffered stages: 192 KiB of shared memory, the A100 has 163
         big = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=4)

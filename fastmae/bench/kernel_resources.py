@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from fastmae.bench.environment import DTYPES, environment_info, write_json
+from fastmae.bench.measure import check_model_names
 from fastmae.models import MODEL_ARCHS, create_model
 
 WORKLOADS = ("train", "naive", "full_pred")
@@ -92,12 +93,10 @@ def format_memory_instructions(memory: dict) -> str:
     """{"LDG": {"128": 16, "32": 128}} -> "LDG 128x16 32x128", widest first."""
     parts = []
     for kind in ("LDG", "LDGSTS", "STG"):
-        if kind in memory:
-            widths = sorted(memory[kind].items(), key=lambda item: -int(item[0]))
+        widths = sorted(memory.get(kind, {}).items(), key=lambda item: -int(item[0]))
+        if widths:
             parts.append(kind + " " + " ".join(f"{bits}x{count}" for bits, count in widths))
-        else:
-            parts.append("")
-    return "; ".join(p for p in parts if p) or "-"
+    return "; ".join(parts) or "-"
 
 
 def format_summary(summary: dict) -> str:
@@ -119,10 +118,11 @@ def summarize(records: list[dict]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in args.model:
-        if name not in MODEL_ARCHS:
-            print(f"error: unknown model {name!r}; choose from {sorted(MODEL_ARCHS)}", file=sys.stderr)
-            return 2
+    try:
+        check_model_names(args.model, mask_ratio=0.75)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         import triton  # noqa: F401
     except ImportError:
