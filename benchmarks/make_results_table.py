@@ -48,6 +48,15 @@ def _commit(result: dict) -> str:
     return commit + ("+" if git.get("dirty") else "")
 
 
+def _step_row_name(result: dict, row: dict) -> str:
+    """A compiled row's name with its compile settings, where they are not torch.compile's defaults."""
+    compiled = result.get("compile") or {}
+    scope, mode = compiled.get("scope", "model"), compiled.get("mode", "default")
+    if "+compile" in row["name"] and (scope, mode) != ("model", "default"):
+        return f"{row['name']} ({scope}, {mode})"
+    return row["name"]
+
+
 def step_table(results: list[dict]) -> list[str]:
     lines = ["| model | device | dtype | batch | implementation | img/s | step ms (p10-p90) | peak GiB | "
              "MFU (spec) | MFU (meas. GEMM) | commit |",
@@ -60,7 +69,7 @@ def step_table(results: list[dict]) -> list[str]:
                              f"failed: {row['error'][:80]} | | | | | {_commit(r)} |")
                 continue
             lines.append(
-                f"| {r['model']} | {env['device']} | {r['dtype']} | {r['batch_size']} | {row['name']} | "
+                f"| {r['model']} | {env['device']} | {r['dtype']} | {r['batch_size']} | {_step_row_name(r, row)} | "
                 f"{row['images_per_s']:.0f} | {1e3 * row['median_s']:.1f} ({1e3 * row['p10_s']:.1f}-{1e3 * row['p90_s']:.1f}) | "
                 f"{_gib(row.get('peak_memory_bytes'))} | {_pct(row.get('mfu_spec'))} | {_pct(row.get('mfu_measured_gemm'))} | "
                 f"{_commit(r)} |")

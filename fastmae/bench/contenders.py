@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from fastmae.compiling import CompileConfig, compile_for_training
 from fastmae.flops import train_flops_per_image
 from fastmae.models import MAEConfig, MaskedAutoencoderViT
 from fastmae.train.optim import ADAMW_BETAS, build_optimizer, param_groups
@@ -37,10 +38,10 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
                  autocast_dtype: torch.dtype | None, mask_ratio: float, forward_kwargs: dict | None = None,
-                 grad_scaler: torch.amp.GradScaler | None = None, compile_backend: str | None = None):
+                 grad_scaler: torch.amp.GradScaler | None = None, compiled: CompileConfig | None = None):
         self.model = model
-        # compile_backend: None runs eagerly; "inductor" is torch.compile's default
-        self.forward = torch.compile(model, backend=compile_backend) if compile_backend else model
+        self.compiled = compiled  # None runs eagerly
+        self.forward = compile_for_training(model, model, compiled) if compiled else model
         self.optimizer = optimizer
         self.device = device
         self.autocast_dtype = autocast_dtype
@@ -68,13 +69,13 @@ class EngineTrainStep(TrainStep):
     ``fastmae pretrain`` runs (head on the removed patches only, no host sync)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-                 autocast_dtype: torch.dtype | None, mask_ratio: float, compile_backend: str | None = None):
-        super().__init__(model, optimizer, device, autocast_dtype, mask_ratio, compile_backend=compile_backend)
+                 autocast_dtype: torch.dtype | None, mask_ratio: float, compiled: CompileConfig | None = None):
+        super().__init__(model, optimizer, device, autocast_dtype, mask_ratio, compiled=compiled)
         self.disabled_scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16/fp32 need none
 
     def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
         losses = train_step(self.forward, self.optimizer, self.disabled_scaler, [(imgs, None)], self.mask_ratio,
-                            self.autocast_dtype)
+                            self.autocast_dtype, self.compiled)
         return losses[0]
 
 
@@ -92,17 +93,17 @@ def _autocast_dtype(dtype: torch.dtype) -> torch.dtype | None:
 
 
 def fastmae_step(config: MAEConfig, device: torch.device, dtype: torch.dtype, mask_ratio: float,
-                 encoder_mask_tokens: bool = False, compile_backend: str | None = None, kernels: str = "auto",
+                 encoder_mask_tokens: bool = False, compiled: CompileConfig | None = None, kernels: str = "auto",
                  attn: str = "sdpa") -> TrainStep:
-    """The engine's training step (``encoder_mask_tokens``: the naive baseline)."""
-    if compile_backend:
+    """The engine's training step (``encoder_mask_tokens``: the naive baseline; ``compiled``: None eager)."""
+    if compiled:
         # a fresh compilation per contender: models compiled earlier in the run must not use up
         # dynamo's recompile limit (past it, torch.compile silently falls back to eager)
         torch._dynamo.reset()
     model = MaskedAutoencoderViT(**dataclasses.asdict(config), kernels=kernels, attn=attn,
                                  encoder_mask_tokens=encoder_mask_tokens).to(device)
     optimizer = build_optimizer(model, LEARNING_RATE, WEIGHT_DECAY)
-    return EngineTrainStep(model, optimizer, device, _autocast_dtype(dtype), mask_ratio, compile_backend)
+    return EngineTrainStep(model, optimizer, device, _autocast_dtype(dtype), mask_ratio, compiled)
 
 
 def _reference_style_step(config: MAEConfig, device, dtype, mask_ratio):
@@ -126,7 +127,7 @@ def _hf_step(config: MAEConfig, device, dtype, mask_ratio):
 
 def build_contenders(config: MAEConfig, device: torch.device, dtype: torch.dtype, mask_ratio: float,
                      names: tuple[str, ...], kernels: str = "auto", attn: str = "sdpa",
-                     compile_backend: str = "inductor") -> list[Contender]:
+                     compiled: CompileConfig = CompileConfig()) -> list[Contender]:
     """The contenders ``names`` (a subset of CONTENDER_NAMES, in that order), not built yet."""
     unknown = [n for n in names if n not in CONTENDER_NAMES]
     if unknown:
@@ -141,14 +142,14 @@ def build_contenders(config: MAEConfig, device: torch.device, dtype: torch.dtype
             "fastmae", f"fastmae engine (kernels={kernels}, attn={attn}), fused AdamW", amp, mae_flops,
             lambda: fastmae_step(config, device, dtype, mask_ratio, False, None, kernels, attn)),
         "fastmae+compile": Contender(
-            "fastmae+compile", f"fastmae engine under torch.compile (backend {compile_backend})", amp, mae_flops,
-            lambda: fastmae_step(config, device, dtype, mask_ratio, False, compile_backend, kernels, attn)),
+            "fastmae+compile", f"fastmae engine, {compiled.describe()}", amp, mae_flops,
+            lambda: fastmae_step(config, device, dtype, mask_ratio, False, compiled, kernels, attn)),
         "naive w/[M]": Contender(
             "naive w/[M]", "same engine, mask tokens through the encoder (paper's baseline)", amp, naive_flops,
             lambda: fastmae_step(config, device, dtype, mask_ratio, True, None, kernels, attn)),
         "naive w/[M]+compile": Contender(
-            "naive w/[M]+compile", "naive baseline under torch.compile", amp, naive_flops,
-            lambda: fastmae_step(config, device, dtype, mask_ratio, True, compile_backend, kernels, attn)),
+            "naive w/[M]+compile", f"naive baseline, {compiled.describe()}", amp, naive_flops,
+            lambda: fastmae_step(config, device, dtype, mask_ratio, True, compiled, kernels, attn)),
         "reference-style": Contender(
             "reference-style", "conv on all patches + gather, softmax(QK^T)V, GradScaler, for-loop AdamW",
             "fp32" if dtype == torch.float32 else "fp16 autocast + GradScaler", full_flops,

@@ -10,6 +10,7 @@ import math
 import torch
 
 from fastmae.bench.contenders import Contender
+from fastmae.compiling import COMPILE_MODES, COMPILE_SCOPES, CompileConfig
 from fastmae.bench.environment import resolve_device, resolve_dtype
 from fastmae.bench.timing import TimingPlan, synchronize, time_steps
 from fastmae.flops import device_peak_flops, token_counts
@@ -29,6 +30,23 @@ def add_measurement_arguments(parser: argparse.ArgumentParser, cpu_batch: int) -
     parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "xformers", "math"])
     parser.add_argument("--no_progress", action="store_true")
+
+
+def add_compile_arguments(parser: argparse.ArgumentParser, rows: str) -> None:
+    """How the compiled rows (``rows``) are compiled (see fastmae.compiling)."""
+    parser.add_argument("--compile_backend", default="inductor", help=f"torch.compile backend of {rows}")
+    parser.add_argument("--compile_scope", default="model", choices=COMPILE_SCOPES,
+                        help=f"{rows}: the whole model as one graph, or each transformer block on its own")
+    parser.add_argument("--compile_mode", default="default", choices=COMPILE_MODES,
+                        help=f"torch.compile mode of {rows} (reduce-overhead: CUDA graphs)")
+
+
+def compile_config(args: argparse.Namespace) -> CompileConfig:
+    """The CompileConfig of add_compile_arguments' flags; ValueError naming the bad flag."""
+    try:
+        return CompileConfig(args.compile_scope, args.compile_mode, args.compile_backend)
+    except ValueError as err:
+        raise ValueError(f"--compile_scope/--compile_mode/--compile_backend: {err}") from None
 
 
 def resolve_measurement(args: argparse.Namespace, cpu_batch: int) -> tuple[torch.device, torch.dtype, int, TimingPlan]:

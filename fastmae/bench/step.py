@@ -26,8 +26,10 @@ from fastmae.bench.gemm_peak import measured_gemm_flops
 from fastmae.bench.hf_vitmae import transformers_available
 from fastmae.bench.measure import (
     BatchTooLarge,
+    add_compile_arguments,
     add_measurement_arguments,
     check_model_names,
+    compile_config,
     format_row,
     measure_contender,
     model_config,
@@ -69,7 +71,7 @@ def bench_model(args, name: str, device: torch.device, dtype: torch.dtype, batch
     spec_peak = spec_peak_flops(device, dtype)
     images, data = image_source(args, config, batch_size, device)
     contenders = build_contenders(config, device, dtype, args.mask_ratio, names, args.kernels, args.attn,
-                                  args.compile_backend)
+                                  compile_config(args))
     # The eager naive baseline (every token through the encoder) needs the most memory: measured first,
     # so that running out of memory (--oom_fallback) happens before any torch.compile is spent.
     measured = {}
@@ -96,7 +98,7 @@ def bench_model(args, name: str, device: torch.device, dtype: torch.dtype, batch
         "mask_ratio": args.mask_ratio,
         "kernels": args.kernels,
         "attn": args.attn,
-        "compile_backend": args.compile_backend,
+        "compile": dataclasses.asdict(compile_config(args)),
         "data": data,
         "warmup_steps": plan.warmup_steps,
         "timed_steps": plan.timed_steps,
@@ -125,7 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_measurement_arguments(parser, cpu_batch=16)
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                         help="also measure the torch.compile'd engine (auto: on CUDA only; compiling is slow on CPU)")
-    parser.add_argument("--compile_backend", default="inductor", help="torch.compile backend of the +compile rows")
+    add_compile_arguments(parser, "the +compile rows")
     parser.add_argument("--impl", default=None,
                         help=f"comma-separated subset of {','.join(CONTENDER_NAMES)} (default: all available)")
     parser.add_argument("--no_hf", action="store_true", help="leave out HF transformers' ViTMAE")
@@ -144,6 +146,7 @@ def run(args) -> int:
         cuda = device.type == "cuda"
         models = (args.model or ("mae_vit_base_patch16" if cuda else "mae_vit_demo_patch8")).split(",")
         check_model_names(models, args.mask_ratio)
+        compile_config(args)
         if args.json and len(models) > 1:
             raise ValueError("--json takes one model; use --out_dir for several")
         if args.impl:
@@ -189,7 +192,7 @@ def run(args) -> int:
             status = 1
         for key, value in result["speedups"].items():
             print(f"  speedup {key}: {value:.2f}x")
-        path = args.json or (Path(args.out_dir) / result_filename(f"step_{name}", device) if args.out_dir else None)
+        path = args.json or (Path(args.out_dir) / result_filename(f"step_{name}{compile_config(args).tag}", device) if args.out_dir else None)
         if path:
             print(f"  wrote {write_json(path, result)}")
     return status

@@ -20,8 +20,10 @@ from fastmae.bench.environment import dtype_name, environment_info, result_filen
 from fastmae.bench.gemm_peak import measured_gemm_flops
 from fastmae.bench.measure import (
     BatchTooLarge,
+    add_compile_arguments,
     add_measurement_arguments,
     check_model_names,
+    compile_config,
     format_row,
     measure_contender,
     model_config,
@@ -67,17 +69,17 @@ def table2_rows(encoders: tuple[str, ...]) -> list[Table2Row]:
 
 def _measure_encoder(rows: list[Table2Row], args, device, dtype, batch_size, gemm, spec_peak) -> list[dict]:
     plan = TimingPlan(args.warmup, args.steps)
+    compiled = compile_config(args) if args.compile else None
     results = []
     baseline = None
     for row in rows:
         config = model_config(row.encoder, decoder_depth=row.decoder_depth)
         flops = train_flops_per_image(config, args.mask_ratio, row.encoder_mask_tokens)
         contender = Contender(
-            row.label, "fastmae engine" + (f" (torch.compile, {args.compile_backend})" if args.compile else ""),
+            row.label, "fastmae engine" + (f", {compiled.describe()}" if compiled else ""),
             dtype_name(dtype), flops,
             lambda config=config, row=row: fastmae_step(config, device, dtype, args.mask_ratio, row.encoder_mask_tokens,
-                                                        args.compile_backend if args.compile else None,
-                                                        args.kernels, args.attn))
+                                                        compiled, args.kernels, args.attn))
         images = SyntheticImages(batch_size, config.img_size, device)
         measured = measure_contender(contender, images, plan, device, batch_size, spec_peak, gemm["flops_per_s"],
                                      progress=not args.no_progress)
@@ -140,7 +142,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--small", action="store_true", help="small encoders that run on CPU (CI)")
     add_measurement_arguments(parser, cpu_batch=32)
     parser.add_argument("--compile", action="store_true", help="run every row under torch.compile")
-    parser.add_argument("--compile_backend", default="inductor", help="torch.compile backend with --compile")
+    add_compile_arguments(parser, "--compile")
     parser.add_argument("--json", default=None, help="write the result here (the PNG goes beside it)")
     parser.add_argument("--out_dir", default=None, help="write table2_<gpu>_<date>.json and .png here")
 
@@ -150,6 +152,7 @@ def run(args) -> int:
         device, dtype, batch_size, plan = resolve_measurement(args, cpu_batch=32)
         encoders = tuple((args.models or ",".join(SMALL_ENCODERS if args.small else PAPER_ENCODERS)).split(","))
         check_model_names(encoders, args.mask_ratio)
+        compile_config(args)
     except ValueError as err:
         print(f"fastmae bench table2: error: {err}", file=sys.stderr)
         return 2
@@ -178,7 +181,7 @@ def run(args) -> int:
         "benchmark": "table2",
         "dtype": dtype_name(dtype),
         "mask_ratio": args.mask_ratio,
-        "compile": args.compile_backend if args.compile else None,
+        "compile": dataclasses.asdict(compile_config(args)) if args.compile else None,
         "kernels": args.kernels,
         "attn": args.attn,
         "data": "synthetic (on device)",
@@ -189,7 +192,8 @@ def run(args) -> int:
         "paper": "He et al. 2022, Table 2: wall-clock speed-up on 128 TPU-v3 cores, relative to w/ [M] with 8 blocks",
         "rows": rows,
     }
-    path = args.json or (Path(args.out_dir) / result_filename("table2", device) if args.out_dir else None)
+    what = "table2" + ((compile_config(args).tag or "_compile") if args.compile else "")
+    path = args.json or (Path(args.out_dir) / result_filename(what, device) if args.out_dir else None)
     if path:
         path = write_json(path, result)
         png = plot_table2(rows, path.with_suffix(".png"), f"Table 2 on {environment['device']}, {dtype_name(dtype)}")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from fastmae.compiling import CompileConfig
+
 PRECISIONS = ("bf16", "fp16", "fp32")
 EMBEDDED_DEFAULT = "skimage.data photographs (embedded)"
 
@@ -56,6 +58,8 @@ class PretrainConfig:
     max_steps: int | None = None  # stop after this many optimizer steps in total
     precision: str | None = None  # bf16 | fp16 | fp32; None = bf16 on CUDA, fp32 on CPU
     compile: bool = False
+    compile_scope: str = "model"  # model | blocks (see fastmae.compiling)
+    compile_mode: str = "default"  # torch.compile's mode; reduce-overhead = CUDA graphs
     kernels: str = "auto"
     attn: str = "sdpa"
     data_loader: str = "auto"
@@ -87,6 +91,24 @@ class PretrainConfig:
             raise ValueError(f"--threads must be positive, got {self.threads}")
         if self.start_epoch < 0 or self.num_workers < 0:
             raise ValueError("--start_epoch and --num_workers must be >= 0")
+        if (self.compile_scope, self.compile_mode) != ("model", "default") and not self.compile:
+            raise ValueError(f"--compile_scope {self.compile_scope} --compile_mode {self.compile_mode} set how --compile "
+                             f"compiles: add --compile")
+        compiled = self.compile_config()
+        if compiled is not None and compiled.uses_cuda_graphs and self.accum_iter > 1:
+            # CUDA graphs hand their static output memory to .grad, and a second backward into that
+            # .grad is overwritten by the next replay (pytorch/pytorch#169545: wrong gradients)
+            raise ValueError(f"--compile_mode {self.compile_mode} (CUDA graphs) needs --accum_iter 1, got "
+                             f"{self.accum_iter}; use --compile_mode max-autotune-no-cudagraphs or default")
+
+    def compile_config(self) -> CompileConfig | None:
+        """How --compile compiles the model; None without --compile."""
+        if not self.compile:
+            return None
+        try:
+            return CompileConfig(scope=self.compile_scope, mode=self.compile_mode)
+        except ValueError as err:
+            raise ValueError(f"--compile_scope/--compile_mode: {err}") from None
 
     @property
     def uses_embedded_data(self) -> bool:

@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from fastmae.compiling import COMPILE_MODES, COMPILE_SCOPES
 from fastmae.data.loader import LOADER_CHOICES
 from fastmae.train.config import DEMO_SETTINGS, PRECISIONS, PretrainConfig
 
@@ -88,6 +89,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ours.add_argument("--precision", choices=PRECISIONS, default=None, action=_STORE,
                       help="autocast dtype (default: bf16 on CUDA, fp32 on CPU); fp16 uses a grad scaler")
     ours.add_argument("--compile", default=False, action=_STORE_TRUE, help="torch.compile the model")
+    ours.add_argument("--compile_scope", choices=COMPILE_SCOPES, default=d.compile_scope, action=_STORE,
+                      help="with --compile: the whole model as one graph, or each transformer block on its own "
+                           "(fast to compile, any depth)")
+    ours.add_argument("--compile_mode", choices=COMPILE_MODES, default=d.compile_mode, action=_STORE,
+                      help="with --compile: torch.compile's mode; reduce-overhead replays CUDA graphs "
+                           "(needs --accum_iter 1 and one process)")
     ours.add_argument("--kernels", choices=("auto", "triton", "torch"), default=d.kernels, action=_STORE,
                       help="fused Triton kernels (auto: on CUDA) or their PyTorch references")
     ours.add_argument("--attn", choices=("sdpa", "xformers", "math"), default=d.attn, action=_STORE,

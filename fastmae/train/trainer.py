@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from fastmae.compiling import CompileConfig, compile_for_training, mark_step_begin
 from fastmae.data.loader import DataConfig, build_loader, preview_batch
 from fastmae.models import create_model
 from fastmae.train.checkpoints import (TrainingPosition, latest_checkpoint, resume_from, save_training_checkpoint,
@@ -48,26 +49,30 @@ def mask_noise_seed(seed: int, step: int, micro_batch: int, rank: int) -> int:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               micro_batches, mask_ratio: float, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+               micro_batches, mask_ratio: float, autocast_dtype: torch.dtype | None,
+               compiled: CompileConfig | None = None) -> torch.Tensor:
     """One optimizer step over ``micro_batches``, an iterable of (imgs [B,3,S,S], noise [B,L]).
 
     Gradients are accumulated (DDP all-reduces only on the last micro-batch) and averaged over the
     micro-batches. Returns the detached per-micro-batch losses [M] as a device tensor (no sync).
+    ``compiled``: how ``model`` was compiled (CUDA-graph replays need each iteration marked).
     """
     micro_batches = list(micro_batches)
-    device_type = micro_batches[0][0].device.type
-    losses = []
+    device = micro_batches[0][0].device
+    # copied out of the forward's output: a CUDA-graph replay reuses that memory
+    losses = torch.empty(len(micro_batches), device=device)
     for index, (imgs, noise) in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
+        mark_step_begin(compiled)
         with contextlib.nullcontext() if last else _no_sync(model):
-            with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 loss, _, _ = model(imgs, mask_ratio, noise=noise, full_pred=False)
+            losses[index] = loss.detach()
             scaler.scale(loss / len(micro_batches)).backward()
-        losses.append(loss.detach().float())
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return torch.stack(losses)
+    return losses
 
 
 def _no_sync(model: nn.Module):
@@ -120,8 +125,13 @@ class Pretrainer:
         if ctx.enabled:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=device_ids, gradient_as_bucket_view=True)
-        if cfg.compile:
-            self.train_model = torch.compile(self.train_model)
+        self.compiled = cfg.compile_config()
+        if self.compiled is not None:
+            if self.compiled.uses_cuda_graphs and ctx.enabled:
+                # DDP's gradient hooks around CUDA-graph replays are not verified here (see PretrainConfig)
+                raise ValueError(f"--compile_mode {self.compiled.mode} (CUDA graphs) runs in one process only; "
+                                 f"with DDP use --compile_mode max-autotune-no-cudagraphs or default")
+            self.train_model = compile_for_training(self.train_model, self.model, self.compiled)
         self.noise_generator = torch.Generator(device=self.device)
 
         # the step count at the end: what is done, plus the rest of this epoch and the epochs after it
@@ -192,6 +202,7 @@ class Pretrainer:
             f"data {data}: {self.batches_per_epoch} batches of {cfg.batch_size} per epoch per rank "
             f"({type(self.data).__name__}), {cfg.epochs} epochs",
             f"device {self.device} x {ctx.world_size} rank(s), {self.precision}, kernels {cfg.kernels}, attention {cfg.attn}"
+            + (f", {self.compiled.describe()}" if self.compiled else "")
             + (f", {torch.get_num_threads()} CPU thread(s)" if self.device.type == "cpu" else ""),
             f"effective batch {self.effective_batch} = {cfg.batch_size} x accum {cfg.accum_iter} x {ctx.world_size}; "
             f"peak lr {self.peak_lr:.3g} (blr {cfg.blr:g}), warm-up {cfg.warmup_epochs} epochs, cosine to {cfg.min_lr:g}",
@@ -240,7 +251,7 @@ class Pretrainer:
                     window.data_wait += time.perf_counter() - t0
                     micro_batches.append((imgs, self._mask_noise(pos.step, micro, imgs.shape[0])))
                 losses = train_step(self.train_model, self.optimizer, self.scaler, micro_batches,
-                                    cfg.mask_ratio, self.autocast_dtype)
+                                    cfg.mask_ratio, self.autocast_dtype, self.compiled)
                 window.add(losses, sum(imgs.shape[0] for imgs, _ in micro_batches))
                 pos.step += 1
                 pos.epoch, pos.batch = (epoch + 1, 0) if stop == n else (epoch, stop)
