@@ -38,6 +38,10 @@ def _pct(value) -> str:
     return f"{100 * value:.1f}%" if value is not None else "-"
 
 
+def _seconds(value) -> str:
+    return f"{value:.1f}" if value is not None else "-"
+
+
 def _gib(value) -> str:
     return f"{value / 2**30:.1f}" if value is not None else "-"
 
@@ -59,20 +63,20 @@ def _step_row_name(result: dict, row: dict) -> str:
 
 def step_table(results: list[dict]) -> list[str]:
     lines = ["| model | device | dtype | batch | implementation | img/s | step ms (p10-p90) | peak GiB | "
-             "MFU (spec) | MFU (meas. GEMM) | commit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "MFU (spec) | MFU (meas. GEMM) | first step s | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         env = r["environment"]
         for row in r["results"]:
             if "error" in row:
                 lines.append(f"| {r['model']} | {env['device']} | {r['dtype']} | {r['batch_size']} | {row['name']} | "
-                             f"failed: {row['error'][:80]} | | | | | {_commit(r)} |")
+                             f"failed: {row['error'][:80]} | | | | | | {_commit(r)} |")
                 continue
             lines.append(
                 f"| {r['model']} | {env['device']} | {r['dtype']} | {r['batch_size']} | {_step_row_name(r, row)} | "
                 f"{row['images_per_s']:.0f} | {1e3 * row['median_s']:.1f} ({1e3 * row['p10_s']:.1f}-{1e3 * row['p90_s']:.1f}) | "
                 f"{_gib(row.get('peak_memory_bytes'))} | {_pct(row.get('mfu_spec'))} | {_pct(row.get('mfu_measured_gemm'))} | "
-                f"{_commit(r)} |")
+                f"{_seconds(row.get('first_step_s'))} | {_commit(r)} |")
     speedups = [(r["model"], r["environment"]["device"], k, v) for r in results for k, v in r.get("speedups", {}).items()]
     if speedups:
         lines += ["", "| model | device | img/s ratio | speed-up |", "|---|---|---|---|"]

@@ -1,20 +1,58 @@
 #!/usr/bin/env bash
-# The GPU benchmark suite, results as JSON (+ PNG) under OUT_DIR, then the README tables:
-#   - training step, fastmae (eager and torch.compile) vs naive w/[M] vs reference-style vs HF ViTMAE,
-#     ViT-B/16, ViT-L/16, ViT-H/14 at 224 px, bf16, batch 256 (halved where memory runs out);
-#   - the paper's Table 2 (ViT-L and ViT-H, decoder depth 8 and 1, with and without mask tokens);
-#   - the per-component profile of each model.
-# Usage: benchmarks/run_gpu_suite.sh [OUT_DIR]     (default: benchmarks/results)
-# Each command below also runs on its own (each takes a few minutes on an H100).
-set -euo pipefail
+# The GPU checks and benchmarks, results as JSON (+ PNG) under OUT_DIR, then the README tables.
+# Usage: benchmarks/run_gpu_suite.sh [OUT_DIR] [PART ...]     (default: benchmarks/results, every part)
+# Parts, each a few minutes on an H100, in this order:
+#   tests    the GPU tests (pytest -m gpu), a JUnit report in OUT_DIR
+#   kernels  the three fused kernels against eager PyTorch and torch.compile, ViT-B/L/H shapes
+#   step     training step, fastmae (eager and torch.compile) vs naive w/[M] vs reference-style vs HF ViTMAE,
+#            ViT-B/16 and ViT-L/16 at 224 px, bf16, batch 256 (halved where memory runs out)
+#   huge     the same for ViT-H/14
+#   compile  ViT-L compiled per block, without and with CUDA graphs (the settings the profile points to)
+#   table2   the paper's Table 2 (ViT-L and ViT-H, decoder depth 8 and 1, with and without mask tokens)
+#   profile  the per-component profile of each model
+#   data     img/s of the CPU and torchvision-GPU loaders on generated ImageNet-like JPEGs
+# A failing command is reported and the rest still run; the exit status says whether all passed.
+set -uo pipefail
 out="${1:-benchmarks/results}"
-models="mae_vit_base_patch16 mae_vit_large_patch16 mae_vit_huge_patch14"
+shift || true
+parts=("$@")
+all_parts=(tests kernels step huge compile table2 profile data)
+[ ${#parts[@]} -eq 0 ] && parts=("${all_parts[@]}")
+for part in "${parts[@]}"; do
+  [[ " ${all_parts[*]} " == *" $part "* ]] || { echo "unknown part '$part'; parts: ${all_parts[*]}" >&2; exit 2; }
+done
+if ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  echo "run_gpu_suite.sh needs a CUDA GPU (torch.cuda.is_available() is False)" >&2
+  exit 2
+fi
 mkdir -p "$out"
-for model in $models; do
-  python -m fastmae bench step --model "$model" --batch_size 256 --oom_fallback --dtype bf16 --out_dir "$out"
+status=0
+run() {
+  echo "+ $*" >&2
+  "$@" || { echo "FAILED ($?): $*" >&2; status=1; }
+}
+gpu=$(python -c "import torch, re; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower().replace('nvidia', '')).strip('-'))")
+date=$(date -u +%Y%m%d)
+step=(python -m fastmae bench step --batch_size 256 --oom_fallback --dtype bf16 --out_dir "$out")
+
+for part in "${parts[@]}"; do
+  case "$part" in
+    tests) run python -m pytest -m gpu -q -p no:cacheprovider --junitxml "$out/gpu_tests_${gpu}_${date}.xml" ;;
+    kernels) run python benchmarks/kernels_gpu.py --modes amp --out "$out/kernels_${gpu}_${date}.json" ;;
+    step) for model in mae_vit_base_patch16 mae_vit_large_patch16; do run "${step[@]}" --model "$model"; done ;;
+    huge) run "${step[@]}" --model mae_vit_huge_patch14 ;;
+    compile)
+      for mode in default reduce-overhead; do
+        run "${step[@]}" --model mae_vit_large_patch16 --impl fastmae+compile --compile_scope blocks --compile_mode "$mode"
+      done ;;
+    table2) run python -m fastmae bench table2 --batch_size 256 --oom_fallback --dtype bf16 --out_dir "$out" ;;
+    profile)
+      for model in mae_vit_base_patch16 mae_vit_large_patch16 mae_vit_huge_patch14; do
+        run python -m fastmae profile --model "$model" --batch_size 64 --dtype bf16 --out_dir "$out"
+      done ;;
+    data) run python -m fastmae bench data --loaders cpu torchvision --device cuda --batch_size 256 \
+            --json "$out/data_${gpu}_${date}.json" --plot "$out/data_${gpu}_${date}.png" ;;
+  esac
 done
-python -m fastmae bench table2 --batch_size 256 --oom_fallback --dtype bf16 --out_dir "$out"
-for model in $models; do
-  python -m fastmae profile --model "$model" --batch_size 64 --dtype bf16 --out_dir "$out"
-done
-python benchmarks/make_results_table.py --results_dir "$out"
+run python benchmarks/make_results_table.py --results_dir "$out"
+exit $status

@@ -124,6 +124,7 @@ def test_bench_step_cli_writes_everything(tmp_path, capsys):
     for row in rows.values():
         assert len(row["step_times_s"]) == 2 and row["images_per_s"] > 0 and row["mfu_measured_gemm"] > 0
         assert row["mfu_spec"] is None  # no spec peak for a CPU
+        assert row["first_step_s"] > 0  # the warm-up step that compiles
     assert rows["fastmae"]["train_flops_per_image"] == train_flops_per_image(model_config(MICRO))
     assert "fastmae / naive w/[M]" in result["speedups"]
     assert "speedup fastmae / naive w/[M]" in capsys.readouterr().out
@@ -324,3 +325,16 @@ def test_gpu_commands_on_micro(tmp_path):
     for row in result["results"]:
         assert row["peak_memory_bytes"] > 0 and row["images_per_s"] > 0
     assert main(["bench", "table2", "--models", MICRO, "--out_dir", str(tmp_path), "--no_progress", *quick]) == 0
+
+
+def test_gpu_suite_script_checks_its_parts_and_the_gpu(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "run_gpu_suite.sh"
+    bad = subprocess.run(["bash", str(script), str(tmp_path / "out"), "tests", "bogus"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown part 'bogus'" in bad.stderr
+    if not torch.cuda.is_available():
+        no_gpu = subprocess.run(["bash", str(script), str(tmp_path / "out"), "step"], capture_output=True, text=True)
+        assert no_gpu.returncode == 2 and "needs a CUDA GPU" in no_gpu.stderr
+    assert not (tmp_path / "out").exists()

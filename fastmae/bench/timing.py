@@ -30,6 +30,7 @@ class StepTimes:
     times_s: list[float]
     wall_s: float  # synchronised host clock around all timed steps
     batch_size: int
+    first_step_s: float | None = None  # the first warm-up step: compilation and autotuning happen there
 
     @property
     def median_s(self) -> float:
@@ -57,6 +58,7 @@ class StepTimes:
             "images_per_s": self.images_per_s,
             "images_per_s_wall": self.batch_size * len(self.times_s) / self.wall_s,
             "steps": len(self.times_s),
+            "first_step_s": self.first_step_s,
         }
 
 
@@ -77,8 +79,13 @@ def time_steps(step: Callable[[], object], plan: TimingPlan, device: torch.devic
                label: str = "", progress: bool = True) -> StepTimes:
     """Run ``step`` plan.warmup_steps times untimed, then plan.timed_steps times timed."""
     bar = tqdm(total=plan.warmup_steps + plan.timed_steps, desc=label, unit="step", leave=False, disable=not progress)
-    for _ in range(plan.warmup_steps):
+    first_step_s = None
+    for index in range(plan.warmup_steps):
+        t0 = time.perf_counter()
         step()
+        if index == 0:
+            synchronize(device)
+            first_step_s = time.perf_counter() - t0
         bar.update()
     synchronize(device)
     times: list[float] = []
@@ -102,7 +109,7 @@ def time_steps(step: Callable[[], object], plan: TimingPlan, device: torch.devic
             bar.set_postfix(img_s=f"{batch_size / times[-1]:.1f}")
     wall = time.perf_counter() - wall_start
     bar.close()
-    return StepTimes(times, wall, batch_size)
+    return StepTimes(times, wall, batch_size, first_step_s)
 
 
 class SyntheticImages:
