@@ -10,9 +10,9 @@ import math
 import torch
 
 from fastmae.bench.contenders import Contender
-from fastmae.compiling import COMPILE_MODES, COMPILE_SCOPES, CompileConfig
 from fastmae.bench.environment import resolve_device, resolve_dtype
 from fastmae.bench.timing import TimingPlan, synchronize, time_steps
+from fastmae.compiling import COMPILE_MODES, COMPILE_SCOPES, CompileConfig
 from fastmae.flops import device_peak_flops, token_counts
 from fastmae.models import MODEL_ARCHS, create_model
 

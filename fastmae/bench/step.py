@@ -192,7 +192,8 @@ def run(args) -> int:
             status = 1
         for key, value in result["speedups"].items():
             print(f"  speedup {key}: {value:.2f}x")
-        path = args.json or (Path(args.out_dir) / result_filename(f"step_{name}{compile_config(args).tag}", device) if args.out_dir else None)
+        what = f"step_{name}{compile_config(args).tag}"
+        path = args.json or (Path(args.out_dir) / result_filename(what, device) if args.out_dir else None)
         if path:
             print(f"  wrote {write_json(path, result)}")
     return status
