@@ -167,6 +167,9 @@ def implementations(kernel: str) -> dict[str, Callable]:
     return {"triton": triton_fn, "eager": reference, "compiled": torch.compile(reference, dynamic=False)}
 
 
+QUEUE_AHEAD_CYCLES = 2_000_000
+
+
 class Timer:
     """CUDA-event timing of single steps with an L2 flush before each."""
 
@@ -181,6 +184,10 @@ class Timer:
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(self.iters)]
         for start, end in events:
             self.flush.zero_()
+            # about 1 ms of GPU spin: the host queues the whole step (autograd and launches take a few
+            # hundred microseconds of Python) before the GPU reaches the start event, so the events
+            # time the GPU, not the host
+            torch.cuda._sleep(QUEUE_AHEAD_CYCLES)
             start.record()
             fn()
             end.record()

@@ -4,8 +4,9 @@
 # Parts, each a few minutes on an H100, in this order:
 #   tests    the GPU tests (pytest -m gpu), a JUnit report in OUT_DIR
 #   kernels  the three fused kernels against eager PyTorch and torch.compile, ViT-B/L/H shapes
-#   step     training step, fastmae (eager and torch.compile) vs naive w/[M] vs reference-style vs HF ViTMAE,
-#            ViT-B/16 and ViT-L/16 at 224 px, bf16, batch 256 (halved where memory runs out)
+#   base     training step, fastmae (eager and torch.compile) vs naive w/[M] vs reference-style vs HF ViTMAE,
+#            ViT-B/16 at 224 px, bf16, batch 256 (halved where memory runs out)
+#   large    the same for ViT-L/16
 #   huge     the same for ViT-H/14
 #   compile  ViT-L compiled per block, without and with CUDA graphs (the settings the profile points to)
 #   table2   the paper's Table 2 (ViT-L and ViT-H, decoder depth 8 and 1, with and without mask tokens)
@@ -16,13 +17,17 @@ set -uo pipefail
 out="${1:-benchmarks/results}"
 shift || true
 parts=("$@")
-all_parts=(tests kernels step huge compile table2 profile data)
+all_parts=(tests kernels base large huge compile table2 profile data)
 [ ${#parts[@]} -eq 0 ] && parts=("${all_parts[@]}")
 for part in "${parts[@]}"; do
   [[ " ${all_parts[*]} " == *" $part "* ]] || { echo "unknown part '$part'; parts: ${all_parts[*]}" >&2; exit 2; }
 done
 if ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   echo "run_gpu_suite.sh needs a CUDA GPU (torch.cuda.is_available() is False)" >&2
+  exit 2
+fi
+if ! python -c "import fastmae.kernels" 2>/dev/null; then
+  echo "fastmae is not installed: pip install -e . (offline: pip install --no-deps --no-build-isolation -e .)" >&2
   exit 2
 fi
 mkdir -p "$out"
@@ -39,7 +44,8 @@ for part in "${parts[@]}"; do
   case "$part" in
     tests) run python -m pytest -m gpu -q -p no:cacheprovider --junitxml "$out/gpu_tests_${gpu}_${date}.xml" ;;
     kernels) run python benchmarks/kernels_gpu.py --modes amp --out "$out/kernels_${gpu}_${date}.json" ;;
-    step) for model in mae_vit_base_patch16 mae_vit_large_patch16; do run "${step[@]}" --model "$model"; done ;;
+    base) run "${step[@]}" --model mae_vit_base_patch16 ;;
+    large) run "${step[@]}" --model mae_vit_large_patch16 ;;
     huge) run "${step[@]}" --model mae_vit_huge_patch14 ;;
     compile)
       for mode in default reduce-overhead; do

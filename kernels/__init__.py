@@ -20,8 +20,13 @@ import torch
 KERNEL_CHOICES = ("auto", "triton", "torch")
 
 
+# Looked up once: resolve_kernels runs inside the traced forward, and dynamo before torch 2.12
+# cannot trace importlib.util.find_spec (a graph break, and an error under fullgraph=True).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def triton_interpreter_on() -> bool:

@@ -5,10 +5,12 @@ patch is normalised by its own mean and UNBIASED variance, (t - mean) / sqrt(var
 is the per-patch mean of squared errors, averaged with the mask as weights.
 
 The fused op cuts each patch's target straight out of the images (no target tensor in memory),
-normalises it in registers, and in the same pass writes d(loss)/d(pred) = 2 (pred - target) w /
-(P sum(w)); backward only scales that by the incoming gradient. Per-program partial sums of
-err * w and one small torch sum give the loss without atomics (deterministic). Math is fp32; the
-loss is an fp32 scalar.
+normalises it in registers, and in the same pass writes the direction of d(loss)/d(pred),
+(pred - target) w in pred's dtype; backward scales it by 2 / (P sum(w)) times the incoming gradient,
+in fp32 with one rounding, as autograd of the reference does. (Storing the scaled gradient instead
+would put it below fp16's normal range at training sizes, about 7e-8 for ViT-B at batch 256, before
+the GradScaler's factor arrives.) Per-program partial sums of err * w and one small torch sum give
+the loss without atomics (deterministic). Math is fp32; the loss is an fp32 scalar.
 """
 
 from __future__ import annotations
@@ -43,13 +45,11 @@ def _masked_patch_loss_kernel(
     imgs_ptr,  # [N, C, H, W] strides s_n, s_c, s_h, s_w
     patch_ids_ptr,  # [N, M] int64 patch of each prediction row, row stride s_ids (unused when ALL_PATCHES)
     weight_ptr,  # [N, M] fp32 per-patch weight, the mask (unused when not WEIGHTED)
-    weight_sum_ptr,  # [1] fp32 sum of weight (unused when not WEIGHTED)
-    grad_pred_ptr,  # [N, M, P] d(loss)/d(pred), pred's dtype (unused when not COMPUTE_GRAD)
+    grad_dir_ptr,  # [N, M, P] (pred - target) * weight, pred's dtype (unused when not COMPUTE_GRAD)
     partial_ptr,  # [num_programs] fp32: this program's sum of err * weight
     num_rows,  # N * M
     M,
     grid_w,  # patches per image row
-    inv_count,  # 1 / (N * M), the mean's scale when not WEIGHTED
     s_ids,
     s_n,
     s_c,
@@ -76,11 +76,6 @@ def _masked_patch_loss_kernel(
     j = (k // C) % PATCH
     i = k // (C * PATCH)
     pixel = c * s_c + i * s_h + j * s_w  # inside one image: int32 (the launcher checks C*H*W < 2**31)
-    if WEIGHTED:
-        scale = 1.0 / tl.load(weight_sum_ptr)
-    else:
-        scale = inv_count
-    grad_scale = 2.0 * scale / P
     loss_sum = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
     first_row = tl.program_id(0).to(tl.int64) * (BLOCK_ROWS * ROW_TILES)
     for tile in tl.static_range(ROW_TILES):
@@ -108,9 +103,8 @@ def _masked_patch_loss_kernel(
             w = tl.where(row_ok, 1.0, 0.0)
         loss_sum += err * w
         if COMPUTE_GRAD:
-            grad = diff * (w * grad_scale)[:, None]
-            tl.store(grad_pred_ptr + rows[:, None] * P + k[None, :],
-                     cast_rtne(grad, grad_pred_ptr.dtype.element_ty), mask=ok)
+            tl.store(grad_dir_ptr + rows[:, None] * P + k[None, :],
+                     cast_rtne(diff * w[:, None], grad_dir_ptr.dtype.element_ty), mask=ok)
     tl.store(partial_ptr + tl.program_id(0), tl.sum(loss_sum, axis=0))
 
 
@@ -141,7 +135,8 @@ def _check_inputs(pred, imgs, patch_size, patch_ids, weight) -> tuple[int, int, 
 
 
 def masked_patch_loss_forward(pred, imgs, patch_size: int, norm_pix_loss: bool, patch_ids, weight, compute_grad: bool):
-    """Launch the kernel: -> (loss fp32 scalar, d(loss)/d(pred) [N, M, P] or an empty tensor)."""
+    """Launch the kernel: -> (loss fp32 scalar, (pred - target) * weight [N, M, P] or an empty tensor,
+    grad_scale fp32 scalar), d(loss)/d(pred) being grad_scale times the second."""
     N, M, L, grid_w = _check_inputs(pred, imgs, patch_size, patch_ids, weight)
     C = imgs.shape[1]
     P = pred.shape[2]
@@ -154,20 +149,18 @@ def masked_patch_loss_forward(pred, imgs, patch_size: int, norm_pix_loss: bool, 
     programs = triton.cdiv(num_rows, block_rows * row_tiles)
     if weight is not None:
         weight = weight.to(torch.float32).contiguous()
-        weight_sum = weight.sum().reshape(1)
-    else:
-        weight_sum = None
-    grad_pred = torch.empty_like(pred) if compute_grad else pred.new_empty(0)
+    grad_dir = torch.empty_like(pred) if compute_grad else pred.new_empty(0)
     partial = torch.empty(programs, dtype=torch.float32, device=pred.device)
     _masked_patch_loss_kernel[(programs,)](
-        pred, imgs, patch_ids, weight, weight_sum, grad_pred, partial,
-        num_rows, M, grid_w, 1.0 / num_rows, 0 if patch_ids is None else patch_ids.stride(0), *imgs.stride(),
+        pred, imgs, patch_ids, weight, grad_dir, partial,
+        num_rows, M, grid_w, 0 if patch_ids is None else patch_ids.stride(0), *imgs.stride(),
         PATCH=patch_size, C=C, NORM_PIX=norm_pix_loss, EPS=NORM_PIX_EPS,
         ALL_PATCHES=patch_ids is None, WEIGHTED=weight is not None, COMPUTE_GRAD=compute_grad,
         BLOCK_ROWS=block_rows, BLOCK_P=block_p, ROW_TILES=row_tiles, num_warps=num_warps_for(block_rows * block_p),
     )
-    loss = partial.sum() / num_rows if weight is None else partial.sum() / weight_sum[0]
-    return loss, grad_pred
+    # made on the device (fill, not a host-to-device copy, which would synchronise) and never read back
+    total_weight = weight.sum() if weight is not None else torch.full((), float(num_rows), device=pred.device)
+    return partial.sum() / total_weight, grad_dir, 2.0 / (P * total_weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,9 +171,9 @@ def masked_patch_loss_forward(pred, imgs, patch_size: int, norm_pix_loss: bool, 
 class MaskedPatchLoss(torch.autograd.Function):
     """Autograd of the loss; its setup_context/backward are also the custom op's autograd.
 
-    The op returns (loss, d(loss)/d(pred)); the second output is the saved gradient, not a value
-    to differentiate. Gradients for imgs and weight (never needed in MAE training) come from
-    differentiating the reference.
+    The op returns (loss, gradient direction, gradient scale); the last two are saved for backward,
+    not values to differentiate. Gradients for imgs and weight (never needed in MAE training) come
+    from differentiating the reference.
     """
 
     @staticmethod
@@ -190,18 +183,19 @@ class MaskedPatchLoss(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         pred, imgs, patch_size, norm_pix_loss, patch_ids, weight, compute_grad = inputs
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(output[1], pred, imgs, patch_ids, weight)
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.save_for_backward(output[1], output[2], pred, imgs, patch_ids, weight)
         ctx.patch_size, ctx.norm_pix_loss, ctx.compute_grad = patch_size, norm_pix_loss, compute_grad
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_of_grad_pred):
-        grad_pred_unit, pred, imgs, patch_ids, weight = ctx.saved_tensors
+    def backward(ctx, grad_loss, _grad_of_grad_dir, _grad_of_grad_scale):
+        grad_dir, grad_scale, pred, imgs, patch_ids, weight = ctx.saved_tensors
         grad_pred = grad_imgs = grad_weight = None
         if ctx.needs_input_grad[0]:
             if not ctx.compute_grad:
                 raise RuntimeError("masked_patch_loss was called with compute_grad=False but pred needs a gradient")
-            grad_pred = grad_pred_unit * grad_loss
+            # a 0-dim fp32 factor: computed in fp32, rounded once to pred's dtype
+            grad_pred = grad_dir * (grad_loss * grad_scale)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[5]:
             with torch.enable_grad():
                 imgs_ = imgs.detach().requires_grad_()
@@ -219,14 +213,15 @@ class MaskedPatchLoss(torch.autograd.Function):
 def _masked_patch_loss_op(
     pred: torch.Tensor, imgs: torch.Tensor, patch_size: int, norm_pix_loss: bool,
     patch_ids: torch.Tensor | None, weight: torch.Tensor | None, compute_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return masked_patch_loss_forward(pred, imgs, patch_size, norm_pix_loss, patch_ids, weight, compute_grad)
 
 
 @_masked_patch_loss_op.register_fake
 def _(pred, imgs, patch_size, norm_pix_loss, patch_ids, weight, compute_grad):
-    grad_pred = torch.empty_like(pred) if compute_grad else pred.new_empty(0)
-    return pred.new_empty((), dtype=torch.float32), grad_pred
+    grad_dir = torch.empty_like(pred) if compute_grad else pred.new_empty(0)
+    scalar = pred.new_empty((), dtype=torch.float32)
+    return scalar, grad_dir, scalar.clone()
 
 
 torch.library.register_autograd(
@@ -245,7 +240,7 @@ def masked_patch_loss_triton(
     """The fused loss (Triton); same value as ``masked_patch_loss_reference`` (fp32)."""
     _check_inputs(pred, imgs, patch_size, patch_ids, weight)
     compute_grad = pred.requires_grad and torch.is_grad_enabled()
-    loss, _ = torch.ops.fastmae.masked_patch_loss(
+    loss, _, _ = torch.ops.fastmae.masked_patch_loss(
         pred, imgs, patch_size, bool(norm_pix_loss), patch_ids, weight, compute_grad
     )
     return loss

@@ -259,6 +259,26 @@ def test_masked_patch_loss_autocast_dtypes_and_grad_scaling(device):
     torch.testing.assert_close(grad, rgrad, rtol=1e-2, atol=1e-4)
 
 
+def test_masked_patch_loss_fp16_gradient_at_training_sizes(device):
+    """fp16 with a GradScaler-sized incoming gradient, 12,288 removed patches: d(loss)/d(pred) before
+    that factor (about 3e-6 here, 7e-8 for ViT-B at batch 256) is below fp16's normal range, so the
+    kernel must apply both scales in fp32 and round once, as autograd of the reference does."""
+    N, img, p = 256, 32, 4
+    masking = _masking(N, img, p, 0.75, device)
+    imgs = torch.randn(N, 3, img, img, device=device)
+    pred = torch.randn(N, masking.ids_masked.shape[1], p * p * 3, device=device)
+    scale = 65536.0  # GradScaler's initial scale
+
+    def grad(fn, dtype):  # as under fp16 autocast: a half-precision head, fp32 images, an fp32 loss
+        pred_ = pred.to(dtype).requires_grad_()
+        loss = fn(pred_, imgs.to(torch.promote_types(dtype, torch.float32)), p, True, masking.ids_masked, None)
+        return torch.autograd.grad(loss * scale, pred_)[0]
+
+    ours, theirs = grad(masked_patch_loss_triton, torch.float16), grad(masked_patch_loss_reference, torch.float16)
+    ref64 = grad(masked_patch_loss_reference, torch.float64)
+    assert_within_torch_error("d pred", ours, theirs, ref64, ATOL[torch.float16] * ref64.abs().max().item())
+
+
 def test_masked_patch_loss_image_and_weight_grads(device):
     N, img, p, _, ratio = SHAPES["odd"]
     masking = _masking(N, img, p, ratio, device)

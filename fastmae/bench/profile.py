@@ -242,12 +242,12 @@ class SavedActivations:
         return tensor
 
 
-def activation_split(model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratio: float,
-                     autocast_dtype: torch.dtype | None) -> dict:
-    """Saved-for-backward bytes per image of the encoder, the decoder and the loss (one forward)."""
+def _saved_and_allocated(model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratio: float,
+                         autocast_dtype: torch.dtype | None) -> tuple[dict, dict]:
+    """One forward: bytes saved for backward by the encoder, the decoder and the loss, and (CUDA)
+    the growth of allocated memory over each."""
     device = imgs.device
-    counters = {}
-    allocated = {}
+    counters, allocated = {}, {}
     saved = SavedActivations(model)
 
     def snapshot(name):
@@ -271,15 +271,36 @@ def activation_split(model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratio
             loss = model.loss(imgs, pred, masking, full_pred=False)
             counters["loss"] = saved.bytes - before
             snapshot("loss")
-    batch = imgs.shape[0]
-    out = {"saved_bytes_per_image": {k: v / batch for k, v in counters.items()}}
+    growth = {}
     if device.type == "cuda":
-        out["allocated_growth_bytes_per_image"] = {
-            "encoder": (allocated["encoder"] - allocated["start"]) / batch,
-            "decoder": (allocated["decoder"] - allocated["encoder"]) / batch,
-            "loss": (allocated["loss"] - allocated["decoder"]) / batch,
-        }
+        growth = {"encoder": allocated["encoder"] - allocated["start"],
+                  "decoder": allocated["decoder"] - allocated["encoder"],
+                  "loss": allocated["loss"] - allocated["decoder"]}
     del loss, pred, latent
+    return counters, growth
+
+
+def activation_split(model: MaskedAutoencoderViT, imgs: torch.Tensor, mask_ratio: float,
+                     autocast_dtype: torch.dtype | None) -> dict:
+    """Saved-for-backward bytes per image of the encoder, the decoder and the loss.
+
+    Measured at the batch of ``imgs`` and at half of it; the difference over the images between
+    them is what each image costs, without what every batch holds whatever its size (under
+    autocast, the half-precision copies of the weights), which is reported on its own."""
+    batch = imgs.shape[0]
+    if batch < 2:
+        raise ValueError(f"the activation split needs a batch of at least 2, got {batch}")
+    full, full_growth = _saved_and_allocated(model, imgs, mask_ratio, autocast_dtype)
+    half, half_growth = _saved_and_allocated(model, imgs[: batch // 2], mask_ratio, autocast_dtype)
+    images = batch - batch // 2
+    per_image = {k: (full[k] - half[k]) / images for k in full}
+    out = {
+        "saved_bytes_per_image": per_image,
+        "saved_bytes_per_batch_fixed": {k: full[k] - batch * per_image[k] for k in full},
+        "batches_measured": [batch, batch // 2],
+    }
+    if full_growth:
+        out["allocated_growth_bytes_per_image"] = {k: (full_growth[k] - half_growth[k]) / images for k in full_growth}
     return out
 
 
@@ -318,8 +339,11 @@ def print_report(report: dict) -> None:
     print("\nParameters: " + ", ".join(f"{k} {v['parameters'] / 1e6:.2f} M" for k, v in params.items()))
     if "activations" in report:
         saved = report["activations"]["saved_bytes_per_image"]
+        fixed = report["activations"]["saved_bytes_per_batch_fixed"]
         print("Activation memory saved for backward, per image: "
-              + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in saved.items()))
+              + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in saved.items())
+              + "; per batch whatever its size (autocast's weight copies): "
+              + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in fixed.items()))
     if "host_syncs_in_step" in report:
         syncs = report["host_syncs_in_step"]
         print(f"Host synchronisations in a training step: {len(syncs)}" + "".join(f"\n  {m}" for m in syncs))
@@ -356,8 +380,9 @@ def run(args) -> int:
         batch = args.batch_size if args.batch_size is not None else (64 if cuda else 4)
         warmup = (5 if cuda else 1) if args.warmup is None else args.warmup
         steps = (20 if cuda else 3) if args.steps is None else args.steps
-        if batch < 1 or warmup < 0 or steps < 1:
-            raise ValueError(f"need batch_size >= 1, warmup >= 0, steps >= 1; got {batch}, {warmup}, {steps}")
+        if batch < 2 or warmup < 0 or steps < 1:
+            # batch 2 at least: the activation memory per image is a difference between two batch sizes
+            raise ValueError(f"need batch_size >= 2, warmup >= 0, steps >= 1; got {batch}, {warmup}, {steps}")
         overrides = {"decoder_depth": args.decoder_depth} if args.decoder_depth is not None else {}
         with torch.device("meta"):
             config = create_model(args.model, kernels="torch", **overrides).config
