@@ -36,14 +36,18 @@ run() {
   echo "+ $*" >&2
   "$@" || { echo "FAILED ($?): $*" >&2; status=1; }
 }
-gpu=$(python -c "import torch, re; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower().replace('nvidia', '')).strip('-'))")
-date=$(date -u +%Y%m%d)
+result_path() {  # result_path WHAT EXT: OUT_DIR/WHAT_<gpu>_<date>.EXT, the name every command gives its results
+  local name
+  name=$(python -c "import sys, torch; from fastmae.bench.environment import result_filename
+print(result_filename(sys.argv[1], torch.device('cuda')))" "$1")
+  echo "$out/${name%.json}$2"
+}
 step=(python -m fastmae bench step --batch_size 256 --oom_fallback --dtype bf16 --out_dir "$out")
 
 for part in "${parts[@]}"; do
   case "$part" in
-    tests) run python -m pytest -m gpu -q -p no:cacheprovider --junitxml "$out/gpu_tests_${gpu}_${date}.xml" ;;
-    kernels) run python benchmarks/kernels_gpu.py --modes amp --out "$out/kernels_${gpu}_${date}.json" ;;
+    tests) run python -m pytest -m gpu -q -p no:cacheprovider --junitxml "$(result_path gpu_tests .xml)" ;;
+    kernels) run python benchmarks/kernels_gpu.py --modes amp --out "$(result_path kernels .json)" ;;
     base) run "${step[@]}" --model mae_vit_base_patch16 ;;
     large) run "${step[@]}" --model mae_vit_large_patch16 ;;
     huge) run "${step[@]}" --model mae_vit_huge_patch14 ;;
@@ -57,7 +61,7 @@ for part in "${parts[@]}"; do
         run python -m fastmae profile --model "$model" --batch_size 64 --dtype bf16 --out_dir "$out"
       done ;;
     data) run python -m fastmae bench data --loaders cpu torchvision --device cuda --batch_size 256 \
-            --json "$out/data_${gpu}_${date}.json" --plot "$out/data_${gpu}_${date}.png" ;;
+            --json "$(result_path data .json)" --plot "$(result_path data .png)" ;;
   esac
 done
 run python benchmarks/make_results_table.py --results_dir "$out"

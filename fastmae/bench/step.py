@@ -37,6 +37,7 @@ from fastmae.bench.measure import (
     spec_peak_flops,
 )
 from fastmae.bench.timing import EndlessLoader, SyntheticImages, TimingPlan
+from fastmae.compiling import CompileConfig
 
 
 def speedups(rows: list[dict]) -> dict:
@@ -64,14 +65,13 @@ def image_source(args, config, batch_size: int, device: torch.device):
 
 
 def bench_model(args, name: str, device: torch.device, dtype: torch.dtype, batch_size: int, gemm: dict,
-                names: tuple[str, ...]) -> dict:
+                names: tuple[str, ...], compiled: CompileConfig) -> dict:
     overrides = {"decoder_depth": args.decoder_depth} if args.decoder_depth is not None else {}
     config = model_config(name, **overrides)
     plan = TimingPlan(args.warmup, args.steps)
     spec_peak = spec_peak_flops(device, dtype)
     images, data = image_source(args, config, batch_size, device)
-    contenders = build_contenders(config, device, dtype, args.mask_ratio, names, args.kernels, args.attn,
-                                  compile_config(args))
+    contenders = build_contenders(config, device, dtype, args.mask_ratio, names, args.kernels, args.attn, compiled)
     # The eager naive baseline (every token through the encoder) needs the most memory: measured first,
     # so that running out of memory (--oom_fallback) happens before any torch.compile is spent.
     measured = {}
@@ -98,7 +98,7 @@ def bench_model(args, name: str, device: torch.device, dtype: torch.dtype, batch
         "mask_ratio": args.mask_ratio,
         "kernels": args.kernels,
         "attn": args.attn,
-        "compile": dataclasses.asdict(compile_config(args)),
+        "compile": dataclasses.asdict(compiled),
         "data": data,
         "warmup_steps": plan.warmup_steps,
         "timed_steps": plan.timed_steps,
@@ -146,7 +146,7 @@ def run(args) -> int:
         cuda = device.type == "cuda"
         models = (args.model or ("mae_vit_base_patch16" if cuda else "mae_vit_demo_patch8")).split(",")
         check_model_names(models, args.mask_ratio)
-        compile_config(args)
+        compiled = compile_config(args)
         if args.json and len(models) > 1:
             raise ValueError("--json takes one model; use --out_dir for several")
         if args.impl:
@@ -172,7 +172,7 @@ def run(args) -> int:
         while True:
             print(f"{name}: batch {batch}, {', '.join(names)}", flush=True)
             try:
-                result = bench_model(args, name, device, dtype, batch, gemm, names)
+                result = bench_model(args, name, device, dtype, batch, gemm, names, compiled)
                 break
             except BatchTooLarge as err:
                 if not args.oom_fallback or batch == 1:
@@ -192,7 +192,7 @@ def run(args) -> int:
             status = 1
         for key, value in result["speedups"].items():
             print(f"  speedup {key}: {value:.2f}x")
-        what = f"step_{name}{compile_config(args).tag}"
+        what = f"step_{name}{compiled.tag}"
         path = args.json or (Path(args.out_dir) / result_filename(what, device) if args.out_dir else None)
         if path:
             print(f"  wrote {write_json(path, result)}")

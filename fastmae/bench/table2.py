@@ -31,6 +31,7 @@ from fastmae.bench.measure import (
     spec_peak_flops,
 )
 from fastmae.bench.timing import SyntheticImages, TimingPlan
+from fastmae.compiling import CompileConfig
 from fastmae.flops import train_flops_per_image
 
 
@@ -67,9 +68,9 @@ def table2_rows(encoders: tuple[str, ...]) -> list[Table2Row]:
     return rows
 
 
-def _measure_encoder(rows: list[Table2Row], args, device, dtype, batch_size, gemm, spec_peak) -> list[dict]:
+def _measure_encoder(rows: list[Table2Row], args, device, dtype, batch_size, gemm, spec_peak,
+                     compiled: CompileConfig | None) -> list[dict]:
     plan = TimingPlan(args.warmup, args.steps)
-    compiled = compile_config(args) if args.compile else None
     results = []
     baseline = None
     for row in rows:
@@ -152,7 +153,7 @@ def run(args) -> int:
         device, dtype, batch_size, plan = resolve_measurement(args, cpu_batch=32)
         encoders = tuple((args.models or ",".join(SMALL_ENCODERS if args.small else PAPER_ENCODERS)).split(","))
         check_model_names(encoders, args.mask_ratio)
-        compile_config(args)
+        compiled = compile_config(args) if args.compile else None
     except ValueError as err:
         print(f"fastmae bench table2: error: {err}", file=sys.stderr)
         return 2
@@ -166,7 +167,8 @@ def run(args) -> int:
         batch = batch_size
         while True:
             try:
-                rows += _measure_encoder(table2_rows((encoder,)), args, device, dtype, batch, gemm, spec_peak)
+                rows += _measure_encoder(table2_rows((encoder,)), args, device, dtype, batch, gemm, spec_peak,
+                                         compiled)
                 break
             except BatchTooLarge as err:
                 if not args.oom_fallback or batch == 1:
@@ -181,7 +183,7 @@ def run(args) -> int:
         "benchmark": "table2",
         "dtype": dtype_name(dtype),
         "mask_ratio": args.mask_ratio,
-        "compile": dataclasses.asdict(compile_config(args)) if args.compile else None,
+        "compile": dataclasses.asdict(compiled) if compiled else None,
         "kernels": args.kernels,
         "attn": args.attn,
         "data": "synthetic (on device)",
@@ -192,7 +194,7 @@ def run(args) -> int:
         "paper": "He et al. 2022, Table 2: wall-clock speed-up on 128 TPU-v3 cores, relative to w/ [M] with 8 blocks",
         "rows": rows,
     }
-    what = "table2" + ((compile_config(args).tag or "_compile") if args.compile else "")
+    what = "table2" + ((compiled.tag or "_compile") if compiled else "")
     path = args.json or (Path(args.out_dir) / result_filename(what, device) if args.out_dir else None)
     if path:
         path = write_json(path, result)
