@@ -305,11 +305,11 @@ def test_out_of_memory_halves_the_batch(tmp_path, monkeypatch):
     measured_batches = []
     real_bench_model = step_cmd.bench_model
 
-    def bench_model_with_small_memory(args, name, device, dtype, batch_size, gemm, names):
+    def bench_model_with_small_memory(args, name, device, dtype, batch_size, gemm, names, compiled):
         measured_batches.append(batch_size)
         if batch_size > 4:
             raise BatchTooLarge(f"fastmae: out of memory at batch {batch_size}")
-        return real_bench_model(args, name, device, dtype, batch_size, gemm, names)
+        return real_bench_model(args, name, device, dtype, batch_size, gemm, names, compiled)
 
     monkeypatch.setattr(step_cmd, "bench_model", bench_model_with_small_memory)
     path = tmp_path / "oom.json"
