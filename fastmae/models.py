@@ -66,7 +66,8 @@ class MaskedAutoencoderViT(nn.Module):
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
-        block = functools.partial(Block, mlp_ratio=mlp_ratio, qkv_bias=True, norm_eps=norm_eps, attn_backend=attn)
+        block = functools.partial(Block, mlp_ratio=mlp_ratio, qkv_bias=True, norm_eps=norm_eps, attn_backend=attn,
+                                  kernels=kernels)
         self.blocks = nn.ModuleList([block(embed_dim, num_heads) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
 

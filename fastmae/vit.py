@@ -2,6 +2,9 @@
 
 ``Block`` is pre-norm: x + attn(norm1(x)), then x + mlp(norm2(x)); the MLP uses exact (erf) GELU.
 ``drop_path`` is only used by fine-tuning; pretraining runs without it, as the reference does.
+With ``kernels`` resolving to Triton, an eager block runs its first norm and the middle residual add
++ second norm as fused kernels (``fastmae.kernels.layer_norm``) with the same parameters; under
+torch.compile it keeps the plain modules, which inductor fuses itself.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from fastmae import kernels as ops
 from fastmae.attention import Attention
 
 
@@ -65,8 +69,10 @@ class Block(nn.Module):
         norm_eps: float = 1e-6,
         attn_backend: str = "sdpa",
         drop_path: float = 0.0,
+        kernels: str = "torch",
     ):
         super().__init__()
+        self.kernels = ops.check_kernels_choice(kernels)
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, backend=attn_backend)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -74,8 +80,19 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if ops.resolve_kernels(self.kernels, x.device) == "triton" and not torch.compiler.is_compiling():
+            return self._forward_fused_norms(x)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def _forward_fused_norms(self, x: torch.Tensor) -> torch.Tensor:
+        # Under autocast the norms' consumers (qkv, fc1) cast to the autocast dtype: write it directly.
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        n1, n2 = self.norm1, self.norm2
+        _, h = ops.add_layer_norm(x, None, n1.weight, n1.bias, n1.eps, out_dtype, path="triton")
+        x, h = ops.add_layer_norm(x, self.drop_path(self.attn(h)), n2.weight, n2.bias, n2.eps, out_dtype, path="triton")
+        return x + self.drop_path(self.mlp(h))
 
 
 def init_vit_weights(module: nn.Module) -> None:

@@ -1,7 +1,7 @@
 """fastmae's fused kernels, one file per op (installed as ``fastmae.kernels``).
 
 Each op file holds the Triton kernels, the launcher, the ``torch.autograd.Function`` and the
-plain-PyTorch reference that states the semantics. The model calls the three functions below; one
+plain-PyTorch reference that states the semantics. The model calls the four functions below; one
 switch picks the path:
 
 - ``"torch"``: the PyTorch reference,
@@ -106,3 +106,18 @@ def masked_patch_loss(pred, imgs, patch_size: int, norm_pix_loss: bool, patch_id
     from fastmae.kernels.patch_loss import masked_patch_loss_reference
 
     return masked_patch_loss_reference(pred, imgs, patch_size, norm_pix_loss, patch_ids, weight)
+
+
+def add_layer_norm(x, branch, weight, bias, eps: float, out_dtype=None, path: str = "torch"):
+    """Residual add and LayerNorm of the sum: -> (x + branch, layer_norm(x + branch) in out_dtype).
+
+    x [..., D], branch [..., D] (None: normalise x alone; the residual returned is x), weight [D],
+    bias [D]; out_dtype None: the residual's dtype.
+    """
+    if path == "triton":
+        from fastmae.kernels.layer_norm import add_layer_norm_triton
+
+        return add_layer_norm_triton(x, branch, weight, bias, eps, out_dtype)
+    from fastmae.kernels.layer_norm import add_layer_norm_reference
+
+    return add_layer_norm_reference(x, branch, weight, bias, eps, out_dtype)

@@ -21,10 +21,13 @@ from fastmae.kernels.encoder_input import (
     visible_patch_embed_reference,
     visible_patch_embed_triton,
 )
+from fastmae.kernels import layer_norm as layer_norm_kernels
+from fastmae.kernels.layer_norm import MAX_WIDTH, add_layer_norm_reference, add_layer_norm_triton
 from fastmae.kernels.patch_loss import masked_patch_loss_reference, masked_patch_loss_triton
 from fastmae.masking import random_masking
 from fastmae.models import create_model
 from fastmae.patches import patch_pixels
+from fastmae.vit import Block
 
 # CPU runs the kernels through the Triton interpreter, which conftest switches on only without CUDA.
 DEVICES = [
@@ -305,6 +308,82 @@ def test_masked_patch_loss_without_grad(device):
 
 
 # ---------------------------------------------------------------------------------------------
+# Residual add + LayerNorm
+# ---------------------------------------------------------------------------------------------
+
+# (x dtype, branch dtype or None: norm alone, out dtype): one dtype throughout, and the bf16 autocast
+# setting (fp32 residual stream, bf16 sub-block output, bf16 for the next Linear)
+NORM_DTYPES = [(d, b, d) for d in DTYPES for b in (d, None)] + [
+    (torch.float32, torch.bfloat16, torch.bfloat16), (torch.float32, None, torch.bfloat16)]
+# (leading dims, D): rows no multiple of any tile, widths that are not powers of two, ViT-H's 1280
+NORM_SHAPES = {"odd": ((3, 7), 40), "pow2": ((2, 17), 64), "one_row": ((1,), 24), "vith": ((2, 3), 1280)}
+
+
+def _add_layer_norm_inputs(lead, D, x_dtype, branch_dtype, device):
+    x = torch.randn(*lead, D, device=device).to(x_dtype) * 2 + 0.5  # an offset: the mean matters
+    branch = None if branch_dtype is None else torch.randn(*lead, D, device=device).to(branch_dtype)
+    weight, bias = 1 + 0.5 * torch.randn(D, device=device), 0.1 * torch.randn(D, device=device)
+    return x, branch, weight, bias
+
+
+def _add_layer_norm_run(fn, inputs, out_dtype, upstream, cast=None):
+    """fn's (residual, out) and the gradients of sum(residual * g_res) + sum(out * g_out) for x,
+    branch, weight, bias; ``cast`` turns every input (and upstream gradient) into another dtype."""
+    leaves = [None if t is None else (t if cast is None else t.to(cast)).detach().requires_grad_() for t in inputs]
+    residual, out = fn(*leaves, 1e-6, out_dtype if cast is None else cast)
+    g_res, g_out = upstream
+    terms = [(out * (g_out if cast is None else g_out.to(cast))).sum()] if g_out is not None else []
+    if g_res is not None and leaves[1] is not None:
+        terms.append((residual * (g_res if cast is None else g_res.to(cast))).sum())
+    wrt = [t for t in leaves if t is not None]
+    return residual, out, torch.autograd.grad(sum(terms), wrt, allow_unused=True)
+
+
+@pytest.mark.parametrize("shape", sorted(NORM_SHAPES))
+@pytest.mark.parametrize("x_dtype,branch_dtype,out_dtype", NORM_DTYPES)
+def test_add_layer_norm_matches_fp64(device, x_dtype, branch_dtype, out_dtype, shape):
+    lead, D = NORM_SHAPES[shape]
+    inputs = _add_layer_norm_inputs(lead, D, x_dtype, branch_dtype, device)
+    residual_dtype = x_dtype if branch_dtype is None else torch.promote_types(x_dtype, branch_dtype)
+    upstream = (torch.randn(*lead, D, device=device).to(residual_dtype), torch.randn(*lead, D, device=device).to(out_dtype))
+    res, out, grads = _add_layer_norm_run(add_layer_norm_triton, inputs, out_dtype, upstream)
+    t_res, t_out, t_grads = _add_layer_norm_run(add_layer_norm_reference, inputs, out_dtype, upstream)
+    _, r_out, r_grads = _add_layer_norm_run(add_layer_norm_reference, inputs, out_dtype, upstream, cast=torch.float64)
+    assert res.dtype == residual_dtype and out.dtype == out_dtype
+    assert torch.equal(res, t_res)  # the add rounds once, like PyTorch's
+    atol = ATOL[out_dtype]
+    assert_within_torch_error("out", out, t_out, r_out, atol)
+    names = ["d x", "d branch", "d weight", "d bias"] if branch_dtype is not None else ["d x", "d weight", "d bias"]
+    for name, ours, theirs, ref in zip(names, grads, t_grads, r_grads):
+        assert ours.dtype == theirs.dtype, name
+        # weight and bias gradients are sums over rows: scale the atol with their number
+        scale = res.numel() // D if name in ("d weight", "d bias") else 1
+        assert_within_torch_error(name, ours, theirs, ref, ATOL[ours.dtype] * scale)
+
+
+@pytest.mark.parametrize("used", ["out_only", "residual_only"])
+def test_add_layer_norm_one_output_used(device, used):
+    """The residual stream's gradient or the norm's may be missing in backward (None from autograd)."""
+    inputs = _add_layer_norm_inputs((2, 5), 24, torch.float32, torch.float32, device)
+    g = torch.randn(2, 5, 24, device=device)
+    upstream = (None, g) if used == "out_only" else (g, None)
+    _, _, grads = _add_layer_norm_run(add_layer_norm_triton, inputs, None, upstream)
+    _, _, ref_grads = _add_layer_norm_run(add_layer_norm_reference, inputs, None, upstream)
+    for ours, ref in zip(grads, ref_grads):
+        if ref is None:  # weight and bias when only the residual is used
+            assert ours is None or not ours.any()
+        else:
+            torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_add_layer_norm_without_branch_returns_x(device):
+    x, _, weight, bias = _add_layer_norm_inputs((2, 3), 16, torch.float32, None, device)
+    residual, out = add_layer_norm_triton(x, None, weight, bias, 1e-6)
+    assert residual is x
+    torch.testing.assert_close(out, torch.nn.functional.layer_norm(x, (16,), weight, bias, 1e-6))
+
+
+# ---------------------------------------------------------------------------------------------
 # Validation, registration, torch.compile
 # ---------------------------------------------------------------------------------------------
 
@@ -347,6 +426,17 @@ def test_launchers_reject_bad_inputs(device):
         masked_patch_loss_triton(pred, imgs, p, True, None, masking.mask[:, :3])
     with pytest.raises(ValueError, match=r"imgs must be \[N, C, H, W\]"):
         masked_patch_loss_triton(pred, imgs[0], p, True)
+    x, w = randn(N, 5, D), randn(D)
+    with pytest.raises(ValueError, match=r"branch must have shape \[2, 5, 8\], got \[2, 4, 8\]"):
+        add_layer_norm_triton(x, randn(N, 4, D), w, w, 1e-6)
+    with pytest.raises(ValueError, match=r"weight must have shape \[8\], got \[9\]"):
+        add_layer_norm_triton(x, None, randn(D + 1), w, 1e-6)
+    with pytest.raises(ValueError, match=r"out_dtype must be one of"):
+        add_layer_norm_triton(x, None, w, w, 1e-6, torch.float64)
+    with pytest.raises(ValueError, match=r"branch \(shape \[2, 5, 8\], strides .*\) must be contiguous"):
+        add_layer_norm_triton(x, randn(N, D, 5).transpose(1, 2), w, w, 1e-6)
+    with pytest.raises(ValueError, match=rf"D <= {MAX_WIDTH}"):
+        add_layer_norm_triton(randn(1, MAX_WIDTH + 1), None, randn(MAX_WIDTH + 1), randn(MAX_WIDTH + 1), 1e-6)
 
 
 def _tiny_op_inputs(device):
@@ -364,10 +454,13 @@ def _tiny_op_inputs(device):
                                         torch.float32, torch.float32)),
         ("masked_patch_loss", (leaf(N, L, 48), imgs, p, True, None, masking.mask, True)),
         ("masked_patch_loss", (leaf(N, L - 4, 48), imgs, p, False, masking.ids_masked, None, True)),
+        ("add_layer_norm", (leaf(N, 5, D), leaf(N, 5, D), leaf(D), leaf(D), 1e-6, torch.float32)),
+        ("add_layer_norm", (leaf(N, 5, D), None, leaf(D), leaf(D), 1e-6, torch.bfloat16)),
+        ("add_layer_norm", (leaf(N, 5, D), leaf(N, 5, D).bfloat16(), leaf(D), leaf(D), 1e-6, torch.bfloat16)),
     ]
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(9))
 def test_custom_ops_registered_and_pass_opcheck(device, case):
     name, args = _tiny_op_inputs(device)[case]
     op = getattr(torch.ops.fastmae, name)
@@ -432,6 +525,53 @@ def test_model_triton_equals_torch(device, norm_pix_loss, full_pred, encoder_mas
     assert grads.keys() == rgrads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], rgrads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _count_fused_norm_calls(monkeypatch) -> list:
+    calls = []
+    forward = layer_norm_kernels.add_layer_norm_forward
+
+    def counting(*args):
+        calls.append(args[1] is not None)  # True: with a branch
+        return forward(*args)
+
+    monkeypatch.setattr(layer_norm_kernels, "add_layer_norm_forward", counting)
+    return calls
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_block_fused_norms_equal_modules(device, autocast, monkeypatch):
+    """A Block with kernels="triton" runs norm1 and the middle add + norm2 fused, with the same
+    outputs and gradients as the nn.LayerNorm path; under autocast it hands the next Linear the
+    autocast dtype directly."""
+    ref_block = Block(40, 4, kernels="torch").to(device)
+    fused_block = Block(40, 4, kernels="triton").to(device)
+    fused_block.load_state_dict(ref_block.state_dict())
+    x = torch.randn(3, 7, 40, device=device)
+    calls = _count_fused_norm_calls(monkeypatch)
+    results = []
+    for block in (fused_block, ref_block):
+        xs = x.clone().requires_grad_()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = block(xs)
+        grads = torch.autograd.grad(out.float().square().sum(), [xs, *block.parameters()])
+        results.append((out, grads))
+    assert calls == [False, True]
+    (out, grads), (ref_out, ref_grads) = results
+    assert out.dtype == ref_out.dtype
+    rtol = 2e-2 if autocast else 1e-5  # bf16 GEMMs: the two paths' roundings differ only in order
+    torch.testing.assert_close(out, ref_out, rtol=rtol, atol=rtol)
+    for name, g, rg in zip(["x", *(n for n, _ in ref_block.named_parameters())], grads, ref_grads):
+        torch.testing.assert_close(g, rg, rtol=rtol, atol=rtol * rg.abs().max().item(), msg=name)
+
+
+def test_block_keeps_modules_under_torch_compile(device, monkeypatch):
+    """Compiled, the block leaves the norms to inductor: the fused op is not in the graph."""
+    block = Block(16, 2, kernels="triton").to(device)
+    calls = _count_fused_norm_calls(monkeypatch)
+    x = torch.randn(2, 5, 16, device=device)
+    torch.testing.assert_close(torch.compile(block, backend="aot_eager")(x), block(x))
+    assert calls == [False, True]  # the eager call only
 
 
 @pytest.mark.gpu

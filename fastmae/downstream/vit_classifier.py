@@ -52,7 +52,8 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         drop_rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
-        block = functools.partial(Block, mlp_ratio=mlp_ratio, qkv_bias=True, norm_eps=norm_eps, attn_backend=attn)
+        block = functools.partial(Block, mlp_ratio=mlp_ratio, qkv_bias=True, norm_eps=norm_eps, attn_backend=attn,
+                                  kernels="auto")
         self.blocks = nn.ModuleList([block(embed_dim, num_heads, drop_path=r) for r in drop_rates])
         if global_pool:
             self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps)
