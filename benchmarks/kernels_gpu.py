@@ -1,8 +1,8 @@
-"""GPU benchmark of the three fused kernels against the PyTorch ops they replace.
+"""GPU benchmark of the fused kernels against the PyTorch ops they replace.
 
     python benchmarks/kernels_gpu.py --out benchmarks/results/kernels_<gpu>_<date>.json
 
-Per kernel (encoder input, decoder input, loss), per model shape (ViT-B/16, ViT-L/16, ViT-H/14 at
+Per kernel (encoder input, decoder input, loss, residual add + norm), per model shape (ViT-B/16, ViT-L/16, ViT-H/14 at
 224 px, mask ratio 0.75, decoder width 512), batch 256, forward + backward:
 
 - time with CUDA events after warm-up; median and spread over the timed steps; the L2 cache is
@@ -152,16 +152,41 @@ def loss_case(shape: ModelShape, batch: int, amp: bool, device: torch.device) ->
     return KernelCase("masked_patch_loss", dict(N=N, L=L, M=M, P=P, patch=p), step, floor, note)
 
 
-CASES = {"encoder_input": encoder_case, "decoder_input": decoder_case, "masked_patch_loss": loss_case}
+def norm_case(shape: ModelShape, batch: int, amp: bool, device: torch.device) -> KernelCase:
+    """An encoder block's middle residual add + norm2 at the training shape (K+1 tokens per image)."""
+    N, K, D = batch, shape.num_visible, shape.embed_dim
+    stream = torch.float32 if amp else torch.bfloat16  # the residual stream, LayerNorm parameters
+    x = torch.randn(N, K + 1, D, device=device, dtype=stream, requires_grad=True)
+    branch = torch.randn(N, K + 1, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.ones(D, device=device, dtype=stream, requires_grad=True)
+    bias = torch.zeros(D, device=device, dtype=stream, requires_grad=True)
+    grad_residual = torch.randn(N, K + 1, D, device=device, dtype=stream)
+    grad_out = torch.randn(N, K + 1, D, device=device, dtype=torch.bfloat16)
+
+    def step(op):  # out in bf16: what the next Linear consumes under autocast
+        residual, out = op(x, branch, weight, bias, 1e-6, torch.bfloat16)
+        torch.autograd.grad((residual, out), (x, branch, weight, bias), (grad_residual, grad_out))
+
+    rows, s = N * (K + 1) * D, _size(stream)
+    # fwd: x, branch -> residual, out; bwd: grad_out, grad_residual, residual -> grad x (and grad
+    # branch, a second write only when its dtype differs); weight, bias, mean, rstd are negligible
+    floor = rows * ((s + 2 + s + 2) + (2 + s + s + s + (2 if amp else 0)))
+    note = "fwd: x, branch -> residual, out; bwd: grad_out, grad_residual, residual -> grad x (+ grad branch if dtypes differ)"
+    return KernelCase("add_layer_norm", dict(N=N, T=K + 1, D=D), step, floor, note)
+
+
+CASES = {"encoder_input": encoder_case, "decoder_input": decoder_case, "masked_patch_loss": loss_case,
+         "add_layer_norm": norm_case}
 
 
 def implementations(kernel: str) -> dict[str, Callable]:
-    from fastmae.kernels import decoder_input, encoder_input, patch_loss
+    from fastmae.kernels import decoder_input, encoder_input, layer_norm, patch_loss
 
     triton_fn, reference = {
         "encoder_input": (encoder_input.visible_patch_embed_triton, encoder_input.visible_patch_embed_reference),
         "decoder_input": (decoder_input.decoder_unshuffle_triton, decoder_input.decoder_unshuffle_reference),
         "masked_patch_loss": (patch_loss.masked_patch_loss_triton, patch_loss.masked_patch_loss_reference),
+        "add_layer_norm": (layer_norm.add_layer_norm_triton, layer_norm.add_layer_norm_reference),
     }[kernel]
     torch._dynamo.reset()  # a fresh compile per case: no recompilation limit, no stale guards
     return {"triton": triton_fn, "eager": reference, "compiled": torch.compile(reference, dynamic=False)}
@@ -229,7 +254,8 @@ def check_agreement(case: KernelCase, impls: dict) -> dict:
 
         def capture(*args, _fn=impls[name]):
             out = _fn(*args)
-            captured.append(out.detach().float())
+            outs = out if isinstance(out, tuple) else (out,)
+            captured.append(torch.cat([o.detach().float().flatten() for o in outs]))
             return out
 
         case.step(capture)

@@ -22,14 +22,15 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastmae.kernels._launch import KERNEL_DTYPES, cast_rtne, check_kernel_device, check_tensor, interpreting, num_warps_for
+from fastmae.kernels._launch import KERNEL_DTYPES, cast_rtne, check_kernel_device, check_tensor, interpreting
 
 # One row is one tile row: wider rows would need a two-pass kernel (MAE widths are <= 1280).
 MAX_WIDTH = 16384
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernels. Rows are the M = prod(leading dims) tokens; a program holds BLOCK_ROWS whole
-# rows (BLOCK_D >= D) at a time.
+# Triton kernels. Rows are the M = prod(leading dims) tokens; a tile is BLOCK_ROWS whole rows
+# (BLOCK_D >= D). Forward: one tile per program. Backward: a program walks tiles_per_program
+# consecutive tiles and sums its weight and bias gradients over them.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -88,19 +89,19 @@ def _add_layer_norm_bwd_kernel(
     grad_bias_partial_ptr,  # [num_programs, D] fp32
     M,
     D,
+    tiles_per_program,
     HAS_GRAD_RESIDUAL: tl.constexpr,
     STORE_GRAD_BRANCH: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    ROW_TILES: tl.constexpr,
 ):
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < D
     weight = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     grad_weight = tl.zeros((BLOCK_D,), dtype=tl.float32)
     grad_bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    first_row = tl.program_id(0).to(tl.int64) * (BLOCK_ROWS * ROW_TILES)
-    for tile in range(ROW_TILES):
+    first_row = tl.program_id(0).to(tl.int64) * tiles_per_program * BLOCK_ROWS
+    for tile in range(tiles_per_program):
         rows = first_row + tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         row_ok = rows < M
         ok = row_ok[:, None] & col_ok[None, :]
@@ -131,13 +132,25 @@ def _add_layer_norm_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _tiles(num_rows: int, D: int) -> tuple[int, int]:
-    """(BLOCK_ROWS, BLOCK_D): whole rows, a few thousand elements per program on a GPU (enough loads
-    in flight), as many rows as a numpy-sized tile holds under the interpreter (~1 ms per program)."""
+def _tiles(num_rows: int, D: int) -> tuple[int, int, int]:
+    """(BLOCK_ROWS, BLOCK_D, num_warps). On a GPU: one row per tile, four values per thread (one
+    128-bit fp32 access). Compiled for sm_90, wider tiles cost the backward 100-230 registers per
+    thread, which leaves 8-16 warps per SM to hide memory latency; these tiles need 32-49 (ViT-B/L/H
+    widths and the decoder's 512). Under the interpreter (~1 ms per program instance): tiles of a
+    few thousand values, small enough that tests with a few hundred rows walk several per program."""
     block_d = triton.next_power_of_2(D)
-    budget = (1 << 16) if interpreting() else 4096
-    block_rows = max(1, budget // block_d)
-    return min(block_rows, triton.next_power_of_2(num_rows)), block_d
+    if interpreting():
+        return min(max(1, (1 << 12) // block_d), triton.next_power_of_2(num_rows)), block_d, 4
+    return 1, block_d, min(16, max(4, block_d // 128))
+
+
+def _backward_programs(num_tiles: int, device: torch.device) -> int:
+    """Enough programs to fill the GPU a few times over; fewer keep the (programs x D) partial sums
+    of the weight and bias gradients small next to the rows."""
+    if interpreting():
+        return min(num_tiles, 4)
+    sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return min(num_tiles, 8 * sm_count)
 
 
 def _check_inputs(x, branch, weight, bias, out_dtype) -> tuple[int, int]:
@@ -172,11 +185,10 @@ def add_layer_norm_forward(x, branch, weight, bias, eps: float, out_dtype: torch
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     if M == 0:
         return residual, out, mean, rstd
-    block_rows, block_d = _tiles(M, D)
+    block_rows, block_d, num_warps = _tiles(M, D)
     _add_layer_norm_fwd_kernel[(triton.cdiv(M, block_rows),)](
         x, branch, weight, bias, residual, out, mean, rstd, M, D, eps,
-        HAS_BRANCH=branch is not None, BLOCK_ROWS=block_rows, BLOCK_D=block_d,
-        num_warps=num_warps_for(block_rows * block_d),
+        HAS_BRANCH=branch is not None, BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=num_warps,
     )
     return residual, out, mean, rstd
 
@@ -189,10 +201,11 @@ def add_layer_norm_backward(grad_out, grad_residual, z, weight, mean, rstd, x_dt
     if grad_residual is not None:
         check_tensor("grad_residual", grad_residual, tuple(z.shape), device=z.device)
     M, D = z.numel() // z.shape[-1], z.shape[-1]
-    block_rows, block_d = _tiles(max(M, 1), D)
-    # several tiles per program keep the partial buffers (programs x D) small next to the rows
-    row_tiles = 1 if block_rows >= M else 8
-    programs = triton.cdiv(M, block_rows * row_tiles)
+    block_rows, block_d, num_warps = _tiles(max(M, 1), D)
+    num_tiles = triton.cdiv(M, block_rows)
+    programs = _backward_programs(num_tiles, z.device)
+    tiles_per_program = triton.cdiv(num_tiles, programs)
+    programs = triton.cdiv(num_tiles, tiles_per_program)
     grad_x = torch.empty_like(z, dtype=x_dtype)
     store_branch = branch_dtype is not None and branch_dtype != x_dtype
     grad_branch = torch.empty_like(z, dtype=branch_dtype) if store_branch else z.new_empty(0)
@@ -201,8 +214,8 @@ def add_layer_norm_backward(grad_out, grad_residual, z, weight, mean, rstd, x_dt
     partials = torch.empty((2, programs, D), dtype=torch.float32, device=z.device)
     _add_layer_norm_bwd_kernel[(programs,)](
         grad_out, grad_residual, z, weight, mean, rstd, grad_x, grad_branch, partials[0], partials[1], M, D,
-        HAS_GRAD_RESIDUAL=grad_residual is not None, STORE_GRAD_BRANCH=store_branch,
-        BLOCK_ROWS=block_rows, BLOCK_D=block_d, ROW_TILES=row_tiles, num_warps=num_warps_for(block_rows * block_d),
+        tiles_per_program, HAS_GRAD_RESIDUAL=grad_residual is not None, STORE_GRAD_BRANCH=store_branch,
+        BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=num_warps,
     )
     return grad_x, grad_branch, partials[0].sum(0).to(weight.dtype), partials[1].sum(0).to(weight.dtype)
 

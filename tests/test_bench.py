@@ -16,6 +16,7 @@ from fastmae.bench.table2 import PAPER_SPEEDUPS, table2_rows
 from fastmae.bench.timing import SyntheticImages, TimingPlan, time_steps
 from fastmae.cli import main
 from fastmae.flops import train_flops_per_image
+from fastmae.kernels._launch import interpreting
 from fastmae.models import create_model
 
 MICRO = "mae_vit_micro_patch4"
@@ -355,3 +356,31 @@ def test_gpu_suite_script_checks_its_parts_and_the_gpu(tmp_path):
         no_gpu = subprocess.run(["bash", str(script), str(tmp_path / "out"), "large"], capture_output=True, text=True)
         assert no_gpu.returncode == 2 and "needs a CUDA GPU" in no_gpu.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _load_kernels_benchmark():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "kernels_gpu.py"
+    spec = importlib.util.spec_from_file_location("kernels_gpu", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kernels_gpu"] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not interpreting(), reason="the Triton side needs TRITON_INTERPRET=1 on CPU")
+@pytest.mark.filterwarnings("ignore:.*autocast")
+def test_kernel_benchmark_cases_run_both_sides_and_agree():
+    """Every case of the GPU kernel benchmark, at ViT-B shapes and batch 2 on CPU: the Triton side
+    (interpreter) and the eager side run and compute the same forward outputs."""
+    bench = _load_kernels_benchmark()
+    for name, make_case in bench.CASES.items():
+        case = make_case(bench.MODEL_SHAPES["vit_b"], 2, True, CPU)
+        impls = bench.implementations(name)
+        del impls["compiled"]  # inductor needs a C++ compiler on CPU
+        agreement = bench.check_agreement(case, impls)
+        assert agreement["max_abs_diff_forward"] <= 1e-2 * agreement["max_abs_eager_forward"], name
+        assert case.bytes_floor > 0 and case.floor_note, name

@@ -315,8 +315,10 @@ def test_masked_patch_loss_without_grad(device):
 # setting (fp32 residual stream, bf16 sub-block output, bf16 for the next Linear)
 NORM_DTYPES = [(d, b, d) for d in DTYPES for b in (d, None)] + [
     (torch.float32, torch.bfloat16, torch.bfloat16), (torch.float32, None, torch.bfloat16)]
-# (leading dims, D): rows no multiple of any tile, widths that are not powers of two, ViT-H's 1280
-NORM_SHAPES = {"odd": ((3, 7), 40), "pow2": ((2, 17), 64), "one_row": ((1,), 24), "vith": ((2, 3), 1280)}
+# (leading dims, D): rows no multiple of any tile, widths that are not powers of two, ViT-H's 1280;
+# "many_rows" makes backward programs walk several tiles, the last one past the end
+NORM_SHAPES = {"odd": ((3, 7), 40), "pow2": ((2, 17), 64), "one_row": ((1,), 24), "vith": ((2, 3), 1280),
+               "many_rows": ((5, 53), 40)}
 
 
 def _add_layer_norm_inputs(lead, D, x_dtype, branch_dtype, device):
