@@ -3,8 +3,9 @@
 Parameters, state_dict keys, initialisation, masking, loss and outputs are those of the reference
 ``models_mae.MaskedAutoencoderViT``; for the same weights and noise it gives the same loss, pred and
 mask to float64 round-off. What differs is how: the patch projection runs on the visible patches
-only, the decoder un-shuffle and the loss are single fused ops (``fastmae.kernels``), attention goes
-through SDPA, and in training the prediction head may run on the removed patches only.
+only, the decoder un-shuffle, the loss and the blocks' residual add + LayerNorm are single fused ops
+(``fastmae.kernels``), attention goes through SDPA, and in training the prediction head may run on
+the removed patches only.
 
 ``encoder_mask_tokens=True`` is the paper's naive baseline "w/ [M]": the encoder sees all L patches,
 the removed ones replaced by a learned mask token; everything else is MAE. It exists so speed-ups
