@@ -275,6 +275,7 @@ def run(args: argparse.Namespace, out: Path | None = None) -> dict:
     timer = Timer(args.warmup, args.iters, device)
     results = []
     report = {
+        "benchmark": "kernels",
         "what": "fused kernels, forward + backward",
         "environment": environment_info(device),
         "config": {"batch": args.batch, "mask_ratio": MASK_RATIO, "decoder_dim": DECODER_DIM,

@@ -4,7 +4,8 @@
 
 Step benchmarks become one table (img/s, step time, peak memory, MFU per implementation), Table 2
 runs another (measured speed-up beside the paper's and the FLOP-count limit), profiles a third
-(encoder / decoder / loss share of the step). CPU results are left out unless asked for: they only
+(encoder / decoder / loss share of the step), the fused-kernel benchmark a fourth (time against
+eager and compiled PyTorch, bandwidth against a copy). CPU results are left out unless asked for: they only
 show that the code runs. With no result files it says so.
 """
 
@@ -115,13 +116,36 @@ def profile_table(results: list[dict]) -> list[str]:
     return lines
 
 
+def kernels_table(results: list[dict]) -> list[str]:
+    lines = ["| kernel | shapes of | precision | Triton ms | eager ms | compiled ms | GB/s on bytes floor | of copy GB/s | "
+             "vs eager | vs compiled | device |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def ms(entry: dict, name: str) -> str:
+        return f"{entry[name]['median_ms']:.3f}" if "median_ms" in entry.get(name, {}) else "failed"
+
+    def ratio(value) -> str:
+        return f"{value:.2f}x" if value is not None else "-"
+
+    for r in results:
+        for e in r["results"]:
+            tri = e.get("triton", {})
+            lines.append(
+                f"| {e['kernel']} | {e['model']} | {e['precision']} | {ms(e, 'triton')} | {ms(e, 'eager')} | "
+                f"{ms(e, 'compiled')} | {tri.get('gbps_on_floor', 0):.0f} | {_pct(tri.get('fraction_of_copy_bandwidth'))} | "
+                f"{ratio(tri.get('speedup_vs_eager'))} | {ratio(tri.get('speedup_vs_compiled'))} | "
+                f"{r['environment']['device']} |")
+    return lines
+
+
 def markdown(results: list[dict]) -> str:
     if not results:
         return "_No benchmark results yet: run `fastmae bench step`, `fastmae bench table2` or `fastmae profile` " \
                "with `--out_dir benchmarks/results` / `--json` on a GPU._\n"
     sections = []
     for kind, title, table in (("step", "Training step", step_table), ("table2", "Table 2: encoder without mask tokens", table2_table),
-                               ("profile", "Where the step's time goes", profile_table)):
+                               ("profile", "Where the step's time goes", profile_table),
+                               ("kernels", "Fused kernels, forward + backward", kernels_table)):
         chosen = [r for r in results if r["benchmark"] == kind]
         if chosen:
             files = ", ".join(f"`{r['_file']}`" for r in chosen)

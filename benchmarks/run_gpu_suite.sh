@@ -3,7 +3,8 @@
 # Usage: benchmarks/run_gpu_suite.sh [OUT_DIR] [PART ...]     (default: benchmarks/results, every part)
 # Parts, each a few minutes on an H100, in this order:
 #   tests    the GPU tests (pytest -m gpu), a JUnit report in OUT_DIR
-#   kernels  the three fused kernels against eager PyTorch and torch.compile, ViT-B/L/H shapes
+#   kernels  the fused kernels (encoder input, decoder input, loss, add + LayerNorm) against eager
+#            PyTorch and torch.compile, ViT-B/L/H shapes
 #   base     training step, fastmae (eager and torch.compile) vs naive w/[M] vs reference-style vs HF ViTMAE,
 #            ViT-B/16 at 224 px, bf16, batch 256 (halved where memory runs out)
 #   large    the same for ViT-L/16

@@ -384,3 +384,18 @@ def test_kernel_benchmark_cases_run_both_sides_and_agree():
         agreement = bench.check_agreement(case, impls)
         assert agreement["max_abs_diff_forward"] <= 1e-2 * agreement["max_abs_eager_forward"], name
         assert case.bytes_floor > 0 and case.floor_note, name
+
+
+def test_results_table_shows_the_kernel_benchmark(tmp_path, capsys):
+    bench, table = _load_kernels_benchmark(), load_results_table_script()
+    copy = bench.summarize([1e-3, 1e-3], 2_000_000_000)  # 2000 GB/s
+    entry = {"kernel": "add_layer_norm", "model": "ViT-L/16", "precision": "amp", "copy": copy,
+             "triton": bench.summarize([1e-3] * 3, 1_500_000_000, copy["gbps_on_floor"]),
+             "eager": bench.summarize([2.5e-3] * 3, 1_500_000_000), "compiled": {"error": "RuntimeError: no compiler"}}
+    entry["triton"]["speedup_vs_eager"] = 2.5
+    report = {"benchmark": "kernels", "environment": environment_info(CPU), "results": [entry]}
+    (tmp_path / "kernels.json").write_text(json.dumps(report))
+    assert table.main(["--results_dir", str(tmp_path), "--include_cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "#### Fused kernels, forward + backward" in out
+    assert "| add_layer_norm | ViT-L/16 | amp | 1.000 | 2.500 | failed | 1500 | 75.0% | 2.50x | - |" in out
