@@ -29,8 +29,8 @@ MAX_WIDTH = 16384
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels. Rows are the M = prod(leading dims) tokens; a tile is BLOCK_ROWS whole rows
-# (BLOCK_D >= D). Forward: one tile per program. Backward: a program walks tiles_per_program
-# consecutive tiles and sums its weight and bias gradients over them.
+# (BLOCK_D >= D). A program walks tiles_per_program consecutive tiles with the weight (and bias)
+# loaded once; backward sums its weight and bias gradients over them.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -47,32 +47,35 @@ def _add_layer_norm_fwd_kernel(
     M,
     D,
     eps,
+    tiles_per_program,
     HAS_BRANCH: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_D)
-    row_ok = rows < M
     col_ok = cols < D
-    ok = row_ok[:, None] & col_ok[None, :]
-    offsets = rows[:, None] * D + cols[None, :]
-    z = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-    if HAS_BRANCH:
-        z += tl.load(branch_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-        stored = cast_rtne(z, residual_ptr.dtype.element_ty)
-        tl.store(residual_ptr + offsets, stored, mask=ok)
-        z = stored.to(tl.float32)  # the norm sees the rounded residual, as the reference's does
-    mean = tl.sum(z, axis=1) / D
-    centered = tl.where(ok, z - mean[:, None], 0.0)
-    var = tl.sum(centered * centered, axis=1) / D
-    rstd = 1.0 / tl.sqrt(var + eps)
     weight = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    out = centered * rstd[:, None] * weight[None, :] + bias[None, :]
-    tl.store(out_ptr + offsets, cast_rtne(out, out_ptr.dtype.element_ty), mask=ok)
-    tl.store(mean_ptr + rows, mean, mask=row_ok)
-    tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+    first_row = tl.program_id(0).to(tl.int64) * tiles_per_program * BLOCK_ROWS
+    for tile in range(tiles_per_program):
+        rows = first_row + tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        row_ok = rows < M
+        ok = row_ok[:, None] & col_ok[None, :]
+        offsets = rows[:, None] * D + cols[None, :]
+        z = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+        if HAS_BRANCH:
+            z += tl.load(branch_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+            stored = cast_rtne(z, residual_ptr.dtype.element_ty)
+            tl.store(residual_ptr + offsets, stored, mask=ok)
+            z = stored.to(tl.float32)  # the norm sees the rounded residual, as the reference's does
+        mean = tl.sum(z, axis=1) / D
+        centered = tl.where(ok, z - mean[:, None], 0.0)
+        var = tl.sum(centered * centered, axis=1) / D
+        rstd = 1.0 / tl.sqrt(var + eps)
+        out = centered * rstd[:, None] * weight[None, :] + bias[None, :]
+        tl.store(out_ptr + offsets, cast_rtne(out, out_ptr.dtype.element_ty), mask=ok)
+        tl.store(mean_ptr + rows, mean, mask=row_ok)
+        tl.store(rstd_ptr + rows, rstd, mask=row_ok)
 
 
 @triton.jit
@@ -144,13 +147,17 @@ def _tiles(num_rows: int, D: int) -> tuple[int, int, int]:
     return 1, block_d, min(16, max(4, block_d // 128))
 
 
-def _backward_programs(num_tiles: int, device: torch.device) -> int:
-    """Enough programs to fill the GPU a few times over; fewer keep the (programs x D) partial sums
-    of the weight and bias gradients small next to the rows."""
+def _grid(num_tiles: int, num_warps: int, device: torch.device) -> tuple[int, int]:
+    """(programs, tiles per program): one wave of as many programs as an SM holds at once (64 warps
+    on an H100 or A100); more would only add (programs x D) partial sums of the weight and bias
+    gradients. Under the interpreter a few programs, so tests walk several tiles per program."""
     if interpreting():
-        return min(num_tiles, 4)
-    sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    return min(num_tiles, 8 * sm_count)
+        programs = min(num_tiles, 4)
+    else:
+        sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+        programs = min(num_tiles, sm_count * max(1, 64 // num_warps))
+    tiles_per_program = triton.cdiv(num_tiles, programs)
+    return triton.cdiv(num_tiles, tiles_per_program), tiles_per_program
 
 
 def _check_inputs(x, branch, weight, bias, out_dtype) -> tuple[int, int]:
@@ -186,8 +193,9 @@ def add_layer_norm_forward(x, branch, weight, bias, eps: float, out_dtype: torch
     if M == 0:
         return residual, out, mean, rstd
     block_rows, block_d, num_warps = _tiles(M, D)
-    _add_layer_norm_fwd_kernel[(triton.cdiv(M, block_rows),)](
-        x, branch, weight, bias, residual, out, mean, rstd, M, D, eps,
+    programs, tiles_per_program = _grid(triton.cdiv(M, block_rows), num_warps, x.device)
+    _add_layer_norm_fwd_kernel[(programs,)](
+        x, branch, weight, bias, residual, out, mean, rstd, M, D, eps, tiles_per_program,
         HAS_BRANCH=branch is not None, BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=num_warps,
     )
     return residual, out, mean, rstd
@@ -201,16 +209,13 @@ def add_layer_norm_backward(grad_out, grad_residual, z, weight, mean, rstd, x_dt
     if grad_residual is not None:
         check_tensor("grad_residual", grad_residual, tuple(z.shape), device=z.device)
     M, D = z.numel() // z.shape[-1], z.shape[-1]
-    block_rows, block_d, num_warps = _tiles(max(M, 1), D)
-    num_tiles = triton.cdiv(M, block_rows)
-    programs = _backward_programs(num_tiles, z.device)
-    tiles_per_program = triton.cdiv(num_tiles, programs)
-    programs = triton.cdiv(num_tiles, tiles_per_program)
     grad_x = torch.empty_like(z, dtype=x_dtype)
     store_branch = branch_dtype is not None and branch_dtype != x_dtype
     grad_branch = torch.empty_like(z, dtype=branch_dtype) if store_branch else z.new_empty(0)
     if M == 0:
         return grad_x, grad_branch, torch.zeros_like(weight), torch.zeros_like(weight)
+    block_rows, block_d, num_warps = _tiles(M, D)
+    programs, tiles_per_program = _grid(triton.cdiv(M, block_rows), num_warps, z.device)
     partials = torch.empty((2, programs, D), dtype=torch.float32, device=z.device)
     _add_layer_norm_bwd_kernel[(programs,)](
         grad_out, grad_residual, z, weight, mean, rstd, grad_x, grad_branch, partials[0], partials[1], M, D,
@@ -243,6 +248,8 @@ class AddLayerNorm(torch.autograd.Function):
         ctx.mark_non_differentiable(mean, rstd)
         if branch is None:
             ctx.mark_non_differentiable(residual)
+        # an unused output's gradient arrives as None, not as a tensor of zeros to read
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x if branch is None else residual, weight, mean, rstd)
         ctx.has_branch = branch is not None
         ctx.dtypes = (x.dtype, None if branch is None else branch.dtype)
@@ -253,9 +260,11 @@ class AddLayerNorm(torch.autograd.Function):
         x_dtype, branch_dtype = ctx.dtypes
         if not ctx.has_branch:
             grad_residual = None
-        if grad_out is None:  # only the residual output was used
-            grad_x = torch.zeros_like(z, dtype=x_dtype) if grad_residual is None else grad_residual.to(x_dtype)
-            grad_branch = None if branch_dtype is None else grad_x.to(branch_dtype)
+        if grad_out is None:  # only the residual output was used: the norm adds nothing
+            if grad_residual is None:
+                return None, None, None, None, None, None
+            grad_x = grad_residual.to(x_dtype)
+            grad_branch = None if branch_dtype is None else grad_residual.to(branch_dtype)
             return grad_x, grad_branch, None, None, None, None
         grad_x, grad_branch, grad_weight, grad_bias = torch.ops.fastmae.add_layer_norm_backward(
             grad_out.contiguous(), None if grad_residual is None else grad_residual.contiguous(),
@@ -263,7 +272,7 @@ class AddLayerNorm(torch.autograd.Function):
         )
         if branch_dtype is None:
             grad_branch = None
-        elif grad_branch.numel() == 0 and z.numel() > 0:  # same dtype as x: the same gradient
+        elif branch_dtype == x_dtype:  # the kernel wrote one gradient for both
             grad_branch = grad_x
         return (grad_x, grad_branch, grad_weight if ctx.needs_input_grad[2] else None,
                 grad_bias if ctx.needs_input_grad[3] else None, None, None)

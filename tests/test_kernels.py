@@ -365,7 +365,7 @@ def test_add_layer_norm_matches_fp64(device, x_dtype, branch_dtype, out_dtype, s
 
 @pytest.mark.parametrize("used", ["out_only", "residual_only"])
 def test_add_layer_norm_one_output_used(device, used):
-    """The residual stream's gradient or the norm's may be missing in backward (None from autograd)."""
+    """An unused output's gradient reaches backward as None (the op does not materialise zeros)."""
     inputs = _add_layer_norm_inputs((2, 5), 24, torch.float32, torch.float32, device)
     g = torch.randn(2, 5, 24, device=device)
     upstream = (None, g) if used == "out_only" else (g, None)
@@ -376,6 +376,34 @@ def test_add_layer_norm_one_output_used(device, used):
             assert ours is None or not ours.any()
         else:
             torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("branch_dtype", [None, torch.float32, torch.bfloat16])
+def test_add_layer_norm_of_no_rows(device, branch_dtype):
+    inputs = _add_layer_norm_inputs((0, 5), 8, torch.float32, branch_dtype, device)
+    g = torch.randn(0, 5, 8, device=device)
+    res, out, grads = _add_layer_norm_run(add_layer_norm_triton, inputs, None, (g, g))
+    _, ref_out, ref_grads = _add_layer_norm_run(add_layer_norm_reference, inputs, None, (g, g))
+    assert res.shape == out.shape == (0, 5, 8)
+    for ours, ref in zip(grads, ref_grads):
+        assert ours.shape == ref.shape and ours.dtype == ref.dtype and not ours.any()
+
+
+@pytest.mark.gpu
+def test_add_layer_norm_many_rows_per_program_on_gpu():
+    """Real sizes: programs walk ~10 one-row tiles each (tests with a few hundred rows give one)."""
+    device = torch.device("cuda")
+    lead, D = (40, 257), 768
+    inputs = _add_layer_norm_inputs(lead, D, torch.float32, torch.bfloat16, device)
+    upstream = (torch.randn(*lead, D, device=device), torch.randn(*lead, D, device=device).bfloat16())
+    res, out, grads = _add_layer_norm_run(add_layer_norm_triton, inputs, torch.bfloat16, upstream)
+    t_res, t_out, t_grads = _add_layer_norm_run(add_layer_norm_reference, inputs, torch.bfloat16, upstream)
+    _, r_out, r_grads = _add_layer_norm_run(add_layer_norm_reference, inputs, torch.bfloat16, upstream, torch.float64)
+    assert torch.equal(res, t_res)
+    assert_within_torch_error("out", out, t_out, r_out, ATOL[torch.bfloat16])
+    for name, ours, theirs, ref in zip(["d x", "d branch", "d weight", "d bias"], grads, t_grads, r_grads):
+        scale = res.numel() // D if name in ("d weight", "d bias") else 1
+        assert_within_torch_error(name, ours, theirs, ref, ATOL[ours.dtype] * scale)
 
 
 def test_add_layer_norm_without_branch_returns_x(device):
