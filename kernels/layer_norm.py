@@ -35,6 +35,14 @@ MAX_WIDTH = 16384
 
 
 @triton.jit
+def _row_tile(tile, tiles_per_program, cols, col_ok, M, D, BLOCK_ROWS: tl.constexpr):
+    """Rows (int64) of this program's tile number ``tile``, their masks and element offsets."""
+    rows = (tl.program_id(0).to(tl.int64) * tiles_per_program + tile) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < M
+    return rows, row_ok, row_ok[:, None] & col_ok[None, :], rows[:, None] * D + cols[None, :]
+
+
+@triton.jit
 def _add_layer_norm_fwd_kernel(
     x_ptr,  # [M, D] residual stream
     branch_ptr,  # [M, D] sub-block output added to it (unused without HAS_BRANCH)
@@ -56,12 +64,8 @@ def _add_layer_norm_fwd_kernel(
     col_ok = cols < D
     weight = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    first_row = tl.program_id(0).to(tl.int64) * tiles_per_program * BLOCK_ROWS
     for tile in range(tiles_per_program):
-        rows = first_row + tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        row_ok = rows < M
-        ok = row_ok[:, None] & col_ok[None, :]
-        offsets = rows[:, None] * D + cols[None, :]
+        rows, row_ok, ok, offsets = _row_tile(tile, tiles_per_program, cols, col_ok, M, D, BLOCK_ROWS)
         z = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
         if HAS_BRANCH:
             z += tl.load(branch_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
@@ -103,12 +107,8 @@ def _add_layer_norm_bwd_kernel(
     weight = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     grad_weight = tl.zeros((BLOCK_D,), dtype=tl.float32)
     grad_bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    first_row = tl.program_id(0).to(tl.int64) * tiles_per_program * BLOCK_ROWS
     for tile in range(tiles_per_program):
-        rows = first_row + tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        row_ok = rows < M
-        ok = row_ok[:, None] & col_ok[None, :]
-        offsets = rows[:, None] * D + cols[None, :]
+        rows, row_ok, ok, offsets = _row_tile(tile, tiles_per_program, cols, col_ok, M, D, BLOCK_ROWS)
         mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
         z = tl.load(z_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
