@@ -2,8 +2,8 @@
 
     python benchmarks/kernels_gpu.py --out benchmarks/results/kernels_<gpu>_<date>.json
 
-Per kernel (encoder input, decoder input, loss, residual add + norm), per model shape (ViT-B/16, ViT-L/16, ViT-H/14 at
-224 px, mask ratio 0.75, decoder width 512), batch 256, forward + backward:
+Per kernel (encoder input, decoder input, loss, residual add + norm), per model shape (ViT-B/16,
+ViT-L/16, ViT-H/14 at 224 px, mask ratio 0.75, decoder width 512), batch 256, forward + backward:
 
 - time with CUDA events after warm-up; median and spread over the timed steps; the L2 cache is
   flushed (a 512 MiB write) before every step, which also lets the host queue the step's launches
