@@ -249,15 +249,22 @@ def test_activation_split_per_image_leaves_out_autocast_weight_copies():
         profile_cmd.activation_split(step.model, imgs[:1], 0.75, None)
 
 
-def load_results_table_script():
+def load_benchmark_script(name: str):
+    """benchmarks/<name>.py (a script, not a package module) loaded as module ``name``."""
     import importlib.util
+    import sys
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "make_results_table.py"
-    spec = importlib.util.spec_from_file_location("make_results_table", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
     return module
+
+
+def load_results_table_script():
+    return load_benchmark_script("make_results_table")
 
 
 def test_results_table(tmp_path, capsys):
@@ -358,25 +365,12 @@ def test_gpu_suite_script_checks_its_parts_and_the_gpu(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _load_kernels_benchmark():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).parents[1] / "benchmarks" / "kernels_gpu.py"
-    spec = importlib.util.spec_from_file_location("kernels_gpu", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["kernels_gpu"] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.skipif(not interpreting(), reason="the Triton side needs TRITON_INTERPRET=1 on CPU")
 @pytest.mark.filterwarnings("ignore:.*autocast")
 def test_kernel_benchmark_cases_run_both_sides_and_agree():
     """Every case of the GPU kernel benchmark, at ViT-B shapes and batch 2 on CPU: the Triton side
     (interpreter) and the eager side run and compute the same forward outputs."""
-    bench = _load_kernels_benchmark()
+    bench = load_benchmark_script("kernels_gpu")
     for name, make_case in bench.CASES.items():
         case = make_case(bench.MODEL_SHAPES["vit_b"], 2, True, CPU)
         impls = bench.implementations(name)
@@ -387,7 +381,7 @@ def test_kernel_benchmark_cases_run_both_sides_and_agree():
 
 
 def test_results_table_shows_the_kernel_benchmark(tmp_path, capsys):
-    bench, table = _load_kernels_benchmark(), load_results_table_script()
+    bench, table = load_benchmark_script("kernels_gpu"), load_results_table_script()
     copy = bench.summarize([1e-3, 1e-3], 2_000_000_000)  # 2000 GB/s
     entry = {"kernel": "add_layer_norm", "model": "ViT-L/16", "precision": "amp", "copy": copy,
              "triton": bench.summarize([1e-3] * 3, 1_500_000_000, copy["gbps_on_floor"]),
