@@ -25,7 +25,7 @@ from fastmae.attention import check_attention_backend
 from fastmae.masking import Masking, random_masking
 from fastmae.patches import patchify, unpatchify
 from fastmae.pos_embed import sincos_2d
-from fastmae.vit import Block, PatchEmbed, init_vit_weights
+from fastmae.vit import Block, PatchEmbed, forward_blocks, init_vit_weights
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -141,9 +141,7 @@ class MaskedAutoencoderViT(nn.Module):
             x = ops.visible_patch_embed(
                 imgs, masking.ids_keep, w, b, self.pos_embed, self.cls_token, self.patch_size, path
             )
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
+        return forward_blocks(self.blocks, x, self.norm)
 
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
         """Reference API: -> (latent [N, 1+K, D], mask [N, L], ids_restore [N, L])."""
@@ -160,9 +158,8 @@ class MaskedAutoencoderViT(nn.Module):
         else:
             path = ops.resolve_kernels(self.kernels, latent.device)
             x = ops.decoder_unshuffle(x, self.mask_token, masking.ids_restore, self.decoder_pos_embed, path)
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        x = x[:, 1:, :]
+        # decoder_norm stays outside the chain: in training it normalises only the gathered removed patches
+        x = forward_blocks(self.decoder_blocks, x)[:, 1:, :]
         if not full_pred:
             x = torch.gather(x, 1, masking.ids_masked.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         return self.decoder_pred(self.decoder_norm(x))

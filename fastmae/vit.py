@@ -2,9 +2,10 @@
 
 ``Block`` is pre-norm: x + attn(norm1(x)), then x + mlp(norm2(x)); the MLP uses exact (erf) GELU.
 ``drop_path`` is only used by fine-tuning; pretraining runs without it, as the reference does.
-With ``kernels`` resolving to Triton, an eager block runs its first norm and the middle residual add
-+ second norm as fused kernels (``fastmae.kernels.layer_norm``) with the same parameters; under
-torch.compile it keeps the plain modules, which inductor fuses itself.
+With ``kernels`` resolving to Triton, eager blocks run every residual add together with the LayerNorm
+that follows it as one fused kernel (``fastmae.kernels.layer_norm``) with the same parameters;
+``forward_blocks`` chains that across block boundaries and into a final norm. Under torch.compile
+blocks keep the plain modules, which inductor fuses itself.
 """
 
 from __future__ import annotations
@@ -80,19 +81,52 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if ops.resolve_kernels(self.kernels, x.device) == "triton" and not torch.compiler.is_compiling():
-            return self._forward_fused_norms(x)
+        if self.fuses_norms(x):
+            return forward_blocks([self], x)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
-    def _forward_fused_norms(self, x: torch.Tensor) -> torch.Tensor:
-        # Under autocast the norms' consumers (qkv, fc1) cast to the autocast dtype: write it directly.
-        device = x.device.type
-        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        n1, n2 = self.norm1, self.norm2
-        _, h = ops.add_layer_norm(x, None, n1.weight, n1.bias, n1.eps, out_dtype, path="triton")
-        x, h = ops.add_layer_norm(x, self.drop_path(self.attn(h)), n2.weight, n2.bias, n2.eps, out_dtype, path="triton")
-        return x + self.drop_path(self.mlp(h))
+    def fuses_norms(self, x: torch.Tensor) -> bool:
+        """Whether this block runs its norms through the fused add + LayerNorm op for input ``x``.
+
+        Not when compiled, as part of a model or by itself (``Block.compile``, compile scope
+        "blocks"): inductor fuses the norms, and chaining blocks must not bypass the compiled call.
+        """
+        if self._compiled_call_impl is not None or torch.compiler.is_compiling():
+            return False
+        return ops.resolve_kernels(self.kernels, x.device) == "triton"
+
+    def fused_body(self, x: torch.Tensor, h: torch.Tensor, norm_dtype: torch.dtype | None):
+        """The block after its first norm (h = norm1(x)) -> (x + attn branch, mlp branch not yet added)."""
+        n2 = self.norm2
+        x, h = ops.add_layer_norm(x, self.drop_path(self.attn(h)), n2.weight, n2.bias, n2.eps, norm_dtype,
+                                  path="triton")
+        return x, self.drop_path(self.mlp(h))
+
+
+def forward_blocks(blocks, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
+    """x through ``blocks`` in order, then ``norm`` if given.
+
+    On the fused path each block's closing residual add runs in one pass with the LayerNorm that
+    follows it (the next block's norm1, or ``norm``): the residual stream is read and written once
+    per block boundary instead of by an add and then a norm.
+    """
+    if not blocks or not all(blk.fuses_norms(x) for blk in blocks):
+        for blk in blocks:
+            x = blk(x)
+        return x if norm is None else norm(x)
+    # Under autocast the norms' consumers (qkv, fc1) cast to the autocast dtype: write it directly.
+    device = x.device.type
+    norm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    branch = None
+    for blk in blocks:
+        n1 = blk.norm1
+        x, h = ops.add_layer_norm(x, branch, n1.weight, n1.bias, n1.eps, norm_dtype, path="triton")
+        x, branch = blk.fused_body(x, h, norm_dtype)
+    if norm is None:
+        return x + branch
+    # The final norm's output is the model's output: its dtype is the residual stream's, as nn.LayerNorm's.
+    return ops.add_layer_norm(x, branch, norm.weight, norm.bias, norm.eps, None, path="triton")[1]
 
 
 def init_vit_weights(module: nn.Module) -> None:

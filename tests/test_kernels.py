@@ -11,6 +11,7 @@ import functools
 
 import pytest
 import torch
+import torch.nn as nn
 
 import fastmae.kernels as ops
 from fastmae.kernels._launch import interpreting
@@ -27,7 +28,7 @@ from fastmae.kernels.patch_loss import masked_patch_loss_reference, masked_patch
 from fastmae.masking import random_masking
 from fastmae.models import create_model
 from fastmae.patches import patch_pixels
-from fastmae.vit import Block
+from fastmae.vit import Block, forward_blocks
 
 # CPU runs the kernels through the Triton interpreter, which conftest switches on only without CUDA.
 DEVICES = [
@@ -564,29 +565,45 @@ def _count_fused_norm_calls(monkeypatch) -> list:
     return calls
 
 
+def _blocks_with_norm(depth: int, final_norm: bool, kernels: str, device):
+    torch.manual_seed(0)
+    blocks = nn.ModuleList(Block(40, 4, kernels=kernels) for _ in range(depth)).to(device)
+    norm = nn.LayerNorm(40, eps=1e-6).to(device) if final_norm else None
+    with torch.no_grad():  # distinct norm parameters, so a norm taking another's weights shows
+        for module in (*blocks.modules(), norm):
+            if isinstance(module, nn.LayerNorm):
+                module.weight.normal_(1.0, 0.5)
+                module.bias.normal_(0.0, 0.5)
+    return blocks, norm
+
+
 @pytest.mark.parametrize("autocast", [False, True])
-def test_block_fused_norms_equal_modules(device, autocast, monkeypatch):
-    """A Block with kernels="triton" runs norm1 and the middle add + norm2 fused, with the same
-    outputs and gradients as the nn.LayerNorm path; under autocast it hands the next Linear the
-    autocast dtype directly."""
-    ref_block = Block(40, 4, kernels="torch").to(device)
-    fused_block = Block(40, 4, kernels="triton").to(device)
-    fused_block.load_state_dict(ref_block.state_dict())
+@pytest.mark.parametrize("depth,final_norm", [(1, False), (3, False), (3, True)])
+def test_fused_blocks_equal_modules(device, autocast, depth, final_norm, monkeypatch):
+    """Blocks with kernels="triton" run every residual add with the LayerNorm after it (the same
+    block's norm2, the next block's norm1, the final norm) as one fused op, with the outputs and
+    gradients of nn.LayerNorm blocks; under autocast the norms feeding a Linear write the autocast
+    dtype directly."""
+    ref_blocks, ref_norm = _blocks_with_norm(depth, final_norm, "torch", device)
+    fused_blocks, fused_norm = _blocks_with_norm(depth, final_norm, "triton", device)
     x = torch.randn(3, 7, 40, device=device)
     calls = _count_fused_norm_calls(monkeypatch)
     results = []
-    for block in (fused_block, ref_block):
+    for blocks, norm in ((fused_blocks, fused_norm), (ref_blocks, ref_norm)):
+        params = [*blocks.parameters(), *(norm.parameters() if norm is not None else ())]
         xs = x.clone().requires_grad_()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = block(xs)
-        grads = torch.autograd.grad(out.float().square().sum(), [xs, *block.parameters()])
+            out = blocks[0](xs) if depth == 1 else forward_blocks(blocks, xs, norm)
+        grads = torch.autograd.grad(out.float().square().sum(), [xs, *params])
         results.append((out, grads))
-    assert calls == [False, True]
+    # the first norm1 has no add before it; every later norm runs with the add that precedes it
+    assert calls == [False] + [True] * (2 * depth - 1 + final_norm)
     (out, grads), (ref_out, ref_grads) = results
     assert out.dtype == ref_out.dtype
     rtol = 2e-2 if autocast else 1e-5  # bf16 GEMMs: the two paths' roundings differ only in order
     torch.testing.assert_close(out, ref_out, rtol=rtol, atol=rtol)
-    for name, g, rg in zip(["x", *(n for n, _ in ref_block.named_parameters())], grads, ref_grads):
+    names = ["x", *(n for n, _ in ref_blocks.named_parameters()), *(["norm.weight", "norm.bias"] if final_norm else [])]
+    for name, g, rg in zip(names, grads, ref_grads, strict=True):
         torch.testing.assert_close(g, rg, rtol=rtol, atol=rtol * rg.abs().max().item(), msg=name)
 
 
@@ -597,6 +614,19 @@ def test_block_keeps_modules_under_torch_compile(device, monkeypatch):
     x = torch.randn(2, 5, 16, device=device)
     torch.testing.assert_close(torch.compile(block, backend="aot_eager")(x), block(x))
     assert calls == [False, True]  # the eager call only
+
+
+def test_chain_runs_blocks_compiled_in_place(device, monkeypatch):
+    """Compile scope "blocks" (Block.compile): the fused chain must call the compiled blocks, not
+    go around them through the fused op."""
+    blocks, norm = _blocks_with_norm(2, True, "triton", device)
+    x = torch.randn(2, 5, 40, device=device)
+    expected = forward_blocks(blocks, x, norm)
+    calls = _count_fused_norm_calls(monkeypatch)
+    for block in blocks:
+        block.compile(backend="aot_eager", dynamic=False)
+    torch.testing.assert_close(forward_blocks(blocks, x, norm), expected, rtol=1e-5, atol=1e-5)
+    assert calls == []
 
 
 @pytest.mark.gpu

@@ -21,7 +21,7 @@ import torch.nn as nn
 from fastmae import kernels as ops
 from fastmae.models import MODEL_ARCHS
 from fastmae.pos_embed import sincos_2d
-from fastmae.vit import Block, PatchEmbed, init_vit_weights
+from fastmae.vit import Block, PatchEmbed, forward_blocks, init_vit_weights
 
 ENCODER_FIELDS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
 
@@ -87,11 +87,9 @@ class VisionTransformer(nn.Module):
         w, b = self.patch_embed.proj.weight, self.patch_embed.proj.bias
         # ids_keep=None: every patch, in order; cls + pos row 0 prepended (the reference's embedding)
         x = ops.visible_patch_embed(imgs, None, w, b, self.pos_embed, self.cls_token, self.patch_size, path)
-        for blk in self.blocks:
-            x = blk(x)
         if self.global_pool:
-            return self.fc_norm(x[:, 1:, :].mean(dim=1))
-        return self.norm(x)[:, 0]
+            return self.fc_norm(forward_blocks(self.blocks, x)[:, 1:, :].mean(dim=1))
+        return forward_blocks(self.blocks, x, self.norm)[:, 0]
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs [N, C, H, W] -> logits [N, num_classes]."""
