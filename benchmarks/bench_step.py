@@ -49,7 +49,6 @@ def test_step_cpu_micro(benchmark, name):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")  # tests/conftest.py is not in scope here
 @pytest.mark.parametrize("name", GPU_CASES)
 def test_step_gpu_vit_base(benchmark, name):
     step = make_step(name, "mae_vit_base_patch16", 128, torch.device("cuda"), torch.bfloat16)

@@ -67,7 +67,7 @@ class KernelCase:
 
     kernel: str
     shapes: dict
-    step: Callable[[Callable], None]  # step(op) runs forward and backward of op on fixed inputs
+    step: Callable[[Callable], tuple]  # step(op): forward and backward of op on fixed inputs -> the input gradients
     bytes_floor: int
     floor_note: str
     flops: int = 0
@@ -93,7 +93,7 @@ def encoder_case(shape: ModelShape, batch: int, amp: bool, device: torch.device)
     def step(op):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             out = op(imgs, ids_keep, weight, bias, pos, cls, p)
-        torch.autograd.grad(out, (weight, bias, cls), grad_out)
+        return torch.autograd.grad(out, (weight, bias, cls), grad_out)
 
     pixels = N * K * KP * _size(data)
     out_bytes = N * (K + 1) * D * _size(data)
@@ -119,7 +119,7 @@ def decoder_case(shape: ModelShape, batch: int, amp: bool, device: torch.device)
 
     def step(op):
         out = op(x, mask_token, ids_restore, pos)
-        torch.autograd.grad(out, (x, mask_token), grad_out)
+        return torch.autograd.grad(out, (x, mask_token), grad_out)
 
     x_bytes = N * (K + 1) * D * 2
     out_bytes = N * (L + 1) * D * _size(out_dtype)
@@ -140,7 +140,7 @@ def loss_case(shape: ModelShape, batch: int, amp: bool, device: torch.device) ->
 
     def step(op):  # training: the head predicts the removed patches only, norm_pix_loss on
         loss = op(pred, imgs, p, True, masking.ids_masked, None)
-        torch.autograd.grad(loss, (pred,))
+        return torch.autograd.grad(loss, (pred,))
 
     pred_bytes = N * M * P * 2
     reads = pred_bytes + N * M * P * _size(img_dtype) + N * M * 8
@@ -165,7 +165,7 @@ def norm_case(shape: ModelShape, batch: int, amp: bool, device: torch.device) ->
 
     def step(op):  # out in bf16: what the next Linear consumes under autocast
         residual, out = op(x, branch, weight, bias, 1e-6, torch.bfloat16)
-        torch.autograd.grad((residual, out), (x, branch, weight, bias), (grad_residual, grad_out))
+        return torch.autograd.grad((residual, out), (x, branch, weight, bias), (grad_residual, grad_out))
 
     rows, s = N * (K + 1) * D, _size(stream)
     # fwd: x, branch -> residual, out; bwd: grad_out, grad_residual, residual -> grad x (and grad

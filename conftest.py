@@ -1,3 +1,6 @@
+"""Shared by tests/ and benchmarks/: the Triton interpreter on machines without CUDA, gpu-marked
+tests skipped there, and a fixed seed per test."""
+
 import os
 
 import pytest
