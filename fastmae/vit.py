@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.modules.module as nn_module  # the global hook registries nn.Module.__call__ runs
 
 from fastmae import kernels as ops
 from fastmae.attention import Attention
@@ -91,8 +92,12 @@ class Block(nn.Module):
 
         Not when compiled, as part of a model or by itself (``Block.compile``, compile scope
         "blocks"): inductor fuses the norms, and chaining blocks must not bypass the compiled call.
+        Nor when hooks wait on the calls the fused path skips (the block's and its norms': FSDP,
+        activation checkpointing, profilers, FlopCounterMode).
         """
         if self._compiled_call_impl is not None or torch.compiler.is_compiling():
+            return False
+        if _global_call_hooks() or any(_call_hooks(m) for m in (self, self.norm1, self.norm2)):
             return False
         return ops.resolve_kernels(self.kernels, x.device) == "triton"
 
@@ -104,6 +109,16 @@ class Block(nn.Module):
         return x, self.drop_path(self.mlp(h))
 
 
+def _call_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
+                or module._backward_hooks)
+
+
+def _global_call_hooks() -> bool:
+    return bool(nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks
+                or nn_module._global_backward_pre_hooks or nn_module._global_backward_hooks)
+
+
 def forward_blocks(blocks, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
     """x through ``blocks`` in order, then ``norm`` if given.
 
@@ -111,7 +126,7 @@ def forward_blocks(blocks, x: torch.Tensor, norm: nn.LayerNorm | None = None) ->
     follows it (the next block's norm1, or ``norm``): the residual stream is read and written once
     per block boundary instead of by an add and then a norm.
     """
-    if not blocks or not all(blk.fuses_norms(x) for blk in blocks):
+    if not blocks or not all(blk.fuses_norms(x) for blk in blocks) or (norm is not None and _call_hooks(norm)):
         for blk in blocks:
             x = blk(x)
         return x if norm is None else norm(x)

@@ -629,6 +629,29 @@ def test_chain_runs_blocks_compiled_in_place(device, monkeypatch):
     assert calls == []
 
 
+def test_chain_calls_modules_that_have_hooks(device):
+    """Hooks on a block, on a block's norm or on the final norm (FSDP, profilers), or global module
+    hooks, must run: those modules are called, not gone around by the fused chain."""
+    blocks, norm = _blocks_with_norm(2, True, "triton", device)
+    x = torch.randn(2, 5, 40, device=device)
+    expected = forward_blocks(blocks, x, norm)
+    seen = []
+    for module in (blocks[1], blocks[0].norm2, norm):
+        handle = module.register_forward_hook(lambda m, args, out: seen.append(m))
+        out = forward_blocks(blocks, x, norm)
+        handle.remove()
+        assert seen == [module]
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        seen.clear()
+    handle = nn.modules.module.register_module_forward_pre_hook(lambda m, args: seen.append(type(m)))
+    try:
+        out = forward_blocks(blocks, x, norm)
+    finally:
+        handle.remove()
+    assert seen.count(Block) == 2 and seen.count(nn.LayerNorm) == 5
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("full_pred", [True, False])
 def test_model_triton_equals_torch_under_bf16_autocast(full_pred):
