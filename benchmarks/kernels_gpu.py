@@ -1,6 +1,6 @@
 """GPU benchmark of the fused kernels against the PyTorch ops they replace.
 
-    python benchmarks/kernels_gpu.py --out benchmarks/results/kernels_<gpu>_<date>.json
+    python benchmarks/kernels_gpu.py --out benchmarks/results/kernels_<gpu>_<date>.json   (and .png)
 
 Per kernel (encoder input, decoder input, loss, residual add + norm), per model shape (ViT-B/16,
 ViT-L/16, ViT-H/14 at 224 px, mask ratio 0.75, decoder width 512), batch 256, forward + backward:
@@ -337,6 +337,27 @@ def format_row(entry: dict) -> str:
             f"({entry['copy']['gbps_on_floor']:.0f} GB/s)")
 
 
+def plot_kernels(report: dict, path: Path) -> Path:
+    """A panel per kernel: GB/s on the bytes floor of each implementation per shape, and the copy's."""
+    from fastmae.bench.charts import Panel, Series, write_bar_chart
+
+    panels = []
+    for kernel in dict.fromkeys(entry["kernel"] for entry in report["results"]):
+        entries = [entry for entry in report["results"] if entry["kernel"] == kernel]
+        series = [Series(name, [entry[name].get("gbps_on_floor") for entry in entries], color,
+                         [f"{entry[name]['gbps_on_floor']:.0f}" if "gbps_on_floor" in entry[name] else "failed"
+                          for entry in entries])
+                  for name, color in (("triton", "#1f77b4"), ("eager", "#7f7f7f"), ("compiled", "#ff7f0e"))]
+        copy = statistics.median(entry["copy"]["gbps_on_floor"] for entry in entries)
+        panels.append(Panel([f"{entry['model']}\n{entry['precision']}" for entry in entries], series,
+                            f"{kernel}\nGB/s on the bytes floor", reference=copy,
+                            reference_label=f"copy, {copy:.0f} GB/s"))
+    config = report["config"]
+    title = (f"fused kernels, forward + backward, batch {config['batch']}, on "
+             f"{report['environment']['device']} (higher is faster)")
+    return write_bar_chart(path, panels, title)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernels_<gpu>_<date>.json)")
@@ -356,8 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     from fastmae.bench.environment import result_filename
 
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / result_filename("kernels", torch.device("cuda"))
-    run(args, out)
-    print(f"wrote {out}", file=sys.stderr)
+    report = run(args, out)
+    print(f"wrote {out}\nwrote {plot_kernels(report, out.with_suffix('.png'))}", file=sys.stderr)
     return 0
 
 

@@ -5,8 +5,9 @@
 Step benchmarks become one table (img/s, step time, peak memory, MFU per implementation), Table 2
 runs another (measured speed-up beside the paper's and the FLOP-count limit), profiles a third
 (encoder / decoder / loss share of the step), the fused-kernel benchmark a fourth (time against
-eager and compiled PyTorch, bandwidth against a copy). CPU results are left out unless asked for: they only
-show that the code runs. With no result files it says so.
+eager and compiled PyTorch, bandwidth against a copy). Each section links the charts (.png) written
+beside its JSON files. CPU results are left out unless asked for: they only show that the code runs.
+With no result files it says so.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def load_results(results_dir: Path, include_cpu: bool = False) -> list[dict]:
         if result.get("environment", {}).get("device_type") == "cpu" and not include_cpu:
             continue
         result["_file"] = path.name
+        chart = path.with_suffix(".png")  # written beside the JSON by every benchmark command
+        result["_chart"] = chart.name if chart.is_file() else None
         results.append(result)
     return results
 
@@ -138,7 +141,8 @@ def kernels_table(results: list[dict]) -> list[str]:
     return lines
 
 
-def markdown(results: list[dict]) -> str:
+def markdown(results: list[dict], chart_prefix: str = "benchmarks/results") -> str:
+    """The README section; charts are linked as ``chart_prefix/<name>.png`` (relative to the README)."""
     if not results:
         return "_No benchmark results yet: run `fastmae bench step`, `fastmae bench table2` or `fastmae profile` " \
                "with `--out_dir benchmarks/results` / `--json` on a GPU._\n"
@@ -149,7 +153,9 @@ def markdown(results: list[dict]) -> str:
         chosen = [r for r in results if r["benchmark"] == kind]
         if chosen:
             files = ", ".join(f"`{r['_file']}`" for r in chosen)
-            sections.append("\n".join([f"#### {title}", "", *table(chosen), "", f"From {files}."]))
+            charts = [f"![{r['_chart']}]({chart_prefix}/{r['_chart']})" for r in chosen if r.get("_chart")]
+            sections.append("\n".join([f"#### {title}", "", *table(chosen), "", f"From {files}.",
+                                       *(["", *charts] if charts else [])]))
     return "\n\n".join(sections) + "\n"
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fastmae.bench import profile as profile_cmd
+from fastmae.bench import step as step_cmd
 from fastmae.bench.contenders import build_contenders, fastmae_step
 from fastmae.bench.environment import environment_info, resolve_device, resolve_dtype, result_filename
 from fastmae.bench.gemm_peak import measured_gemm_flops
@@ -30,6 +31,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def charts(monkeypatch):
+    """The (panels, title) of every chart written during the test; the PNGs are still written."""
+    import fastmae.bench.charts as charts_module
+
+    seen = []
+    write = charts_module.write_bar_chart
+
+    def recording(path, panels, title):
+        seen.append((panels, title))
+        return write(path, panels, title)
+
+    for module in (charts_module, step_cmd, profile_cmd):
+        monkeypatch.setattr(module, "write_bar_chart", recording)
+    return seen
+
+
+def is_png(path) -> bool:
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("norm_pix_loss", [False, True])
@@ -129,9 +151,10 @@ def test_bench_step_cli_writes_everything(tmp_path, capsys):
     assert rows["fastmae"]["train_flops_per_image"] == train_flops_per_image(model_config(MICRO))
     assert "fastmae / naive w/[M]" in result["speedups"]
     assert "speedup fastmae / naive w/[M]" in capsys.readouterr().out
+    assert is_png(path.with_suffix(".png"))
 
 
-def test_bench_step_records_a_failing_contender_and_measures_the_others(tmp_path, capsys, monkeypatch):
+def test_bench_step_records_a_failing_contender_and_measures_the_others(tmp_path, capsys, monkeypatch, charts):
     import fastmae.bench.contenders as contenders
 
     def broken(*args):
@@ -147,6 +170,13 @@ def test_bench_step_records_a_failing_contender_and_measures_the_others(tmp_path
     assert rows["reference-style"]["error"] == "RuntimeError: this transformers version rejects noise="
     assert rows["fastmae"]["images_per_s"] > 0 and rows["naive w/[M]"]["images_per_s"] > 0
     assert "reference-style failed" in capsys.readouterr().err
+    # the chart: a bar per contender at its img/s, the failed one marked
+    ((panel,), title), = charts
+    assert is_png(path.with_suffix(".png")) and MICRO in title
+    assert panel.labels == ["fastmae", "naive w/[M]", "reference-style"]
+    (series,) = panel.series
+    assert series.values == [rows["fastmae"]["images_per_s"], rows["naive w/[M]"]["images_per_s"], None]
+    assert series.notes[2] == "failed" and series.notes[0].startswith(f"{rows['fastmae']['images_per_s']:.0f}\n")
     assert load_results_table_script().main(["--results_dir", str(tmp_path), "--include_cpu"]) == 0
     assert "| reference-style | failed: RuntimeError: this transformers version" in capsys.readouterr().out
 
@@ -189,7 +219,7 @@ def test_table2_small_shows_the_speedup(tmp_path):
     assert path.with_suffix(".png").stat().st_size > 1000
 
 
-def test_profile_cli(tmp_path, capsys):
+def test_profile_cli(tmp_path, capsys, charts):
     path = tmp_path / "profile.json"
     assert main(["profile", "--model", MICRO, "--batch_size", "4", "--warmup", "1", "--steps", "2",
                  "--json", str(path)]) == 0
@@ -209,6 +239,13 @@ def test_profile_cli(tmp_path, capsys):
     assert params["encoder"]["parameters"] + params["decoder"]["parameters"] == sum(
         p.numel() for p in create_model(MICRO).parameters())
     assert "The paper's statements" in capsys.readouterr().out
+    # the chart: training FLOPs per component (w/o and w/ mask tokens), then the measured phases
+    ((flop_panel, time_panel), _), = charts
+    assert is_png(path.with_suffix(".png"))
+    assert [s.values for s in flop_panel.series] == [
+        [flops[key]["train"][c] / 1e6 for c in profile_cmd.COMPONENTS] for key in ("without_mask_tokens", "with_mask_tokens")]
+    assert "MFLOP" in flop_panel.ylabel
+    assert time_panel.series[0].values == [1e3 * phases[p] for p in profile_cmd.PHASES]
     assert main(["profile", "--model", "nope"]) == 2
 
 
@@ -380,7 +417,7 @@ def test_kernel_benchmark_cases_run_both_sides_and_agree():
         assert case.bytes_floor > 0 and case.floor_note, name
 
 
-def test_results_table_shows_the_kernel_benchmark(tmp_path, capsys):
+def test_results_table_shows_the_kernel_benchmark(tmp_path, capsys, charts):
     bench, table = load_benchmark_script("kernels_gpu"), load_results_table_script()
     copy = bench.summarize([1e-3, 1e-3], 2_000_000_000)  # 2000 GB/s
     entry = {"kernel": "add_layer_norm", "model": "ViT-L/16", "precision": "amp", "copy": copy,
@@ -393,3 +430,25 @@ def test_results_table_shows_the_kernel_benchmark(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "#### Fused kernels, forward + backward" in out
     assert "| add_layer_norm | ViT-L/16 | amp | 1.000 | 2.500 | failed | 1500 | 75.0% | 2.50x | - |" in out
+    # the chart: a panel per kernel, GB/s on the floor per implementation, the copy's as the line
+    report["config"] = {"batch": 256}
+    path = bench.plot_kernels(report, tmp_path / "kernels.png")
+    ((panel,), _), = charts
+    assert is_png(path) and panel.labels == ["ViT-L/16\namp"] and panel.reference == 2000
+    assert [(s.name, s.values, s.notes) for s in panel.series] == [
+        ("triton", [1500], ["1500"]), ("eager", [600], ["600"]), ("compiled", [None], ["failed"])]
+    # with the chart beside the JSON, the README section shows it
+    assert table.main(["--results_dir", str(tmp_path), "--include_cpu"]) == 0
+    assert "![kernels.png](benchmarks/results/kernels.png)" in capsys.readouterr().out
+
+
+def test_bar_chart_rejects_what_it_cannot_draw(tmp_path):
+    from fastmae.bench.charts import Panel, Series, write_bar_chart
+
+    panel = Panel(["a", "b"], [Series("x", [1.0, None])], "y")
+    assert is_png(write_bar_chart(tmp_path / "ok.png", [panel], "t"))
+    with pytest.raises(ValueError, match="PNG"):
+        write_bar_chart(tmp_path / "chart.jpg", [panel], "t")
+    with pytest.raises(ValueError, match="1 values for 2 labels"):
+        write_bar_chart(tmp_path / "bad.png", [Panel(["a", "b"], [Series("x", [1.0])], "y")], "t")
+    assert not (tmp_path / "bad.png").exists()

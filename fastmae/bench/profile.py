@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from fastmae.bench.charts import Panel, Series, write_bar_chart
 from fastmae.bench.environment import (dtype_name, environment_info, resolve_device, resolve_dtype, result_filename,
                                        write_json)
 from fastmae.bench.timing import SyntheticImages, synchronize
@@ -355,6 +356,27 @@ def print_report(report: dict) -> None:
             print(f"  {phase:<18} {1e3 * seconds:9.2f} ms  {100 * t['share'][phase]:5.1f}%")
 
 
+def plot_profile(report: dict, path: Path) -> Path:
+    """Training FLOPs per component with and without mask tokens; the measured time per phase if any."""
+    flops = report["flops_per_image"]
+    largest = max(flops["with_mask_tokens"]["train"].values())
+    scale, unit = next((s, u) for s, u in ((1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"), (1.0, "FLOP")) if largest >= s)
+    series = [Series(name, [flops[key]["train"][c] / scale for c in COMPONENTS], color)
+              for name, key, color in [("MAE (encoder sees visible patches)", "without_mask_tokens", "#1f77b4"),
+                                       ("w/ [M] (encoder sees all patches)", "with_mask_tokens", "#7f7f7f")]]
+    labels = [c.replace("_", "\n", 1) for c in COMPONENTS]
+    panels = [Panel(labels, series, f"training {unit} per image", value_format="{:.3g}")]
+    if "time" in report:
+        t = report["time"]
+        phases = list(t["median_s"])
+        notes = [f"{1e3 * t['median_s'][p]:.1f}\n{100 * t['share'][p]:.0f}%" for p in phases]
+        panels.append(Panel([p.replace("_", "\n", 1) for p in phases],
+                            [Series("ms", [1e3 * t["median_s"][p] for p in phases], "#2ca02c", notes)],
+                            f"ms per step, batch {report['batch_size']}, {report['dtype']}"))
+    where = f", measured on {report['environment']['device']}" if "time" in report else ""
+    return write_bar_chart(path, panels, f"{report['model']}: where the training step's work goes{where}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help=f"one of {', '.join(sorted(MODEL_ARCHS))}")
     parser.add_argument("--decoder_depth", type=int, default=None, help="override the decoder depth")
@@ -366,8 +388,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=None, help="default: 5 CUDA, 1 CPU")
     parser.add_argument("--steps", type=int, default=None, help="default: 20 CUDA, 3 CPU")
     parser.add_argument("--flops_only", action="store_true", help="only the analytic and counted FLOPs")
-    parser.add_argument("--json", default=None, help="write the whole profile here")
-    parser.add_argument("--out_dir", default=None, help="write profile_<model>_<device>_<date>.json here")
+    parser.add_argument("--json", default=None, help="write the whole profile here, and its chart beside it (.png)")
+    parser.add_argument("--out_dir", default=None, help="write profile_<model>_<device>_<date>.json and .png here")
 
 
 def run(args) -> int:
@@ -426,4 +448,5 @@ def run(args) -> int:
     path = args.json or (Path(args.out_dir) / result_filename(f"profile_{args.model}", device) if args.out_dir else None)
     if path:
         print(f"\nwrote {write_json(path, report)}")
+        print(f"wrote {plot_profile(report, Path(path).with_suffix('.png'))}")
     return 0 if report["flop_cross_check"]["passed"] else 1

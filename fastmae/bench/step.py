@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from fastmae.bench.charts import Panel, Series, write_bar_chart
 from fastmae.bench.contenders import CONTENDER_NAMES, build_contenders
 from fastmae.bench.environment import (
     dtype_name,
@@ -51,6 +52,20 @@ def speedups(rows: list[dict]) -> dict:
         if ours in by_name and theirs in by_name:
             out[f"{ours} / {theirs}"] = by_name[ours] / by_name[theirs]
     return out
+
+
+def plot_step(result: dict, path: Path) -> Path:
+    """img/s per contender, with the fraction of the measured GEMM rate it reaches (MFU)."""
+    rows = result["results"]
+    ips = [r.get("images_per_s") for r in rows]  # None: the contender failed
+    notes = [f"{r['images_per_s']:.0f}\n{100 * r['mfu_measured_gemm']:.0f}% of GEMM" if "error" not in r else "failed"
+             for r in rows]
+    colors = ["#1f77b4" if r["name"].startswith("fastmae") else "#7f7f7f" if r["name"].startswith("naive")
+              else "#ff7f0e" for r in rows]
+    series = Series("img/s", ips, colors, notes)
+    title = (f"{result['model']}: training step, batch {result['batch_size']}, {result['dtype']}, "
+             f"{result['environment']['device']}")
+    return write_bar_chart(path, [Panel([r["name"].replace("+", "\n+") for r in rows], [series], "images / s")], title)
 
 
 def image_source(args, config, batch_size: int, device: torch.device):
@@ -136,8 +151,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data_path", default=None, help="image folder for --real_data (default: embedded photos)")
     parser.add_argument("--data_loader", default="auto", help="auto | dali | torchvision | cpu")
     parser.add_argument("--num_workers", type=int, default=8)
-    parser.add_argument("--json", default=None, help="write the result here (one model)")
-    parser.add_argument("--out_dir", default=None, help="write step_<model>_<gpu>_<date>.json here, one per model")
+    parser.add_argument("--json", default=None, help="write the result here (one model), and its chart beside it (.png)")
+    parser.add_argument("--out_dir", default=None, help="write step_<model>_<gpu>_<date>.json and .png here, one per model")
 
 
 def run(args) -> int:
@@ -196,4 +211,5 @@ def run(args) -> int:
         path = args.json or (Path(args.out_dir) / result_filename(what, device) if args.out_dir else None)
         if path:
             print(f"  wrote {write_json(path, result)}")
+            print(f"  wrote {plot_step(result, Path(path).with_suffix('.png'))}")
     return status

@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastmae.bench.charts import Panel, Series, write_bar_chart
 from fastmae.bench.contenders import Contender, fastmae_step
 from fastmae.bench.environment import dtype_name, environment_info, result_filename, write_json
 from fastmae.bench.gemm_peak import measured_gemm_flops
@@ -96,36 +97,14 @@ def _measure_encoder(rows: list[Table2Row], args, device, dtype, batch_size, gem
 
 
 def plot_table2(rows: list[dict], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     shown = [r for r in rows if not r["encoder_mask_tokens"]]
     labels = [f"{r['encoder'].removeprefix('mae_vit_')}\ndecoder {r['decoder_depth']}" for r in shown]
-    series = [("measured here", "measured_speedup", "#1f77b4"),
-              ("paper (128 TPU-v3)", "paper_speedup", "#ff7f0e"),
-              ("FLOP-count limit", "flop_limit_speedup", "#7f7f7f")]
-    width = 0.27
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.9 * len(shown)), 4.0))
-    for i, (name, key, color) in enumerate(series):
-        xs = [j + (i - 1) * width for j in range(len(shown))]
-        values = [r[key] if r[key] is not None else 0.0 for r in shown]
-        bars = ax.bar(xs, values, width, label=name, color=color)
-        for bar, value in zip(bars, (r[key] for r in shown)):
-            if value is not None:
-                ax.annotate(f"{value:.1f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                            ha="center", va="bottom", fontsize=8)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(shown)), labels)
-    ax.set_ylabel("speed-up over encoder w/ [M], 8-block decoder")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    series = [Series(name, [r[key] for r in shown], color)
+              for name, key, color in [("measured here", "measured_speedup", "#1f77b4"),
+                                       ("paper (128 TPU-v3)", "paper_speedup", "#ff7f0e"),
+                                       ("FLOP-count limit", "flop_limit_speedup", "#7f7f7f")]]
+    panel = Panel(labels, series, "speed-up over encoder w/ [M], 8-block decoder", value_format="{:.1f}x", reference=1.0)
+    return write_bar_chart(path, [panel], title)
 
 
 def print_table(rows: list[dict]) -> None:

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from fastmae.bench.charts import Panel, Series, write_bar_chart
 from fastmae.data.loader import CPULoader, DataConfig
 from fastmae.data.sources import ImageSource, open_source
 from fastmae.data.synthetic import IMAGENET_LIKE_QUALITY, IMAGENET_LIKE_SIZE, write_jpeg_folder
@@ -225,25 +226,16 @@ def print_table(results: list[dict], num_threads: int, device: torch.device) -> 
 
 
 def plot(results: list[dict], num_threads: int, device: torch.device, path: str) -> None:
-    import matplotlib
+    """img/s per loader (a group per loader and hardware-decoder share), a bar per mode."""
+    def group(row):
+        return row["loader"] + (f"\nhw {row['hw_decoder_load']:.2f}" if row["hw_decoder_load"] is not None else "")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [f"{row['loader']}\n{row['mode']}" + (f"\nhw {row['hw_decoder_load']:.2f}" if row["hw_decoder_load"] is not None else "")
-              for row in results]
-    rates = [row["img_per_s"] for row in results]
-    colors = ["#4c72b0" if row["mode"] == "decode" else "#dd8452" for row in results]
-    figure, axis = plt.subplots(figsize=(max(4.0, 1.1 * len(results) + 1.5), 3.6))
-    bars = axis.bar(range(len(results)), rates, color=colors)
-    axis.bar_label(bars, labels=[f"{rate:.0f}" for rate in rates], fontsize=8)
-    axis.set_xticks(range(len(results)), labels, fontsize=8)
-    axis.set_ylabel("images / s")
-    axis.set_title(f"data loaders on {device_name(device)}, {num_threads} CPU thread(s)", fontsize=9)
-    figure.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    groups = list(dict.fromkeys(group(row) for row in results))
+    rate = {(group(row), row["mode"]): row["img_per_s"] for row in results}
+    series = [Series(mode, [rate.get((g, mode)) for g in groups], "#4c72b0" if mode == "decode" else "#dd8452")
+              for mode in dict.fromkeys(row["mode"] for row in results)]
+    write_bar_chart(path, [Panel(groups, series, "images / s")],
+                    f"data loaders on {device_name(device)}, {num_threads} CPU thread(s)")
 
 
 def device_name(device: torch.device) -> str:
