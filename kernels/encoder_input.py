@@ -111,25 +111,41 @@ def _patch_rows_kernel(
              mask=row_ok[:, None] & k_ok[None, :])
 
 
+# An FMA GEMM (fp32 without TF32, "ieee") holds each thread's slice of the A and B tiles in registers
+# for a whole K step: thin steps keep it within 255 registers without spills on sm_80 and sm_90
+# (K = 64 spilled up to 5.6 KB per thread on sm_80, ``fastmae kernels compile``). Tensor-core tiles
+# step K by 64.
+FMA_MAX_BLOCK_K = 32
+
+
 def _gemm_configs() -> list[triton.Config]:
     if interpreting():  # one config: autotuning needs a GPU; big tiles = few interpreted programs
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 1})]
     # Tiles whose fp32 accumulator takes at most 64 registers per thread (BLOCK_M * BLOCK_N <= 64 x
     # threads): the epilogue holds a position-row tile beside it, and larger accumulators made ptxas
     # spill (``fastmae kernels compile``).
+    tensor_core = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+                   (64, 64, 64, 4, 4), (64, 256, 64, 8, 3), (256, 64, 64, 8, 3)]
+    fma = [(64, 64, 16, 4, 3), (128, 64, 16, 4, 3), (64, 128, 16, 4, 3), (128, 128, 16, 8, 3),
+           (64, 64, 32, 4, 3), (128, 64, 32, 4, 3)]
     configs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in [
-            (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-            (64, 64, 64, 4, 4), (64, 256, 64, 8, 3), (256, 64, 64, 8, 3),
-        ]
+        for bm, bn, bk, w, s in tensor_core + fma
     ]
     assert all(K_ALIGN % c.kwargs["BLOCK_K"] == 0 for c in configs)
     assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps for c in configs)
     return configs
 
 
-@triton.autotune(configs=_gemm_configs(), key=["D", "KP", "ALL_PATCHES"])
+def _configs_for_dot(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The autotuner's candidates for one launch: thin-K tiles for an FMA GEMM, the others for tensor
+    cores; a list without the wanted kind (the interpreter's one config, a test's) is kept whole."""
+    fma = {**named_args, **kwargs}["DOT_PRECISION"] == "ieee"
+    return [c for c in configs if (c.kwargs["BLOCK_K"] <= FMA_MAX_BLOCK_K) == fma] or configs
+
+
+@triton.autotune(configs=_gemm_configs(), key=["D", "KP", "ALL_PATCHES", "DOT_PRECISION"],
+                 prune_configs_by={"early_config_prune": _configs_for_dot})
 @triton.jit
 def _visible_patch_embed_fwd_kernel(
     rows_ptr,  # [N*(1+K), KP] the gathered patches (_patch_rows_kernel), weight's dtype, zero padding columns
