@@ -57,12 +57,19 @@ def _commit(result: dict) -> str:
 
 
 def _step_row_name(result: dict, row: dict) -> str:
-    """A compiled row's name with its compile settings, where they are not torch.compile's defaults."""
+    """A row's name with the settings that are not the defaults: compile scope and mode for compiled
+    rows; kernels and attention backend for the rows of fastmae's engine (fastmae, naive w/[M])."""
+    settings = []
     compiled = result.get("compile") or {}
     scope, mode = compiled.get("scope", "model"), compiled.get("mode", "default")
     if "+compile" in row["name"] and (scope, mode) != ("model", "default"):
-        return f"{row['name']} ({scope}, {mode})"
-    return row["name"]
+        settings += [scope, mode]
+    if row["name"].startswith(("fastmae", "naive")):
+        if result.get("kernels", "auto") != "auto":
+            settings.append(f"kernels {result['kernels']}")
+        if result.get("attn", "sdpa") != "sdpa":
+            settings.append(f"attn {result['attn']}")
+    return f"{row['name']} ({', '.join(settings)})" if settings else row["name"]
 
 
 def step_table(results: list[dict]) -> list[str]:

@@ -10,6 +10,8 @@
 #   large    the same for ViT-L/16
 #   huge     the same for ViT-H/14
 #   compile  ViT-L compiled per block, without and with CUDA graphs (the settings the profile points to)
+#   ablation ViT-L eager with the PyTorch references instead of the Triton kernels (what the kernels
+#            give a whole step)
 #   table2   the paper's Table 2 (ViT-L and ViT-H, decoder depth 8 and 1, with and without mask tokens)
 #   profile  the per-component profile of each model
 #   data     img/s of the CPU and torchvision-GPU loaders on generated ImageNet-like JPEGs
@@ -18,7 +20,7 @@ set -uo pipefail
 out="${1:-benchmarks/results}"
 shift || true
 parts=("$@")
-all_parts=(tests kernels base large huge compile table2 profile data)
+all_parts=(tests kernels base large huge compile ablation table2 profile data)
 [ ${#parts[@]} -eq 0 ] && parts=("${all_parts[@]}")
 for part in "${parts[@]}"; do
   [[ " ${all_parts[*]} " == *" $part "* ]] || { echo "unknown part '$part'; parts: ${all_parts[*]}" >&2; exit 2; }
@@ -56,6 +58,7 @@ for part in "${parts[@]}"; do
       for mode in default reduce-overhead; do
         run "${step[@]}" --model mae_vit_large_patch16 --impl fastmae+compile --compile_scope blocks --compile_mode "$mode"
       done ;;
+    ablation) run "${step[@]}" --model mae_vit_large_patch16 --impl fastmae --kernels torch ;;
     table2) run python -m fastmae bench table2 --batch_size 256 --oom_fallback --dtype bf16 --out_dir "$out" ;;
     profile)
       for model in mae_vit_base_patch16 mae_vit_large_patch16 mae_vit_huge_patch14; do

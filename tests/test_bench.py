@@ -320,6 +320,13 @@ def test_results_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "#### Training step" in out and "| mae_vit_micro_patch4 |" in out and "naive w/[M]" in out
     assert "#### Table 2" in out and "#### Where the step's time goes" in out
+    # an ablation run (the PyTorch references instead of the kernels) gets its own file and row names
+    assert main(["bench", "step", "--model", MICRO, "--impl", "fastmae,reference-style", "--kernels", "torch",
+                 "--gemm_size", "64", "--out_dir", str(tmp_path), *quick]) == 0
+    assert len(list(tmp_path.glob("step_*.json"))) == 2 and list(tmp_path.glob("step_*_kernels-torch_*.json"))
+    assert table.main(["--results_dir", str(tmp_path), "--include_cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "| fastmae (kernels torch) |" in out and "| reference-style |" in out and "| fastmae |" in out
     (tmp_path / "broken.json").write_text("{")
     assert table.main(["--results_dir", str(tmp_path)]) == 2
     assert "not valid JSON" in capsys.readouterr().err

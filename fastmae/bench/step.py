@@ -54,6 +54,11 @@ def speedups(rows: list[dict]) -> dict:
     return out
 
 
+def engine_tag(kernels: str, attn: str) -> str:
+    """A file-name part for engine settings other than the defaults (Triton kernels where they run, SDPA)."""
+    return ("" if kernels == "auto" else f"_kernels-{kernels}") + ("" if attn == "sdpa" else f"_attn-{attn}")
+
+
 def plot_step(result: dict, path: Path) -> Path:
     """img/s per contender, with the fraction of the measured GEMM rate it reaches (MFU)."""
     rows = result["results"]
@@ -207,7 +212,7 @@ def run(args) -> int:
             status = 1
         for key, value in result["speedups"].items():
             print(f"  speedup {key}: {value:.2f}x")
-        what = f"step_{name}{compiled.tag}"
+        what = f"step_{name}{compiled.tag}{engine_tag(args.kernels, args.attn)}"
         path = args.json or (Path(args.out_dir) / result_filename(what, device) if args.out_dir else None)
         if path:
             print(f"  wrote {write_json(path, result)}")
