@@ -2,7 +2,7 @@
 # The GPU checks and benchmarks, results as JSON (+ PNG) under OUT_DIR, then the README tables.
 # Usage: benchmarks/run_gpu_suite.sh [OUT_DIR] [PART ...]     (default: benchmarks/results, every part)
 # Parts, each a few minutes on an H100, in this order:
-#   tests    the GPU tests (pytest -m gpu), a JUnit report in OUT_DIR
+#   tests    the GPU tests (pytest -m gpu tests), a JUnit report in OUT_DIR
 #   kernels  the fused kernels (encoder input, decoder input, loss, add + LayerNorm) against eager
 #            PyTorch and torch.compile, ViT-B/L/H shapes
 #   base     training step, fastmae (eager and torch.compile) vs naive w/[M] vs reference-style vs HF ViTMAE,
@@ -15,12 +15,13 @@
 #   table2   the paper's Table 2 (ViT-L and ViT-H, decoder depth 8 and 1, with and without mask tokens)
 #   profile  the per-component profile of each model
 #   data     img/s of the CPU and torchvision-GPU loaders on generated ImageNet-like JPEGs
+#   suites   the pytest-benchmark suites' GPU cases (benchmarks/bench_*.py), timed, their JSON in OUT_DIR
 # A failing command is reported and the rest still run; the exit status says whether all passed.
 set -uo pipefail
 out="${1:-benchmarks/results}"
 shift || true
 parts=("$@")
-all_parts=(tests kernels base large huge compile ablation table2 profile data)
+all_parts=(tests kernels base large huge compile ablation table2 profile data suites)
 [ ${#parts[@]} -eq 0 ] && parts=("${all_parts[@]}")
 for part in "${parts[@]}"; do
   [[ " ${all_parts[*]} " == *" $part "* ]] || { echo "unknown part '$part'; parts: ${all_parts[*]}" >&2; exit 2; }
@@ -49,7 +50,9 @@ step=(python -m fastmae bench step --batch_size 256 --oom_fallback --dtype bf16 
 
 for part in "${parts[@]}"; do
   case "$part" in
-    tests) run python -m pytest -m gpu -q -p no:cacheprovider --junitxml "$(result_path gpu_tests .xml)" ;;
+    tests) run python -m pytest -m gpu -q -p no:cacheprovider tests --junitxml "$(result_path gpu_tests .xml)" ;;
+    suites) run python -m pytest -m gpu -q -p no:cacheprovider benchmarks --benchmark-enable \
+              --benchmark-json "$(result_path pytest_benchmarks .json)" ;;
     kernels) run python benchmarks/kernels_gpu.py --modes amp --out "$(result_path kernels .json)" ;;
     base) run "${step[@]}" --model mae_vit_base_patch16 ;;
     large) run "${step[@]}" --model mae_vit_large_patch16 ;;

@@ -343,5 +343,8 @@ def add_layer_norm_reference(
     out_dtype: torch.dtype | None = None,  # None: the residual's dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (residual, out)
     residual = x if branch is None else x + branch
-    out = F.layer_norm(residual, residual.shape[-1:], weight, bias, eps)
+    if residual.dtype == weight.dtype == bias.dtype:
+        out = F.layer_norm(residual, residual.shape[-1:], weight, bias, eps)
+    else:  # CUDA's LayerNorm takes one dtype (CPU's computes mixed ones in fp32): fp32, one rounding at the end
+        out = F.layer_norm(residual.float(), residual.shape[-1:], weight.float(), bias.float(), eps)
     return residual, out.to(out_dtype or residual.dtype)

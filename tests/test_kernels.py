@@ -369,6 +369,23 @@ def _check_add_layer_norm_against_fp64(lead, D, x_dtype, branch_dtype, out_dtype
         assert_within_torch_error(name, ours, theirs, ref, ATOL[ours.dtype] * scale)
 
 
+def test_add_layer_norm_reference_hands_layer_norm_one_dtype(monkeypatch):
+    """CUDA's LayerNorm refuses fp32 parameters beside a bf16 input, which CPU's accepts: the reference
+    computes such mixes in fp32 itself and rounds once, giving the CPU kernel's numbers."""
+    x, weight, bias = torch.randn(6, 40, dtype=torch.bfloat16), torch.randn(40), torch.randn(40)
+    cpu_mixed = torch.nn.functional.layer_norm(x, (40,), weight, bias, 1e-6)
+    layer_norm = torch.nn.functional.layer_norm
+
+    def one_dtype(inp, shape, w, b, eps):
+        assert inp.dtype == w.dtype == b.dtype, "CUDA: expected scalar type BFloat16 but found Float"
+        return layer_norm(inp, shape, w, b, eps)
+
+    monkeypatch.setattr(torch.nn.functional, "layer_norm", one_dtype)
+    residual, out = add_layer_norm_reference(x, None, weight, bias, 1e-6)
+    assert residual is x and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, cpu_mixed, rtol=8e-3, atol=8e-3)  # one bf16 rounding apart at most
+
+
 @pytest.mark.parametrize("used", ["out_only", "residual_only"])
 def test_add_layer_norm_one_output_used(device, used):
     """An unused output's gradient reaches backward as None (the op does not materialise zeros)."""
