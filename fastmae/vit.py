@@ -83,7 +83,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fuses_norms(x):
-            return forward_blocks([self], x)
+            return _fused_chain([self], x, None)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -130,6 +130,11 @@ def forward_blocks(blocks, x: torch.Tensor, norm: nn.LayerNorm | None = None) ->
         for blk in blocks:
             x = blk(x)
         return x if norm is None else norm(x)
+    return _fused_chain(blocks, x, norm)
+
+
+def _fused_chain(blocks, x: torch.Tensor, norm: nn.LayerNorm | None) -> torch.Tensor:
+    """forward_blocks for blocks that all fuse their norms."""
     # Under autocast the norms' consumers (qkv, fc1) cast to the autocast dtype: write it directly.
     device = x.device.type
     norm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
