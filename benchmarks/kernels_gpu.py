@@ -320,6 +320,7 @@ def run(args: argparse.Namespace, out: Path | None = None) -> dict:
         results.append(entry)
         print(format_row(entry), file=sys.stderr)
         report["complete"] = len(results) == len(jobs)
+        report["pending"] = [" ".join(job) for job in jobs[len(results):]]
         if out is not None:
             write_json(out, report)
     return report

@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from fastmae.atomic_file import atomic_write
 from fastmae.pos_embed import interpolate_pos_embed
 
 POS_EMBED_KEYS = ("pos_embed", "decoder_pos_embed")
@@ -131,22 +131,8 @@ def load_weights(model: nn.Module, source, strict: bool = False) -> LoadReport:
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file beside ``path``, fsync, then rename over it: a kill mid-save
-    leaves the previous file whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; a checkpoint is for others to read too
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """torch.save, replacing ``path`` whole: a kill mid-save leaves the previous file."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def plain_args(args) -> dict | None:

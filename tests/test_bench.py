@@ -357,11 +357,11 @@ def test_out_of_memory_halves_the_batch(tmp_path, monkeypatch):
     measured_batches = []
     real_bench_model = step_cmd.bench_model
 
-    def bench_model_with_small_memory(args, name, device, dtype, batch_size, gemm, names, compiled):
+    def bench_model_with_small_memory(args, name, device, dtype, batch_size, gemm, names, compiled, save):
         measured_batches.append(batch_size)
         if batch_size > 4:
             raise BatchTooLarge(f"fastmae: out of memory at batch {batch_size}")
-        return real_bench_model(args, name, device, dtype, batch_size, gemm, names, compiled)
+        return real_bench_model(args, name, device, dtype, batch_size, gemm, names, compiled, save)
 
     monkeypatch.setattr(step_cmd, "bench_model", bench_model_with_small_memory)
     path = tmp_path / "oom.json"
@@ -371,6 +371,90 @@ def test_out_of_memory_halves_the_batch(tmp_path, monkeypatch):
     assert main(args + ["--oom_fallback"]) == 0
     assert measured_batches == [16, 16, 8, 4]
     assert json.loads(path.read_text())["batch_size"] == 4
+
+
+def stop_after(count: int, measure):
+    """``measure`` that raises KeyboardInterrupt (what a time limit's signal looks like to Python) once
+    ``count`` measurements are done."""
+    done = []
+
+    def measure_then_stop(*args, **kwargs):
+        if len(done) == count:
+            raise KeyboardInterrupt
+        done.append(args[0].name)
+        return measure(*args, **kwargs)
+
+    return measure_then_stop
+
+
+def test_a_stopped_step_benchmark_keeps_what_it_measured(tmp_path, monkeypatch, capsys):
+    table = load_results_table_script()
+    path = tmp_path / "step.json"
+    args = ["bench", "step", "--model", MICRO, "--impl", "fastmae,naive w/[M],reference-style", "--batch_size", "2",
+            "--warmup", "0", "--steps", "1", "--gemm_size", "64", "--no_progress", "--json", str(path)]
+    monkeypatch.setattr(step_cmd, "measure_contender", stop_after(2, step_cmd.measure_contender))
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    partial = json.loads(path.read_text())
+    assert partial["complete"] is False and partial["pending"] == ["reference-style"]
+    assert [r["name"] for r in partial["results"]] == ["fastmae", "naive w/[M]"]  # the naive row is measured first
+    assert all(r["images_per_s"] > 0 for r in partial["results"]) and "fastmae / naive w/[M]" in partial["speedups"]
+    assert partial["environment"]["git"]["commit"] and partial["batch_size"] == 2
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["step.json"]  # no chart yet, no temporary file left
+    assert table.main(["--results_dir", str(tmp_path), "--include_cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "| fastmae |" in out and "`step.json` is partial: the run stopped before reference-style." in out
+    monkeypatch.undo()
+    assert main(args) == 0
+    full = json.loads(path.read_text())
+    assert full["complete"] is True and full["pending"] == [] and len(full["results"]) == 3
+    assert table.main(["--results_dir", str(tmp_path), "--include_cpu"]) == 0
+    assert "partial" not in capsys.readouterr().out
+
+
+def test_a_stopped_table2_keeps_its_measured_rows(tmp_path, monkeypatch, capsys):
+    import fastmae.bench.table2 as table2_cmd
+
+    path = tmp_path / "table2.json"
+    monkeypatch.setattr(table2_cmd, "measure_contender", stop_after(2, table2_cmd.measure_contender))
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", "table2", "--models", MICRO, "--batch_size", "2", "--warmup", "0", "--steps", "1",
+              "--no_progress", "--json", str(path)])
+    partial = json.loads(path.read_text())
+    rows = table2_rows((MICRO,))
+    assert [r["label"] for r in partial["rows"]] == [rows[0].label, rows[1].label]
+    assert partial["complete"] is False and partial["pending"] == [rows[2].label]
+    assert partial["rows"][0]["measured_speedup"] == 1.0 and partial["rows"][1]["measured_speedup"] > 0
+    assert load_results_table_script().main(["--results_dir", str(tmp_path), "--include_cpu"]) == 0
+    assert f"`table2.json` is partial: the run stopped before {rows[2].label}." in capsys.readouterr().out
+
+
+def test_results_table_shows_the_data_loaders_against_training_speed(tmp_path, capsys):
+    from fastmae.data.synthetic import write_jpeg_folder
+
+    write_jpeg_folder(tmp_path / "jpegs", 12, num_classes=2)
+    results = tmp_path / "results"
+    assert main(["bench", "data", "--data_path", str(tmp_path / "jpegs"), "--loaders", "cpu", "--batch_size", "4",
+                 "--input_size", "32", "--num_threads", "1", "--warmup", "1",
+                 "--json", str(results / "data.json"), "--plot", str(results / "data.png")]) == 0
+    data = json.loads((results / "data.json").read_text())
+    assert data["benchmark"] == "data" and data["complete"] is True and data["environment"]["git"]["commit"]
+    augment = next(r["img_per_s"] for r in data["results"] if r["mode"] == "augment")
+    table = load_results_table_script()
+    assert table.main(["--results_dir", str(results), "--include_cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "#### Data loaders" in out and "![data.png](benchmarks/results/data.png)" in out
+    assert f"| cpu | augment | - | {augment:.0f} | - | 4 | 1 |" in out  # no ViT-B step result to compare with
+    # a ViT-B step on the same device: the loader's img/s as a multiple of the fastest fastmae row
+    step = {"benchmark": "step", "model": "mae_vit_base_patch16", "environment": data["environment"], "dtype": "bf16",
+            "batch_size": 256, "results": [
+                {"name": "fastmae", "images_per_s": augment / 4, "median_s": 1.0, "p10_s": 1.0, "p90_s": 1.0},
+                {"name": "fastmae+compile", "images_per_s": augment / 2, "median_s": 1.0, "p10_s": 1.0, "p90_s": 1.0},
+                {"name": "naive w/[M]", "images_per_s": augment, "median_s": 1.0, "p10_s": 1.0, "p90_s": 1.0}]}
+    (results / "step.json").write_text(json.dumps(step))
+    assert table.main(["--results_dir", str(results), "--include_cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"| cpu | augment | - | {augment:.0f} | 2.00x |" in out and "| cpu | decode | - |" in out
 
 
 @pytest.mark.gpu

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from fastmae.atomic_file import atomic_write
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -112,7 +114,6 @@ def result_filename(what: str, device: torch.device) -> str:
 
 
 def write_json(path: str | os.PathLike, result: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    return path
+    """Replaces ``path`` whole: a run killed while writing (a time limit) leaves the previous version."""
+    text = json.dumps(result, indent=2, default=str) + "\n"
+    return atomic_write(path, lambda f: f.write(text.encode()))

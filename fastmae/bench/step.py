@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -85,31 +86,16 @@ def image_source(args, config, batch_size: int, device: torch.device):
 
 
 def bench_model(args, name: str, device: torch.device, dtype: torch.dtype, batch_size: int, gemm: dict,
-                names: tuple[str, ...], compiled: CompileConfig) -> dict:
+                names: tuple[str, ...], compiled: CompileConfig, save: Callable[[dict], object] | None = None) -> dict:
+    """One model's result. ``save`` gets the result so far after every contender, marked
+    ``complete: False`` until the last one, so a run stopped part-way keeps what it measured."""
     overrides = {"decoder_depth": args.decoder_depth} if args.decoder_depth is not None else {}
     config = model_config(name, **overrides)
     plan = TimingPlan(args.warmup, args.steps)
     spec_peak = spec_peak_flops(device, dtype)
     images, data = image_source(args, config, batch_size, device)
     contenders = build_contenders(config, device, dtype, args.mask_ratio, names, args.kernels, args.attn, compiled)
-    # The eager naive baseline (every token through the encoder) needs the most memory: measured first,
-    # so that running out of memory (--oom_fallback) happens before any torch.compile is spent.
-    measured = {}
-    for contender in sorted(contenders, key=lambda c: c.name != "naive w/[M]"):
-        try:
-            measured[contender.name] = measure_contender(contender, images, plan, device, batch_size, spec_peak,
-                                                         gemm["flops_per_s"], progress=not args.no_progress)
-        except BatchTooLarge:
-            raise
-        except Exception as err:  # noqa: BLE001 - one contender failing (an HF version, a compiler error) is
-            # recorded; the others are still measured and written
-            measured[contender.name] = {"name": contender.name, "description": contender.description,
-                                        "error": f"{type(err).__name__}: {err}"}
-            print(f"  {contender.name:<20} failed: {measured[contender.name]['error']}", flush=True)
-            continue
-        print(format_row(measured[contender.name]), flush=True)
-    rows = [measured[contender.name] for contender in contenders]
-    return {
+    result = {
         "benchmark": "step",
         "model": name,
         "config": dataclasses.asdict(config),
@@ -124,9 +110,32 @@ def bench_model(args, name: str, device: torch.device, dtype: torch.dtype, batch
         "timed_steps": plan.timed_steps,
         "spec_peak_flops_per_s": spec_peak,
         "measured_gemm": gemm,
-        "results": rows,
-        "speedups": speedups(rows),
     }
+
+    def so_far(measured: dict) -> dict:
+        rows = [measured[c.name] for c in contenders if c.name in measured]
+        pending = [c.name for c in contenders if c.name not in measured]
+        return {**result, "results": rows, "speedups": speedups(rows), "complete": not pending, "pending": pending}
+
+    # The eager naive baseline (every token through the encoder) needs the most memory: measured first,
+    # so that running out of memory (--oom_fallback) happens before any torch.compile is spent.
+    measured = {}
+    for contender in sorted(contenders, key=lambda c: c.name != "naive w/[M]"):
+        try:
+            measured[contender.name] = measure_contender(contender, images, plan, device, batch_size, spec_peak,
+                                                         gemm["flops_per_s"], progress=not args.no_progress)
+        except BatchTooLarge:
+            raise
+        except Exception as err:  # noqa: BLE001 - one contender failing (an HF version, a compiler error) is
+            # recorded; the others are still measured and written
+            measured[contender.name] = {"name": contender.name, "description": contender.description,
+                                        "error": f"{type(err).__name__}: {err}"}
+            print(f"  {contender.name:<20} failed: {measured[contender.name]['error']}", flush=True)
+        else:
+            print(format_row(measured[contender.name]), flush=True)
+        if save is not None:
+            save(so_far(measured))
+    return so_far(measured)
 
 
 def default_contenders(device: torch.device, compile_choice: str, hf: bool) -> tuple[str, ...]:
@@ -188,11 +197,14 @@ def run(args) -> int:
     print(f"measured {gemm['dtype']} GEMM ({gemm['size']}^3): {gemm['flops_per_s'] / 1e12:.2f} TFLOP/s", flush=True)
     status = 0
     for name in models:
+        what = f"step_{name}{compiled.tag}{engine_tag(args.kernels, args.attn)}"
+        path = args.json or (Path(args.out_dir) / result_filename(what, device) if args.out_dir else None)
+        save = (lambda partial, path=path: write_json(path, {"environment": environment, **partial})) if path else None
         batch = batch_size
         while True:
             print(f"{name}: batch {batch}, {', '.join(names)}", flush=True)
             try:
-                result = bench_model(args, name, device, dtype, batch, gemm, names, compiled)
+                result = bench_model(args, name, device, dtype, batch, gemm, names, compiled, save)
                 break
             except BatchTooLarge as err:
                 if not args.oom_fallback or batch == 1:
@@ -212,8 +224,6 @@ def run(args) -> int:
             status = 1
         for key, value in result["speedups"].items():
             print(f"  speedup {key}: {value:.2f}x")
-        what = f"step_{name}{compiled.tag}{engine_tag(args.kernels, args.attn)}"
-        path = args.json or (Path(args.out_dir) / result_filename(what, device) if args.out_dir else None)
         if path:
             print(f"  wrote {write_json(path, result)}")
             print(f"  wrote {plot_step(result, Path(path).with_suffix('.png'))}")

@@ -14,6 +14,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from fastmae.bench.charts import Panel, Series, write_bar_chart
 from fastmae.bench.contenders import Contender, fastmae_step
@@ -70,7 +71,8 @@ def table2_rows(encoders: tuple[str, ...]) -> list[Table2Row]:
 
 
 def _measure_encoder(rows: list[Table2Row], args, device, dtype, batch_size, gemm, spec_peak,
-                     compiled: CompileConfig | None) -> list[dict]:
+                     compiled: CompileConfig | None, save: Callable[[list[dict]], object] = lambda rows: None) -> list[dict]:
+    """The encoder's rows; ``save`` gets them after each one."""
     plan = TimingPlan(args.warmup, args.steps)
     results = []
     baseline = None
@@ -93,6 +95,7 @@ def _measure_encoder(rows: list[Table2Row], args, device, dtype, batch_size, gem
         result["measured_speedup"] = baseline["median_s"] / result["median_s"]
         result["flop_limit_speedup"] = baseline["train_flops_per_image"] / result["train_flops_per_image"]
         results.append(result)
+        save(results)
     return results
 
 
@@ -141,22 +144,7 @@ def run(args) -> int:
     print(f"device: {environment['device']}  torch {environment['torch']}  dtype {dtype_name(dtype)}", flush=True)
     gemm = measured_gemm_flops(device, dtype)
     spec_peak = spec_peak_flops(device, dtype)
-    rows: list[dict] = []
-    for encoder in encoders:
-        batch = batch_size
-        while True:
-            try:
-                rows += _measure_encoder(table2_rows((encoder,)), args, device, dtype, batch, gemm, spec_peak,
-                                         compiled)
-                break
-            except BatchTooLarge as err:
-                if not args.oom_fallback or batch == 1:
-                    print(f"fastmae bench table2: error: {err} (try --oom_fallback or a smaller --batch_size)",
-                          file=sys.stderr)
-                    return 1
-                print(f"  {err}; measuring {encoder}'s rows again at batch {batch // 2}", flush=True)
-                batch //= 2
-    print_table(rows)
+    planned = [row.label for row in table2_rows(encoders)]
     result = {
         "environment": environment,
         "benchmark": "table2",
@@ -171,12 +159,33 @@ def run(args) -> int:
         "spec_peak_flops_per_s": spec_peak,
         "measured_gemm": gemm,
         "paper": "He et al. 2022, Table 2: wall-clock speed-up on 128 TPU-v3 cores, relative to w/ [M] with 8 blocks",
-        "rows": rows,
     }
     what = "table2" + ((compiled.tag or "_compile") if compiled else "")
     path = args.json or (Path(args.out_dir) / result_filename(what, device) if args.out_dir else None)
+
+    def save(rows: list[dict]) -> None:  # after every row: a run stopped part-way keeps what it measured
+        if path:
+            done = {row["label"] for row in rows}
+            pending = [label for label in planned if label not in done]
+            write_json(path, {**result, "rows": rows, "complete": not pending, "pending": pending})
+
+    rows: list[dict] = []
+    for encoder in encoders:
+        batch = batch_size
+        while True:
+            try:
+                rows += _measure_encoder(table2_rows((encoder,)), args, device, dtype, batch, gemm, spec_peak,
+                                         compiled, lambda encoder_rows, done=list(rows): save(done + encoder_rows))
+                break
+            except BatchTooLarge as err:
+                if not args.oom_fallback or batch == 1:
+                    print(f"fastmae bench table2: error: {err} (try --oom_fallback or a smaller --batch_size)",
+                          file=sys.stderr)
+                    return 1
+                print(f"  {err}; measuring {encoder}'s rows again at batch {batch // 2}", flush=True)
+                batch //= 2
+    print_table(rows)
     if path:
-        path = write_json(path, result)
-        png = plot_table2(rows, path.with_suffix(".png"), f"Table 2 on {environment['device']}, {dtype_name(dtype)}")
+        png = plot_table2(rows, Path(path).with_suffix(".png"), f"Table 2 on {environment['device']}, {dtype_name(dtype)}")
         print(f"wrote {path} and {png}")
     return 0

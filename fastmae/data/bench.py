@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
-import platform
-import subprocess
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from fastmae.bench.charts import Panel, Series, write_bar_chart
+from fastmae.bench.environment import device_name, environment_info, write_json
 from fastmae.data.loader import CPULoader, DataConfig
 from fastmae.data.sources import ImageSource, open_source
 from fastmae.data.synthetic import IMAGENET_LIKE_QUALITY, IMAGENET_LIKE_SIZE, write_jpeg_folder
@@ -76,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
         cfg = DataConfig(data_path=str(data_path), input_size=args.input_size, batch_size=args.batch_size,
                          num_workers=args.num_threads, seed=0, pin_mem=device.type == "cuda")
         results = []
+        report = {"benchmark": "data", "environment": environment(device), "num_threads": args.num_threads,
+                  "data_path": args.data_path or f"generated: {args.num_images} x ~{IMAGENET_LIKE_SIZE} q{IMAGENET_LIKE_QUALITY}",
+                  "num_images": len(source), "batch_size": args.batch_size, "input_size": args.input_size,
+                  "warmup_batches": args.warmup, "results": results, "complete": False}
         for loader_name in args.loaders:
             why_not = unavailable(loader_name, device)
             if why_not:
@@ -91,15 +92,12 @@ def run(args: argparse.Namespace) -> int:
                     results.append({"loader": loader_name, "mode": mode, "hw_decoder_load": hw_load,
                                     **measure(loader, label, device, args.warmup, args.batches, args.batch_size,
                                               parallel)})
+                    if args.json:  # after each measurement: a run stopped part-way keeps what it measured
+                        write_json(args.json, report)
     print_table(results, args.num_threads, device)
     if args.json:
-        report = {"environment": environment(device), "num_threads": args.num_threads,
-                  "data_path": args.data_path or f"generated: {args.num_images} x ~{IMAGENET_LIKE_SIZE} q{IMAGENET_LIKE_QUALITY}",
-                  "num_images": len(source), "batch_size": args.batch_size, "input_size": args.input_size,
-                  "warmup_batches": args.warmup, "results": results}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+        report["complete"] = True
+        print(f"wrote {write_json(args.json, report)}")
     if args.plot:
         plot(results, args.num_threads, device, args.plot)
         print(f"wrote {args.plot}")
@@ -238,18 +236,10 @@ def plot(results: list[dict], num_threads: int, device: torch.device, path: str)
                     f"data loaders on {device_name(device)}, {num_threads} CPU thread(s)")
 
 
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
-
-
 def environment(device: torch.device) -> dict:
-    versions = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
+    """The benchmarks' common record (device, versions, git commit) and the decoders' versions."""
+    info = environment_info(device)
     for package, module in (("nvidia-dali", "nvidia.dali"), ("torchvision", "torchvision")):
         if importlib.util.find_spec(module) is not None:
-            versions[package] = __import__(module, fromlist=["__version__"]).__version__
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                                cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    return {"device": device_name(device), "cpu_count": os.cpu_count(), "git_commit": commit, **versions}
+            info[package] = __import__(module, fromlist=["__version__"]).__version__
+    return info
