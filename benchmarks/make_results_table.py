@@ -6,9 +6,10 @@ Step benchmarks become one table (img/s, step time, peak memory, MFU per impleme
 runs another (measured speed-up beside the paper's and the FLOP-count limit), profiles a third
 (encoder / decoder / loss share of the step), the fused-kernel benchmark a fourth (time against
 eager and compiled PyTorch, bandwidth against a copy), the data-loader benchmark a fifth (img/s
-beside what ViT-B training consumes). Runs stopped part-way are marked with what they miss. Each
-section links the charts (.png) written beside its JSON files. CPU results are left out unless asked for: they only show that the code runs.
-With no result files it says so.
+beside what ViT-B training consumes), and ``fastmae pretrain``'s summary.json files a sixth (img/s
+and time waiting for data). Runs stopped part-way are marked with what they miss. Each section
+links the charts (.png) written beside its JSON files. CPU results are left out unless asked for:
+they only show that the code runs. With no result files it says so.
 """
 
 from __future__ import annotations
@@ -174,6 +175,22 @@ def data_table(results: list[dict], all_results: list[dict]) -> list[str]:
     return lines
 
 
+def train_table(results: list[dict]) -> list[str]:
+    """``fastmae pretrain`` runs' summary.json: speed and the share of time spent waiting for data after
+    the first logging window (issue target: < 5%)."""
+    lines = ["| model | loader | images per epoch | batch | dtype | steps timed | img/s | waiting for data | MFU (spec) | "
+             "peak GB | device | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        steady = r["after_first_window"]
+        img_per_s = f"{steady['img_per_s']:.0f}" if steady["img_per_s"] is not None else "-"
+        lines.append(f"| {r['model']} | {r['loader']} | {r['images_per_epoch']} | {r['batch_size']} | {r['dtype']} | "
+                     f"{r['timed_steps']} | {img_per_s} | {_pct(steady['data_wait_fraction'])} | "
+                     f"{_pct(r.get('mfu_after_first_window'))} | {r['peak_mem_gb']:.1f} | {r['environment']['device']} | "
+                     f"{_commit(r)} |")
+    return lines
+
+
 def partial_notes(results: list[dict]) -> list[str]:
     """Runs stopped part-way (a time limit, a crash) keep what they measured; say what is missing."""
     notes = []
@@ -195,7 +212,8 @@ def markdown(results: list[dict], chart_prefix: str = "benchmarks/results") -> s
     for kind, title, table in (("step", "Training step", step_table), ("table2", "Table 2: encoder without mask tokens", table2_table),
                                ("profile", "Where the step's time goes", profile_table),
                                ("kernels", "Fused kernels, forward + backward", kernels_table),
-                               ("data", "Data loaders", lambda chosen: data_table(chosen, results))):
+                               ("data", "Data loaders", lambda chosen: data_table(chosen, results)),
+                               ("train", "Training runs on JPEG files (after the first logging window)", train_table)):
         chosen = [r for r in results if r["benchmark"] == kind]
         if chosen:
             files = ", ".join(f"`{r['_file']}`" for r in chosen)

@@ -15,13 +15,15 @@
 #   table2   the paper's Table 2 (ViT-L and ViT-H, decoder depth 8 and 1, with and without mask tokens)
 #   profile  the per-component profile of each model
 #   data     img/s of the CPU and torchvision-GPU loaders on generated ImageNet-like JPEGs
+#   train    a real ViT-B/16 pretraining run (batch 256, bf16, the loader auto picks) on 5120 generated
+#            ImageNet-like JPEGs: img/s and the share of time waiting for data (its summary.json)
 #   suites   the pytest-benchmark suites' GPU cases (benchmarks/bench_*.py), timed, their JSON in OUT_DIR
 # A failing command is reported and the rest still run; the exit status says whether all passed.
 set -uo pipefail
 out="${1:-benchmarks/results}"
 shift || true
 parts=("$@")
-all_parts=(tests kernels base large huge compile ablation table2 profile data suites)
+all_parts=(tests kernels base large huge compile ablation table2 profile data train suites)
 [ ${#parts[@]} -eq 0 ] && parts=("${all_parts[@]}")
 for part in "${parts[@]}"; do
   [[ " ${all_parts[*]} " == *" $part "* ]] || { echo "unknown part '$part'; parts: ${all_parts[*]}" >&2; exit 2; }
@@ -69,6 +71,17 @@ for part in "${parts[@]}"; do
       done ;;
     data) run python -m fastmae bench data --loaders cpu torchvision --device cuda --batch_size 256 \
             --json "$(result_path data .json)" --plot "$(result_path data .png)" ;;
+    train)
+      jpegs=$(mktemp -d) run_dir=$(mktemp -d)
+      for class in $(seq 0 15); do  # 16 classes of 320 in parallel: 20 batches of 256 per epoch
+        python -c "import sys; from fastmae.data.synthetic import write_jpeg_folder
+write_jpeg_folder(sys.argv[1], 320, seed=int(sys.argv[2]))" "$jpegs/class_$class" "$class" &
+      done
+      wait
+      run python -m fastmae pretrain --data_path "$jpegs" --model mae_vit_base_patch16 --batch_size 256 \
+        --norm_pix_loss --max_steps 100 --log_every 20 --save_every 1000000 --output_dir "$run_dir" --no_progress
+      [ -f "$run_dir/summary.json" ] && cp "$run_dir/summary.json" "$(result_path train_mae_vit_base_patch16 .json)"
+      rm -rf "$jpegs" "$run_dir" ;;
   esac
 done
 run python benchmarks/make_results_table.py --results_dir "$out"

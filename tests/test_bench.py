@@ -429,7 +429,7 @@ def test_a_stopped_table2_keeps_its_measured_rows(tmp_path, monkeypatch, capsys)
     assert f"`table2.json` is partial: the run stopped before {rows[2].label}." in capsys.readouterr().out
 
 
-def test_results_table_shows_the_data_loaders_against_training_speed(tmp_path, capsys):
+def test_results_table_shows_the_data_loaders_and_a_training_run(tmp_path, capsys):
     from fastmae.data.synthetic import write_jpeg_folder
 
     write_jpeg_folder(tmp_path / "jpegs", 12, num_classes=2)
@@ -455,6 +455,17 @@ def test_results_table_shows_the_data_loaders_against_training_speed(tmp_path, c
     assert table.main(["--results_dir", str(results), "--include_cpu"]) == 0
     out = capsys.readouterr().out
     assert f"| cpu | augment | - | {augment:.0f} | 2.00x |" in out and "| cpu | decode | - |" in out
+    # a training run on the same files: its summary.json is a row of its own
+    assert main(["pretrain", "--data_path", str(tmp_path / "jpegs"), "--model", MICRO, "--input_size", "32",
+                 "--batch_size", "4", "--num_workers", "0", "--max_steps", "4", "--log_every", "2", "--threads", "1",
+                 "--no_progress", "--output_dir", str(results)]) == 0
+    summary = json.loads((results / "summary.json").read_text())
+    assert table.main(["--results_dir", str(results), "--include_cpu"]) == 0
+    out = capsys.readouterr().out
+    steady = summary["after_first_window"]
+    assert "#### Training runs on JPEG files" in out
+    assert (f"| {MICRO} | cpu | 12 | 4 | fp32 | 2 | {steady['img_per_s']:.0f} | "
+            f"{100 * steady['data_wait_fraction']:.1f}% | - |") in out
 
 
 @pytest.mark.gpu

@@ -175,6 +175,58 @@ def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(tmp_path, imag
     assert [r["step"] for r in logged(out)] == [3]
 
 
+class SlowLoader:
+    """The trainer's loader, with each batch taking ``delay`` seconds longer to arrive."""
+
+    def __init__(self, loader, delay: float):
+        self.loader, self.delay = loader, delay
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):  # set_epoch, skipped
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        for batch in self.loader:
+            time.sleep(self.delay)
+            yield batch
+
+
+def test_summary_reports_speed_and_the_time_spent_waiting_for_data(tmp_path, image_folder, monkeypatch, capsys):
+    real_build = trainer_module.build_loader
+    monkeypatch.setattr(trainer_module, "build_loader", lambda *a, **kw: SlowLoader(real_build(*a, **kw), 0.2))
+    out = tmp_path / "out"
+    assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "4", "--log_every", "2")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["benchmark"] == "train" and summary["loader"] == "cpu" and summary["environment"]["git"]["commit"]
+    assert (summary["first_step"], summary["warmup_steps"], summary["timed_steps"]) == (0, 2, 2)
+    whole, steady = summary["whole_run"], summary["after_first_window"]
+    assert (whole["steps"], whole["images"], steady["steps"], steady["images"]) == (4, 16, 2, 8)
+    assert whole["img_per_s"] == pytest.approx(whole["images"] / whole["seconds"])
+    # 0.2 s of waiting per batch against a micro model's few milliseconds of compute
+    assert 0.5 < steady["data_wait_fraction"] <= 1 and steady["seconds"] >= 2 * 0.2
+    assert steady["data_wait_fraction"] == pytest.approx(logged(out)[1]["data_wait"], abs=1e-6)  # the same window
+    assert [summary["first_loss"], summary["last_loss"]] == pytest.approx([r["loss"] for r in logged(out)], abs=1e-7)
+    assert "waiting for data" in capsys.readouterr().out
+    # a resumed run sums up its own steps
+    monkeypatch.undo()
+    assert fastmae_main(micro_flags(image_folder, out, "--resume", "auto", "--max_steps", "6", "--log_every", "2")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["first_step"] == 4 and summary["whole_run"]["steps"] == 2 and summary["timed_steps"] == 0
+    assert summary["after_first_window"]["img_per_s"] is None
+
+
+def test_a_non_finite_loss_after_a_resume_names_the_steps_of_this_run(tmp_path, image_folder, monkeypatch, capsys):
+    out = tmp_path / "out"
+    assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "2")) == 0
+    real_step = trainer_module.train_step
+    monkeypatch.setattr(trainer_module, "train_step", lambda *a, **kw: real_step(*a, **kw) * float("nan"))
+    status = fastmae_main(micro_flags(image_folder, out, "--resume", "auto", "--log_every", "2"))
+    assert status == trainer_module.EXIT_NONFINITE
+    assert "non-finite between optimizer steps 3 and 4" in capsys.readouterr().out
+
+
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint_whole(tmp_path, image_folder):
     out = tmp_path / "out"
     assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "2")) == 0
@@ -285,7 +337,7 @@ def test_training_step_never_waits_for_the_gpu():
     model = create_model("mae_vit_micro_patch4").to(device)
     optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.05)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    window = _LogWindow(device, 0.0)
+    window = _LogWindow(device, 0.0, 0)
     generator = torch.Generator(device=device)
     pixels = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8).pin_memory()
 

@@ -1,5 +1,6 @@
 """What a run reports: a tqdm bar (loss, lr, img/s), ``metrics.jsonl`` (one JSON object per logging
-step), and TensorBoard scalars when the ``tensorboard`` package is installed. Only rank 0 reports."""
+step), TensorBoard scalars when the ``tensorboard`` package is installed, and the run's totals
+(img/s, the share of time spent waiting for data) at the end. Only rank 0 reports."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import math
 import resource
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +29,55 @@ def _tensorboard_writer(log_dir: Path):
     except ImportError:  # tensorboard is optional
         return None
     return SummaryWriter(log_dir=str(log_dir))
+
+
+@dataclass
+class Span:
+    """Logging windows added up: wall time, time waiting for the next batch, images (all ranks), steps."""
+
+    seconds: float = 0.0
+    data_wait_s: float = 0.0
+    images: int = 0
+    steps: int = 0
+
+    def add(self, seconds: float, data_wait_s: float, images: int, steps: int) -> None:
+        self.seconds += seconds
+        self.data_wait_s += data_wait_s
+        self.images += images
+        self.steps += steps
+
+    def summary(self) -> dict:
+        measured = self.seconds > 0
+        return {"steps": self.steps, "images": self.images, "seconds": self.seconds,
+                "img_per_s": self.images / self.seconds if measured else None,
+                "data_wait_fraction": self.data_wait_s / self.seconds if measured else None}
+
+
+@dataclass
+class RunTotals:
+    """The whole run, and the run after its first logging window: the first window holds the start-up
+    (loader workers starting, cuDNN/cuBLAS set-up, Triton autotuning), which a long run amortises."""
+
+    whole: Span = field(default_factory=Span)
+    after_first_window: Span = field(default_factory=Span)
+    windows: int = 0
+
+    def add_window(self, seconds: float, data_wait_s: float, images: int, steps: int) -> None:
+        self.whole.add(seconds, data_wait_s, images, steps)
+        if self.windows:
+            self.after_first_window.add(seconds, data_wait_s, images, steps)
+        self.windows += 1
+
+    def describe(self) -> str:
+        whole, steady = self.whole.summary(), self.after_first_window.summary()
+        if whole["img_per_s"] is None:
+            return "no step was timed"
+        text = (f"{whole['steps']} steps, {whole['images']} images in {whole['seconds']:.1f} s: "
+                f"{whole['img_per_s']:.0f} img/s, waiting for data {100 * whole['data_wait_fraction']:.1f}% of the time")
+        if steady["img_per_s"] is not None:
+            text += (f"; after the first logging window {steady['img_per_s']:.0f} img/s, "
+                     f"waiting {100 * steady['data_wait_fraction']:.1f}%")
+        return text
 
 
 class MetricsLogger:

@@ -21,13 +21,13 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fastmae.compiling import CompileConfig, compile_for_training, mark_step_begin
-from fastmae.data.loader import DataConfig, build_loader, preview_batch
+from fastmae.data.loader import DataConfig, build_loader, preview_batch, resolve_loader
 from fastmae.models import create_model
 from fastmae.train.checkpoints import (TrainingPosition, latest_checkpoint, resume_from, save_training_checkpoint,
                                       step_checkpoint_path, step_checkpoints)
 from fastmae.train.config import PretrainConfig
 from fastmae.train.distributed import DistributedContext
-from fastmae.train.metrics import MetricsLogger, peak_memory_gb, plot_loss_curve
+from fastmae.train.metrics import MetricsLogger, RunTotals, peak_memory_gb, plot_loss_curve
 from fastmae.train.optim import build_optimizer
 from fastmae.train.schedule import base_batch_lr, lr_at, set_lr
 
@@ -233,8 +233,9 @@ class Pretrainer:
 
     def _train(self) -> int:
         cfg, pos = self.cfg, self.position
-        window = _LogWindow(self.device, time.perf_counter())
+        window = _LogWindow(self.device, time.perf_counter(), pos.step)
         self.first_loss = self.last_loss = None
+        self.totals = RunTotals()
         while not self._finished():
             epoch, n = pos.epoch, self.batches_per_epoch
             self.data.set_epoch(epoch, pos.batch)
@@ -298,6 +299,7 @@ class Pretrainer:
         self.logger.log(record)
         self.first_loss = loss if self.first_loss is None else self.first_loss
         self.last_loss = loss
+        self.totals.add_window(elapsed, window.data_wait, window.images * self.ctx.world_size, pos.step - window.first_step)
         window.restart(now, pos.step)
 
     def _save(self, window: "_LogWindow") -> Path | None:
@@ -345,6 +347,7 @@ class Pretrainer:
         self.logger.message(f"done at step {self.position.step}: checkpoint {self.last_checkpoint}")
         if self.first_loss is not None:
             self.logger.message(f"loss {self.first_loss:.4f} at the first logging step, {self.last_loss:.4f} at the last")
+        self.logger.message(f"{self.totals.describe()}: {self.write_summary()}")
         png = self.write_reconstructions()
         self.logger.message(f"reconstructions (masked / reconstruction + visible / original): {png}")
         try:
@@ -352,6 +355,41 @@ class Pretrainer:
             self.logger.message(f"loss curve: {curve}")
         except ImportError:
             self.logger.message("no loss.png: matplotlib is not installed (pip install 'fastmae[viz]')")
+
+    def write_summary(self) -> Path:
+        """``summary.json``: this run's speed and time waiting for data, with the benchmarks' record of
+        device, versions and commit (``benchmarks/make_results_table.py`` reads it as a training run)."""
+        from fastmae.bench.environment import environment_info, write_json
+
+        cfg = self.cfg
+        whole, steady = self.totals.whole.summary(), self.totals.after_first_window.summary()
+        mfu = None
+        if self._flops_per_image and self._peak_flops and steady["img_per_s"]:
+            mfu = self._flops_per_image * steady["img_per_s"] / self.ctx.world_size / self._peak_flops
+        return write_json(self.output_dir / "summary.json", {
+            "benchmark": "train",
+            "environment": environment_info(self.device),
+            "model": cfg.model,
+            "data": cfg.data_path or "embedded photographs",
+            "loader": resolve_loader(self.data_cfg, self.device),
+            "images_per_epoch": self.batches_per_epoch * self.images_per_batch,
+            "batch_size": cfg.batch_size,
+            "accum_iter": cfg.accum_iter,
+            "world_size": self.ctx.world_size,
+            "dtype": self.precision,
+            "kernels": cfg.kernels,
+            "attn": cfg.attn,
+            "compile": asdict(self.compiled) if self.compiled else None,
+            "first_step": self.position.step - whole["steps"],
+            "warmup_steps": whole["steps"] - steady["steps"],  # the first logging window
+            "timed_steps": steady["steps"],
+            "whole_run": whole,
+            "after_first_window": steady,
+            "mfu_after_first_window": mfu,
+            "peak_mem_gb": peak_memory_gb(self.device),
+            "first_loss": self.first_loss,
+            "last_loss": self.last_loss,
+        })
 
     def write_reconstructions(self, count: int = 8) -> Path:
         from fastmae.reconstruction import save_reconstructions
@@ -387,12 +425,12 @@ class Pretrainer:
 class _LogWindow:
     """What accumulates between logging steps, kept on the device so no step waits for it."""
 
-    def __init__(self, device: torch.device, started: float):
+    def __init__(self, device: torch.device, started: float, step: int):
         self.device = device
         self.loss_sum = torch.zeros((), device=device)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self.skipped_reported = 0
-        self.restart(started, 0)
+        self.restart(started, step)
 
     def restart(self, started: float, step: int) -> None:
         self.loss_sum.zero_()
