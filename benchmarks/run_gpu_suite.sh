@@ -38,9 +38,11 @@ if ! python -c "import fastmae.kernels" 2>/dev/null; then
 fi
 mkdir -p "$out"
 status=0
-run() {
+run() {  # each command's wall time goes to stderr and OUT_DIR/suite_times.txt, to plan the next GPU session
   echo "+ $*" >&2
+  local start=$SECONDS
   "$@" || { echo "FAILED ($?): $*" >&2; status=1; }
+  printf '%5ds  %s\n' $((SECONDS - start)) "$*" | tee -a "$out/suite_times.txt" >&2
 }
 result_path() {  # result_path WHAT EXT: OUT_DIR/WHAT_<gpu>_<date>.EXT, the name every command gives its results
   local name
