@@ -272,6 +272,8 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, image_folder):
     assert saved is not None and "received SIGTERM: saved" in output and str(saved) in output
     step = read_checkpoint(saved)[RESUME_KEY]["step"]
     assert step >= 2 and logged(out)[-1]["step"] <= step
+    # the summary covers the logged steps of the stopped run
+    assert json.loads((out / "summary.json").read_text())["whole_run"]["steps"] == logged(out)[-1]["step"]
     assert fastmae_main(micro_flags(image_folder, out, "--epochs", "1000", "--resume", "auto",
                                     "--max_steps", str(step + 2))) == 0
     assert [r["step"] for r in logged(out)][-2:] == [step + 1, step + 2]

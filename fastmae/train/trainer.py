@@ -338,6 +338,8 @@ class Pretrainer:
         self.logger.close_bar()
         self.logger.message(f"received {signal.Signals(signum).name}: saved {path} at step {self.position.step}; "
                             f"continue with --resume auto (or --resume {path})")
+        if self.ctx.is_main:  # the logged windows so far, so that no earlier run's summary stays behind
+            self.logger.message(f"{self.totals.describe()}: {self.write_summary()}")
         return 128 + int(signum)
 
     def _finish(self) -> None:
