@@ -173,6 +173,7 @@ def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(tmp_path, imag
     # the step-4 state came after the non-finite loss: it is never saved
     assert latest_checkpoint(out) == step_checkpoint_path(out, 2)
     assert [r["step"] for r in logged(out)] == [3]
+    assert json.loads((out / "summary.json").read_text())["whole_run"]["steps"] == 3  # the finite window
 
 
 class SlowLoader:

@@ -143,6 +143,8 @@ class Pretrainer:
                                     append=resumed)
         self._stop_signal: int | None = None
         self._flops_per_image, self._peak_flops = self._flop_rates()
+        self.first_loss = self.last_loss = None
+        self.totals = RunTotals()  # the logged windows of this process's run
 
     # ---- set-up ----
 
@@ -222,6 +224,9 @@ class Pretrainer:
         except NonFiniteLoss as err:
             self.logger.message(str(err))
             status = EXIT_NONFINITE
+        try:  # however the run ended, its summary replaces any earlier run's
+            if self.ctx.is_main:
+                self.logger.message(f"{self.totals.describe()}: {self.write_summary()}")
         finally:
             self._restore_signal_handlers(previous)
             self.logger.close()
@@ -234,8 +239,6 @@ class Pretrainer:
     def _train(self) -> int:
         cfg, pos = self.cfg, self.position
         window = _LogWindow(self.device, time.perf_counter(), pos.step)
-        self.first_loss = self.last_loss = None
-        self.totals = RunTotals()
         while not self._finished():
             epoch, n = pos.epoch, self.batches_per_epoch
             self.data.set_epoch(epoch, pos.batch)
@@ -338,8 +341,6 @@ class Pretrainer:
         self.logger.close_bar()
         self.logger.message(f"received {signal.Signals(signum).name}: saved {path} at step {self.position.step}; "
                             f"continue with --resume auto (or --resume {path})")
-        if self.ctx.is_main:  # the logged windows so far, so that no earlier run's summary stays behind
-            self.logger.message(f"{self.totals.describe()}: {self.write_summary()}")
         return 128 + int(signum)
 
     def _finish(self) -> None:
@@ -349,7 +350,6 @@ class Pretrainer:
         self.logger.message(f"done at step {self.position.step}: checkpoint {self.last_checkpoint}")
         if self.first_loss is not None:
             self.logger.message(f"loss {self.first_loss:.4f} at the first logging step, {self.last_loss:.4f} at the last")
-        self.logger.message(f"{self.totals.describe()}: {self.write_summary()}")
         png = self.write_reconstructions()
         self.logger.message(f"reconstructions (masked / reconstruction + visible / original): {png}")
         try:
