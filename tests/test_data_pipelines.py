@@ -314,6 +314,31 @@ def test_build_loader_dispatches_dali_in_cpu_mode(photos):
 
 
 @needs_dali
+@pytest.mark.parametrize("decode_only", [False, True])
+def test_a_dali_loader_nobody_uses_is_freed_at_once(photos, decode_only):
+    """Not left to the cyclic garbage collector: a collection inside a forked DataLoader worker would
+    run DALI's pipeline destructor there, which waits forever for threads the fork did not copy (the
+    test suite hung this way in a CPU loader's worker after the DALI tests)."""
+    import gc
+    import weakref
+
+    from fastmae.data.dali import build_dali_loader
+
+    loader = build_dali_loader(config(photos), 0, 1, torch.device("cpu"), decode_only=decode_only)
+    epoch_of(loader, 0)
+    next(iter(loader))  # an epoch left early: the next one builds a fresh pipeline
+    epoch_of(loader, 1)
+    gc.collect()
+    gc.disable()
+    try:
+        gone = [weakref.ref(loader), weakref.ref(loader._pipeline)]
+        del loader
+        assert [ref() for ref in gone] == [None, None]
+    finally:
+        gc.enable()
+
+
+@needs_dali
 def test_dali_recovers_from_a_file_that_fails_inside_the_decoder(tmp_path):
     files = bad_image_bytes()
     write_jpeg_folder(tmp_path, 15, size=(64, 48))
@@ -453,3 +478,22 @@ def test_bench_data_cli_measures_each_available_loader(photos, tmp_path, capsys)
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no image files"):
         main(["bench", "data", "--data_path", str(tmp_path / "empty")])
+
+
+# --- found by mutation testing -------------------------------------------------------------------
+def test_progressive_jpegs_are_read_not_skipped(tmp_path):
+    """Progressive JPEGs (SOF2) are common in web-scraped data: the header check must size them."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90, progressive=True)
+    header = read_header(buffer.getvalue())
+    assert (header.format, header.width, header.height, header.channels) == ("jpeg", 53, 37, 3)
+    for index in range(8):
+        (tmp_path / f"progressive_{index}.jpg").write_bytes(buffer.getvalue())
+    reader = EncodedBatchReader(open_source(tmp_path), config(tmp_path, batch_size=4), 0, 1)
+    reader.set_epoch(0)
+    for batch in reader:
+        reader.report(batch)
+    assert reader.skipped == 0

@@ -40,6 +40,38 @@ def build_dali_loader(cfg: DataConfig, rank: int, world_size: int, device: torch
     return DALILoader(cfg, rank, world_size, device, **options)
 
 
+class BatchFeed:
+    """The pipeline's external_source callback and its state: the next batch's files, crop anchors
+    and shapes, and flips.
+
+    The pipeline holds this, never the loader. With a reference from the pipeline back to the loader,
+    a loader nobody uses is freed only by the cyclic garbage collector, which may run in a forked
+    DataLoader worker: there DALI's pipeline destructor waits forever for threads that were not
+    forked. Without the cycle the loader and its pipeline go as soon as the last reference does, in
+    the process that built them."""
+
+    def __init__(self):
+        self.batches: Iterator[EncodedBatch] | None = None
+        self.replay: deque[EncodedBatch] = deque()  # batches to feed again after a rebuild
+        self.in_flight: deque[EncodedBatch] = deque()  # fed to the pipeline, output not yet taken
+        self.error: BaseException | None = None  # raised by the reader inside DALI's callback
+
+    def __call__(self):
+        try:
+            batch = self.replay.popleft() if self.replay else next(self.batches)  # StopIteration ends the epoch
+        except StopIteration:
+            raise
+        except Exception as error:
+            self.error = error
+            raise
+        self.in_flight.append(batch)
+        boxes = batch.boxes.astype(np.float32)  # (top, left, h, w)
+        anchors = list(np.ascontiguousarray(boxes[:, [1, 0]]))  # (x, y): DALI's "WH" axis order
+        shapes = list(np.ascontiguousarray(boxes[:, [3, 2]]))  # (w, h)
+        flips = list(batch.flips.astype(np.int32))
+        return batch.files, anchors, shapes, flips
+
+
 class DALILoader(ReaderBackedBatches):
     """``ImageBatches`` decoded by DALI: float32 [B, 3, S, S] on ``device`` (a CUDA device, or the CPU
     for DALI's CPU mode)."""
@@ -71,17 +103,15 @@ class DALILoader(ReaderBackedBatches):
                                          num_io_threads=max(4, self.num_threads))
         self._pipeline = None
         self._probe = None
-        self._batches: Iterator[EncodedBatch] | None = None
-        self._replay: deque[EncodedBatch] = deque()  # batches to feed again after a rebuild
-        self._in_flight: deque[EncodedBatch] = deque()  # fed to the pipeline, output not yet taken
-        self._feed_error: BaseException | None = None  # raised by the reader inside DALI's callback
+        self._feed = BatchFeed()
         self.pipeline_builds = 0  # 1 + epochs left early + recoveries from undecodable files
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        if self._pipeline is None or self._in_flight or self._replay:  # first epoch, or the last one was left early
+        feed = self._feed
+        if self._pipeline is None or feed.in_flight or feed.replay:  # first epoch, or the last one was left early
             self._rebuild()
-        self._batches = iter(self.reader)
-        self._feed_error = None
+        feed.batches = iter(self.reader)
+        feed.error = None
         rebuilds_this_epoch = 0
         finished = False
         try:
@@ -92,42 +122,26 @@ class DALILoader(ReaderBackedBatches):
                     finished = True
                     return
                 except RuntimeError as error:
-                    if self._feed_error is not None:  # the reader failed (e.g. only unreadable files), not DALI
-                        raise self._feed_error from error
+                    if feed.error is not None:  # the reader failed (e.g. only unreadable files), not DALI
+                        raise feed.error from error
                     rebuilds_this_epoch += 1
                     if rebuilds_this_epoch > MAX_PIPELINE_REBUILDS_PER_EPOCH:
                         raise RuntimeError(f"DALI failed {rebuilds_this_epoch} times this epoch; last error: {error}") from error
                     self._recover(error)
                     continue
-                batch = self._in_flight.popleft()
+                batch = feed.in_flight.popleft()
                 self.reader.report(batch)
                 yield self._to_torch(images)
         finally:
-            self._batches.close()
+            feed.batches.close()
             if finished:
                 self._pipeline.reset()  # rewinds the external source for the next epoch
             else:
-                self._in_flight.clear()
-                self._replay.clear()
+                feed.in_flight.clear()
+                feed.replay.clear()
                 self._pipeline = None  # left mid-epoch: a fresh pipeline next time
 
     # --- pipeline ----------------------------------------------------------------------------
-    def _feed(self):
-        """external_source callback: the next batch's files, crop anchors and shapes, and flips."""
-        try:
-            batch = self._replay.popleft() if self._replay else next(self._batches)  # StopIteration ends the epoch
-        except StopIteration:
-            raise
-        except Exception as error:
-            self._feed_error = error
-            raise
-        self._in_flight.append(batch)
-        boxes = batch.boxes.astype(np.float32)  # (top, left, h, w)
-        anchors = list(np.ascontiguousarray(boxes[:, [1, 0]]))  # (x, y): DALI's "WH" axis order
-        shapes = list(np.ascontiguousarray(boxes[:, [3, 2]]))  # (w, h)
-        flips = list(batch.flips.astype(np.int32))
-        return batch.files, anchors, shapes, flips
-
     def _decoder_device(self) -> str:
         return "mixed" if self.device_id is not None else "cpu"
 
@@ -145,21 +159,23 @@ class DALILoader(ReaderBackedBatches):
         import nvidia.dali.types as types
         from nvidia.dali import pipeline_def
 
-        size = self.cfg.input_size
+        # The graph function sees locals only: a pipeline that referred to the loader would make a
+        # reference cycle (see BatchFeed).
+        size, feed, decode_only, decoder_options = self.cfg.input_size, self._feed, self.decode_only, self._decoder_options()
 
         @pipeline_def(batch_size=self.cfg.batch_size, num_threads=self.num_threads, device_id=self.device_id,
                       prefetch_queue_depth=self.prefetch_queue_depth, seed=self.cfg.seed)
         def augment():
-            if self.decode_only:
-                files = fn.external_source(source=lambda: self._feed()[0], batch=True)
-                images = fn.decoders.image(files, **self._decoder_options())
+            if decode_only:
+                files = fn.external_source(source=lambda: feed()[0], batch=True)
+                images = fn.decoders.image(files, **decoder_options)
                 # one output shape per batch: resize without a crop (decode cost dominates)
                 images = fn.resize(images, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=False)
                 return fn.transpose(images, perm=[2, 0, 1])
             # decode only the crop window (nvJPEG ROI decoding), then as torchvision's resized_crop
-            files, anchors, shapes, flips = fn.external_source(source=self._feed, num_outputs=4, batch=True)
+            files, anchors, shapes, flips = fn.external_source(source=feed, num_outputs=4, batch=True)
             images = fn.decoders.image_slice(files, anchors, shapes, axis_names="WH", normalized_anchor=False,
-                                             normalized_shape=False, **self._decoder_options())
+                                             normalized_shape=False, **decoder_options)
             images = fn.resize(images, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
             return fn.crop_mirror_normalize(
                 images, mirror=flips, dtype=types.FLOAT, output_layout="CHW",
@@ -177,9 +193,10 @@ class DALILoader(ReaderBackedBatches):
 
     def _recover(self, error: RuntimeError) -> None:
         """A batch failed inside DALI: replace its undecodable files, then rebuild and feed again."""
-        if not self._in_flight:
+        feed = self._feed
+        if not feed.in_flight:
             raise error
-        failed = self._in_flight.popleft()
+        failed = feed.in_flight.popleft()
         bad_rows = [row for row in range(len(failed)) if not self._decodes_alone(failed.files[row])]
         if not bad_rows:
             raise RuntimeError(f"DALI failed on a batch whose files all decode one by one: {error}") from error
@@ -188,8 +205,8 @@ class DALILoader(ReaderBackedBatches):
         warnings.warn(f"DALI could not decode {len(bad_rows)} file(s) ({names}); replaced them and rebuilt the pipeline",
                       stacklevel=3)
         # the repaired batch first, then those queued behind it, in their order
-        self._replay.extendleft(reversed([repaired, *self._in_flight, *self._replay]))
-        self._in_flight.clear()
+        feed.replay.extendleft(reversed([repaired, *feed.in_flight, *feed.replay]))
+        feed.in_flight.clear()
         self._rebuild()
 
     def _decodes_alone(self, file: np.ndarray) -> bool:
@@ -198,10 +215,12 @@ class DALILoader(ReaderBackedBatches):
         from nvidia.dali import pipeline_def
 
         if self._probe is None:
+            decoder_options = self._decoder_options()  # a local: no reference from the pipeline to the loader
+
             @pipeline_def(batch_size=1, num_threads=1, device_id=self.device_id, prefetch_queue_depth=1)
             def probe():
                 encoded = fn.external_source(name="encoded")
-                return fn.decoders.image(encoded, **self._decoder_options())
+                return fn.decoders.image(encoded, **decoder_options)
 
             self._probe = probe()
             self._probe.build()
