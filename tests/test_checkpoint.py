@@ -130,3 +130,11 @@ def test_atomic_save_keeps_the_previous_file_when_interrupted(tmp_path, monkeypa
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert os.listdir(tmp_path) == ["checkpoint.pth"]  # no temporary file left behind
+
+
+def test_saved_checkpoints_are_readable_by_other_users(tmp_path):
+    import stat
+
+    path = tmp_path / "checkpoint.pth"
+    atomic_save({"step": 1}, path)  # through mkstemp, which creates files only their owner may read
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

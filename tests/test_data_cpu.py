@@ -182,3 +182,81 @@ def test_auto_loader_choice():
         resolve_loader(DataConfig(None, loader="dali"), torch.device("cpu"))
     with pytest.raises(ValueError, match="loader"):
         DataConfig(None, loader="pil")
+
+
+# ---- found by mutation testing: behaviour the tests above let change unnoticed ----
+
+def test_normalisation_uses_the_reference_imagenet_constants_in_rgb_order(tmp_path):
+    # main_pretrain.py: Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]), channels in RGB order
+    assert IMAGENET_MEAN == (0.485, 0.456, 0.406) and IMAGENET_STD == (0.229, 0.224, 0.225)
+    pixels = torch.tensor([255, 0, 128], dtype=torch.uint8).view(1, 3, 1, 1)
+    expected = torch.tensor([(1 - 0.485) / 0.229, (0 - 0.456) / 0.224, (128 / 255 - 0.406) / 0.225])
+    torch.testing.assert_close(normalize(pixels).flatten(), expected)
+    # what the loader hands the model: a flat orange picture, whatever the crop and flip
+    folder = tmp_path / "orange"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((40, 48, 3), (255, 0, 128), dtype=np.uint8)).save(folder / f"{i}.png")
+    loader = build_loader(cpu_config(folder), 0, 1, torch.device("cpu"))
+    loader.set_epoch(0)
+    batch = next(iter(loader))
+    torch.testing.assert_close(batch, expected.view(1, 3, 1, 1).expand(4, 3, 16, 16), atol=1e-5, rtol=0)
+
+
+def test_crop_positions_are_uniform_and_reach_every_edge():
+    # torchvision's get_params: top uniform in [0, height - h], left in [0, width - w], both ends included
+    rng = np.random.default_rng(0)
+    height, width = 60, 80
+    top, left, h, w = np.array([sample_resized_crop(height, width, scale=(0.2, 0.3), rng=rng) for _ in range(3000)]).T
+    assert top.min() == 0 and left.min() == 0
+    assert (top + h).max() == height and (left + w).max() == width  # crops touch the bottom and right edges
+    assert abs((top / (height - h)).mean() - 0.5) < 0.03 and abs((left / (width - w)).mean() - 0.5) < 0.03
+
+
+def test_every_sample_of_an_epoch_has_its_own_augmentation_key_on_every_rank():
+    from fastmae.data.loader import EpochBatchSampler
+
+    cfg = DataConfig("unused", batch_size=2, num_workers=0, seed=1)
+    keys = []
+    for rank in range(3):
+        sampler = EpochBatchSampler(12, cfg, rank, 3)
+        sampler.set_epoch(2)
+        keys += [key for batch in sampler for key in batch]
+    # (seed, epoch, position) seeds each sample's crop and flip: no two samples of an epoch share one
+    assert sorted(position for _, _, position in keys) == list(range(12))
+    assert sorted(item for item, _, _ in keys) == list(range(12)) and {epoch for _, epoch, _ in keys} == {2}
+
+
+def test_identical_images_get_fresh_crops_per_rank_and_per_epoch(tmp_path):
+    """Only the augmentation can tell copies of one image apart: it must differ between ranks,
+    between epochs and between the samples of a batch."""
+    folder = tmp_path / "copies"
+    folder.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    for i in range(16):
+        Image.fromarray(pixels).save(folder / f"{i:02d}.png")
+
+    def first_batch(rank, epoch):
+        loader = build_loader(cpu_config(folder), rank, 2, torch.device("cpu"))
+        loader.set_epoch(epoch)
+        return next(iter(loader))
+
+    base = first_batch(0, 0)
+    assert torch.equal(base, first_batch(0, 0))
+    assert not torch.equal(base, first_batch(1, 0))
+    assert not torch.equal(base, first_batch(0, 1))
+    assert len({sample.numpy().tobytes() for sample in base}) == len(base)
+
+
+@pytest.mark.parametrize("num_items,world_size,batch_size", [(10, 3, 4), (13, 4, 2), (9, 2, 5), (16, 2, 4)])
+def test_batches_per_epoch_match_the_reference_distributed_sampler(num_items, world_size, batch_size):
+    from torch.utils.data import DistributedSampler
+
+    from fastmae.data.loader import EpochBatchSampler
+
+    cfg = DataConfig("unused", batch_size=batch_size, num_workers=0)
+    for rank in range(world_size):
+        reference = DistributedSampler(range(num_items), num_replicas=world_size, rank=rank, shuffle=True)
+        assert len(shard_indices(num_items, 0, 0, rank, world_size)) == len(reference)  # padded, not dropped
+        # the reference DataLoader(drop_last=True): only full batches
+        assert len(EpochBatchSampler(num_items, cfg, rank, world_size)) == len(reference) // batch_size

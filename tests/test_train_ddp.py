@@ -92,3 +92,22 @@ def test_torchrun_two_cpu_processes(tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]  # rank 0 alone logs
     assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == ["checkpoint-step00000002.pth"]
+
+
+def _any_rank_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    from fastmae.train.distributed import DistributedContext
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        ctx = DistributedContext(rank=rank, world_size=world_size, host_group=dist.group.WORLD)
+        answers = [ctx.any_rank(rank == 1), ctx.any_rank(False), ctx.any_rank(True)]
+        Path(out_dir, f"{rank}.json").write_text(json.dumps(answers))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_stop_requested_on_one_rank_stops_every_rank(tmp_path):
+    """SIGTERM reaches one rank: every rank must agree to save and stop, or the others hang in the next all-reduce."""
+    mp.spawn(_any_rank_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    assert [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)] == [[True, False, True]] * 2

@@ -70,3 +70,33 @@ def test_adamw_recipe_settings():
     opt.step()
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert "blocks.0.attn.qkv.weight" in moved and "cls_token" not in moved and "norm.weight" not in moved
+
+
+# ---- found by mutation testing ----
+
+def test_accumulated_micro_batches_take_the_full_batch_step():
+    """Gradients averaged over micro-batches: 2 x 4 images accumulate to the step of one batch of 8
+    (plain SGD, which unlike AdamW does not hide a wrongly scaled gradient)."""
+    import copy
+
+    from fastmae.train.trainer import train_step
+
+    accumulated = create_model("mae_vit_micro_patch4")
+    whole = copy.deepcopy(accumulated)
+    generator = torch.Generator().manual_seed(1)
+    imgs, noise = torch.randn(8, 3, 32, 32, generator=generator), torch.rand(8, 64, generator=generator)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def sgd(model):
+        return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+
+    losses = train_step(accumulated, sgd(accumulated), scaler, [(imgs[:4], noise[:4]), (imgs[4:], noise[4:])], 0.75, None)
+    train_step(whole, sgd(whole), scaler, [(imgs, noise)], 0.75, None)
+    assert losses.shape == (2,)
+    for (name, a), b in zip(accumulated.named_parameters(), whole.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert all(p.grad is None for p in accumulated.parameters())  # nothing carried into the next step
+
+
+def test_cosine_stays_at_min_lr_after_the_last_epoch():
+    assert lr_at(25.0, 1e-3, 1e-5, 4, 20) == pytest.approx(1e-5)

@@ -369,3 +369,182 @@ def test_resume_with_another_batch_size_continues_after_the_same_images(tmp_path
     assert "continuing at batch 1 of epoch 0" in capsys.readouterr().out
     last = logged(out)[-1]
     assert last["step"] == 3 and last["epoch"] == 1.0  # the second batch of 8 ends epoch 0
+
+
+# ---- found by mutation testing: what a run computes and reports, checked against the recipe ----
+
+def write_noise_images(folder, count):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    return folder
+
+
+def micro_trainer(image_folder, out, **overrides):
+    from fastmae.train.distributed import DistributedContext
+    from fastmae.train.trainer import Pretrainer
+
+    cfg = PretrainConfig(**{"data_path": str(image_folder), "output_dir": str(out), "model": "mae_vit_micro_patch4",
+                            "input_size": 32, "batch_size": 4, "num_workers": 0, "epochs": 3, "warmup_epochs": 1,
+                            "progress_bar": False, **overrides})
+    return Pretrainer(cfg, DistributedContext())
+
+
+def test_logged_lr_is_the_per_iteration_schedule_of_the_scaled_peak(tmp_path, image_folder):
+    from fastmae.train.schedule import lr_at
+
+    out = tmp_path / "out"
+    assert fastmae_main(micro_flags(image_folder, out, "--accum_iter", "2", "--min_lr", "1e-5", "--save_every", "100")) == 0
+    records = logged(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    # peak = blr x effective batch / 256, effective batch = batch_size 4 x accum_iter 2 x 1 rank
+    peak = 2e-3 * 4 * 2 / 256
+    # 4 micro-batches per epoch, 2 per step: the lr of step k is set at its first micro-batch, epoch (k - 1) / 2
+    expected = [lr_at((k - 1) / 2, peak, 1e-5, 1, 3) for k in range(1, 7)]
+    assert [r["lr"] for r in records] == pytest.approx(expected, rel=0, abs=1e-8)  # metrics.jsonl keeps 8 decimals
+    assert records[1]["lr"] == pytest.approx(peak / 2, abs=1e-8)  # half-way through the warm-up epoch
+
+
+def test_an_epoch_that_accum_iter_does_not_divide_ends_with_a_shorter_step(tmp_path):
+    data = write_noise_images(tmp_path / "images", 12)  # 3 micro-batches of 4 per epoch
+    out = tmp_path / "out"
+    assert fastmae_main(micro_flags(data, out, "--epochs", "2", "--accum_iter", "2")) == 0
+    records = logged(out)
+    # steps of 2 and then 1 micro-batch; no micro-batch is carried into the next epoch
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in records] == pytest.approx([2 / 3, 1.0, 5 / 3, 2.0], abs=1e-4)
+
+
+def test_resume_with_another_batch_size_starts_on_an_optimizer_step_boundary(tmp_path, image_folder, capsys):
+    out = tmp_path / "out"
+    assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "3")) == 0  # 12 of the 16 images of epoch 0
+    capsys.readouterr()
+    assert fastmae_main(micro_flags(image_folder, out, "--resume", "auto", "--max_steps", "4", "--batch_size", "8",
+                                    "--accum_iter", "2")) == 0
+    # 12 images are 1.5 micro-batches of 8; a step is 2 of them: back to the step that starts at batch 0
+    assert "continuing at batch 0 of epoch 0" in capsys.readouterr().out
+    last = logged(out)[-1]
+    assert last["step"] == 4 and last["epoch"] == 1.0
+
+
+def test_data_wait_is_the_share_of_time_spent_waiting_for_batches(tmp_path, image_folder, monkeypatch):
+    """A fake clock: each micro-batch takes 1 s to arrive, each optimizer step 2 s to compute."""
+
+    class Clock:
+        now = 0.0
+
+        def perf_counter(self):
+            return self.now
+
+    clock = Clock()
+    real_build_loader, real_train_step = trainer_module.build_loader, trainer_module.train_step
+
+    class ClockedLoader:
+        def __init__(self, loader):
+            self.loader = loader
+
+        def __len__(self):
+            return len(self.loader)
+
+        def set_epoch(self, epoch, start_batch=0):
+            self.loader.set_epoch(epoch, start_batch)
+
+        @property
+        def skipped(self):
+            return self.loader.skipped
+
+        def __iter__(self):
+            for imgs in self.loader:
+                clock.now += 1.0
+                yield imgs
+
+    def slow_step(*args, **kwargs):
+        clock.now += 2.0
+        return real_train_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "time", clock)
+    monkeypatch.setattr(trainer_module, "build_loader", lambda *args: ClockedLoader(real_build_loader(*args)))
+    monkeypatch.setattr(trainer_module, "train_step", slow_step)
+    out = tmp_path / "out"
+    assert fastmae_main(micro_flags(image_folder, out, "--accum_iter", "2", "--max_steps", "3")) == 0
+    # each step: 2 micro-batches x 1 s waiting + 2 s computing, so 2 s of 4 spent waiting, 8 images in 4 s
+    assert [(r["data_wait"], r["img_per_s"]) for r in logged(out)] == pytest.approx([(0.5, 2.0)] * 3)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["whole_run"] == pytest.approx(
+        {"steps": 3, "images": 24, "seconds": 12.0, "img_per_s": 2.0, "data_wait_fraction": 0.5})
+    assert summary["after_first_window"] == pytest.approx(
+        {"steps": 2, "images": 16, "seconds": 8.0, "img_per_s": 2.0, "data_wait_fraction": 0.5})
+
+
+def test_a_logging_step_reports_the_totals_of_all_ranks(tmp_path, image_folder, monkeypatch, capsys):
+    from fastmae.train.distributed import DistributedContext
+    from fastmae.train.trainer import _LogWindow
+
+    trainer = micro_trainer(image_folder, tmp_path / "out")
+    try:
+        # rank 0 of 2 ranks that did the same: the all-reduce doubles every sum
+        trainer.ctx = DistributedContext(rank=0, world_size=2)
+        monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, *args, **kwargs: tensor.mul_(2))
+        monkeypatch.setattr(trainer_module, "time", argparse.Namespace(perf_counter=lambda: 2.0))
+        trainer.data._skips.count = 3  # unreadable images this rank passed over
+        window = _LogWindow(torch.device("cpu"), 0.0, 0)
+        window.add(torch.tensor([1.0, 3.0]), images=8)
+        window.data_wait = 0.5
+        trainer._log(window)
+    finally:
+        trainer.logger.close()
+    (record,) = logged(tmp_path / "out")
+    assert record["loss"] == pytest.approx(2.0)  # the mean over every micro-batch of every rank
+    assert record["img_per_s"] == pytest.approx(8.0)  # 8 images on each of 2 ranks in 2 s
+    assert record["data_wait"] == pytest.approx(0.25)
+    assert record["skipped_images"] == 6
+    assert "skipped 6 unreadable image(s)" in capsys.readouterr().out
+    assert (trainer.totals.whole.images, trainer.totals.whole.data_wait_s) == (16, 0.5)  # summary.json's totals
+
+
+def test_masking_noise_differs_per_rank_micro_batch_and_step(tmp_path, image_folder):
+    from fastmae.train.distributed import DistributedContext
+
+    trainer = micro_trainer(image_folder, tmp_path / "out")
+    trainer.logger.close()
+    base = trainer._mask_noise(5, 0, 4)
+    assert base.shape == (4, trainer.model.num_patches)
+    assert torch.equal(base, trainer._mask_noise(5, 0, 4))  # keyed: a resumed run draws the same masks
+    assert not torch.equal(base, trainer._mask_noise(5, 1, 4))  # the next micro-batch of the step
+    assert not torch.equal(base, trainer._mask_noise(6, 0, 4))  # the next step
+    trainer.ctx = DistributedContext(rank=1, world_size=2)
+    assert not torch.equal(base, trainer._mask_noise(5, 0, 4))  # another rank
+
+
+def test_resume_restores_optimizer_grad_scaler_rng_and_position(tmp_path):
+    from fastmae.models import create_model
+    from fastmae.train.checkpoints import TrainingPosition, resume_from, save_training_checkpoint
+    from fastmae.train.optim import build_optimizer
+
+    model = create_model("mae_vit_micro_patch4")
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.05)
+    model(torch.randn(2, 3, 32, 32), 0.75)[0].backward()
+    optimizer.step()
+    scaler = torch.amp.GradScaler("cpu", init_scale=512.0, growth_interval=7, enabled=True)  # as --precision fp16
+    position = TrainingPosition(step=7, epoch=2, batch=3, images_per_batch=8)
+    path = save_training_checkpoint(tmp_path, model, optimizer, scaler, position, args={"seed": 0}, keep=2)
+    draws_after_save = torch.rand(3)
+
+    torch.manual_seed(123)
+    fresh = create_model("mae_vit_micro_patch4")
+    fresh_optimizer = build_optimizer(fresh, lr=1e-3, weight_decay=0.05)
+    fresh_scaler = torch.amp.GradScaler("cpu", enabled=True)
+    restored, message = resume_from(path, fresh, fresh_optimizer, fresh_scaler)
+    assert restored == position and "step 7" in message
+    assert fresh_scaler.get_scale() == 512.0 and fresh_scaler.state_dict()["growth_interval"] == 7
+    assert torch.equal(torch.rand(3), draws_after_save)  # the RNG continues where the saved run was
+    saved, loaded = optimizer.state_dict()["state"], fresh_optimizer.state_dict()["state"]
+    assert saved.keys() == loaded.keys() and len(saved) > 0
+    assert all(torch.equal(saved[i][k], loaded[i][k]) for i in saved for k in saved[i])
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_default_schedule_length_is_the_papers():
+    args = parse([])
+    assert args.epochs == 800 and PretrainConfig(data_path="").epochs == 800  # the paper's ablation length
