@@ -144,7 +144,8 @@ class Pretrainer:
         self._stop_signal: int | None = None
         self._flops_per_image, self._peak_flops = self._flop_rates()
         self.first_loss = self.last_loss = None
-        self.totals = RunTotals()  # the logged windows of this process's run
+        self.start_step = self.position.step  # after a resume, where this process's run begins
+        self.totals = RunTotals()  # its logged windows
 
     # ---- set-up ----
 
@@ -382,7 +383,7 @@ class Pretrainer:
             "kernels": cfg.kernels,
             "attn": cfg.attn,
             "compile": asdict(self.compiled) if self.compiled else None,
-            "first_step": self.position.step - whole["steps"],
+            "first_step": self.start_step,
             "warmup_steps": whole["steps"] - steady["steps"],  # the first logging window
             "timed_steps": steady["steps"],
             "whole_run": whole,
