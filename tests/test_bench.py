@@ -1,22 +1,23 @@
 """The step benchmark, Table 2 and the profile on CPU with small configs, and their building blocks."""
 
 import json
+import statistics
 
 import pytest
 import torch
 
 from fastmae.bench import profile as profile_cmd
 from fastmae.bench import step as step_cmd
-from fastmae.bench.contenders import build_contenders, fastmae_step
+from fastmae.bench.contenders import Contender, build_contenders, fastmae_step
 from fastmae.bench.environment import environment_info, resolve_device, resolve_dtype, result_filename
 from fastmae.bench.gemm_peak import measured_gemm_flops
 from fastmae.bench.hf_vitmae import transformers_available
-from fastmae.bench.measure import model_config
+from fastmae.bench.measure import measure_contender, model_config
 from fastmae.bench.reference_style import ReferenceStyleMAE
 from fastmae.bench.table2 import PAPER_SPEEDUPS, table2_rows
 from fastmae.bench.timing import SyntheticImages, TimingPlan, time_steps
 from fastmae.cli import main
-from fastmae.flops import train_flops_per_image
+from fastmae.flops import forward_flops_per_image, train_flops_per_image
 from fastmae.kernels._launch import interpreting
 from fastmae.models import create_model
 
@@ -554,3 +555,219 @@ def test_bar_chart_rejects_what_it_cannot_draw(tmp_path):
     with pytest.raises(ValueError, match="1 values for 2 labels"):
         write_bar_chart(tmp_path / "bad.png", [Panel(["a", "b"], [Series("x", [1.0])], "y")], "t")
     assert not (tmp_path / "bad.png").exists()
+
+
+class FakeClock:
+    """A stand-in for time.perf_counter that only moves when told to: step times known exactly."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+def fake_clock_steps(monkeypatch, durations):
+    """(clock, step): each call of ``step`` takes the next of ``durations`` seconds on the patched clock."""
+    import fastmae.bench.timing as timing
+
+    clock = FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    pending = list(durations)
+
+    def step():
+        clock.advance(pending.pop(0))
+        return torch.tensor(1.0)
+
+    return clock, step
+
+
+def test_time_steps_times_only_the_timed_steps_and_summarises_them(monkeypatch):
+    """Warm-up steps (slow: compilation) stay out of the timed steps; median, quantiles, spread and img/s
+    are those of the timed steps alone."""
+    import numpy as np
+
+    timed = [0.4, 0.1, 0.3, 0.2, 5.0]  # one straggler: median and mean differ a lot
+    _, step = fake_clock_steps(monkeypatch, [100.0, 50.0] + timed)
+    times = time_steps(step, TimingPlan(2, len(timed)), CPU, batch_size=8, progress=False)
+    assert times.times_s == pytest.approx(timed)
+    assert times.first_step_s == pytest.approx(100.0)
+    summary = times.summary()
+    median = float(np.median(timed))
+    assert summary["median_s"] == pytest.approx(median)
+    assert summary["images_per_s"] == pytest.approx(8 / median)
+    assert summary["p10_s"] == pytest.approx(float(np.percentile(timed, 10)))
+    assert summary["p90_s"] == pytest.approx(float(np.percentile(timed, 90)))
+    assert summary["p10_s"] < summary["median_s"] < summary["p90_s"]
+    assert summary["iqr_s"] == pytest.approx(float(np.percentile(timed, 75) - np.percentile(timed, 25)))
+    assert summary["relative_spread"] == pytest.approx(
+        float(np.percentile(timed, 90) - np.percentile(timed, 10)) / median)
+    assert summary["steps"] == len(timed)
+    assert (summary["min_s"], summary["max_s"]) == pytest.approx((min(timed), max(timed)))
+    # the wall clock spans the timed steps only: 8 images per step over their total time
+    assert summary["images_per_s_wall"] == pytest.approx(8 * len(timed) / sum(timed))
+
+
+def test_measure_contender_mfu_is_training_flops_per_image_times_img_per_s(monkeypatch):
+    """MFU = (3 x forward FLOPs per image) x (batch / median step time) / peak, against both peaks."""
+    config = model_config(MICRO)
+    flops = train_flops_per_image(config)
+    timed = [0.4, 0.1, 0.3, 0.2, 5.0]
+    _, step = fake_clock_steps(monkeypatch, [100.0] + timed)
+    contender = Contender("x", "test", "fp32", flops, lambda: lambda imgs: step())
+    row = measure_contender(contender, iter([None] * 10), TimingPlan(1, len(timed)), CPU, 16,
+                            spec_peak=4e9, gemm_peak=1e9, progress=False)
+    assert row["step_times_s"] == pytest.approx(timed)
+    img_per_s = 16 / statistics.median(row["step_times_s"])
+    assert row["images_per_s"] == pytest.approx(img_per_s)
+    assert row["train_flops_per_image"] == 3 * forward_flops_per_image(config)
+    assert row["achieved_flops_per_s"] == pytest.approx(3 * forward_flops_per_image(config) * img_per_s)
+    assert row["mfu_measured_gemm"] == pytest.approx(3 * forward_flops_per_image(config) * img_per_s / 1e9)
+    assert row["mfu_spec"] == pytest.approx(row["mfu_measured_gemm"] / 4)
+    assert row["last_loss"] == 1.0 and "warning" not in row
+
+
+def test_speedups_are_ours_over_theirs_like_for_like():
+    rows = [{"name": "fastmae", "images_per_s": 600.0}, {"name": "naive w/[M]", "images_per_s": 200.0},
+            {"name": "reference-style", "images_per_s": 300.0}, {"name": "hf-vitmae", "images_per_s": 150.0},
+            {"name": "fastmae+compile", "images_per_s": 900.0},
+            {"name": "naive w/[M]+compile", "images_per_s": 250.0}]
+    ips = {r["name"]: r["images_per_s"] for r in rows}
+    expected = {f"{a} / {b}": ips[a] / ips[b] for a, b in [
+        ("fastmae", "naive w/[M]"), ("fastmae+compile", "naive w/[M]+compile"), ("fastmae", "reference-style"),
+        ("fastmae", "hf-vitmae"), ("fastmae+compile", "reference-style"), ("fastmae+compile", "hf-vitmae"),
+        ("fastmae+compile", "fastmae")]}
+    out = step_cmd.speedups(rows)
+    assert out == pytest.approx(expected)
+    assert out["fastmae / naive w/[M]"] > 1  # faster is a ratio above 1
+    # a failed contender has no ratio; the others keep theirs
+    failed = step_cmd.speedups(rows[:1] + [{"name": "naive w/[M]", "error": "x"}] + rows[2:])
+    assert "fastmae / naive w/[M]" not in failed and failed["fastmae / reference-style"] == pytest.approx(2.0)
+
+
+def test_table2_speedups_are_against_the_encoders_mask_token_row(monkeypatch):
+    """measured_speedup and flop_limit_speedup of every row divide by the first row of its encoder (w/ [M],
+    8 blocks), not by the row before."""
+    import argparse
+
+    import fastmae.bench.table2 as table2_cmd
+
+    step_s = [0.9, 0.3, 0.2]
+    seen = []
+
+    def fake_measure(contender, images, plan, device, batch_size, spec_peak, gemm_peak, progress=True):
+        seen.append(contender)
+        return {"name": contender.name, "median_s": step_s[len(seen) - 1],
+                "train_flops_per_image": contender.train_flops_per_image}
+
+    monkeypatch.setattr(table2_cmd, "measure_contender", fake_measure)
+    monkeypatch.setattr(table2_cmd, "format_row", lambda row: "")
+    args = argparse.Namespace(warmup=0, steps=1, mask_ratio=0.75, kernels="torch", attn="sdpa", no_progress=True)
+    rows = table2_cmd._measure_encoder(table2_rows((MICRO,)), args, CPU, torch.float32, 2, {"flops_per_s": 1.0},
+                                       None, None)
+    baseline_flops = train_flops_per_image(model_config(MICRO, decoder_depth=8), 0.75, encoder_mask_tokens=True)
+    assert [r["measured_speedup"] for r in rows] == pytest.approx([1.0, 0.9 / 0.3, 0.9 / 0.2])
+    assert [r["flop_limit_speedup"] for r in rows] == pytest.approx(
+        [1.0] + [baseline_flops / train_flops_per_image(model_config(MICRO, decoder_depth=d), 0.75) for d in (8, 1)])
+    assert rows[2]["flop_limit_speedup"] > rows[1]["flop_limit_speedup"] > 1
+
+
+def test_profile_paper_checks_compare_encoder_flops_counted_by_flop_counter():
+    """The encoder claim's ratio is that of the patch projection + encoder blocks as flop_counter counts
+    them; it holds near 4x (mask ratio 0.75) and fails far from it (mask ratio 0.5: ~2x)."""
+    config = model_config("mae_vit_large_patch16")
+    counted = {m: profile_cmd.counted_component_flops(config, 0.75, m) for m in (False, True)}
+    encoder = {m: counted[m]["patch_embed"] + counted[m]["encoder_blocks"] for m in (False, True)}
+    encoder_claim, total_claim, _ = profile_cmd.paper_checks(config, 0.75)
+    assert encoder_claim["this_model"] == pytest.approx(encoder[True] / encoder[False], rel=1e-9)
+    assert total_claim["this_model"] == pytest.approx(
+        sum(counted[True].values()) / sum(counted[False].values()), rel=1e-9)
+    assert encoder_claim["holds"] and total_claim["holds"]
+    half = profile_cmd.paper_checks(config, 0.5)[0]
+    assert half["this_model"] < 2.5 and half["holds"] is False
+
+
+def test_profile_flop_table_training_is_three_times_forward_per_component():
+    config = model_config(MICRO)
+    table = profile_cmd.flop_table(config, 0.75)
+    for key, mask_tokens in (("without_mask_tokens", False), ("with_mask_tokens", True)):
+        entry = table[key]
+        assert entry["train"] == pytest.approx({k: 3 * v for k, v in entry["forward"].items()})
+        assert sum(entry["train"].values()) == pytest.approx(train_flops_per_image(config, 0.75, mask_tokens))
+        assert entry["train_total"] == pytest.approx(train_flops_per_image(config, 0.75, mask_tokens))
+
+
+def test_profile_phase_times_add_up(monkeypatch):
+    """Encoder time is its forward and backward, decoder and loss likewise; shares of the whole step."""
+    phase_s = dict(zip(profile_cmd.PHASES, (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)))
+
+    def fake_step(model, optimizer, imgs, mask_ratio, autocast_dtype, marks):
+        t = 0.0
+        marks.points["start"] = t
+        for phase in profile_cmd.PHASES:
+            t += phase_s[phase]
+            marks.points[phase] = t
+
+    monkeypatch.setattr(profile_cmd, "profiled_step", fake_step)
+    out = profile_cmd.time_phases(None, None, iter([None] * 4), 0.75, None, CPU, warmup=1, steps=3)
+    assert out["median_s"] == pytest.approx(phase_s)
+    assert out["step_median_s"] == pytest.approx(sum(phase_s.values()))
+    assert out["encoder_s"] == pytest.approx(phase_s["forward_encoder"] + phase_s["backward_encoder"])
+    assert out["decoder_s"] == pytest.approx(phase_s["forward_decoder"] + phase_s["backward_decoder"])
+    assert out["loss_s"] == pytest.approx(phase_s["forward_loss"] + phase_s["backward_loss"])
+    assert out["share"]["optimizer"] == pytest.approx(64 / 127)
+
+
+def test_gemm_rate_counts_two_flops_per_multiply_add(monkeypatch):
+    """An n x n by n x n matmul is what FlopCounterMode counts (2 n^3); with every matmul taking one second
+    of a fake clock, the rate is exactly that per second."""
+    import fastmae.bench.timing as timing
+    from torch.utils.flop_counter import FlopCounterMode
+
+    size = 16
+    counter = FlopCounterMode(display=False)
+    with counter:
+        torch.mm(torch.ones(size, size), torch.ones(size, size))
+    per_matmul = counter.get_total_flops()
+    clock = FakeClock()
+    real_mm = torch.mm
+
+    def one_second_mm(*args, **kwargs):
+        clock.advance(1.0)
+        return real_mm(*args, **kwargs)
+
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    monkeypatch.setattr(torch, "mm", one_second_mm)
+    gemm = measured_gemm_flops(CPU, torch.float32, size=size, repeats=2)
+    assert gemm["flops_per_s"] == pytest.approx(per_matmul)
+
+
+def test_results_tables_show_each_field_in_its_column():
+    """Every column of the step, Table 2 and profile tables shows its own field (distinct values)."""
+    table = load_results_table_script()
+    env = {"device": "GPU X", "device_type": "cuda", "git": {"commit": "abcdef123", "dirty": False}}
+    row = {"name": "fastmae", "images_per_s": 812.0, "median_s": 0.0100, "p10_s": 0.0090, "p90_s": 0.0125,
+           "min_s": 0.0080, "max_s": 0.0300, "peak_memory_bytes": 3 * 2**30, "mfu_spec": 0.41,
+           "mfu_measured_gemm": 0.55, "first_step_s": 7.5}
+    step = {"benchmark": "step", "model": "m", "environment": env, "dtype": "bf16", "batch_size": 256,
+            "results": [row], "speedups": {"fastmae / naive w/[M]": 3.5}}
+    lines = table.step_table([step])
+    ms = lambda s: f"{1e3 * s:.1f}"  # noqa: E731
+    assert (f"| m | GPU X | bf16 | 256 | fastmae | {row['images_per_s']:.0f} | {ms(row['median_s'])} "
+            f"({ms(row['p10_s'])}-{ms(row['p90_s'])}) | {row['peak_memory_bytes'] / 2**30:.1f} | "
+            f"{100 * row['mfu_spec']:.1f}% | {100 * row['mfu_measured_gemm']:.1f}% | {row['first_step_s']:.1f} | "
+            f"abcdef1 |") in lines
+    assert "| m | GPU X | fastmae / naive w/[M] | 3.50x |" in lines
+    t2row = {"encoder": "enc", "decoder_depth": 1, "encoder_mask_tokens": False, "batch_size": 64,
+             "median_s": 0.040, "measured_speedup": 2.5, "paper_speedup": 3.7, "flop_limit_speedup": 4.19}
+    lines = table.table2_table([{"benchmark": "table2", "environment": env, "rows": [t2row]}])
+    assert "| enc | 1 | no | 64 | 40.0 | 2.50x | 3.7x | 4.19x | GPU X |" in lines
+    t = {"step_median_s": 0.2, "encoder_s": 0.1, "decoder_s": 0.05, "loss_s": 0.01,
+         "median_s": {"optimizer": 0.03}}
+    flops = {"without_mask_tokens": {"train_total": 2e9}, "with_mask_tokens": {"train_total": 6.5e9}}
+    lines = table.profile_table([{"benchmark": "profile", "model": "m", "environment": env, "batch_size": 32,
+                                  "time": t, "flops_per_image": flops}])
+    assert "| m | GPU X | 32 | 200.0 | 50.0% | 25.0% | 5.0% | 15.0% | 2 | 6.5 |" in lines

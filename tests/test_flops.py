@@ -94,3 +94,22 @@ def test_device_peaks():
     assert device_peak_flops("NVIDIA A100-PCIE-40GB", torch.float32) == pytest.approx(19.5e12)
     assert device_peak_flops("cpu", torch.float32) is None
     assert device_peak_flops("NVIDIA H100 80GB HBM3", torch.int8) is None
+
+
+@pytest.mark.parametrize("name", ["NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200",
+                                  "NVIDIA H200 NVL", "NVIDIA A100-SXM4-80GB"])
+def test_device_peaks_per_dtype(name):
+    """Dense tensor-core rates on Ampere and Hopper: fp16 = bf16, TF32 = half of bf16; the tf32 flag only
+    changes fp32 matmuls; plain fp32 (no tensor cores) is far below TF32."""
+    bf16 = device_peak_flops(name, torch.bfloat16)
+    assert device_peak_flops(name, torch.float16) == bf16
+    assert device_peak_flops(name, torch.float32, tf32=True) == pytest.approx(bf16 / 2, rel=2e-3)
+    assert device_peak_flops(name, torch.bfloat16, tf32=True) == bf16
+    assert device_peak_flops(name, torch.float32) < device_peak_flops(name, torch.float32, tf32=True) / 5
+
+
+def test_nvl_parts_have_their_own_peaks():
+    """The NVL boards (lower power) are not the SXM parts: H100 NVL and H200 NVL, 835.5 dense bf16 TFLOP/s."""
+    assert device_peak_flops("NVIDIA H100 NVL", torch.bfloat16) == pytest.approx(835.5e12)
+    assert device_peak_flops("NVIDIA H200 NVL", torch.bfloat16) == pytest.approx(835.5e12)
+    assert device_peak_flops("NVIDIA H200 NVL", torch.bfloat16) < device_peak_flops("NVIDIA H200", torch.bfloat16)
