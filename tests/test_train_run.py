@@ -176,11 +176,11 @@ def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(tmp_path, imag
     assert json.loads((out / "summary.json").read_text())["whole_run"]["steps"] == 3  # the finite window
 
 
-class SlowLoader:
-    """The trainer's loader, with each batch taking ``delay`` seconds longer to arrive."""
+class DelayedLoader:
+    """The trainer's loader, calling ``wait()`` before each batch arrives (a sleep, or a fake clock's tick)."""
 
-    def __init__(self, loader, delay: float):
-        self.loader, self.delay = loader, delay
+    def __init__(self, loader, wait):
+        self.loader, self.wait = loader, wait
 
     def __len__(self):
         return len(self.loader)
@@ -190,13 +190,13 @@ class SlowLoader:
 
     def __iter__(self):
         for batch in self.loader:
-            time.sleep(self.delay)
+            self.wait()
             yield batch
 
 
 def test_summary_reports_speed_and_the_time_spent_waiting_for_data(tmp_path, image_folder, monkeypatch, capsys):
     real_build = trainer_module.build_loader
-    monkeypatch.setattr(trainer_module, "build_loader", lambda *a, **kw: SlowLoader(real_build(*a, **kw), 0.2))
+    monkeypatch.setattr(trainer_module, "build_loader", lambda *a, **kw: DelayedLoader(real_build(*a, **kw), lambda: time.sleep(0.2)))
     out = tmp_path / "out"
     assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "4", "--log_every", "2")) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -440,31 +440,15 @@ def test_data_wait_is_the_share_of_time_spent_waiting_for_batches(tmp_path, imag
     clock = Clock()
     real_build_loader, real_train_step = trainer_module.build_loader, trainer_module.train_step
 
-    class ClockedLoader:
-        def __init__(self, loader):
-            self.loader = loader
-
-        def __len__(self):
-            return len(self.loader)
-
-        def set_epoch(self, epoch, start_batch=0):
-            self.loader.set_epoch(epoch, start_batch)
-
-        @property
-        def skipped(self):
-            return self.loader.skipped
-
-        def __iter__(self):
-            for imgs in self.loader:
-                clock.now += 1.0
-                yield imgs
+    def tick():
+        clock.now += 1.0
 
     def slow_step(*args, **kwargs):
         clock.now += 2.0
         return real_train_step(*args, **kwargs)
 
     monkeypatch.setattr(trainer_module, "time", clock)
-    monkeypatch.setattr(trainer_module, "build_loader", lambda *args: ClockedLoader(real_build_loader(*args)))
+    monkeypatch.setattr(trainer_module, "build_loader", lambda *args: DelayedLoader(real_build_loader(*args), tick))
     monkeypatch.setattr(trainer_module, "train_step", slow_step)
     out = tmp_path / "out"
     assert fastmae_main(micro_flags(image_folder, out, "--accum_iter", "2", "--max_steps", "3")) == 0

@@ -224,7 +224,7 @@ def run(args) -> int:
             status = 1
         for key, value in result["speedups"].items():
             print(f"  speedup {key}: {value:.2f}x")
-        if path:
-            print(f"  wrote {write_json(path, result)}")
+        if path:  # the JSON is complete since the last contender's save
+            print(f"  wrote {path}")
             print(f"  wrote {plot_step(result, Path(path).with_suffix('.png'))}")
     return status
