@@ -148,11 +148,19 @@ def plain_args(args) -> dict | None:
     return {k: (v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else str(v)) for k, v in args.items()}
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers, in any nesting:
+    their state_dict keys carry the wrapper's prefix, which the reference code cannot load."""
+    for attr in ("module", "_orig_mod"):
+        while isinstance(getattr(model, attr, None), nn.Module):
+            model = getattr(model, attr)
+    return model
+
+
 def save_checkpoint(path, model: nn.Module, optimizer=None, epoch: int | None = None, scaler=None,
                     args=None, **extra) -> None:
     """The reference container, atomically. ``extra`` holds what exact resumption needs beyond it."""
-    model = getattr(model, "module", model)  # DDP
-    container = {"model": model.state_dict()}
+    container = {"model": unwrap_model(model).state_dict()}
     if optimizer is not None:
         container["optimizer"] = optimizer.state_dict()
     if epoch is not None:

@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from fastmae.checkpoint import unwrap_model
 from fastmae.patches import patchify, unpatchify
 
 NORM_PIX_EPS = 1e-6  # the loss's eps, so de-normalising inverts exactly what was predicted
@@ -37,14 +38,6 @@ class Reconstruction:
     mask: torch.Tensor  # [N, L], 1 = removed
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The MAE inside DDP (``.module``) or torch.compile (``._orig_mod``) wrappers."""
-    for attr in ("module", "_orig_mod"):
-        while hasattr(model, attr) and isinstance(getattr(model, attr), torch.nn.Module):
-            model = getattr(model, attr)
-    return model
-
-
 def denormalize_patch_prediction(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """pred, target [N, L, p*p*C] -> pred * sqrt(var + eps) + mean with the target patch's statistics."""
     mean = target.mean(dim=-1, keepdim=True)
@@ -56,7 +49,7 @@ def denormalize_patch_prediction(pred: torch.Tensor, target: torch.Tensor) -> to
 def reconstruct(model: torch.nn.Module, imgs: torch.Tensor, mask_ratio: float,
                 noise: torch.Tensor | None = None) -> Reconstruction:
     """imgs [N, C, H, W] normalised, noise [N, L] or None -> the three panels of the paper's figure."""
-    mae = _unwrap(model)
+    mae = unwrap_model(model)
     param = next(mae.parameters())
     imgs = imgs.to(device=param.device, dtype=torch.float32)
     if noise is not None:
@@ -128,7 +121,7 @@ def reconstruction_grid(model: torch.nn.Module, imgs: torch.Tensor, mask_ratios:
 
     rows: list[tuple[str, list[np.ndarray]]] = []
     if noise is None:  # one draw for all ratios, so the rows of an image are nested masks
-        noise = torch.rand(imgs.shape[0], _unwrap(model).num_patches)
+        noise = torch.rand(imgs.shape[0], unwrap_model(model).num_patches)
     recons = {r: reconstruct(model, imgs, r, noise) for r in mask_ratios}
     for i in range(imgs.shape[0]):
         for r in mask_ratios:
