@@ -61,11 +61,14 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     interpolated: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)  # of another shape in the file, left as initialised
 
     def __str__(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors"]
         if self.interpolated:
             lines.append("interpolated to the model's grid: " + ", ".join(self.interpolated))
+        if self.replaced:
+            lines.append("another shape in the checkpoint (left as initialised): " + ", ".join(self.replaced))
         if self.missing:
             lines.append(f"not in the checkpoint ({len(self.missing)}, left as initialised): " + _summarise(self.missing))
         if self.unexpected:
@@ -87,12 +90,13 @@ def _num_blocks(keys, prefix: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def load_weights(model: nn.Module, source, strict: bool = False) -> LoadReport:
+def load_weights(model: nn.Module, source, strict: bool = False, replaceable: tuple[str, ...] = ()) -> LoadReport:
     """Load a checkpoint path, container or state_dict into ``model``; returns what happened.
 
-    Shapes must match (a different architecture is a ValueError naming the tensor); position
-    embeddings of another image size are interpolated; an encoder-only file loads with the decoder
-    reported as missing. ``strict=True`` makes any missing or unexpected key an error.
+    Shapes must match (a different architecture is a ValueError naming the tensor), except for the
+    ``replaceable`` keys, which are then left as initialised (a classifier head for another number of
+    classes); position embeddings of another image size are interpolated; an encoder-only file loads
+    with the decoder reported as missing. ``strict=True`` makes any missing or unexpected key an error.
     """
     if isinstance(source, (str, os.PathLike)):
         source = read_checkpoint(source)
@@ -114,6 +118,9 @@ def load_weights(model: nn.Module, source, strict: bool = False) -> LoadReport:
         if key in POS_EMBED_KEYS and value.shape != own[key].shape and value.shape[-1] == own[key].shape[-1]:
             value = interpolate_pos_embed(value, own[key].shape[-2] - 1)
             report.interpolated.append(key)
+        if value.shape != own[key].shape and key in replaceable:
+            report.replaced.append(key)
+            continue
         if value.shape != own[key].shape:
             raise ValueError(
                 f"checkpoint is a different architecture: {key} has shape {list(value.shape)} in the file, "
@@ -122,9 +129,9 @@ def load_weights(model: nn.Module, source, strict: bool = False) -> LoadReport:
         to_load[key] = value
     if not to_load:
         raise ValueError("no tensor of the checkpoint matches the model: wrong file or wrong model")
-    report.missing = [k for k in own if k not in to_load]
+    report.missing = [k for k in own if k not in to_load and k not in report.replaced]
     report.loaded = list(to_load)
-    if strict and (report.missing or report.unexpected):
+    if strict and (report.missing or report.unexpected or report.replaced):
         raise ValueError("strict load failed:\n" + str(report))
     model.load_state_dict(to_load, strict=False)
     return report

@@ -93,9 +93,12 @@ def describe_pretrained(checkpoint: str | None, model_name: str | None, random_i
 
 def build_classifier(pretrained: Pretrained, num_classes: int, input_size: int,
                      **kwargs) -> tuple[VisionTransformer, LoadReport | None]:
-    """The classifier with the pretrained encoder loaded (position embeddings resized to input_size)."""
+    """The classifier with the pretrained encoder loaded (position embeddings resized to input_size).
+    A fine-tuned file's head for another number of classes is not loaded, as main_finetune.py does."""
     model = create_classifier(pretrained.model_name, num_classes, img_size=input_size, **kwargs)
-    report = load_weights(model, pretrained.state) if pretrained.state is not None else None
+    report = None
+    if pretrained.state is not None:
+        report = load_weights(model, pretrained.state, replaceable=("head.weight", "head.bias"))
     return model, report
 
 

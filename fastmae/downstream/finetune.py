@@ -34,7 +34,7 @@ from fastmae.downstream.vit_classifier import create_classifier, init_head
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, batch_size=64, epochs=50, blr=5e-4, weight_decay=0.05, warmup_epochs=5, min_lr=1e-6)
+    add_common_arguments(parser, batch_size=64, epochs=50, blr=1e-3, weight_decay=0.05, warmup_epochs=5, min_lr=1e-6)
     parser.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay")
     parser.add_argument("--drop_path", type=float, default=0.1, help="drop path rate of the last block")
     parser.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
