@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,12 +70,17 @@ def restore_rng_states(states: dict) -> None:
 
 
 def save_training_checkpoint(output_dir: str | Path, model, optimizer, scaler, position: TrainingPosition,
-                             args, keep: int) -> Path:
+                             args, keep: int, earlier_run: Collection[Path] = ()) -> Path:
+    """Save ``position`` and delete this run's step checkpoints but the newest ``keep``. An earlier
+    run's files (``earlier_run``) are not this run's to rotate: with higher step numbers they would
+    rank as the newest and push out the file just written."""
     path = step_checkpoint_path(output_dir, position.step)
     resume = {"step": position.step, "epoch": position.epoch, "batch": position.batch,
               "images_per_batch": position.images_per_batch, "rng": rng_states()}
     save_checkpoint(path, model, optimizer, epoch=position.epoch - 1, scaler=scaler, args=args, **{RESUME_KEY: resume})
-    for old in step_checkpoints(output_dir)[:-keep]:
+    earlier = set(earlier_run) - {path}
+    ours = [p for p in step_checkpoints(output_dir) if p not in earlier]
+    for old in ours[:-keep]:
         old.unlink(missing_ok=True)
     return path
 

@@ -41,14 +41,6 @@ class DistributedContext:
         if self.enabled:
             dist.barrier(group=self.host_group)
 
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        """The mean of a device tensor over ranks (a collective on the training backend)."""
-        if not self.enabled:
-            return value
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        return value / self.world_size
-
 
 def resolve_device(requested: str | None, local_rank: int = 0) -> torch.device:
     """``--device``: None = cuda when available, else cpu; a bare 'cuda' means this rank's GPU."""

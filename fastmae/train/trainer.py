@@ -316,7 +316,8 @@ class Pretrainer:
             raise NonFiniteLoss(self._nonfinite_message(window.first_step, self.position.step))
         if self.ctx.is_main:
             path = save_training_checkpoint(self.output_dir, self.model, self.optimizer, self.scaler,
-                                            self.position, self.args_to_save, self.cfg.keep_checkpoints)
+                                            self.position, self.args_to_save, self.cfg.keep_checkpoints,
+                                            earlier_run=self.stale_checkpoints)
         else:
             path = step_checkpoint_path(self.output_dir, self.position.step)
         self.ctx.barrier()  # the file is complete before any rank moves on (or exits)
