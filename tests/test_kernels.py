@@ -177,8 +177,12 @@ UNSHUFFLE_DTYPES = [(d, d) for d in DTYPES] + [(torch.bfloat16, torch.float32)]
 @pytest.mark.parametrize("x_dtype,param_dtype", UNSHUFFLE_DTYPES)
 def test_decoder_unshuffle_is_exact(device, x_dtype, param_dtype, shape):
     N, img, p, D, ratio = SHAPES[shape]
-    masking = _masking(N, img, p, ratio, device)
-    L, K = masking.ids_restore.shape[1], masking.num_visible
+    assert_decoder_unshuffle_exact(_masking(N, img, p, ratio, device), D, x_dtype, param_dtype, device)
+
+
+def assert_decoder_unshuffle_exact(masking, D, x_dtype, param_dtype, device):
+    """Output, d x and d mask_token of the kernel bit-equal to the reference's on dyadic values."""
+    N, L, K = masking.ids_restore.shape[0], masking.ids_restore.shape[1], masking.num_visible
     x = _dyadic(N, K + 1, D, device=device, dtype=x_dtype)
     mask_token = _dyadic(1, 1, D, device=device, dtype=param_dtype)
     pos = _dyadic(1, L + 1, D, device=device, dtype=param_dtype)

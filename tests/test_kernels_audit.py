@@ -17,13 +17,14 @@ import torch
 
 from fastmae.kernels import decoder_input, patch_loss
 from fastmae.kernels._launch import row_blocks
-from fastmae.kernels.decoder_input import decoder_unshuffle_reference, decoder_unshuffle_triton
+from fastmae.kernels.decoder_input import decoder_unshuffle_triton
 from fastmae.kernels.encoder_input import gather_patch_rows, visible_patch_embed_reference, visible_patch_embed_triton
 from fastmae.kernels.layer_norm import MAX_WIDTH, add_layer_norm_reference, add_layer_norm_triton
 from fastmae.kernels.patch_loss import masked_patch_loss_reference, masked_patch_loss_triton
 from fastmae.masking import random_masking
 from fastmae.patches import patch_pixels
-from test_kernels import ATOL, DTYPES, _dyadic, assert_within_torch_error, device  # noqa: F401 (fixture)
+from test_kernels import (ATOL, DTYPES, _dyadic, assert_decoder_unshuffle_exact, assert_within_torch_error,  # noqa: F401
+                          device)  # (fixture)
 
 # (batch, channels, H, W, patch size, mask ratio or None: all patches, channels_last)
 GATHER_CASES = {
@@ -117,41 +118,14 @@ def test_visible_patch_embed_rounds_projection_like_f_linear(device):
 def test_decoder_unshuffle_wide_and_many_rows_is_exact(device, x_dtype, param_dtype):
     """1040 channels: two column blocks of 1024; 580 rows: row tiles of 64, several programs, so the
     mask-token gradient is a sum of several programs' partial sums."""
-    N, L, D = 4, 144, 1040
-    masking = random_masking(N, L, 0.75, device)
-    K = masking.num_visible
-    x = _dyadic(N, K + 1, D, device=device, dtype=x_dtype)
-    mask_token = _dyadic(1, 1, D, device=device, dtype=param_dtype)
-    pos = _dyadic(1, L + 1, D, device=device, dtype=param_dtype)
-    grad_out = None
-    results = []
-    for fn in (decoder_unshuffle_triton, decoder_unshuffle_reference):
-        xs, mt = x.clone().requires_grad_(), mask_token.clone().requires_grad_()
-        out = fn(xs, mt, masking.ids_restore, pos)
-        grad_out = _dyadic(*out.shape, device=device, dtype=out.dtype) if grad_out is None else grad_out
-        results.append([out, *torch.autograd.grad(out, (xs, mt), grad_out)])
-    for name, ours, theirs in zip(["out", "d x", "d mask_token"], *results):
-        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, name
-        assert torch.equal(ours, theirs), name
+    assert_decoder_unshuffle_exact(random_masking(4, 144, 0.75, device), 1040, x_dtype, param_dtype, device)
 
 
 def test_decoder_unshuffle_gpu_tiling_is_exact(device, monkeypatch):
     """The GPU's tiles (4096 values: 64 rows of 64 channels, 8 tiles per program) through the
     interpreter: the row-tile loop and the mask-token partial sums of many programs."""
     monkeypatch.setattr(decoder_input, "row_blocks", functools.partial(row_blocks, interpreter_elements=4096))
-    N, L, D = 3, 256, 64
-    masking = random_masking(N, L, 0.75, device)
-    K = masking.num_visible
-    x, mask_token = _dyadic(N, K + 1, D, device=device), _dyadic(1, 1, D, device=device)
-    pos = _dyadic(1, L + 1, D, device=device)
-    grad_out = _dyadic(N, L + 1, D, device=device)
-    results = []
-    for fn in (decoder_unshuffle_triton, decoder_unshuffle_reference):
-        xs, mt = x.clone().requires_grad_(), mask_token.clone().requires_grad_()
-        out = fn(xs, mt, masking.ids_restore, pos)
-        results.append([out, *torch.autograd.grad(out, (xs, mt), grad_out)])
-    for name, ours, theirs in zip(["out", "d x", "d mask_token"], *results):
-        assert torch.equal(ours, theirs), name
+    assert_decoder_unshuffle_exact(random_masking(3, 256, 0.75, device), 64, torch.float32, torch.float32, device)
 
 
 # ---------------------------------------------------------------------------------------------
