@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from fastmae.checkpoint import unwrap_model
+from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from fastmae.patches import patchify, unpatchify
 
 NORM_PIX_EPS = 1e-6  # the loss's eps, so de-normalising inverts exactly what was predicted
