@@ -54,7 +54,10 @@ step=(python -m fastmae bench step --batch_size 256 --oom_fallback --dtype bf16 
 
 for part in "${parts[@]}"; do
   case "$part" in
-    tests) run python -m pytest -m gpu -q -p no:cacheprovider tests --junitxml "$(result_path gpu_tests .xml)" ;;
+    tests)  # the kernels' many shapes each compile once: spread over workers where pytest-xdist is there
+      parallel=()
+      python -c "import xdist" 2>/dev/null && parallel=(-n 8)
+      run python -m pytest -m gpu -q -p no:cacheprovider "${parallel[@]}" tests --junitxml "$(result_path gpu_tests .xml)" ;;
     suites) run python -m pytest -m gpu -q -p no:cacheprovider benchmarks --benchmark-enable \
               --benchmark-json "$(result_path pytest_benchmarks .json)" ;;
     kernels) run python benchmarks/kernels_gpu.py --modes amp --out "$(result_path kernels .json)" ;;
