@@ -78,11 +78,8 @@ for part in "${parts[@]}"; do
             --json "$(result_path data .json)" --plot "$(result_path data .png)" ;;
     train)
       jpegs=$(mktemp -d) run_dir=$(mktemp -d)
-      for class in $(seq 0 15); do  # 16 classes of 320 in parallel: 20 batches of 256 per epoch
-        python -c "import sys; from fastmae.data.synthetic import write_jpeg_folder
-write_jpeg_folder(sys.argv[1], 320, seed=int(sys.argv[2]))" "$jpegs/class_$class" "$class" &
-      done
-      wait
+      python -c "import sys; from fastmae.data.synthetic import write_jpeg_folder
+write_jpeg_folder(sys.argv[1], 5120, num_classes=16)" "$jpegs"  # 20 batches of 256 per epoch
       run python -m fastmae pretrain --data_path "$jpegs" --model mae_vit_base_patch16 --batch_size 256 \
         --norm_pix_loss --max_steps 100 --log_every 20 --save_every 1000000 --output_dir "$run_dir" --no_progress
       [ -f "$run_dir/summary.json" ] && cp "$run_dir/summary.json" "$(result_path train_mae_vit_base_patch16 .json)"

@@ -2,6 +2,7 @@
 
 import json
 import statistics
+import warnings
 
 import pytest
 import torch
@@ -469,11 +470,23 @@ def test_results_table_shows_the_data_loaders_and_a_training_run(tmp_path, capsy
             f"{100 * steady['data_wait_fraction']:.1f}% | - |") in out
 
 
+def test_sync_sites_count_each_synchronising_call_and_nothing_else():
+    def recorded(message: str, lineno: int) -> warnings.WarningMessage:
+        return warnings.WarningMessage(UserWarning(message), UserWarning, "step.py", lineno)
+
+    caught = [recorded("Synchronization debug mode is a prototype feature and does not yet detect all "
+                       "synchronizing operations", 1),  # the debug mode's first use in a process
+              recorded("called a synchronizing CUDA operation", 7),
+              recorded("called a synchronizing CUDA operation", 7),
+              recorded("called a synchronizing CUDA operation", 9)]
+    assert profile_cmd.sync_sites(caught) == ["step.py:7", "step.py:7", "step.py:9"]
+
+
 @pytest.mark.gpu
 def test_host_sync_detection_on_gpu():
     x = torch.ones(4, device="cuda")
-    assert profile_cmd.host_syncs(lambda: x.sum().item())
-    assert profile_cmd.host_syncs(lambda: x + 1) == []
+    assert profile_cmd.host_syncs(lambda: x + 1) == []  # first: the prototype warning is no sync
+    assert len(profile_cmd.host_syncs(lambda: (x.sum().item(), x.max().item()))) == 2
 
 
 @pytest.mark.gpu

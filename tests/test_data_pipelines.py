@@ -398,6 +398,16 @@ def test_tar_shards_give_the_folder_batches(photos, tmp_path):
         open_source(tmp_path / "zipped.tar")
 
 
+def test_generated_jpegs_do_not_depend_on_the_thread_count(tmp_path):
+    one = write_jpeg_folder(tmp_path / "one", 6, size=(40, 30), num_classes=4, seed=5, threads=1)
+    many = write_jpeg_folder(tmp_path / "many", 6, size=(40, 30), num_classes=4, seed=5, threads=3)
+    assert [p.relative_to(tmp_path / "one") for p in one] == [p.relative_to(tmp_path / "many") for p in many]
+    assert [p.read_bytes() for p in one] == [p.read_bytes() for p in many]
+    other_seed = write_jpeg_folder(tmp_path / "other", 6, size=(40, 30), num_classes=4, seed=6)
+    assert [p.read_bytes() for p in other_seed] != [p.read_bytes() for p in one]
+    assert sorted(p.name for p in (tmp_path / "one" / "class_0001").iterdir()) == ["img_000001.jpg", "img_000005.jpg"]
+
+
 @pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
 def test_tar_header_scan_agrees_with_tarfile(tmp_path, tar_format):
     """Long names (pax records, GNU 'L' members, ustar prefixes), directories and non-image members."""
@@ -430,7 +440,10 @@ def test_torchvision_gpu_loader_matches_cpu_loader(photos, tmp_path):
     cfg = config(photos)
     gpu = build_torchvision_loader(cfg, 0, 1, torch.device("cuda"))
     for a, b in zip(epoch_of(CPULoader(cfg, 0, 1, torch.device("cpu")), 1), epoch_of(gpu, 1)):
-        assert b.dtype == torch.float32 and (a - b).abs().mean() < 0.02  # nvJPEG's IDCT differs a little
+        # nvJPEG's IDCT and chroma upsampling differ from libjpeg's by a grey level or two (a batch's
+        # mean absolute difference was 0.026 on an H100); a crop or flip that disagrees costs far more
+        same, mirrored = (a - b).abs().mean(), (a.flip(-1) - b).abs().mean()
+        assert b.dtype == torch.float32 and same < 0.05 and mirrored > 4 * same, (same, mirrored)
     bad = build_torchvision_loader(config(bad_folder(tmp_path)), 0, 1, torch.device("cuda"))
     batches = epoch_of(bad, 0)
     # 15 as the CPU loader if nvJPEG rejects the damaged scan; 10 if it decodes it to noise (it sorts

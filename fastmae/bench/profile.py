@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import re
 import statistics
@@ -198,7 +199,17 @@ def host_syncs(step) -> list[str]:
             step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sorted({str(w.message) for w in caught if "synchroniz" in str(w.message).lower()})
+    return sync_sites(caught)
+
+
+# torch's warning for each synchronising call; the first use of the debug mode in a process also
+# warns that the mode is a prototype, which is no synchronisation
+SYNC_WARNING = "called a synchronizing CUDA operation"
+
+
+def sync_sites(caught: list[warnings.WarningMessage]) -> list[str]:
+    """'file:line' of each synchronising call among the recorded warnings, one entry per call."""
+    return [f"{w.filename}:{w.lineno}" for w in caught if SYNC_WARNING in str(w.message)]
 
 
 # ---- memory ----
@@ -347,7 +358,9 @@ def print_report(report: dict) -> None:
               + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in fixed.items()))
     if "host_syncs_in_step" in report:
         syncs = report["host_syncs_in_step"]
-        print(f"Host synchronisations in a training step: {len(syncs)}" + "".join(f"\n  {m}" for m in syncs))
+        sites = collections.Counter(syncs)
+        print(f"Host synchronisations in a training step: {len(syncs)}"
+              + "".join(f"\n  {count} x {site}" for site, count in sites.most_common()))
     if "time" in report:
         t = report["time"]
         print(f"\nMeasured on {report['environment']['device']}, batch {report['batch_size']}, {report['dtype']}: "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -41,22 +42,28 @@ def write_jpeg_folder(
     quality: int = IMAGENET_LIKE_QUALITY,
     num_classes: int = 0,
     seed: int = 0,
+    threads: int | None = None,
 ) -> list[Path]:
     """Write num_images JPEGs of about `size` (width, height; +-10% per image, as photos vary).
-    num_classes > 0 gives the ImageFolder layout root/class_k/img.jpg, otherwise a flat folder."""
+    num_classes > 0 gives the ImageFolder layout root/class_k/img.jpg, otherwise a flat folder.
+    Image k depends on (seed, k) only, so ``threads`` (default: one per CPU) changes no file."""
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
-    rng = np.random.default_rng(seed)
     root = Path(root)
-    paths = []
-    for index in range(num_images):
+    paths = [(root / f"class_{index % num_classes:04d}" if num_classes > 0 else root) / f"img_{index:06d}.jpg"
+             for index in range(num_images)]
+    for folder in {path.parent for path in paths}:
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def write(index: int) -> None:
+        rng = np.random.default_rng([seed, index])
         width = int(size[0] * rng.uniform(0.9, 1.1))
         height = int(size[1] * rng.uniform(0.9, 1.1))
-        folder = root / f"class_{index % num_classes:04d}" if num_classes > 0 else root
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"img_{index:06d}.jpg"
-        path.write_bytes(encode_jpeg(natural_like_image(width, height, rng), quality))
-        paths.append(path)
+        paths[index].write_bytes(encode_jpeg(natural_like_image(width, height, rng), quality))
+
+    # NumPy's generators and PIL's encoder release the GIL: threads scale with the cores
+    with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+        list(pool.map(write, range(num_images)))
     return paths
 
 
