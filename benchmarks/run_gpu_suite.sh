@@ -13,7 +13,10 @@
 #   ablation ViT-L eager with the PyTorch references instead of the Triton kernels (what the kernels
 #            give a whole step)
 #   table2   the paper's Table 2 (ViT-L and ViT-H, decoder depth 8 and 1, with and without mask tokens)
-#   profile  the per-component profile of each model
+#   table2_compiled  the same with every row under torch.compile (eager rows without mask tokens are
+#            partly bound by the host's kernel launches, which compiling removes; ~6 min)
+#   profile  the per-component profile of each model, at batch 256 (ViT-H 128): smaller batches time
+#            the host's kernel launches more than the GPU (ViT-L eager: 119 ms at batch 64, 106 at 256)
 #   data     img/s of the CPU and torchvision-GPU loaders on generated ImageNet-like JPEGs
 #   train    a real ViT-B/16 pretraining run (batch 256, bf16, the loader auto picks) on 5120 generated
 #            ImageNet-like JPEGs: img/s and the share of time waiting for data (its summary.json)
@@ -23,7 +26,7 @@ set -uo pipefail
 out="${1:-benchmarks/results}"
 shift || true
 parts=("$@")
-all_parts=(tests kernels base large huge compile ablation table2 profile data train suites)
+all_parts=(tests kernels base large huge compile ablation table2 table2_compiled profile data train suites)
 [ ${#parts[@]} -eq 0 ] && parts=("${all_parts[@]}")
 for part in "${parts[@]}"; do
   [[ " ${all_parts[*]} " == *" $part "* ]] || { echo "unknown part '$part'; parts: ${all_parts[*]}" >&2; exit 2; }
@@ -70,9 +73,12 @@ for part in "${parts[@]}"; do
       done ;;
     ablation) run "${step[@]}" --model mae_vit_large_patch16 --impl fastmae --kernels torch ;;
     table2) run python -m fastmae bench table2 --batch_size 256 --oom_fallback --dtype bf16 --out_dir "$out" ;;
+    table2_compiled) run python -m fastmae bench table2 --compile --batch_size 256 --oom_fallback --dtype bf16 \
+                       --out_dir "$out" ;;
     profile)
-      for model in mae_vit_base_patch16 mae_vit_large_patch16 mae_vit_huge_patch14; do
-        run python -m fastmae profile --model "$model" --batch_size 64 --dtype bf16 --out_dir "$out"
+      for model_batch in mae_vit_base_patch16:256 mae_vit_large_patch16:256 mae_vit_huge_patch14:128; do
+        run python -m fastmae profile --model "${model_batch%:*}" --batch_size "${model_batch#*:}" --dtype bf16 \
+          --out_dir "$out"
       done ;;
     data) run python -m fastmae bench data --loaders cpu torchvision --device cuda --batch_size 256 \
             --json "$(result_path data .json)" --plot "$(result_path data .png)" ;;
