@@ -112,8 +112,9 @@ def table2_table(results: list[dict]) -> list[str]:
 
 
 def profile_table(results: list[dict]) -> list[str]:
-    lines = ["| model | device | batch | step ms | encoder | decoder | loss | optimizer | train GFLOP/img w/o [M] | w/ [M] |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | device | batch | step ms | encoder | decoder | loss | optimizer | kernel time: matmul | attention "
+             "| other | train GFLOP/img w/o [M] | w/ [M] |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         flops = r["flops_per_image"]
         t = r.get("time")
@@ -123,7 +124,13 @@ def profile_table(results: list[dict]) -> list[str]:
             step = t["step_median_s"]
             timing = (f"| {r['batch_size']} | {1e3 * step:.1f} | {_pct(t['encoder_s'] / step)} | {_pct(t['decoder_s'] / step)} | "
                       f"{_pct(t['loss_s'] / step)} | {_pct(t['median_s']['optimizer'] / step)}")
-        lines.append(f"| {r['model']} | {r['environment']['device']} {timing} | "
+        kinds = r.get("kernel_time", {}).get("by_kind")
+        if kinds is None:  # profiles written before the kernel table
+            kernel_shares = "- | - | -"
+        else:
+            rest = 1 - kinds["matmul"]["share"] - kinds["attention"]["share"]
+            kernel_shares = f"{_pct(kinds['matmul']['share'])} | {_pct(kinds['attention']['share'])} | {_pct(rest)}"
+        lines.append(f"| {r['model']} | {r['environment']['device']} {timing} | {kernel_shares} | "
                      f"{flops['without_mask_tokens']['train_total'] / 1e9:.3g} | {flops['with_mask_tokens']['train_total'] / 1e9:.3g} |")
     return lines
 

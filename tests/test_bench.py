@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+from fastmae.bench import kernel_time
 from fastmae.bench import profile as profile_cmd
 from fastmae.bench import step as step_cmd
 from fastmae.bench.contenders import Contender, build_contenders, fastmae_step
@@ -240,7 +241,8 @@ def test_profile_cli(tmp_path, capsys, charts):
     params = report["parameters"]
     assert params["encoder"]["parameters"] + params["decoder"]["parameters"] == sum(
         p.numel() for p in create_model(MICRO).parameters())
-    assert "The paper's statements" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "The paper's statements" in printed and "Device time by kind" in printed
     # the chart: training FLOPs per component (w/o and w/ mask tokens), then the measured phases
     ((flop_panel, time_panel), _), = charts
     assert is_png(path.with_suffix(".png"))
@@ -248,7 +250,48 @@ def test_profile_cli(tmp_path, capsys, charts):
         [flops[key]["train"][c] / 1e6 for c in profile_cmd.COMPONENTS] for key in ("without_mask_tokens", "with_mask_tokens")]
     assert "MFLOP" in flop_panel.ylabel
     assert time_panel.series[0].values == [1e3 * phases[p] for p in profile_cmd.PHASES]
+    kernels = report["kernel_time"]
+    assert len(kernels["top"]) == 15 and kernels["by_kind"]["matmul"]["seconds_per_step"] > 0
     assert main(["profile", "--model", "nope"]) == 2
+    assert main(["profile", "--model", MICRO, "--kernel_table", "-1"]) == 2
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", "matmul"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_cublas", "matmul"),
+    ("void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>(Params)", "matmul"),
+    ("aten::addmm", "matmul"),
+    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<64, 128>>(Params)", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1_kernel0_0", "attention"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", "attention"),
+    ("_add_layer_norm_fwd_kernel", "fastmae triton"),
+    ("_decoder_unshuffle_bwd_kernel", "fastmae triton"),
+    ("_visible_patch_embed_fwd_kernel", "fastmae triton"),
+    ("_masked_patch_loss_kernel", "fastmae triton"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>(int, float)", "normalization"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::NormTwoOps<float, float>>>", kernel_time.OTHER),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl(at::TensorIteratorBase&)>", kernel_time.OTHER),
+    ("void at::native::multi_tensor_apply_kernel<at::native::FusedAdamMathFunctor<float, 4>>", "optimizer"),
+    ("Memcpy HtoD (Pageable -> Device)", kernel_time.OTHER),
+])
+def test_kernel_kinds_from_kernel_names(name, kind):
+    assert kernel_time.kernel_kind(name) == kind
+
+
+def test_step_kernel_times_add_up_per_step():
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    times = kernel_time.step_kernel_times(lambda: (a @ b).relu().sum(), CPU, steps=4, top=2)
+    assert times["profiled_steps"] == 4 and len(times["top"]) == 2
+    assert sum(k["seconds_per_step"] for k in times["by_kind"].values()) == pytest.approx(times["seconds_per_step"])
+    assert sum(k["share"] for k in times["by_kind"].values()) == pytest.approx(1.0)
+    assert times["top"][0]["seconds_per_step"] >= times["top"][1]["seconds_per_step"]
+    calls = {row["name"]: row["calls_per_step"] for row in times["top"]}
+    assert all(count == int(count) >= 1 for count in calls.values())  # counted over 4 steps, given per step
+    assert "Device time by kind (ATen operators" in kernel_time.format_kernel_times(times)
+    with pytest.raises(ValueError, match="steps >= 1"):
+        kernel_time.step_kernel_times(lambda: None, CPU, steps=0)
+    with pytest.raises(RuntimeError, match="no device time"):
+        kernel_time.step_kernel_times(lambda: None, CPU)
 
 
 def test_profile_component_cross_check_on_vit_large():
@@ -495,7 +538,8 @@ def test_gpu_commands_on_micro(tmp_path):
     assert main(["profile", "--model", MICRO, "--json", str(tmp_path / "p.json"), *quick]) == 0
     report = json.loads((tmp_path / "p.json").read_text())
     assert report["peak_memory_bytes"] > 0 and "allocated_growth_bytes_per_image" in report["activations"]
-    assert isinstance(report["host_syncs_in_step"], list)
+    assert report["host_syncs_in_step"] == []  # the training step queues work ahead of the GPU
+    assert report["kernel_time"]["what"] == "CUDA kernels" and report["kernel_time"]["by_kind"]["matmul"]["share"] > 0
     assert main(["bench", "step", "--model", MICRO, "--compile", "off", "--json", str(tmp_path / "s.json"),
                  "--gemm_size", "2048", "--no_progress", *quick]) == 0
     result = json.loads((tmp_path / "s.json").read_text())
@@ -783,4 +827,8 @@ def test_results_tables_show_each_field_in_its_column():
     flops = {"without_mask_tokens": {"train_total": 2e9}, "with_mask_tokens": {"train_total": 6.5e9}}
     lines = table.profile_table([{"benchmark": "profile", "model": "m", "environment": env, "batch_size": 32,
                                   "time": t, "flops_per_image": flops}])
-    assert "| m | GPU X | 32 | 200.0 | 50.0% | 25.0% | 5.0% | 15.0% | 2 | 6.5 |" in lines
+    assert "| m | GPU X | 32 | 200.0 | 50.0% | 25.0% | 5.0% | 15.0% | - | - | - | 2 | 6.5 |" in lines
+    kinds = {"matmul": {"share": 0.6}, "attention": {"share": 0.1}, "optimizer": {"share": 0.3}}
+    lines = table.profile_table([{"benchmark": "profile", "model": "m", "environment": env, "batch_size": 32,
+                                  "time": t, "flops_per_image": flops, "kernel_time": {"by_kind": kinds}}])
+    assert "| m | GPU X | 32 | 200.0 | 50.0% | 25.0% | 5.0% | 15.0% | 60.0% | 10.0% | 30.0% | 2 | 6.5 |" in lines

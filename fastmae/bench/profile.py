@@ -10,6 +10,7 @@
 3. Memory: parameters (and their gradients and AdamW state) of encoder and decoder; the activation
    memory each phase keeps for backward, counted as the distinct storages autograd saves; on CUDA
    also the allocator's growth per phase and its peak, and the host synchronisations in a step.
+   The device time of a step by kind of kernel (``fastmae.bench.kernel_time``): what fills it.
 4. The paper's statements as checks: dropping mask tokens cuts encoder FLOPs ~4x (and ViT-L's total
    3.3x, Table 1c); the decoder costs < 10% of the encoder per token (stated for ViT-L).
 """
@@ -33,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastmae.bench.charts import Panel, Series, write_bar_chart
 from fastmae.bench.environment import (dtype_name, environment_info, resolve_device, resolve_dtype, result_filename,
                                        write_json)
+from fastmae.bench.kernel_time import format_kernel_times, step_kernel_times
 from fastmae.bench.timing import SyntheticImages, synchronize
 from fastmae.flops import COMPONENTS, ENCODER_COMPONENTS, component_flops, token_counts
 from fastmae.models import MODEL_ARCHS, MaskedAutoencoderViT, create_model
@@ -361,6 +363,8 @@ def print_report(report: dict) -> None:
         sites = collections.Counter(syncs)
         print(f"Host synchronisations in a training step: {len(syncs)}"
               + "".join(f"\n  {count} x {site}" for site, count in sites.most_common()))
+    if "kernel_time" in report:
+        print("\n" + format_kernel_times(report["kernel_time"]))
     if "time" in report:
         t = report["time"]
         print(f"\nMeasured on {report['environment']['device']}, batch {report['batch_size']}, {report['dtype']}: "
@@ -379,6 +383,8 @@ def plot_profile(report: dict, path: Path) -> Path:
                                        ("w/ [M] (encoder sees all patches)", "with_mask_tokens", "#7f7f7f")]]
     labels = [c.replace("_", "\n", 1) for c in COMPONENTS]
     panels = [Panel(labels, series, f"training {unit} per image", value_format="{:.3g}")]
+    if "kernel_time" in report:
+        print("\n" + format_kernel_times(report["kernel_time"]))
     if "time" in report:
         t = report["time"]
         phases = list(t["median_s"])
@@ -394,13 +400,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help=f"one of {', '.join(sorted(MODEL_ARCHS))}")
     parser.add_argument("--decoder_depth", type=int, default=None, help="override the decoder depth")
     parser.add_argument("--mask_ratio", type=float, default=0.75)
-    parser.add_argument("--batch_size", type=int, default=None, help="default: 64 on CUDA, 4 on CPU")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="default: 256 on CUDA (ViT-H needs 128 on an 80 GB GPU), 4 on CPU")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
     parser.add_argument("--warmup", type=int, default=None, help="default: 5 CUDA, 1 CPU")
     parser.add_argument("--steps", type=int, default=None, help="default: 20 CUDA, 3 CPU")
     parser.add_argument("--flops_only", action="store_true", help="only the analytic and counted FLOPs")
+    parser.add_argument("--kernel_table", type=int, default=15, metavar="N",
+                        help="device time of a step by kind of kernel and its N largest kernels (torch.profiler); 0: off")
     parser.add_argument("--json", default=None, help="write the whole profile here, and its chart beside it (.png)")
     parser.add_argument("--out_dir", default=None, help="write profile_<model>_<device>_<date>.json and .png here")
 
@@ -412,9 +421,12 @@ def run(args) -> int:
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         cuda = device.type == "cuda"
-        batch = args.batch_size if args.batch_size is not None else (64 if cuda else 4)
+        # at batch 64 an eager ViT-L step is paced by the host's kernel launches, not by the GPU
+        batch = args.batch_size if args.batch_size is not None else (256 if cuda else 4)
         warmup = (5 if cuda else 1) if args.warmup is None else args.warmup
         steps = (20 if cuda else 3) if args.steps is None else args.steps
+        if args.kernel_table < 0:
+            raise ValueError(f"--kernel_table must be >= 0, got {args.kernel_table}")
         if batch < 2 or warmup < 0 or steps < 1:
             # batch 2 at least: the activation memory per image is a difference between two batch sizes
             raise ValueError(f"need batch_size >= 2, warmup >= 0, steps >= 1; got {batch}, {warmup}, {steps}")
@@ -453,10 +465,13 @@ def run(args) -> int:
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         report["time"] = time_phases(model, optimizer, images, args.mask_ratio, autocast_dtype, device, warmup, steps)
+        one_step = lambda: profiled_step(model, optimizer, next(images), args.mask_ratio, autocast_dtype,  # noqa: E731
+                                         PhaseMarks(device))
         if cuda:
             report["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
-            report["host_syncs_in_step"] = host_syncs(
-                lambda: profiled_step(model, optimizer, next(images), args.mask_ratio, autocast_dtype, PhaseMarks(device)))
+            report["host_syncs_in_step"] = host_syncs(one_step)
+        if args.kernel_table:
+            report["kernel_time"] = step_kernel_times(one_step, device, steps=3 if cuda else 1, top=args.kernel_table)
     print_report(report)
     path = args.json or (Path(args.out_dir) / result_filename(f"profile_{args.model}", device) if args.out_dir else None)
     if path:
