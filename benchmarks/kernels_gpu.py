@@ -12,7 +12,9 @@ ViT-L/16, ViT-H/14 at 224 px, mask ratio 0.75, decoder width 512), batch 256, fo
   achieved GB/s on it; a device-to-device copy of the same number of bytes, timed the same way in
   the same run, gives the copy bandwidth the targets are stated against;
 - three implementations: the Triton kernels ("triton"), the eager reference functions ("eager"),
-  and torch.compile of the reference functions ("compiled", inductor, default mode).
+  and torch.compile of the reference functions ("compiled", inductor, default mode);
+- for each, the device time of its kernels in the step (torch.profiler, ``kernel_time`` in the
+  JSON): which of them a slow implementation loses its time in.
 
 Two precision settings: "amp" is what the model sees under bf16 autocast (fp32 images, parameters
 and position tables; bf16 activations), "bf16" has every tensor in bf16. Targets (issue 4): >= 70%
@@ -270,6 +272,7 @@ def run(args: argparse.Namespace, out: Path | None = None) -> dict:
     from tqdm import tqdm
 
     from fastmae.bench.environment import environment_info, write_json
+    from fastmae.bench.kernel_time import step_kernel_times
 
     device = torch.device("cuda")
     timer = Timer(args.warmup, args.iters, device)
@@ -306,6 +309,8 @@ def run(args: argparse.Namespace, out: Path | None = None) -> dict:
                 continue
             entry[name] = summarize(times, case.bytes_floor, copy["gbps_on_floor"], case.flops)
             entry[name]["peak_extra_memory_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            # which of the step's kernels take the time: where a slow implementation loses it
+            entry[name]["kernel_time"] = step_kernel_times(lambda fn=fn: case.step(fn), device, steps=3, top=8)
         if "median_ms" in entry["triton"]:
             t = entry["triton"]["median_ms"]
             targets = {"copy_fraction_ge_0.7": entry["triton"]["fraction_of_copy_bandwidth"] >= 0.7}

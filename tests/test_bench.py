@@ -1,5 +1,6 @@
 """The step benchmark, Table 2 and the profile on CPU with small configs, and their building blocks."""
 
+import argparse
 import json
 import statistics
 import warnings
@@ -575,6 +576,20 @@ def test_kernel_benchmark_cases_run_both_sides_and_agree():
         agreement = bench.check_agreement(case, impls)
         assert agreement["max_abs_diff_forward"] <= 1e-2 * agreement["max_abs_eager_forward"], name
         assert case.bytes_floor > 0 and case.floor_note, name
+    # the kernel table the benchmark keeps per implementation, here over the eager side's operators
+    times = kernel_time.step_kernel_times(lambda: case.step(impls["eager"]), CPU, steps=1, top=4)
+    assert len(times["top"]) == 4 and times["by_kind"]["normalization"]["seconds_per_step"] > 0  # add + LayerNorm
+
+
+@pytest.mark.gpu
+def test_kernel_benchmark_run_on_gpu(tmp_path):
+    bench = load_benchmark_script("kernels_gpu")
+    args = argparse.Namespace(batch=4, warmup=1, iters=2, kernels=["decoder_input"], models=["vit_b"], modes=["amp"])
+    report = bench.run(args, tmp_path / "k.json")
+    (entry,) = report["results"]
+    assert report["complete"] and "median_ms" in entry["triton"] and "median_ms" in entry["compiled"]
+    assert entry["triton"]["kernel_time"]["by_kind"]["fastmae triton"]["share"] > 0
+    assert entry["eager"]["kernel_time"]["by_kind"]["fastmae triton"]["share"] == 0
 
 
 def test_results_table_shows_the_kernel_benchmark(tmp_path, capsys, charts):
