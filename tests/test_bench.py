@@ -257,6 +257,17 @@ def test_profile_cli(tmp_path, capsys, charts):
     assert main(["profile", "--model", MICRO, "--kernel_table", "-1"]) == 2
 
 
+def test_profile_out_of_memory_names_the_batch_to_try(tmp_path, capsys, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(profile_cmd, "activation_split", out_of_memory)
+    path = tmp_path / "p.json"
+    assert main(["profile", "--model", MICRO, "--batch_size", "8", "--json", str(path)]) == 2
+    assert "out of cpu memory at batch 8; try --batch_size 4" in capsys.readouterr().err
+    assert not path.exists()
+
+
 @pytest.mark.parametrize("name, kind", [
     ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", "matmul"),
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_cublas", "matmul"),

@@ -414,6 +414,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out_dir", default=None, help="write profile_<model>_<device>_<date>.json and .png here")
 
 
+def measure_step(report: dict, model, args, device: torch.device, dtype: torch.dtype, batch: int, warmup: int,
+                 steps: int) -> None:
+    """The measured part of the profile, added to ``report``: activations, phase times, memory,
+    host synchronisations and the kernel table."""
+    cuda = device.type == "cuda"
+    config = model.config
+    autocast_dtype = None if dtype == torch.float32 else dtype
+    images = SyntheticImages(batch, config.img_size, device, count=2)
+    report.update(batch_size=batch, dtype=dtype_name(dtype), kernels=args.kernels, warmup_steps=warmup, timed_steps=steps)
+    report["activations"] = activation_split(model, next(images), args.mask_ratio, autocast_dtype)
+    optimizer = build_optimizer(model, 1.5e-4, 0.05)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    report["time"] = time_phases(model, optimizer, images, args.mask_ratio, autocast_dtype, device, warmup, steps)
+
+    def one_step():
+        return profiled_step(model, optimizer, next(images), args.mask_ratio, autocast_dtype, PhaseMarks(device))
+
+    if cuda:
+        report["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+        report["host_syncs_in_step"] = host_syncs(one_step)
+    if args.kernel_table:
+        report["kernel_time"] = step_kernel_times(one_step, device, steps=3 if cuda else 1, top=args.kernel_table)
+
+
 def run(args) -> int:
     try:
         if args.model not in MODEL_ARCHS:
@@ -456,22 +481,12 @@ def run(args) -> int:
     else:
         model = create_model(args.model, kernels=args.kernels, **overrides).to(device)
         report["parameters"] = parameter_split(model)
-    if not args.flops_only:
-        autocast_dtype = None if dtype == torch.float32 else dtype
-        images = SyntheticImages(batch, config.img_size, device, count=2)
-        report.update(batch_size=batch, dtype=dtype_name(dtype), kernels=args.kernels, warmup_steps=warmup, timed_steps=steps)
-        report["activations"] = activation_split(model, next(images), args.mask_ratio, autocast_dtype)
-        optimizer = build_optimizer(model, 1.5e-4, 0.05)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        report["time"] = time_phases(model, optimizer, images, args.mask_ratio, autocast_dtype, device, warmup, steps)
-        one_step = lambda: profiled_step(model, optimizer, next(images), args.mask_ratio, autocast_dtype,  # noqa: E731
-                                         PhaseMarks(device))
-        if cuda:
-            report["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
-            report["host_syncs_in_step"] = host_syncs(one_step)
-        if args.kernel_table:
-            report["kernel_time"] = step_kernel_times(one_step, device, steps=3 if cuda else 1, top=args.kernel_table)
+        try:
+            measure_step(report, model, args, device, dtype, batch, warmup, steps)
+        except torch.OutOfMemoryError:
+            print(f"fastmae profile: error: out of {device} memory at batch {batch}; try --batch_size {batch // 2}",
+                  file=sys.stderr)
+            return 2
     print_report(report)
     path = args.json or (Path(args.out_dir) / result_filename(f"profile_{args.model}", device) if args.out_dir else None)
     if path:
