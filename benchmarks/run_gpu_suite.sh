@@ -17,8 +17,9 @@
 #            partly bound by the host's kernel launches, which compiling removes; ~6 min)
 #   profile  the per-component profile of each model, at batch 256 (ViT-H 128): smaller batches time
 #            the host's kernel launches more than the GPU (ViT-L eager: 119 ms at batch 64, 106 at 256)
-#   data     img/s of the CPU and torchvision-GPU loaders on generated ImageNet-like JPEGs
-#   train    a real ViT-B/16 pretraining run (batch 256, bf16, the loader auto picks) on 5120 generated
+#   data     img/s of the CPU, hybrid (PIL decode, GPU resize) and torchvision-GPU loaders on generated
+#            ImageNet-like JPEGs
+#   train    real ViT-B/16 pretraining runs (batch 256, bf16; the loader auto picks, then hybrid) on 5120 generated
 #            ImageNet-like JPEGs: img/s and the share of time waiting for data (its summary.json)
 #   suites   the pytest-benchmark suites' GPU cases (benchmarks/bench_*.py), timed, their JSON in OUT_DIR
 # A failing command is reported and the rest still run; the exit status says whether all passed.
@@ -80,15 +81,19 @@ for part in "${parts[@]}"; do
         run python -m fastmae profile --model "${model_batch%:*}" --batch_size "${model_batch#*:}" --dtype bf16 \
           --out_dir "$out"
       done ;;
-    data) run python -m fastmae bench data --loaders cpu torchvision --device cuda --batch_size 256 \
+    data) run python -m fastmae bench data --loaders cpu hybrid torchvision --device cuda --batch_size 256 \
             --json "$(result_path data .json)" --plot "$(result_path data .png)" ;;
     train)
       jpegs=$(mktemp -d) run_dir=$(mktemp -d)
       python -c "import sys; from fastmae.data.synthetic import write_jpeg_folder
 write_jpeg_folder(sys.argv[1], 5120, num_classes=16)" "$jpegs"  # 20 batches of 256 per epoch
-      run python -m fastmae pretrain --data_path "$jpegs" --model mae_vit_base_patch16 --batch_size 256 \
-        --norm_pix_loss --max_steps 100 --log_every 20 --save_every 1000000 --output_dir "$run_dir" --no_progress
-      [ -f "$run_dir/summary.json" ] && cp "$run_dir/summary.json" "$(result_path train_mae_vit_base_patch16 .json)"
+      for loader in auto hybrid; do
+        run python -m fastmae pretrain --data_path "$jpegs" --model mae_vit_base_patch16 --batch_size 256 \
+          --norm_pix_loss --max_steps 100 --log_every 20 --save_every 1000000 --output_dir "$run_dir/$loader" \
+          --data_loader "$loader" --num_workers 16 --no_progress
+        [ -f "$run_dir/$loader/summary.json" ] &&
+          cp "$run_dir/$loader/summary.json" "$(result_path "train_mae_vit_base_patch16_$loader" .json)"
+      done
       rm -rf "$jpegs" "$run_dir" ;;
   esac
 done

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, sample_resized_crop
+from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, resized_crops, sample_resized_crop
 from fastmae.data.encoded_batches import EncodedBatchReader
-from fastmae.data.gpu_decode import decode_on_cpu, resized_crops
+from fastmae.data.gpu_decode import decode_on_cpu
+from fastmae.data.hybrid import HybridLoader
 from fastmae.data.image_header import BadImageError, read_header
 from fastmae.data.loader import CPULoader, DataConfig, build_loader
 from fastmae.data.sources import open_source
@@ -120,6 +121,21 @@ def test_dali_cpu_mode_matches_cpu_loader_over_epochs_and_resume(photos):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(epoch_of(dali, 1), got))  # ...then a whole epoch
 
 
+def test_hybrid_loader_matches_cpu_loader_over_epochs_workers_and_resume(photos):
+    cfg = config(photos)
+    cpu = CPULoader(cfg, 0, 1, torch.device("cpu"))
+    hybrid = build_loader(config(photos, loader="hybrid", num_workers=2), 0, 1, torch.device("cpu"))
+    assert isinstance(hybrid, HybridLoader) and len(hybrid) == len(cpu) == 3
+    for epoch in (0, 1):
+        got = epoch_of(hybrid, epoch)
+        for a, b in zip(epoch_of(cpu, epoch), got, strict=True):
+            assert b.dtype == torch.float32 and b.shape == (8, 3, SIZE, SIZE)
+            # same crop box and flip; torch's antialiased bicubic and PIL's round a grey level apart
+            assert (a - b).abs().mean() < 0.01 and (a - b).abs().max() < 0.1
+            assert (a.flip(-1) - b).abs().mean() > 0.2  # a flip that disagrees would show
+    assert torch.equal(epoch_of(hybrid, 1, start_batch=2)[0], got[2])
+
+
 def test_resized_crops_match_cpu_loader(photos):
     cfg = config(photos)
     for a, b in zip(epoch_of(CPULoader(cfg, 0, 1, torch.device("cpu")), 0), epoch_of(ResizedCropsOnCPU(cfg), 0)):
@@ -188,7 +204,8 @@ def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def loaders_on_cpu(cfg):
-    loaders = {"cpu": CPULoader(cfg, 0, 1, torch.device("cpu")), "torchvision-resize": ResizedCropsOnCPU(cfg)}
+    loaders = {"cpu": CPULoader(cfg, 0, 1, torch.device("cpu")), "torchvision-resize": ResizedCropsOnCPU(cfg),
+               "hybrid": HybridLoader(cfg, 0, 1, torch.device("cpu"))}
     if HAS_DALI:
         loaders["dali-cpu"] = dali_loader(cfg)
     return loaders
@@ -261,7 +278,8 @@ def bad_folder(root, num_good=11):
 
 
 def loaders_for_bad_data(cfg):
-    loaders = {"cpu": CPULoader(cfg, 0, 1, torch.device("cpu")), "torchvision-resize": ResizedCropsOnCPU(cfg)}
+    loaders = {"cpu": CPULoader(cfg, 0, 1, torch.device("cpu")), "torchvision-resize": ResizedCropsOnCPU(cfg),
+               "hybrid": HybridLoader(cfg, 0, 1, torch.device("cpu"))}
     if HAS_DALI:
         loaders["dali-cpu"] = dali_loader(cfg)
     return loaders
@@ -461,6 +479,14 @@ def test_torchvision_gpu_loader_matches_cpu_loader(photos, tmp_path):
 
 
 @pytest.mark.gpu
+def test_hybrid_loader_on_the_gpu_matches_cpu_loader(photos):
+    cfg = config(photos, loader="hybrid", num_workers=2)
+    gpu = build_loader(cfg, 0, 1, torch.device("cuda"))
+    for a, b in zip(epoch_of(CPULoader(config(photos), 0, 1, torch.device("cpu")), 1), epoch_of(gpu, 1), strict=True):
+        assert b.dtype == torch.float32 and (a - b).abs().mean() < 0.01 and (a - b).abs().max() < 0.1
+
+
+@pytest.mark.gpu
 @needs_dali
 def test_dali_gpu_loader_matches_cpu_loader(photos):
     from fastmae.data.dali import build_dali_loader
@@ -483,7 +509,8 @@ def test_bench_data_cli_measures_each_available_loader(photos, tmp_path, capsys)
 
     report = json.loads(out.read_text())
     measured = {(row["loader"], row["mode"]) for row in report["results"]}
-    expected = {("cpu", "decode"), ("cpu", "augment")} | ({("dali", "decode"), ("dali", "augment")} if HAS_DALI else set())
+    expected = {("cpu", "decode"), ("cpu", "augment"), ("hybrid", "augment")}  # hybrid decodes as cpu does
+    expected |= {("dali", "decode"), ("dali", "augment")} if HAS_DALI else set()
     assert measured == expected
     for row in report["results"]:
         assert row["images"] == 4 * (6 - 1 - 1) and row["img_per_s"] > 0

@@ -163,7 +163,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gemm_size", type=int, default=None, help="matrix size of the GEMM-rate measurement")
     parser.add_argument("--real_data", action="store_true", help="feed batches from the data loader")
     parser.add_argument("--data_path", default=None, help="image folder for --real_data (default: embedded photos)")
-    parser.add_argument("--data_loader", default="auto", help="auto | dali | torchvision | cpu")
+    parser.add_argument("--data_loader", default="auto", help="auto | dali | torchvision | hybrid | cpu")
     parser.add_argument("--num_workers", type=int, default=8)
     parser.add_argument("--json", default=None, help="write the result here (one model), and its chart beside it (.png)")
     parser.add_argument("--out_dir", default=None, help="write step_<model>_<gpu>_<date>.json and .png here, one per model")

@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -60,19 +61,41 @@ def sample_resized_crop(height: int, width: int, scale: tuple[float, float] = CR
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def random_crop_flip(image: Image.Image, rng: np.random.Generator, scale: tuple[float, float] = CROP_SCALE,
+                     ratio: tuple[float, float] = CROP_RATIO,
+                     hflip_prob: float = HFLIP_PROB) -> tuple[Image.Image, bool]:
+    """The random draws of RandomResizedCrop + flip on a PIL image: (its RGB crop, not yet resized;
+    whether to flip the resized crop). The flip is drawn after the box, as torchvision draws them."""
+    image = image.convert("RGB")
+    top, left, h, w = sample_resized_crop(image.height, image.width, scale, ratio, rng)
+    return image.crop((left, top, left + w, top + h)), bool(rng.random() < hflip_prob)
+
+
 def random_resized_crop_flip(image: Image.Image, size: int, rng: np.random.Generator,
                              scale: tuple[float, float] = CROP_SCALE,
                              ratio: tuple[float, float] = CROP_RATIO,
                              hflip_prob: float = HFLIP_PROB) -> np.ndarray:
     """A PIL image -> uint8 array [size, size, 3]: resized crop (bicubic), then a random flip."""
-    image = image.convert("RGB")
-    top, left, h, w = sample_resized_crop(image.height, image.width, scale, ratio, rng)
+    crop, flip = random_crop_flip(image, rng, scale, ratio, hflip_prob)
     # crop then resize, as torchvision's resized_crop on PIL images
-    image = image.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
-    pixels = np.array(image, dtype=np.uint8)  # a writable copy
-    if rng.random() < hflip_prob:
+    pixels = np.array(crop.resize((size, size), Image.BICUBIC), dtype=np.uint8)  # a writable copy
+    if flip:
         pixels = pixels[:, ::-1]
     return np.ascontiguousarray(pixels)
+
+
+def resized_crops(images: list[torch.Tensor], boxes: np.ndarray, flips: np.ndarray, size: int) -> torch.Tensor:
+    """images: B x uint8 [3, H_i, W_i] on one device; boxes: [B, 4] (top, left, h, w); flips: bool [B]
+    -> uint8 [B, 3, size, size] on that device, as torchvision's resized_crop + hflip on PIL images:
+    bicubic with antialiasing, rounded and clamped to 0..255 (PIL resizes to uint8). The loaders that
+    resize on the GPU use it; it reads nothing back from the device and copies nothing to it."""
+    out = torch.empty(len(images), 3, size, size, dtype=torch.uint8, device=images[0].device)
+    for row, (image, (top, left, height, width), flip) in enumerate(zip(images, boxes.tolist(), flips.tolist())):
+        crop = image[:, top : top + height, left : left + width].unsqueeze(0).float()
+        resized = F.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+        resized = resized[0].round_().clamp_(0, 255)
+        out[row] = resized.flip(-1) if flip else resized
+    return out
 
 
 def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:

@@ -24,7 +24,8 @@ from fastmae.data.loader import CPULoader, DataConfig
 from fastmae.data.sources import ImageSource, open_source
 from fastmae.data.synthetic import IMAGENET_LIKE_QUALITY, IMAGENET_LIKE_SIZE, write_jpeg_folder
 
-LOADERS = ("cpu", "dali", "torchvision")
+LOADERS = ("cpu", "hybrid", "dali", "torchvision")
+WORKER_LOADERS = ("cpu", "hybrid")  # a batch per worker process at a time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,12 +84,14 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{loader_name}: skipped ({why_not})")
                 continue
             for mode in args.modes:
+                if loader_name == "hybrid" and mode == "decode":
+                    continue  # its workers decode as the cpu loader's do: the same measurement
                 loads = args.hw_decoder_load if loader_name == "dali" and device.type == "cuda" and args.hw_decoder_load else [None]
                 for hw_load in loads:
                     loader = make_loader(loader_name, mode, cfg, device, source, args.num_threads, hw_load)
                     label = f"{loader_name} {mode}" + (f" hw_decoder_load={hw_load}" if hw_load is not None else "")
                     # the CPU loaders' worker processes each make a whole batch: num_threads at once
-                    parallel = max(1, args.num_threads) if loader_name == "cpu" else 1
+                    parallel = max(1, args.num_threads) if loader_name in WORKER_LOADERS else 1
                     results.append({"loader": loader_name, "mode": mode, "hw_decoder_load": hw_load,
                                     **measure(loader, label, device, args.warmup, args.batches, args.batch_size,
                                               parallel)})
@@ -153,6 +156,10 @@ def make_loader(name: str, mode: str, cfg: DataConfig, device: torch.device, sou
     decode_only = mode == "decode"
     if name == "cpu":
         return _CPUDecodeOnly(source, cfg) if decode_only else CPULoader(cfg, 0, 1, device)
+    if name == "hybrid":
+        from fastmae.data.hybrid import HybridLoader
+
+        return HybridLoader(cfg, 0, 1, device)
     if name == "dali":
         from fastmae.data.dali import DEFAULT_HW_DECODER_LOAD, build_dali_loader
 

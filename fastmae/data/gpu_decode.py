@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
+from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, resized_crops
 from fastmae.data.encoded_batches import EncodedBatch, EncodedBatchReader, ReaderBackedBatches, run_ahead
 from fastmae.data.loader import DataConfig
 from fastmae.data.sources import open_source
@@ -44,21 +44,6 @@ def decode_on_cpu(file: np.ndarray) -> torch.Tensor:
     with Image.open(io.BytesIO(file.tobytes())) as image:
         pixels = np.array(image.convert("RGB"))  # writable, for torch.from_numpy
     return torch.from_numpy(pixels).permute(2, 0, 1)
-
-
-def resized_crops(images: list[torch.Tensor], boxes: np.ndarray, flips: np.ndarray, size: int) -> torch.Tensor:
-    """images: B x uint8 [3, H_i, W_i]; boxes: [B, 4] (top, left, h, w); flips: bool [B]
-    -> uint8 [B, 3, size, size], as torchvision's resized_crop + hflip on PIL images: bicubic with
-    antialiasing, rounded and clamped to 0..255 (PIL resizes to uint8)."""
-    out = torch.empty(len(images), 3, size, size, dtype=torch.uint8, device=images[0].device)
-    for row, (image, (top, left, height, width)) in enumerate(zip(images, boxes.tolist())):
-        crop = image[:, top : top + height, left : left + width].unsqueeze(0).float()
-        resized = F.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-        out[row] = resized[0].round_().clamp_(0, 255).to(torch.uint8)
-    flip_rows = torch.from_numpy(np.flatnonzero(flips)).to(out.device)
-    if flip_rows.numel():
-        out[flip_rows] = out[flip_rows].flip(-1)
-    return out
 
 
 class TorchvisionGPULoader(ReaderBackedBatches):

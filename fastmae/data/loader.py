@@ -4,6 +4,8 @@
 normalised image batches of this rank's shard, ``set_epoch`` it before each epoch. Loaders:
 
 - ``cpu``: PIL decode and augmentation in DataLoader worker processes (this module).
+- ``hybrid``: PIL decode and crop in worker processes, the resize, flip and normalisation on the
+  device (``fastmae.data.hybrid``): the workers skip the resize, about half their work.
 - ``dali``: nvJPEG decode on the GPU (``fastmae.data.dali``).
 - ``torchvision``: torchvision's GPU ``decode_jpeg`` (``fastmae.data.gpu_decode``).
 - ``auto``: dali if installed and the device is CUDA, else torchvision if installed and CUDA,
@@ -29,7 +31,7 @@ from fastmae.data.augment import (CROP_RATIO, CROP_SCALE, IMAGENET_MEAN, IMAGENE
                                   resize_center_crop)
 from fastmae.data.sources import ImageSource, open_source, shard_indices
 
-LOADER_CHOICES = ("auto", "dali", "torchvision", "cpu")
+LOADER_CHOICES = ("auto", "dali", "torchvision", "hybrid", "cpu")
 # An item that fails to decode is replaced by the next item; this many failures in a row is an error.
 MAX_CONSECUTIVE_UNREADABLE = 32
 
@@ -42,7 +44,7 @@ class DataConfig:
     num_workers: int = 8
     pin_mem: bool = True
     seed: int = 0
-    loader: str = "auto"  # auto | dali | torchvision | cpu
+    loader: str = "auto"  # auto | dali | torchvision | hybrid | cpu
     scale: tuple[float, float] = CROP_SCALE
     ratio: tuple[float, float] = CROP_RATIO
     samples_per_epoch: int | None = None  # embedded source only: crops per epoch
@@ -87,6 +89,10 @@ def build_loader(cfg: DataConfig, rank: int, world_size: int, device: torch.devi
         from fastmae.data.gpu_decode import build_torchvision_loader
 
         return build_torchvision_loader(cfg, rank, world_size, device)
+    if kind == "hybrid":
+        from fastmae.data.hybrid import HybridLoader
+
+        return HybridLoader(cfg, rank, world_size, device)
     return CPULoader(cfg, rank, world_size, device)
 
 
@@ -113,7 +119,8 @@ def _importable(module: str) -> bool:
 
 
 class _AugmentedItems(Dataset):
-    """key (item index, epoch, position) -> (uint8 [3, S, S], names of unreadable items passed over)."""
+    """key (item index, epoch, position) -> (uint8 [3, S, S], names of unreadable items passed over).
+    Subclasses change what ``augment`` makes of the image; the draws and replacements stay."""
 
     def __init__(self, source: ImageSource, cfg: DataConfig):
         self.source = source
@@ -136,9 +143,11 @@ class _AugmentedItems(Dataset):
             except Exception:  # a truncated or non-image file: replaced and counted, never silent
                 unreadable.append(self.source.name(item))
                 continue
-            pixels = random_resized_crop_flip(image, self.size, rng, self.scale, self.ratio)
-            return torch.from_numpy(pixels).permute(2, 0, 1), unreadable
+            return self.augment(image, rng), unreadable
         raise RuntimeError(f"{MAX_CONSECUTIVE_UNREADABLE} unreadable images in a row, e.g. {unreadable[:3]}")
+
+    def augment(self, image, rng: np.random.Generator):
+        return torch.from_numpy(random_resized_crop_flip(image, self.size, rng, self.scale, self.ratio)).permute(2, 0, 1)
 
 
 def _collate(samples: list[tuple[torch.Tensor, list[str]]]) -> tuple[torch.Tensor, list[str]]:
@@ -201,7 +210,11 @@ def _ignore_sigint(worker_id: int) -> None:
 
 
 class CPULoader:
-    """PIL decode + augmentation in ``num_workers`` processes; batches normalised on ``device``."""
+    """PIL decode + augmentation in ``num_workers`` processes; batches normalised on ``device``.
+    Subclasses set what the workers make (``items``, ``collate``) and how it becomes images (``images``)."""
+
+    items = _AugmentedItems
+    collate = staticmethod(_collate)
 
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: torch.device):
         self.cfg = cfg
@@ -210,10 +223,10 @@ class CPULoader:
         self.sampler = EpochBatchSampler(len(self.source), cfg, rank, world_size)
         self._skips = SkipLog()
         self._loader = DataLoader(
-            _AugmentedItems(self.source, cfg),
+            self.items(self.source, cfg),
             batch_sampler=self.sampler,
             num_workers=cfg.num_workers,
-            collate_fn=_collate,
+            collate_fn=self.collate,
             pin_memory=cfg.pin_mem and self.device.type == "cuda",
             persistent_workers=cfg.num_workers > 0,
             prefetch_factor=4 if cfg.num_workers > 0 else None,
@@ -227,11 +240,14 @@ class CPULoader:
         self.sampler.set_epoch(epoch, start_batch)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        for pixels, unreadable in self._loader:  # pixels: uint8 [B, 3, S, S]
+        for *batch, unreadable in self._loader:
             if unreadable:
                 self._skips.record(unreadable, stacklevel=1)
-            pixels = pixels.to(self.device, non_blocking=True)
-            yield normalize(pixels, IMAGENET_MEAN, IMAGENET_STD)
+            yield self.images(*batch)
+
+    def images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, S, S] from the workers -> the batch, normalised on the device."""
+        return normalize(pixels.to(self.device, non_blocking=True), IMAGENET_MEAN, IMAGENET_STD)
 
     @property
     def skipped(self) -> int:
