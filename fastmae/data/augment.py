@@ -89,13 +89,13 @@ def resized_crops(images: list[torch.Tensor], boxes: np.ndarray, flips: np.ndarr
     -> uint8 [B, 3, size, size] on that device, as torchvision's resized_crop + hflip on PIL images:
     bicubic with antialiasing, rounded and clamped to 0..255 (PIL resizes to uint8). The loaders that
     resize on the GPU use it; it reads nothing back from the device and copies nothing to it."""
-    out = torch.empty(len(images), 3, size, size, dtype=torch.uint8, device=images[0].device)
+    # a few kernels per image, the rounding once per batch: on a GPU the host's launches are the cost
+    out = torch.empty(len(images), 3, size, size, dtype=torch.float32, device=images[0].device)
     for row, (image, (top, left, height, width), flip) in enumerate(zip(images, boxes.tolist(), flips.tolist())):
         crop = image[:, top : top + height, left : left + width].unsqueeze(0).float()
-        resized = F.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-        resized = resized[0].round_().clamp_(0, 255)
+        resized = F.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False, antialias=True)[0]
         out[row] = resized.flip(-1) if flip else resized
-    return out
+    return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
