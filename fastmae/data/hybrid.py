@@ -46,8 +46,7 @@ class HybridLoader(CPULoader):
     def images(self, flat: torch.Tensor, sizes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
         flat = flat.to(self.device, non_blocking=True)  # pinned by the DataLoader on CUDA
         shapes = sizes.tolist()
-        ends = np.cumsum([3 * h * w for h, w in shapes]).tolist()
-        crops = [flat[end - 3 * h * w : end].view(3, h, w) for (h, w), end in zip(shapes, ends)]
+        crops = [crop.view(3, h, w) for crop, (h, w) in zip(flat.split([3 * h * w for h, w in shapes]), shapes)]
         boxes = np.zeros((len(shapes), 4), dtype=np.int64)
         boxes[:, 2:] = shapes
         pixels = resized_crops(crops, boxes, flips.numpy(), self.cfg.input_size)
