@@ -175,9 +175,16 @@ def test_embedded_photographs_are_real_colour_images():
     assert preview.shape == (5, 3, 16, 16)
 
 
-def test_auto_loader_choice():
+def test_auto_loader_choice(monkeypatch):
+    from fastmae.data import loader as loader_module
+
     assert resolve_loader(DataConfig(None, loader="auto"), torch.device("cpu")) == "cpu"
     assert resolve_loader(DataConfig("/data", loader="auto"), torch.device("cpu")) == "cpu"
+    assert resolve_loader(DataConfig(None, loader="auto"), torch.device("cuda")) == "cpu"  # embedded photographs
+    monkeypatch.setattr(loader_module, "_importable", lambda module: True)
+    assert resolve_loader(DataConfig("/data", loader="auto"), torch.device("cuda")) == "dali"
+    monkeypatch.setattr(loader_module, "_importable", lambda module: not module.startswith("nvidia"))
+    assert resolve_loader(DataConfig("/data", loader="auto"), torch.device("cuda")) == "hybrid"  # torchvision or not
     with pytest.raises(ValueError, match="embedded"):
         resolve_loader(DataConfig(None, loader="dali"), torch.device("cpu"))
     with pytest.raises(ValueError, match="loader"):

@@ -84,18 +84,99 @@ def random_resized_crop_flip(image: Image.Image, size: int, rng: np.random.Gener
     return np.ascontiguousarray(pixels)
 
 
-def resized_crops(images: list[torch.Tensor], boxes: np.ndarray, flips: np.ndarray, size: int) -> torch.Tensor:
-    """images: B x uint8 [3, H_i, W_i] on one device; boxes: [B, 4] (top, left, h, w); flips: bool [B]
-    -> uint8 [B, 3, size, size] on that device, as torchvision's resized_crop + hflip on PIL images:
-    bicubic with antialiasing, rounded and clamped to 0..255 (PIL resizes to uint8). The loaders that
-    resize on the GPU use it; it reads nothing back from the device and copies nothing to it."""
-    # a few kernels per image, the rounding once per batch: on a GPU the host's launches are the cost
-    out = torch.empty(len(images), 3, size, size, dtype=torch.float32, device=images[0].device)
-    for row, (image, (top, left, height, width), flip) in enumerate(zip(images, boxes.tolist(), flips.tolist())):
-        crop = image[:, top : top + height, left : left + width].unsqueeze(0).float()
-        resized = F.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False, antialias=True)[0]
-        out[row] = resized.flip(-1) if flip else resized
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+# Columns of a crop table, int64 [B, 9], one row per crop of a batch whose source images lie one after
+# another in one uint8 buffer as [3, H_b, W_b] (``crop_table``). TMP_OFFSET is where the Triton kernel
+# keeps the crop's rows between its two passes.
+SRC_OFFSET, SRC_HEIGHT, SRC_WIDTH, TOP, LEFT, HEIGHT, WIDTH, TMP_OFFSET, FLIP = range(9)
+TABLE_COLUMNS = 9
+CHANNELS = 3
+
+
+def crop_table(image_shapes, boxes, flips, size: int) -> torch.Tensor:
+    """image_shapes int [B, 2] (H, W) of images stored one after another as [3, H, W] uint8; boxes
+    int [B, 4] (top, left, h, w) inside them; flips bool [B] -> the crop table, int64 [B, 9] on the CPU."""
+    image_shapes = np.asarray(image_shapes, dtype=np.int64).reshape(-1, 2)
+    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    flips = np.asarray(flips).reshape(-1)
+    if not len(image_shapes) == len(boxes) == len(flips):
+        raise ValueError(f"{len(image_shapes)} image shapes, {len(boxes)} boxes and {len(flips)} flips: "
+                         "give one of each per crop")
+    table = np.empty((len(boxes), TABLE_COLUMNS), dtype=np.int64)
+    src_sizes = CHANNELS * image_shapes[:, 0] * image_shapes[:, 1]
+    tmp_sizes = CHANNELS * boxes[:, 2] * size
+    table[:, SRC_OFFSET] = np.cumsum(src_sizes) - src_sizes
+    table[:, SRC_HEIGHT:SRC_WIDTH + 1] = image_shapes
+    table[:, TOP:WIDTH + 1] = boxes
+    table[:, TMP_OFFSET] = np.cumsum(tmp_sizes) - tmp_sizes
+    table[:, FLIP] = flips.astype(bool)
+    return torch.from_numpy(table)
+
+
+def check_crop_table(pixels: torch.Tensor, table: torch.Tensor, size: int) -> np.ndarray:
+    """The table's rows as a NumPy array, checked against the pixel buffer (on the host, where the
+    table is made: a crop outside its image would read another image's pixels, not fail)."""
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    if not (isinstance(table, torch.Tensor) and table.device.type == "cpu" and table.dtype == torch.int64
+            and table.ndim == 2 and table.shape[1] == TABLE_COLUMNS and table.shape[0] > 0):
+        raise ValueError(f"table must be a CPU int64 tensor [B >= 1, {TABLE_COLUMNS}] (crop_table), got "
+                         f"{getattr(table, 'dtype', type(table).__name__)} {list(getattr(table, 'shape', []))}")
+    if not (isinstance(pixels, torch.Tensor) and pixels.dtype == torch.uint8 and pixels.ndim == 1
+            and pixels.is_contiguous()):
+        raise ValueError(f"pixels must be a contiguous 1-d uint8 tensor, got "
+                         f"{getattr(pixels, 'dtype', type(pixels).__name__)} {list(getattr(pixels, 'shape', []))}")
+    rows = table.contiguous().numpy()
+    src_h, src_w, top, left, h, w = (rows[:, k] for k in (SRC_HEIGHT, SRC_WIDTH, TOP, LEFT, HEIGHT, WIDTH))
+    bad = (h < 1) | (w < 1) | (top < 0) | (left < 0) | (top + h > src_h) | (left + w > src_w)
+    if bad.any():
+        b = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"crop {b}: box (top {top[b]}, left {left[b]}, {h[b]} x {w[b]}) is not inside its "
+                         f"{src_h[b]} x {src_w[b]} image")
+    ends = rows[:, SRC_OFFSET] + CHANNELS * src_h * src_w
+    if rows[:, SRC_OFFSET].min() < 0 or ends.max() > pixels.numel():
+        raise ValueError(f"the table's images reach element {ends.max()} of a pixel buffer of {pixels.numel()}")
+    return rows
+
+
+def resize_crop(crop: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [3, h, w] -> float32 [3, size, size] of integers 0..255: torchvision's resized crop of a
+    PIL image (antialiased bicubic, rounded and clamped as PIL's uint8 output; within a grey level or
+    two of PIL's own resize)."""
+    resized = F.interpolate(crop.unsqueeze(0).float(), size=(size, size), mode="bicubic", align_corners=False,
+                            antialias=True)[0]
+    return resized.round_().clamp_(0, 255)
+
+
+def resized_crops_reference(pixels: torch.Tensor, table: torch.Tensor, size: int, shift: torch.Tensor,
+                            scale: torch.Tensor) -> torch.Tensor:
+    """pixels uint8 [sum of 3 H_b W_b], table int64 [B, 9] (crop_table), shift = 255 mean and scale =
+    255 std fp32 [3] -> float32 [B, 3, size, size]: each crop resized, mirrored if flipped, normalised."""
+    rows = check_crop_table(pixels, table, size)
+    out = torch.empty((len(rows), CHANNELS, size, size), dtype=torch.float32, device=pixels.device)
+    for b, (offset, src_h, src_w, top, left, h, w, _, flip) in enumerate(rows.tolist()):
+        image = pixels[offset : offset + CHANNELS * src_h * src_w].view(CHANNELS, src_h, src_w)
+        resized = resize_crop(image[:, top : top + h, left : left + w], size)
+        out[b] = resized.flip(-1) if flip else resized
+    return out.sub_(shift.view(1, -1, 1, 1)).div_(scale.view(1, -1, 1, 1))
+
+
+def resized_crops(pixels: torch.Tensor, table: torch.Tensor, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                  kernels: str = "auto") -> torch.Tensor:
+    """The GPU loaders' augmentation of a batch: pixels uint8 [sum of 3 H_b W_b] on the device holding
+    the batch's images one after another, table int64 [B, 9] on the CPU (``crop_table``) -> float32
+    [B, 3, size, size] normalised, as torchvision's resized crop + flip of PIL images + normalisation.
+
+    kernels "auto": on CUDA two Triton launches for the whole batch (``fastmae.kernels.crop_resize``),
+    else ``resized_crops_reference``, a few kernels per crop. Nothing is read back from the device.
+    """
+    from fastmae.kernels import resolve_kernels
+
+    shift, scale = _normalization_constants(tuple(map(float, mean)), tuple(map(float, std)), pixels.device)
+    if resolve_kernels(kernels, pixels.device) == "triton":
+        from fastmae.kernels.crop_resize import resized_crops_triton
+
+        return resized_crops_triton(pixels, table, size, shift.view(-1), scale.view(-1))
+    return resized_crops_reference(pixels, table, size, shift.view(-1), scale.view(-1))
 
 
 def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, resized_crops
+from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD, crop_table, normalize, resized_crops
 from fastmae.data.encoded_batches import EncodedBatch, EncodedBatchReader, ReaderBackedBatches, run_ahead
 from fastmae.data.loader import DataConfig
 from fastmae.data.sources import open_source
@@ -103,9 +103,10 @@ class TorchvisionGPULoader(ReaderBackedBatches):
         if self.decode_only:
             pixels = torch.stack([F.interpolate(image[None].float(), size=(size, size), mode="nearest")[0]
                                   for image in images]).to(torch.uint8)
-        else:
-            pixels = resized_crops(images, batch.boxes, batch.flips, size)
-        return normalize(pixels, IMAGENET_MEAN, IMAGENET_STD), batch
+            return normalize(pixels, IMAGENET_MEAN, IMAGENET_STD), batch
+        flat = torch.cat([image.reshape(-1) for image in images])  # one buffer: the batch's crops in two launches
+        table = crop_table([image.shape[1:] for image in images], batch.boxes, batch.flips, size)
+        return resized_crops(flat, table, size, IMAGENET_MEAN, IMAGENET_STD), batch
 
     def _decode(self, batch: EncodedBatch) -> tuple[list[torch.Tensor | None], list[int]]:
         """-> (B x uint8 [3, H, W] on the GPU, rows nothing could decode)."""

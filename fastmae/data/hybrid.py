@@ -5,8 +5,9 @@ On a GPU machine without DALI, the CPU loader's workers spend about half their t
 resize; nvJPEG through torchvision decodes on one CPU thread. Here the workers only decode and
 crop (the draws of the CPU loader: same boxes, same flips, same replacements of unreadable files),
 and each batch's crops travel to the device in one flat buffer, where ``augment.resized_crops``
-resizes them as the torchvision loader does (antialiased bicubic; within a grey level or two of
-PIL's). On a CPU device the same code runs on the host, so the tests cover it.
+resizes, flips and normalises them as the torchvision loader does (antialiased bicubic; within a
+grey level or two of PIL's): on CUDA two Triton launches for the whole batch. On a CPU device the
+reference runs on the host, so the tests cover the loader; the kernel is tested on its own.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, random_crop_flip, resized_crops
+from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD, crop_table, random_crop_flip, resized_crops
 from fastmae.data.loader import CPULoader, _AugmentedItems
 
 
@@ -45,9 +46,7 @@ class HybridLoader(CPULoader):
 
     def images(self, flat: torch.Tensor, sizes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
         flat = flat.to(self.device, non_blocking=True)  # pinned by the DataLoader on CUDA
-        shapes = sizes.tolist()
-        crops = [crop.view(3, h, w) for crop, (h, w) in zip(flat.split([3 * h * w for h, w in shapes]), shapes)]
-        boxes = np.zeros((len(shapes), 4), dtype=np.int64)
-        boxes[:, 2:] = shapes
-        pixels = resized_crops(crops, boxes, flips.numpy(), self.cfg.input_size)
-        return normalize(pixels, IMAGENET_MEAN, IMAGENET_STD)
+        boxes = np.zeros((len(sizes), 4), dtype=np.int64)
+        boxes[:, 2:] = sizes.numpy()  # each crop is a whole image of the buffer
+        table = crop_table(sizes.numpy(), boxes, flips.numpy(), self.cfg.input_size)
+        return resized_crops(flat, table, self.cfg.input_size, IMAGENET_MEAN, IMAGENET_STD)

@@ -1,0 +1,106 @@
+"""The GPU loaders' batched crop + resize + flip + normalise kernel (fastmae.kernels.crop_resize)
+against its reference (fastmae.data.augment.resized_crops_reference): on CPU through the Triton
+interpreter, on CUDA with the gpu marker."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fastmae.data.augment import (IMAGENET_MEAN, IMAGENET_STD, crop_table, resize_crop, resized_crops,
+                                  resized_crops_reference)
+from fastmae.kernels._launch import interpreting
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not interpreting(), reason="Triton on CPU needs TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+]
+SHIFT = torch.tensor(IMAGENET_MEAN).mul(255.0)
+SCALE = torch.tensor(IMAGENET_STD).mul(255.0)
+GREY_LEVEL = (1 / SCALE).max().item()  # one grey level in normalised units
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+def smooth_images(shapes, seed=0):
+    """uint8 [3, H, W] images like photographs (smooth gradients plus texture), so that resampling
+    filters and round-off show up as they do on real data, not only on noise."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for h, w in shapes:
+        y, x = np.mgrid[0:h, 0:w]
+        base = 128 + 100 * np.sin(x[None] / (3 + 5 * rng.random((3, 1, 1))) + y[None] / (4 + 5 * rng.random((3, 1, 1))))
+        images.append(torch.from_numpy(np.clip(base + rng.normal(0, 12, (3, h, w)), 0, 255).astype(np.uint8)))
+    return images
+
+
+def batch(shapes, boxes, flips, size, device):
+    images = smooth_images(shapes)
+    pixels = torch.cat([image.reshape(-1) for image in images]).to(device)
+    return pixels, crop_table(shapes, boxes, flips, size)
+
+
+# (image H, W), crop box (top, left, h, w): up- and downscaling, 4x and more (wide windows), crops of
+# one row or one column, a crop touching the image's far edges, a whole image
+CASES = [
+    ((40, 50), (3, 5, 30, 37)),
+    ((9, 11), (1, 2, 6, 7)),
+    ((120, 90), (0, 0, 120, 90)),
+    ((70, 80), (69, 10, 1, 50)),
+    ((33, 21), (0, 20, 33, 1)),
+    ((64, 64), (10, 12, 54, 52)),
+    ((17, 130), (2, 3, 15, 127)),
+]
+
+
+@pytest.mark.parametrize("size", [16, 15])
+def test_triton_matches_reference(device, size):
+    shapes, boxes = zip(*CASES)
+    flips = [b % 2 == 1 for b in range(len(CASES))]
+    pixels, table = batch(shapes, boxes, flips, size, device)
+    shift, scale = SHIFT.to(device), SCALE.to(device)
+    from fastmae.kernels.crop_resize import resized_crops_triton
+
+    ours = resized_crops_triton(pixels, table, size, shift, scale).cpu()
+    expected = resized_crops_reference(pixels.cpu(), table, size, SHIFT, SCALE)
+    assert ours.shape == expected.shape == (len(CASES), 3, size, size) and ours.dtype == torch.float32
+    diff = (ours - expected).abs()
+    # the same integers but where fp32 round-off puts a value on the other side of .5
+    assert diff.max() <= GREY_LEVEL * 1.001, f"max difference {diff.max() / GREY_LEVEL:.2f} grey levels"
+    assert (diff == 0).float().mean() > 0.99
+    mirrored = (ours[1::2].flip(-1) - expected[1::2]).abs().mean()
+    assert mirrored > 10 * diff.mean() + 0.1  # a flip applied the wrong way round would show
+
+
+def test_dispatch_and_reference_agree_with_one_crop_at_a_time():
+    """``resized_crops`` on CPU is the reference: each crop as torchvision resizes it, mirrored, normalised."""
+    shapes, boxes = zip(*CASES)
+    flips = [True, False] * 3 + [True]
+    pixels, table = batch(shapes, boxes, flips, 16, "cpu")
+    got = resized_crops(pixels, table, 16, IMAGENET_MEAN, IMAGENET_STD)
+    for b, (image, (top, left, h, w), flip) in enumerate(zip(smooth_images(shapes), boxes, flips)):
+        one = resize_crop(image[:, top : top + h, left : left + w], 16)
+        one = one.flip(-1) if flip else one
+        torch.testing.assert_close(got[b], (one - SHIFT.view(3, 1, 1)) / SCALE.view(3, 1, 1), rtol=0, atol=1e-6)
+
+
+def test_bad_tables_are_clear_errors():
+    pixels, table = batch([(10, 12)], [(0, 0, 10, 12)], [False], 8, "cpu")
+    outside = table.clone()
+    outside[0, 3] = 1  # top 1 + height 10 > 10 rows
+    with pytest.raises(ValueError, match="crop 0: box .* is not inside its 10 x 12 image"):
+        resized_crops(pixels, outside, 8)
+    with pytest.raises(ValueError, match="reach element 360 of a pixel buffer of 300"):
+        resized_crops(pixels[:300], table, 8)
+    with pytest.raises(ValueError, match="table must be a CPU int64 tensor"):
+        resized_crops(pixels, table[:, :8], 8)
+    with pytest.raises(ValueError, match="pixels must be a contiguous 1-d uint8 tensor"):
+        resized_crops(pixels.float(), table, 8)
+    with pytest.raises(ValueError, match="size must be a positive int"):
+        resized_crops(pixels, table, 0)
+    with pytest.raises(ValueError, match="one of each per crop"):
+        crop_table([(10, 12), (10, 12)], [(0, 0, 10, 12)], [False], 8)
