@@ -113,8 +113,8 @@ def table2_table(results: list[dict]) -> list[str]:
 
 def profile_table(results: list[dict]) -> list[str]:
     lines = ["| model | device | batch | step ms | encoder | decoder | loss | optimizer | kernel time: matmul | attention "
-             "| other | train GFLOP/img w/o [M] | w/ [M] |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| other | GPU busy | train GFLOP/img w/o [M] | w/ [M] |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         flops = r["flops_per_image"]
         t = r.get("time")
@@ -126,10 +126,12 @@ def profile_table(results: list[dict]) -> list[str]:
                       f"{_pct(t['loss_s'] / step)} | {_pct(t['median_s']['optimizer'] / step)}")
         kinds = r.get("kernel_time", {}).get("by_kind")
         if kinds is None:  # profiles written before the kernel table
-            kernel_shares = "- | - | -"
+            kernel_shares = "- | - | - | -"
         else:
             rest = 1 - kinds["matmul"]["share"] - kinds["attention"]["share"]
-            kernel_shares = f"{_pct(kinds['matmul']['share'])} | {_pct(kinds['attention']['share'])} | {_pct(rest)}"
+            busy = r["kernel_time"].get("device_busy_fraction")
+            kernel_shares = (f"{_pct(kinds['matmul']['share'])} | {_pct(kinds['attention']['share'])} | {_pct(rest)} | "
+                             f"{'-' if busy is None else _pct(busy)}")
         lines.append(f"| {r['model']} | {r['environment']['device']} {timing} | {kernel_shares} | "
                      f"{flops['without_mask_tokens']['train_total'] / 1e9:.3g} | {flops['with_mask_tokens']['train_total'] / 1e9:.3g} |")
     return lines

@@ -552,6 +552,7 @@ def test_gpu_commands_on_micro(tmp_path):
     assert report["peak_memory_bytes"] > 0 and "allocated_growth_bytes_per_image" in report["activations"]
     assert report["host_syncs_in_step"] == []  # the training step queues work ahead of the GPU
     assert report["kernel_time"]["what"] == "CUDA kernels" and report["kernel_time"]["by_kind"]["matmul"]["share"] > 0
+    assert 0 < report["kernel_time"]["device_busy_fraction"] < 1.2  # the profiler's kernels against the timed step
     assert main(["bench", "step", "--model", MICRO, "--compile", "off", "--json", str(tmp_path / "s.json"),
                  "--gemm_size", "2048", "--no_progress", *quick]) == 0
     result = json.loads((tmp_path / "s.json").read_text())
@@ -853,8 +854,9 @@ def test_results_tables_show_each_field_in_its_column():
     flops = {"without_mask_tokens": {"train_total": 2e9}, "with_mask_tokens": {"train_total": 6.5e9}}
     lines = table.profile_table([{"benchmark": "profile", "model": "m", "environment": env, "batch_size": 32,
                                   "time": t, "flops_per_image": flops}])
-    assert "| m | GPU X | 32 | 200.0 | 50.0% | 25.0% | 5.0% | 15.0% | - | - | - | 2 | 6.5 |" in lines
+    assert "| m | GPU X | 32 | 200.0 | 50.0% | 25.0% | 5.0% | 15.0% | - | - | - | - | 2 | 6.5 |" in lines
     kinds = {"matmul": {"share": 0.6}, "attention": {"share": 0.1}, "optimizer": {"share": 0.3}}
     lines = table.profile_table([{"benchmark": "profile", "model": "m", "environment": env, "batch_size": 32,
-                                  "time": t, "flops_per_image": flops, "kernel_time": {"by_kind": kinds}}])
-    assert "| m | GPU X | 32 | 200.0 | 50.0% | 25.0% | 5.0% | 15.0% | 60.0% | 10.0% | 30.0% | 2 | 6.5 |" in lines
+                                  "time": t, "flops_per_image": flops,
+                                  "kernel_time": {"by_kind": kinds, "device_busy_fraction": 0.9}}])
+    assert "| m | GPU X | 32 | 200.0 | 50.0% | 25.0% | 5.0% | 15.0% | 60.0% | 10.0% | 30.0% | 90.0% | 2 | 6.5 |" in lines

@@ -18,7 +18,8 @@ from torch.profiler import ProfilerActivity, profile
 # First match wins. Kernel names as cuBLAS (nvjet, *gemm*, cutlass), FlashAttention and cuDNN (flash,
 # fmha, sdpa), our Triton kernels and ATen (the operator names, on CPU) give them.
 KINDS = (
-    ("fastmae triton", re.compile(r"^_(visible_patch_embed|patch_rows|decoder_unshuffle|add_layer_norm|masked_patch_loss)_")),
+    ("fastmae triton", re.compile(
+        r"^_(visible_patch_embed|patch_rows|decoder_unshuffle|add_layer_norm|masked_patch_loss|resize_rows|resize_columns)_")),
     ("attention", re.compile(r"flash|fmha|attention|sdpa", re.I)),
     ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|matmul|addmm|aten::mm$|aten::bmm$|aten::linear$", re.I)),
     ("normalization", re.compile(r"layer_?norm", re.I)),
@@ -66,9 +67,18 @@ def step_kernel_times(step: Callable[[], object], device: torch.device, steps: i
             "seconds_per_step": total, "by_kind": by_kind, "top": rows[:top]}
 
 
+def device_busy_fraction(times: dict, step_seconds: float) -> float:
+    """The share of a step (timed without the profiler) during which kernels ran. Well below 1, the GPU
+    waits between kernels: for the host's launches, when the step is too short to hide them."""
+    return times["seconds_per_step"] / step_seconds
+
+
 def format_kernel_times(times: dict) -> str:
     lines = [f"Device time by kind ({times['what']}, {times['profiled_steps']} profiled steps): "
              f"{1e3 * times['seconds_per_step']:.2f} ms per step"]
+    if "device_busy_fraction" in times:
+        lines[0] += (f", kernels running {100 * times['device_busy_fraction']:.0f}% of the step "
+                     "(the rest: the GPU waiting, mostly for the host's launches)")
     for kind, entry in times["by_kind"].items():
         lines.append(f"  {kind:<24} {1e3 * entry['seconds_per_step']:9.2f} ms  {100 * entry['share']:5.1f}%")
     if times["top"]:

@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastmae.bench.charts import Panel, Series, write_bar_chart
 from fastmae.bench.environment import (dtype_name, environment_info, resolve_device, resolve_dtype, result_filename,
                                        write_json)
-from fastmae.bench.kernel_time import format_kernel_times, step_kernel_times
+from fastmae.bench.kernel_time import device_busy_fraction, format_kernel_times, step_kernel_times
 from fastmae.bench.timing import SyntheticImages, synchronize
 from fastmae.flops import COMPONENTS, ENCODER_COMPONENTS, component_flops, token_counts
 from fastmae.models import MODEL_ARCHS, MaskedAutoencoderViT, create_model
@@ -437,6 +437,9 @@ def measure_step(report: dict, model, args, device: torch.device, dtype: torch.d
         report["host_syncs_in_step"] = host_syncs(one_step)
     if args.kernel_table:
         report["kernel_time"] = step_kernel_times(one_step, device, steps=3 if cuda else 1, top=args.kernel_table)
+        if cuda:
+            report["kernel_time"]["device_busy_fraction"] = device_busy_fraction(report["kernel_time"],
+                                                                                report["time"]["step_median_s"])
 
 
 def run(args) -> int:
