@@ -187,13 +187,15 @@ def data_table(results: list[dict], all_results: list[dict]) -> list[str]:
 def train_table(results: list[dict]) -> list[str]:
     """``fastmae pretrain`` runs' summary.json: speed and the share of time spent waiting for data after
     the first logging window (issue target: < 5%)."""
-    lines = ["| model | loader | images per epoch | batch | dtype | steps timed | img/s | waiting for data | MFU (spec) | "
-             "peak GB | device | commit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | loader | compiled | images per epoch | batch | dtype | steps timed | img/s | waiting for data | "
+             "MFU (spec) | peak GB | device | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         steady = r["after_first_window"]
         img_per_s = f"{steady['img_per_s']:.0f}" if steady["img_per_s"] is not None else "-"
-        lines.append(f"| {r['model']} | {r['loader']} | {r['images_per_epoch']} | {r['batch_size']} | {r['dtype']} | "
+        compiled = r.get("compile")
+        compiled = "no" if not compiled else f"{compiled.get('scope', '?')}, {compiled.get('mode', '?')}"
+        lines.append(f"| {r['model']} | {r['loader']} | {compiled} | {r['images_per_epoch']} | {r['batch_size']} | {r['dtype']} | "
                      f"{r['timed_steps']} | {img_per_s} | {_pct(steady['data_wait_fraction'])} | "
                      f"{_pct(r.get('mfu_after_first_window'))} | {r['peak_mem_gb']:.1f} | {r['environment']['device']} | "
                      f"{_commit(r)} |")

@@ -19,7 +19,7 @@
 #            the host's kernel launches more than the GPU (ViT-L eager: 119 ms at batch 64, 106 at 256)
 #   data     img/s of the CPU, hybrid (PIL decode, GPU resize) and torchvision-GPU loaders on generated
 #            ImageNet-like JPEGs
-#   train    real ViT-B/16 pretraining runs (batch 256, bf16; the loader auto picks, then hybrid) on 5120 generated
+#   train    real ViT-B/16 pretraining runs (batch 256, bf16; hybrid eager and compiled, then cpu) on 5120 generated
 #            ImageNet-like JPEGs: img/s and the share of time waiting for data (its summary.json)
 #   suites   the pytest-benchmark suites' GPU cases (benchmarks/bench_*.py), timed, their JSON in OUT_DIR
 # A failing command is reported and the rest still run; the exit status says whether all passed.
@@ -87,12 +87,15 @@ for part in "${parts[@]}"; do
       jpegs=$(mktemp -d) run_dir=$(mktemp -d)
       python -c "import sys; from fastmae.data.synthetic import write_jpeg_folder
 write_jpeg_folder(sys.argv[1], 5120, num_classes=16)" "$jpegs"  # 20 batches of 256 per epoch
-      for loader in auto hybrid; do
+      # hybrid (auto's choice without DALI), eager and compiled per block (the faster consumer), then cpu
+      for run_name in hybrid hybrid_compiled cpu; do
+        compiled=()
+        [[ $run_name == *_compiled ]] && compiled=(--compile --compile_scope blocks)
         run python -m fastmae pretrain --data_path "$jpegs" --model mae_vit_base_patch16 --batch_size 256 \
-          --norm_pix_loss --max_steps 100 --log_every 20 --save_every 1000000 --output_dir "$run_dir/$loader" \
-          --data_loader "$loader" --num_workers 16 --no_progress
-        [ -f "$run_dir/$loader/summary.json" ] &&
-          cp "$run_dir/$loader/summary.json" "$(result_path "train_mae_vit_base_patch16_$loader" .json)"
+          --norm_pix_loss --max_steps 80 --log_every 20 --save_every 1000000 --output_dir "$run_dir/$run_name" \
+          --data_loader "${run_name%_compiled}" --num_workers 16 --no_progress "${compiled[@]}"
+        [ -f "$run_dir/$run_name/summary.json" ] &&
+          cp "$run_dir/$run_name/summary.json" "$(result_path "train_mae_vit_base_patch16_$run_name" .json)"
       done
       rm -rf "$jpegs" "$run_dir" ;;
   esac

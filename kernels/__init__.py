@@ -1,7 +1,8 @@
 """fastmae's fused kernels, one file per op (installed as ``fastmae.kernels``).
 
-Each op file holds the Triton kernels, the launcher, the ``torch.autograd.Function`` and the
-plain-PyTorch reference that states the semantics. The model calls the four functions below; one
+Each op file holds the Triton kernels, the launcher and the ``torch.autograd.Function``, and imports
+the plain-PyTorch reference that states the semantics from ``reference.py``, which imports without
+Triton (a CPU-only install runs the references). The model calls the four functions below; one
 switch picks the path:
 
 - ``"torch"``: the PyTorch reference,
@@ -77,7 +78,7 @@ def visible_patch_embed(imgs, ids_keep, weight, bias, pos_embed, cls_token, patc
         from fastmae.kernels.encoder_input import visible_patch_embed_triton
 
         return visible_patch_embed_triton(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size)
-    from fastmae.kernels.encoder_input import visible_patch_embed_reference
+    from fastmae.kernels.reference import visible_patch_embed_reference
 
     return visible_patch_embed_reference(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size)
 
@@ -88,7 +89,7 @@ def decoder_unshuffle(x, mask_token, ids_restore, pos_embed, path: str = "torch"
         from fastmae.kernels.decoder_input import decoder_unshuffle_triton
 
         return decoder_unshuffle_triton(x, mask_token, ids_restore, pos_embed)
-    from fastmae.kernels.decoder_input import decoder_unshuffle_reference
+    from fastmae.kernels.reference import decoder_unshuffle_reference
 
     return decoder_unshuffle_reference(x, mask_token, ids_restore, pos_embed)
 
@@ -103,7 +104,7 @@ def masked_patch_loss(pred, imgs, patch_size: int, norm_pix_loss: bool, patch_id
         from fastmae.kernels.patch_loss import masked_patch_loss_triton
 
         return masked_patch_loss_triton(pred, imgs, patch_size, norm_pix_loss, patch_ids, weight)
-    from fastmae.kernels.patch_loss import masked_patch_loss_reference
+    from fastmae.kernels.reference import masked_patch_loss_reference
 
     return masked_patch_loss_reference(pred, imgs, patch_size, norm_pix_loss, patch_ids, weight)
 
@@ -118,6 +119,6 @@ def add_layer_norm(x, branch, weight, bias, eps: float, out_dtype=None, path: st
         from fastmae.kernels.layer_norm import add_layer_norm_triton
 
         return add_layer_norm_triton(x, branch, weight, bias, eps, out_dtype)
-    from fastmae.kernels.layer_norm import add_layer_norm_reference
+    from fastmae.kernels.reference import add_layer_norm_reference
 
     return add_layer_norm_reference(x, branch, weight, bias, eps, out_dtype)

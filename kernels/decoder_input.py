@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from fastmae.kernels._launch import cast_rtne, check_kernel_device, check_tensor, num_warps_for, row_blocks
+from fastmae.kernels.reference import decoder_unshuffle_reference  # noqa: F401  (the semantics; the torch path)
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels. Rows are the N * (1+L) output tokens; a program handles ROW_TILES tiles of
@@ -237,22 +238,3 @@ def decoder_unshuffle_triton(
     """The fused unshuffle (Triton); same values as ``decoder_unshuffle_reference``."""
     _check_inputs(x, mask_token, ids_restore, pos_embed)
     return torch.ops.fastmae.decoder_unshuffle(x, mask_token, ids_restore, pos_embed)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reference
-# ---------------------------------------------------------------------------------------------
-
-
-def decoder_unshuffle_reference(
-    x: torch.Tensor,  # [N, 1+K, Dd]
-    mask_token: torch.Tensor,  # [1, 1, Dd]
-    ids_restore: torch.Tensor,  # [N, L] int64
-    pos_embed: torch.Tensor,  # [1, 1+L, Dd]
-) -> torch.Tensor:  # [N, 1+L, Dd]
-    N, T, D = x.shape
-    L = ids_restore.shape[1]
-    mask_tokens = mask_token.expand(N, L + 1 - T, D)
-    x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
-    x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).expand(-1, -1, D))
-    return torch.cat([x[:, :1, :], x_], dim=1) + pos_embed

@@ -36,7 +36,7 @@ from fastmae.kernels._launch import (
     patch_origin,
     row_blocks,
 )
-from fastmae.patches import patch_pixels
+from fastmae.kernels.reference import visible_patch_embed_reference  # the semantics; the torch path
 
 # The GEMM's reduction dimension KP = C*p*p is padded to a multiple of this (zero columns in A and
 # W): every BLOCK_K of the configs divides it, so the GEMM loop needs no mask along K.
@@ -382,27 +382,3 @@ def visible_patch_embed_triton(
     _check_inputs(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size)
     out, _ = torch.ops.fastmae.visible_patch_embed(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Reference
-# ---------------------------------------------------------------------------------------------
-
-
-def visible_patch_embed_reference(
-    imgs: torch.Tensor,  # [N, C, H, W]
-    ids_keep: torch.Tensor | None,  # [N, K] int64, or None for all L patches
-    weight: torch.Tensor,  # [D, C, p, p]
-    bias: torch.Tensor,  # [D]
-    pos_embed: torch.Tensor,  # [1, 1+L, D]
-    cls_token: torch.Tensor,  # [1, 1, D]
-    patch_size: int,
-) -> torch.Tensor:  # [N, 1+K, D]
-    N = imgs.shape[0]
-    D = weight.shape[0]
-    patches = patch_pixels(imgs, patch_size, ids_keep)  # [N, K, C*p*p]
-    x = F.linear(patches, weight.reshape(D, -1), bias)
-    pos = pos_embed[0, 1:]
-    x = x + (pos.unsqueeze(0) if ids_keep is None else pos[ids_keep])
-    cls = (cls_token + pos_embed[:, :1]).expand(N, -1, -1)
-    return torch.cat([cls, x], dim=1)

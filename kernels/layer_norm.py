@@ -18,11 +18,11 @@ Math is fp32, one rounding per stored value.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from fastmae.kernels._launch import KERNEL_DTYPES, cast_rtne, check_kernel_device, check_tensor, interpreting
+from fastmae.kernels.reference import add_layer_norm_reference  # noqa: F401  (the semantics; the torch path)
 
 # One row is one tile row: wider rows would need a two-pass kernel (MAE widths are <= 1280).
 MAX_WIDTH = 16384
@@ -327,24 +327,3 @@ def add_layer_norm_triton(
     _check_inputs(x, branch, weight, bias, out_dtype)
     residual, out, _, _ = torch.ops.fastmae.add_layer_norm(x, branch, weight, bias, float(eps), out_dtype)
     return (x if branch is None else residual), out
-
-
-# ---------------------------------------------------------------------------------------------
-# Reference
-# ---------------------------------------------------------------------------------------------
-
-
-def add_layer_norm_reference(
-    x: torch.Tensor,  # [..., D]
-    branch: torch.Tensor | None,  # [..., D] or None
-    weight: torch.Tensor,  # [D]
-    bias: torch.Tensor,  # [D]
-    eps: float,
-    out_dtype: torch.dtype | None = None,  # None: the residual's dtype
-) -> tuple[torch.Tensor, torch.Tensor]:  # (residual, out)
-    residual = x if branch is None else x + branch
-    if residual.dtype == weight.dtype == bias.dtype:
-        out = F.layer_norm(residual, residual.shape[-1:], weight, bias, eps)
-    else:  # CUDA's LayerNorm takes one dtype (CPU's computes mixed ones in fp32): fp32, one rounding at the end
-        out = F.layer_norm(residual.float(), residual.shape[-1:], weight.float(), bias.float(), eps)
-    return residual, out.to(out_dtype or residual.dtype)

@@ -521,8 +521,12 @@ def test_results_table_shows_the_data_loaders_and_a_training_run(tmp_path, capsy
     out = capsys.readouterr().out
     steady = summary["after_first_window"]
     assert "#### Training runs on JPEG files" in out
-    assert (f"| {MICRO} | cpu | 12 | 4 | fp32 | 2 | {steady['img_per_s']:.0f} | "
+    assert (f"| {MICRO} | cpu | no | 12 | 4 | fp32 | 2 | {steady['img_per_s']:.0f} | "
             f"{100 * steady['data_wait_fraction']:.1f}% | - |") in out
+    summary["compile"] = {"scope": "blocks", "mode": "default", "backend": "inductor"}
+    (results / "summary.json").write_text(json.dumps(summary))
+    assert table.main(["--results_dir", str(results), "--include_cpu"]) == 0
+    assert f"| {MICRO} | cpu | blocks, default | 12 |" in capsys.readouterr().out
 
 
 def test_sync_sites_count_each_synchronising_call_and_nothing_else():

@@ -1,6 +1,9 @@
 """fastmae's model against the re-derived reference (tests/reference_mae.py), in float64."""
 
 import importlib.util
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -225,6 +228,29 @@ def test_kernel_switch_choices(monkeypatch):
     with pytest.raises(ValueError, match="Triton is not installed"):
         MaskedAutoencoderViT(**SMALL, kernels="triton")
     assert kernels.resolve_kernels("auto", torch.device("cuda")) == "torch"
+
+
+WITHOUT_TRITON = """
+import sys
+sys.modules["triton"] = sys.modules["triton.language"] = None  # as if not installed: import fails, find_spec is None
+import torch
+from fastmae import create_model
+from fastmae.data.augment import crop_table, resized_crops
+model = create_model("mae_vit_micro_patch4")
+loss = model(torch.randn(2, 3, 32, 32))[0]
+loss.backward()
+pixels = torch.randint(0, 256, (3 * 20 * 30,), dtype=torch.uint8)
+out = resized_crops(pixels, crop_table([(20, 30)], [(1, 2, 15, 20)], [True], 8), 8)
+assert torch.isfinite(loss) and out.shape == (1, 3, 8, 8)
+print("ran without triton")
+"""
+
+
+def test_model_and_augmentation_run_without_triton():
+    """Triton is an optional extra: without it the references run (the kernel files import it)."""
+    run = subprocess.run([sys.executable, "-c", WITHOUT_TRITON], capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert run.returncode == 0 and "ran without triton" in run.stdout, run.stderr[-2000:]
 
 
 @pytest.mark.parametrize(
