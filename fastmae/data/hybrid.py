@@ -16,24 +16,30 @@ import numpy as np
 import torch
 
 from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD, crop_table, random_crop_flip, resized_crops
-from fastmae.data.loader import CPULoader, _AugmentedItems
+from fastmae.data.loader import CPULoader, _AugmentedItems, batch_buffer
 
 
 class _CroppedItems(_AugmentedItems):
-    """key -> ((uint8 [3, h, w] crop, flip), names of unreadable items passed over)."""
+    """key -> ((uint8 [h, w, 3] crop, flip), names of unreadable items passed over)."""
 
     def augment(self, image, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
         crop, flip = random_crop_flip(image, rng, self.scale, self.ratio)
-        # channels first here, in the workers, so the device reads each crop as one dense block
-        return np.ascontiguousarray(np.asarray(crop).transpose(2, 0, 1)), flip
+        return np.asarray(crop), flip
 
 
 def _collate_crops(samples: list[tuple[tuple[np.ndarray, bool], list[str]]]):
-    """-> (uint8 [sum of 3 h w] the crops one after another, int64 [B, 2] their (h, w), bool [B]
-    flips, names passed over): one buffer, so a batch is one copy to the device."""
+    """-> (uint8 [sum of 3 h w] the crops one after another, channels first, int64 [B, 2] their (h, w),
+    bool [B] flips, names passed over): one buffer, so a batch is one copy to the device."""
     crops = [crop for (crop, _), _ in samples]
-    flat = torch.from_numpy(np.concatenate([crop.reshape(-1) for crop in crops]))
-    sizes = torch.tensor([crop.shape[1:] for crop in crops], dtype=torch.int64)
+    sizes = torch.tensor([crop.shape[:2] for crop in crops], dtype=torch.int64)
+    flat = batch_buffer(int(3 * sizes.prod(1).sum()))
+    # each crop copied once, channels first (so the device reads it as one dense block) straight
+    # into the buffer the main process receives
+    out, offset = flat.numpy(), 0
+    for crop in crops:
+        h, w, _ = crop.shape
+        np.copyto(out[offset : offset + 3 * h * w].reshape(3, h, w), crop.transpose(2, 0, 1))
+        offset += 3 * h * w
     flips = torch.tensor([flip for (_, flip), _ in samples], dtype=torch.bool)
     return flat, sizes, flips, [name for _, names in samples for name in names]
 
