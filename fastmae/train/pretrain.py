@@ -149,7 +149,11 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as err:  # bad data path, model name, checkpoint...: a message, not a traceback
             print(f"fastmae pretrain: error: {err}", file=sys.stderr)
             return 2
-        return trainer.fit()
+        status = trainer.fit()
+        # ranks leave together: a rank that tore down its process group while rank 0 still wrote the
+        # run's last outputs has aborted at exit (gloo: "terminate called without an active exception")
+        ctx.barrier()
+        return status
     finally:
         torch.set_num_threads(threads_before)
         shutdown_distributed(ctx)
