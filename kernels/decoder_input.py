@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._launch import cast_rtne, check_kernel_device, check_tensor, num_warps_for, row_blocks
+from fastmae.kernels._launch import cast_rtne, check_kernel_device, check_tensor, eager_autograd, num_warps_for, row_blocks
 from fastmae.kernels.reference import decoder_unshuffle_reference  # noqa: F401  (the semantics; the torch path)
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +188,8 @@ class DecoderUnshuffle(torch.autograd.Function):
     def backward(ctx, grad_out):
         (ids_restore,) = ctx.saved_tensors
         x_dtype, mask_token_dtype, pos_dtype = ctx.dtypes
-        grad_x, grad_mask_token = torch.ops.fastmae.decoder_unshuffle_backward(
+        backward = decoder_unshuffle_backward if getattr(ctx, "eager", False) else torch.ops.fastmae.decoder_unshuffle_backward
+        grad_x, grad_mask_token = backward(
             grad_out.contiguous(), ids_restore, ctx.num_visible, x_dtype, mask_token_dtype
         )
         # pos_embed is frozen in MAE; its gradient (a batch sum) is only formed when asked for.
@@ -227,6 +228,7 @@ def _(grad_out, ids_restore, num_visible, x_dtype, mask_token_dtype):
 torch.library.register_autograd(
     "fastmae::decoder_unshuffle", DecoderUnshuffle.backward, setup_context=DecoderUnshuffle.setup_context
 )
+DecoderUnshuffleEager = eager_autograd(DecoderUnshuffle)
 
 
 def decoder_unshuffle_triton(
@@ -236,5 +238,7 @@ def decoder_unshuffle_triton(
     pos_embed: torch.Tensor,  # [1, 1+L, Dd]
 ) -> torch.Tensor:  # [N, 1+L, Dd]
     """The fused unshuffle (Triton); same values as ``decoder_unshuffle_reference``."""
-    _check_inputs(x, mask_token, ids_restore, pos_embed)
-    return torch.ops.fastmae.decoder_unshuffle(x, mask_token, ids_restore, pos_embed)
+    if torch.compiler.is_compiling():
+        _check_inputs(x, mask_token, ids_restore, pos_embed)  # traced with fake tensors: the launcher checks nothing
+        return torch.ops.fastmae.decoder_unshuffle(x, mask_token, ids_restore, pos_embed)
+    return DecoderUnshuffleEager.apply(x, mask_token, ids_restore, pos_embed)

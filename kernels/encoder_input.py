@@ -31,6 +31,7 @@ from fastmae.kernels._launch import (
     check_patch_grid,
     check_patch_ids,
     check_tensor,
+    eager_autograd,
     interpreting,
     num_warps_for,
     patch_origin,
@@ -360,6 +361,7 @@ def _(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size):
 torch.library.register_autograd(
     "fastmae::visible_patch_embed", VisiblePatchEmbed.backward, setup_context=VisiblePatchEmbed.setup_context
 )
+VisiblePatchEmbedEager = eager_autograd(VisiblePatchEmbed)
 
 
 def visible_patch_embed_triton(
@@ -379,6 +381,9 @@ def visible_patch_embed_triton(
     if torch.is_autocast_enabled(imgs.device.type):
         dtype = torch.get_autocast_dtype(imgs.device.type)
         weight, bias = weight.to(dtype), bias.to(dtype)
-    _check_inputs(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size)
-    out, _ = torch.ops.fastmae.visible_patch_embed(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size)
+    if torch.compiler.is_compiling():
+        _check_inputs(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size)  # traced with fake tensors
+        out, _ = torch.ops.fastmae.visible_patch_embed(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size)
+        return out
+    out, _ = VisiblePatchEmbedEager.apply(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size)
     return out

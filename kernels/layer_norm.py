@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._launch import KERNEL_DTYPES, cast_rtne, check_kernel_device, check_tensor, interpreting
+from fastmae.kernels._launch import KERNEL_DTYPES, cast_rtne, check_kernel_device, check_tensor, eager_autograd, interpreting
 from fastmae.kernels.reference import add_layer_norm_reference  # noqa: F401  (the semantics; the torch path)
 
 # One row is one tile row: wider rows would need a two-pass kernel (MAE widths are <= 1280).
@@ -266,7 +266,8 @@ class AddLayerNorm(torch.autograd.Function):
             grad_x = grad_residual.to(x_dtype)
             grad_branch = None if branch_dtype is None else grad_residual.to(branch_dtype)
             return grad_x, grad_branch, None, None, None, None
-        grad_x, grad_branch, grad_weight, grad_bias = torch.ops.fastmae.add_layer_norm_backward(
+        backward = add_layer_norm_backward if getattr(ctx, "eager", False) else torch.ops.fastmae.add_layer_norm_backward
+        grad_x, grad_branch, grad_weight, grad_bias = backward(
             grad_out.contiguous(), None if grad_residual is None else grad_residual.contiguous(),
             z, weight, mean, rstd, x_dtype, branch_dtype,
         )
@@ -312,6 +313,7 @@ def _(grad_out, grad_residual, z, weight, mean, rstd, x_dtype, branch_dtype):
 torch.library.register_autograd(
     "fastmae::add_layer_norm", AddLayerNorm.backward, setup_context=AddLayerNorm.setup_context
 )
+AddLayerNormEager = eager_autograd(AddLayerNorm)
 
 
 def add_layer_norm_triton(
@@ -324,6 +326,9 @@ def add_layer_norm_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # (residual [..., D] (x itself without a branch), out [..., D])
     """The fused add + norm (Triton); same values as ``add_layer_norm_reference``."""
     out_dtype = out_dtype or residual_dtype(x, branch)
-    _check_inputs(x, branch, weight, bias, out_dtype)
-    residual, out, _, _ = torch.ops.fastmae.add_layer_norm(x, branch, weight, bias, float(eps), out_dtype)
+    if torch.compiler.is_compiling():
+        _check_inputs(x, branch, weight, bias, out_dtype)  # traced with fake tensors: the launcher checks nothing
+        residual, out, _, _ = torch.ops.fastmae.add_layer_norm(x, branch, weight, bias, float(eps), out_dtype)
+    else:
+        residual, out, _, _ = AddLayerNormEager.apply(x, branch, weight, bias, float(eps), out_dtype)
     return (x if branch is None else residual), out

@@ -25,6 +25,7 @@ from fastmae.kernels._launch import (
     check_patch_grid,
     check_patch_ids,
     check_tensor,
+    eager_autograd,
     interpreting,
     num_warps_for,
     patch_origin,
@@ -225,6 +226,7 @@ def _(pred, imgs, patch_size, norm_pix_loss, patch_ids, weight, compute_grad):
 torch.library.register_autograd(
     "fastmae::masked_patch_loss", MaskedPatchLoss.backward, setup_context=MaskedPatchLoss.setup_context
 )
+MaskedPatchLossEager = eager_autograd(MaskedPatchLoss)
 
 
 def masked_patch_loss_triton(
@@ -236,9 +238,12 @@ def masked_patch_loss_triton(
     weight: torch.Tensor | None = None,  # [N, M], or None: every patch weighs 1
 ) -> torch.Tensor:  # fp32 scalar
     """The fused loss (Triton); same value as ``masked_patch_loss_reference`` (fp32)."""
-    _check_inputs(pred, imgs, patch_size, patch_ids, weight)
     compute_grad = pred.requires_grad and torch.is_grad_enabled()
-    loss, _, _ = torch.ops.fastmae.masked_patch_loss(
-        pred, imgs, patch_size, bool(norm_pix_loss), patch_ids, weight, compute_grad
-    )
+    if torch.compiler.is_compiling():
+        _check_inputs(pred, imgs, patch_size, patch_ids, weight)  # traced with fake tensors: the launcher checks nothing
+        loss, _, _ = torch.ops.fastmae.masked_patch_loss(
+            pred, imgs, patch_size, bool(norm_pix_loss), patch_ids, weight, compute_grad
+        )
+        return loss
+    loss, _, _ = MaskedPatchLossEager.apply(pred, imgs, patch_size, bool(norm_pix_loss), patch_ids, weight, compute_grad)
     return loss

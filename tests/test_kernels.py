@@ -15,16 +15,18 @@ import torch.nn as nn
 
 import fastmae.kernels as ops
 from fastmae.kernels._launch import interpreting
-from fastmae.kernels.decoder_input import DecoderUnshuffle, decoder_unshuffle_reference, decoder_unshuffle_triton
+from fastmae.kernels.decoder_input import (DecoderUnshuffle, DecoderUnshuffleEager, decoder_unshuffle_reference,
+                                           decoder_unshuffle_triton)
 from fastmae.kernels.encoder_input import (
     VisiblePatchEmbed,
+    VisiblePatchEmbedEager,
     gather_patch_rows,
     visible_patch_embed_reference,
     visible_patch_embed_triton,
 )
 from fastmae.kernels import layer_norm as layer_norm_kernels
-from fastmae.kernels.layer_norm import MAX_WIDTH, add_layer_norm_reference, add_layer_norm_triton
-from fastmae.kernels.patch_loss import masked_patch_loss_reference, masked_patch_loss_triton
+from fastmae.kernels.layer_norm import MAX_WIDTH, AddLayerNormEager, add_layer_norm_reference, add_layer_norm_triton
+from fastmae.kernels.patch_loss import MaskedPatchLossEager, masked_patch_loss_reference, masked_patch_loss_triton
 from fastmae.masking import random_masking
 from fastmae.models import create_model
 from fastmae.patches import patch_pixels
@@ -526,6 +528,40 @@ def test_autograd_functions_equal_custom_ops(device):
         assert torch.equal(out_fn, out_op)
         for g_fn, g_op in zip(torch.autograd.grad(out_fn.sum(), leaves), torch.autograd.grad(out_op.sum(), leaves)):
             assert torch.equal(g_fn, g_op)
+
+
+EAGER_FUNCTIONS = {"visible_patch_embed": VisiblePatchEmbedEager, "decoder_unshuffle": DecoderUnshuffleEager,
+                   "masked_patch_loss": MaskedPatchLossEager, "add_layer_norm": AddLayerNormEager}
+
+
+@pytest.mark.parametrize("case", [0, 1, 2, 4, 5, 6, 7, 8])
+def test_eager_calls_equal_the_custom_ops_and_skip_them(device, case):
+    """Eager calls enter the ops' autograd without the custom op's dispatch (host time): the same
+    outputs and gradients, and no fastmae op reaches the dispatcher."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class DispatchedOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    name, args = _tiny_op_inputs(device)[case]
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    results = []
+    for call in (EAGER_FUNCTIONS[name].apply, getattr(torch.ops.fastmae, name)):
+        with DispatchedOps() as dispatched:
+            outs = call(*args)
+            differentiable = [o for o in outs if o.requires_grad] if isinstance(outs, tuple) else [outs]
+            grads = torch.autograd.grad(sum(o.float().sum() for o in differentiable), leaves)
+        results.append((outs if isinstance(outs, tuple) else (outs,), grads, dispatched.names))
+    (outs, grads, names), (op_outs, op_grads, op_names) = results
+    assert all(torch.equal(a, b) for a, b in zip(outs, op_outs, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(grads, op_grads, strict=True))
+    assert not any(n.startswith("fastmae.") for n in names) and any(n.startswith(f"fastmae.{name}") for n in op_names)
 
 
 def test_torch_compile_traces_around_the_ops(device):
