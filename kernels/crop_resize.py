@@ -42,21 +42,25 @@ def _keys_cubic(x):
 
 
 @triton.jit
-def _window(out_index, in_size, out_size):
-    """torch's antialiased window for output positions ``out_index`` along one axis:
-    (first input index, number of taps, centre, 1 / stretch of the filter)."""
+def _tap_weight(tap, first, taps, center, invscale):
+    return tl.where(tap < taps, _keys_cubic(((tap + first).to(tl.float32) - center + 0.5) * invscale), 0.0)
+
+
+@triton.jit
+def _window(out_index, in_size, out_size, max_taps):
+    """torch's antialiased window for output positions ``out_index`` along one axis: (first input
+    index, number of taps, centre, 1 / stretch of the filter, sum of the tap weights)."""
     scale = in_size.to(tl.float32) / out_size
     support = tl.where(scale >= 1.0, 2.0 * scale, 2.0)  # interp_size / 2 = 2 for bicubic, times the stretch
     center = scale * (out_index.to(tl.float32) + 0.5)
     first = tl.maximum((center - support + 0.5).to(tl.int32), 0)  # truncation, as C's static_cast<int>
-    last = tl.minimum((center + support + 0.5).to(tl.int32), in_size)
+    taps = tl.minimum((center + support + 0.5).to(tl.int32), in_size) - first
     invscale = tl.where(scale >= 1.0, 1.0 / scale, 1.0)
-    return first, last - first, center, invscale
-
-
-@triton.jit
-def _tap_weight(tap, first, taps, center, invscale):
-    return tl.where(tap < taps, _keys_cubic(((tap + first).to(tl.float32) - center + 0.5) * invscale), 0.0)
+    total = tl.zeros_like(center)
+    for tap in range(0, max_taps):
+        total += _tap_weight(tap, first, taps, center, invscale)
+    total = tl.where(total != 0.0, total, 1.0)  # lanes past the edge have no taps (torch skips the division too)
+    return first, taps, center, invscale, total
 
 
 @triton.jit
@@ -82,11 +86,7 @@ def _resize_rows_kernel(
     y_ok = ys < h
     xs = tl.arange(0, BLOCK_X)
     x_ok = xs < S
-    first, taps, center, invscale = _window(xs, w, S)
-    total = tl.zeros((BLOCK_X,), dtype=tl.float32)
-    for tap in range(0, max_taps):
-        total += _tap_weight(tap, first, taps, center, invscale)
-    total = tl.where(total != 0.0, total, 1.0)  # lanes past the edge have no taps (torch skips the division too)
+    first, taps, center, invscale, total = _window(xs, w, S, max_taps)
     source = src_ptr + tl.load(row + 0) + c * src_h * src_w + (top + ys.to(tl.int64))[:, None] * src_w + left
     acc = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
     for tap in range(0, max_taps):
@@ -119,11 +119,7 @@ def _resize_columns_kernel(
     y_ok = ys < S
     xs = tl.arange(0, BLOCK_X)
     x_ok = xs < S
-    first, taps, center, invscale = _window(ys, h, S)
-    total = tl.zeros((BLOCK_Y,), dtype=tl.float32)
-    for tap in range(0, max_taps):
-        total += _tap_weight(tap, first, taps, center, invscale)
-    total = tl.where(total != 0.0, total, 1.0)  # lanes past the edge have no taps (torch skips the division too)
+    first, taps, center, invscale, total = _window(ys, h, S, max_taps)
     rows = tmp_ptr + tl.load(row + 7) + (c * h).to(tl.int64) * S
     acc = tl.zeros((BLOCK_Y, BLOCK_X), dtype=tl.float32)
     for tap in range(0, max_taps):
