@@ -184,6 +184,20 @@ def data_table(results: list[dict], all_results: list[dict]) -> list[str]:
     return lines
 
 
+def kernel_shapes_table(results: list[dict]) -> list[str]:
+    """``benchmarks/kernel_shapes_gpu.py``: each kernel's launch shape against the fastest one timed."""
+    lines = ["| kernel | shapes of | launcher's shape ms | fastest shape ms | fastest shape | speed-up | shapes timed | device |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for entry in r["results"]:
+            best, timed = entry.get("best"), sum("median_ms" in v for v in entry["variants"])
+            fastest = (f"{best['median_ms']:.3f} | {best['label']} | {entry['best_speedup_vs_default']:.2f}x"
+                       if best else "- | - | -")
+            lines.append(f"| {entry['kernel']} | {entry['model']} | {entry['launcher_default']['median_ms']:.3f} | "
+                         f"{fastest} | {timed} of {len(entry['variants'])} | {r['environment']['device']} |")
+    return lines
+
+
 def train_table(results: list[dict]) -> list[str]:
     """``fastmae pretrain`` runs' summary.json: speed and the share of time spent waiting for data after
     the first logging window (issue target: < 5%)."""
@@ -223,6 +237,7 @@ def markdown(results: list[dict], chart_prefix: str = "benchmarks/results") -> s
     for kind, title, table in (("step", "Training step", step_table), ("table2", "Table 2: encoder without mask tokens", table2_table),
                                ("profile", "Where the step's time goes", profile_table),
                                ("kernels", "Fused kernels, forward + backward", kernels_table),
+                               ("kernel_shapes", "Fused kernels' launch shapes", kernel_shapes_table),
                                ("data", "Data loaders", lambda chosen: data_table(chosen, results)),
                                ("train", "Training runs on JPEG files (after the first logging window)", train_table)):
         chosen = [r for r in results if r["benchmark"] == kind]

@@ -5,6 +5,8 @@
 #   tests    the GPU tests (pytest -m gpu tests), a JUnit report in OUT_DIR
 #   kernels  the fused kernels (encoder input, decoder input, loss, add + LayerNorm) against eager
 #            PyTorch and torch.compile, ViT-B/L/H shapes
+#   shapes   the memory-bound kernels (decoder input, loss, add + LayerNorm) under alternative launch shapes
+#            (rows per tile, tiles per program, warps), beside the shape each launcher picks
 #   base     training step, fastmae (eager and torch.compile) vs naive w/[M] vs reference-style vs HF ViTMAE,
 #            ViT-B/16 at 224 px, bf16, batch 256 (halved where memory runs out)
 #   large    the same for ViT-L/16
@@ -27,7 +29,7 @@ set -uo pipefail
 out="${1:-benchmarks/results}"
 shift || true
 parts=("$@")
-all_parts=(tests kernels base large huge compile ablation table2 table2_compiled profile data train suites)
+all_parts=(tests kernels shapes base large huge compile ablation table2 table2_compiled profile data train suites)
 [ ${#parts[@]} -eq 0 ] && parts=("${all_parts[@]}")
 for part in "${parts[@]}"; do
   [[ " ${all_parts[*]} " == *" $part "* ]] || { echo "unknown part '$part'; parts: ${all_parts[*]}" >&2; exit 2; }
@@ -65,6 +67,7 @@ for part in "${parts[@]}"; do
     suites) run python -m pytest -m gpu -q -p no:cacheprovider benchmarks --benchmark-enable \
               --benchmark-json "$(result_path pytest_benchmarks .json)" ;;
     kernels) run python benchmarks/kernels_gpu.py --modes amp --out "$(result_path kernels .json)" ;;
+    shapes) run python benchmarks/kernel_shapes_gpu.py --out "$(result_path kernel_shapes .json)" ;;
     base) run "${step[@]}" --model mae_vit_base_patch16 ;;
     large) run "${step[@]}" --model mae_vit_large_patch16 ;;
     huge) run "${step[@]}" --model mae_vit_huge_patch14 ;;

@@ -8,6 +8,7 @@ instance) a program holds as many rows as fit a numpy-sized tile, so tests launc
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -93,6 +94,17 @@ def check_patch_ids(name: str, ids: torch.Tensor, batch: int, num_patches: int, 
         )
     if ids.shape[1] > num_patches:
         raise ValueError(f"{name} shape {list(ids.shape)} picks more than the {num_patches} patches of an image")
+
+
+@dataclass(frozen=True)
+class RowTiles:
+    """How a row-wise kernel covers its rows: tiles of ``block_rows`` rows, ``row_tiles`` tiles per
+    program, ``num_warps`` warps. Each launcher picks one in a single function (``_launch_shape``),
+    which ``benchmarks/kernel_shapes_gpu.py`` replaces to time the alternatives on a GPU."""
+
+    block_rows: int
+    row_tiles: int
+    num_warps: int
 
 
 def row_blocks(num_cols: int, gpu_elements: int = 4096, interpreter_elements: int = 1 << 16) -> tuple[int, int]:

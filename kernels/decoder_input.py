@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._launch import cast_rtne, check_kernel_device, check_tensor, eager_autograd, num_warps_for, row_blocks
+from fastmae.kernels._launch import (RowTiles, cast_rtne, check_kernel_device, check_tensor, eager_autograd, num_warps_for,
+                                     row_blocks)
 from fastmae.kernels.reference import decoder_unshuffle_reference  # noqa: F401  (the semantics; the torch path)
 
 # ---------------------------------------------------------------------------------------------
@@ -108,11 +109,17 @@ def _decoder_unshuffle_bwd_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _grid_shape(num_rows: int, D: int) -> tuple[int, int, int, int]:
-    """(BLOCK_ROWS, BLOCK_D, ROW_TILES, row programs)."""
-    block_rows, block_d = row_blocks(min(D, 1024))
+def _launch_shape(num_rows: int, block_d: int) -> RowTiles:
+    block_rows, _ = row_blocks(block_d)
     row_tiles = 1 if block_rows >= num_rows else 8  # a few tiles per program keeps the partial buffer small
-    return block_rows, block_d, row_tiles, triton.cdiv(num_rows, block_rows * row_tiles)
+    return RowTiles(block_rows, row_tiles, num_warps_for(block_rows * block_d))
+
+
+def _grid_shape(num_rows: int, D: int) -> tuple[RowTiles, int, int]:
+    """(the row tiling, BLOCK_D, row programs)."""
+    block_d = triton.next_power_of_2(min(D, 1024))
+    shape = _launch_shape(num_rows, block_d)
+    return shape, block_d, triton.cdiv(num_rows, shape.block_rows * shape.row_tiles)
 
 
 def _check_inputs(x, mask_token, ids_restore, pos_embed) -> tuple[int, int, int, int]:
@@ -137,10 +144,10 @@ def decoder_unshuffle_forward(x, mask_token, ids_restore, pos_embed) -> torch.Te
     out_dtype = torch.promote_types(torch.promote_types(x.dtype, mask_token.dtype), pos_embed.dtype)
     out = torch.empty((N, L + 1, D), dtype=out_dtype, device=x.device)
     num_rows = N * (L + 1)
-    block_rows, block_d, row_tiles, row_programs = _grid_shape(num_rows, D)
+    shape, block_d, row_programs = _grid_shape(num_rows, D)
     _decoder_unshuffle_fwd_kernel[(row_programs, triton.cdiv(D, block_d))](
         x, mask_token, ids_restore, pos_embed, out, num_rows, L, K, D,
-        BLOCK_ROWS=block_rows, BLOCK_D=block_d, ROW_TILES=row_tiles, num_warps=num_warps_for(block_rows * block_d),
+        BLOCK_ROWS=shape.block_rows, BLOCK_D=block_d, ROW_TILES=shape.row_tiles, num_warps=shape.num_warps,
     )
     return out
 
@@ -154,12 +161,12 @@ def decoder_unshuffle_backward(
     check_tensor("ids_restore", ids_restore, (N, T - 1), dtypes=(torch.int64,), device=grad_out.device)
     L, K = T - 1, num_visible
     num_rows = N * (L + 1)
-    block_rows, block_d, row_tiles, row_programs = _grid_shape(num_rows, D)
+    shape, block_d, row_programs = _grid_shape(num_rows, D)
     grad_x = torch.empty((N, K + 1, D), dtype=x_dtype, device=grad_out.device)
     mask_partial = torch.empty((row_programs, D), dtype=torch.float32, device=grad_out.device)
     _decoder_unshuffle_bwd_kernel[(row_programs, triton.cdiv(D, block_d))](
         grad_out, ids_restore, grad_x, mask_partial, num_rows, L, K, D,
-        BLOCK_ROWS=block_rows, BLOCK_D=block_d, ROW_TILES=row_tiles, num_warps=num_warps_for(block_rows * block_d),
+        BLOCK_ROWS=shape.block_rows, BLOCK_D=block_d, ROW_TILES=shape.row_tiles, num_warps=shape.num_warps,
     )
     grad_mask_token = mask_partial.sum(0).to(mask_token_dtype).view(1, 1, D)
     return grad_x, grad_mask_token

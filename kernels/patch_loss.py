@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from fastmae.kernels._launch import (
+    RowTiles,
     cast_rtne,
     check_kernel_device,
     check_patch_grid,
@@ -133,6 +134,13 @@ def _check_inputs(pred, imgs, patch_size, patch_ids, weight) -> tuple[int, int, 
     return N, M, L, grid_w
 
 
+def _launch_shape(num_rows: int, block_p: int) -> RowTiles:
+    if interpreting():  # few programs: each costs ~1 ms there
+        return RowTiles(max(1, min(triton.next_power_of_2(num_rows), (1 << 15) // block_p)), 1, 4)
+    block_rows = max(1, 4096 // block_p)
+    return RowTiles(block_rows, 8, num_warps_for(block_rows * block_p))
+
+
 def masked_patch_loss_forward(pred, imgs, patch_size: int, norm_pix_loss: bool, patch_ids, weight, compute_grad: bool):
     """Launch the kernel: -> (loss fp32 scalar, (pred - target) * weight [N, M, P] or an empty tensor,
     grad_scale fp32 scalar), d(loss)/d(pred) being grad_scale times the second."""
@@ -141,11 +149,8 @@ def masked_patch_loss_forward(pred, imgs, patch_size: int, norm_pix_loss: bool, 
     P = pred.shape[2]
     num_rows = N * M
     block_p = triton.next_power_of_2(P)
-    if interpreting():
-        block_rows, row_tiles = max(1, min(triton.next_power_of_2(num_rows), (1 << 15) // block_p)), 1
-    else:
-        block_rows, row_tiles = max(1, 4096 // block_p), 8
-    programs = triton.cdiv(num_rows, block_rows * row_tiles)
+    shape = _launch_shape(num_rows, block_p)
+    programs = triton.cdiv(num_rows, shape.block_rows * shape.row_tiles)
     if weight is not None:
         weight = weight.to(torch.float32).contiguous()
     grad_dir = torch.empty_like(pred) if compute_grad else pred.new_empty(0)
@@ -155,7 +160,7 @@ def masked_patch_loss_forward(pred, imgs, patch_size: int, norm_pix_loss: bool, 
         num_rows, M, grid_w, 0 if patch_ids is None else patch_ids.stride(0), *imgs.stride(),
         PATCH=patch_size, C=C, NORM_PIX=norm_pix_loss, EPS=NORM_PIX_EPS,
         ALL_PATCHES=patch_ids is None, WEIGHTED=weight is not None, COMPUTE_GRAD=compute_grad,
-        BLOCK_ROWS=block_rows, BLOCK_P=block_p, ROW_TILES=row_tiles, num_warps=num_warps_for(block_rows * block_p),
+        BLOCK_ROWS=shape.block_rows, BLOCK_P=block_p, ROW_TILES=shape.row_tiles, num_warps=shape.num_warps,
     )
     # made on the device (fill, not a host-to-device copy, which would synchronise) and never read back
     total_weight = weight.sum() if weight is not None else torch.full((), float(num_rows), device=pred.device)

@@ -597,6 +597,39 @@ def test_kernel_benchmark_cases_run_both_sides_and_agree():
     assert len(times["top"]) == 4 and times["by_kind"]["normalization"]["seconds_per_step"] > 0  # add + LayerNorm
 
 
+@pytest.mark.skipif(not interpreting(), reason="the Triton side needs TRITON_INTERPRET=1 on CPU")
+@pytest.mark.filterwarnings("ignore:.*autocast")
+def test_kernel_shape_sweep_runs_its_shapes_and_checks_them(monkeypatch):
+    """The launch-shape sweep on CPU (interpreter, micro shapes, a stub timer): each shape replaces the
+    launcher's choice, is checked against its gradients and timed; a shape that breaks is recorded."""
+    sweep = load_benchmark_script("kernel_shapes_gpu")
+    micro = sweep.kernels_gpu.ModelShape("micro/4", 32, 4, 64)
+    calls = []
+
+    def stub_timer(fn):
+        fn()
+        calls.append(1)
+        return [1e-3 * len(calls)]
+
+    for kernel, (module, make_variants) in sweep.kernel_modules().items():
+        variants = make_variants(module)
+        assert len({v.label for v in variants}) == len(variants) >= 12
+        chosen = variants[:2] + variants[-1:]
+        entry = sweep.measure(kernel, micro, 2, stub_timer, CPU, variants=chosen)
+        assert [row["label"] for row in entry["variants"]] == [v.label for v in chosen]
+        assert all("median_ms" in row for row in entry["variants"]), entry["variants"]
+        assert entry["best"]["label"] == chosen[0].label and entry["best_speedup_vs_default"] > 0
+    lines = load_results_table_script().kernel_shapes_table([{"environment": {"device": "GPU X"}, "results": [entry]}])
+    best = entry["best"]
+    assert (f"| add_layer_norm | micro/4 | {entry['launcher_default']['median_ms']:.3f} | {best['median_ms']:.3f} | "
+            f"{best['label']} | {entry['best_speedup_vs_default']:.2f}x | 3 of 3 | GPU X |") in lines
+    broken = sweep.Variant("broken", {}, {"_launch_shape": lambda *a: (_ for _ in ()).throw(RuntimeError("refused"))})
+    entry = sweep.measure("decoder_input", micro, 2, stub_timer, CPU, variants=[broken])
+    assert entry["variants"][0]["error"] == "RuntimeError: refused" and entry["best"] is None
+    lines = load_results_table_script().kernel_shapes_table([{"environment": {"device": "GPU X"}, "results": [entry]}])
+    assert "| - | - | - | 0 of 1 | GPU X |" in lines[-1]
+
+
 @pytest.mark.gpu
 def test_kernel_benchmark_run_on_gpu(tmp_path):
     bench = load_benchmark_script("kernels_gpu")
