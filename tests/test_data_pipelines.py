@@ -480,6 +480,19 @@ def test_torchvision_gpu_loader_matches_cpu_loader(photos, tmp_path):
 
 
 @pytest.mark.gpu
+def test_cpu_loader_on_the_gpu_hands_over_each_batch_from_its_side_stream(photos):
+    """The CPU loader on CUDA copies and normalises each batch on a side stream, one batch ahead:
+    the batches equal the CPU device's exactly, read on the consumer's stream while the GPU is busy."""
+    cfg = config(photos, num_workers=2)
+    on_cpu = epoch_of(CPULoader(cfg, 0, 1, torch.device("cpu")), 1)
+    loader = CPULoader(cfg, 0, 1, torch.device("cuda"))
+    loader.set_epoch(1)
+    for expected, images in zip(on_cpu, loader, strict=True):
+        torch.cuda._sleep(20_000_000)  # ~10 ms of GPU spin queued on the consumer's stream ahead of the read
+        assert images.device.type == "cuda" and torch.equal(images.cpu(), expected)
+
+
+@pytest.mark.gpu
 def test_hybrid_loader_on_the_gpu_matches_cpu_loader(photos):
     cfg = config(photos, loader="hybrid", num_workers=2)
     gpu = build_loader(cfg, 0, 1, torch.device("cuda"))
