@@ -5,8 +5,10 @@
 The kernel benchmark (``kernels_gpu.py``) measures each kernel at the launch shape its launcher picks.
 Here the decoder unshuffle, the loss and the add + LayerNorm run forward + backward at the training
 shapes (batch 256, bf16 autocast) under alternative shapes: rows per tile, tiles per program, warps,
-and for the LayerNorm how many programs share the rows. Each launcher picks its shape in one function
-(``_launch_shape``; the LayerNorm's ``_tiles`` and ``_grid``), which is replaced for the timing. Timing
+and for the LayerNorm how many programs share the rows; the encoder input runs with its GEMM in
+Triton (epilogue fused) and in cuBLAS (then an epilogue kernel). Each launcher makes the choice in one
+function (``_launch_shape``; the LayerNorm's ``_tiles`` and ``_grid``; the encoder input's
+``_gemm_backend``), which is replaced for the timing. Timing
 is ``kernels_gpu.Timer``'s: CUDA events after an L2 flush and a GPU spin that queues the step ahead.
 The JSON lists every shape's median time beside the launcher's own choice, so the defaults can be
 changed to what the GPU prefers.
@@ -77,11 +79,18 @@ def layer_norm_variants(module) -> list[Variant]:
     return variants
 
 
-def kernel_modules() -> dict:
-    from fastmae.kernels import decoder_input, layer_norm, patch_loss
+def gemm_variants(module) -> list[Variant]:
+    """Encoder input: its GEMM in Triton with the epilogue fused (the launcher's choice today), or
+    cuBLAS (torch.addmm) and an epilogue kernel, as torch.compile of the reference runs it."""
+    return [Variant(f"{backend} GEMM", {"gemm": backend}, {"_gemm_backend": lambda *shape, _b=backend: _b})
+            for backend in ("triton", "cublas")]
 
-    return {"decoder_input": (decoder_input, row_tile_variants), "masked_patch_loss": (patch_loss, row_tile_variants),
-            "add_layer_norm": (layer_norm, layer_norm_variants)}
+
+def kernel_modules() -> dict:
+    from fastmae.kernels import decoder_input, encoder_input, layer_norm, patch_loss
+
+    return {"encoder_input": (encoder_input, gemm_variants), "decoder_input": (decoder_input, row_tile_variants),
+            "masked_patch_loss": (patch_loss, row_tile_variants), "add_layer_norm": (layer_norm, layer_norm_variants)}
 
 
 def measure(kernel: str, shape: kernels_gpu.ModelShape, batch: int, timer, device: torch.device,

@@ -100,9 +100,18 @@ def test_patch_gather_pads_rows_with_zeros(device):
     assert not rows[:, 1:, 588:].any() and not rows[:, 0].any()
 
 
+@pytest.fixture(params=["triton", "cublas"])
+def gemm_backend(request, monkeypatch):
+    """The encoder input's GEMM: Triton with the epilogue fused, or cuBLAS then an epilogue kernel."""
+    from fastmae.kernels import encoder_input
+
+    monkeypatch.setattr(encoder_input, "_gemm_backend", lambda *shape: request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("shape", ["micro", "vith_grid", "odd"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_visible_patch_embed_matches_fp64(device, dtype, shape):
+def test_visible_patch_embed_matches_fp64(device, dtype, shape, gemm_backend):
     N, img, p, D, ratio = SHAPES[shape]
     L = (img // p) ** 2
     ids = _masking(N, img, p, ratio, device).ids_keep
@@ -130,7 +139,7 @@ def test_visible_patch_embed_matches_fp64(device, dtype, shape):
         assert_within_torch_error(name, a, b, r, ATOL[dtype] * r.abs().max().item())
 
 
-def test_visible_patch_embed_all_patches_and_autocast(device):
+def test_visible_patch_embed_all_patches_and_autocast(device, gemm_backend):
     """ids_keep None (the naive baseline) and bf16 autocast: the reference's dtypes and numbers."""
     N, img, p, D, _ = SHAPES["micro"]
     L = (img // p) ** 2
