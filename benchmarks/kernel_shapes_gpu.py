@@ -8,10 +8,9 @@ shapes (batch 256, bf16 autocast) under alternative shapes: rows per tile, tiles
 and for the LayerNorm how many programs share the rows; the encoder input runs with its GEMM in
 Triton (epilogue fused) and in cuBLAS (then an epilogue kernel). Each launcher makes the choice in one
 function (``_launch_shape``; the LayerNorm's ``_tiles`` and ``_grid``; the encoder input's
-``_gemm_backend``), which is replaced for the timing. Timing
-is ``kernels_gpu.Timer``'s: CUDA events after an L2 flush and a GPU spin that queues the step ahead.
-The JSON lists every shape's median time beside the launcher's own choice, so the defaults can be
-changed to what the GPU prefers.
+``_gemm_backend``), which is replaced for the timing. Timing is ``kernels_gpu.Timer``'s: CUDA events
+after an L2 flush and a GPU spin that queues the step ahead. The JSON lists every shape's median time
+beside the launcher's own choice, so the defaults can be changed to what the GPU prefers.
 """
 
 from __future__ import annotations
@@ -156,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--kernels", nargs="+", choices=sorted(kernel_modules()), default=list(kernel_modules()))
-    parser.add_argument("--models", nargs="+", choices=sorted(kernels_gpu.MODEL_SHAPES), default=["vit_b", "vit_h"])
+    parser.add_argument("--models", nargs="+", choices=sorted(kernels_gpu.MODEL_SHAPES), default=list(kernels_gpu.MODEL_SHAPES))
     args = parser.parse_args(argv)
     if args.batch < 1 or args.warmup < 0 or args.iters < 1:
         parser.error("--batch and --iters must be >= 1, --warmup >= 0")
