@@ -138,26 +138,21 @@ def check_crop_table(pixels: torch.Tensor, table: torch.Tensor, size: int) -> np
     return rows
 
 
-def resize_crop(crop: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 [3, h, w] -> float32 [3, size, size] of integers 0..255: torchvision's resized crop of a
-    PIL image (antialiased bicubic, rounded and clamped as PIL's uint8 output; within a grey level or
-    two of PIL's own resize)."""
-    resized = F.interpolate(crop.unsqueeze(0).float(), size=(size, size), mode="bicubic", align_corners=False,
-                            antialias=True)[0]
-    return resized.round_().clamp_(0, 255)
-
-
 def resized_crops_reference(pixels: torch.Tensor, table: torch.Tensor, size: int, shift: torch.Tensor,
                             scale: torch.Tensor) -> torch.Tensor:
     """pixels uint8 [sum of 3 H_b W_b], table int64 [B, 9] (crop_table), shift = 255 mean and scale =
-    255 std fp32 [3] -> float32 [B, 3, size, size]: each crop resized, mirrored if flipped, normalised."""
+    255 std fp32 [3] -> float32 [B, 3, size, size]: each crop as torchvision's resized crop of a PIL
+    image (antialiased bicubic, rounded and clamped as PIL's uint8 output; within a grey level or two of
+    PIL's own resize), mirrored if flipped, normalised."""
     rows = check_crop_table(pixels, table, size)
     out = torch.empty((len(rows), CHANNELS, size, size), dtype=torch.float32, device=pixels.device)
     for b, (offset, src_h, src_w, top, left, h, w, _, flip) in enumerate(rows.tolist()):
         image = pixels[offset : offset + CHANNELS * src_h * src_w].view(CHANNELS, src_h, src_w)
-        resized = resize_crop(image[:, top : top + h, left : left + w], size)
+        crop = image[:, top : top + h, left : left + w].unsqueeze(0).float()
+        resized = F.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False, antialias=True)[0]
         out[b] = resized.flip(-1) if flip else resized
-    return out.sub_(shift.view(1, -1, 1, 1)).div_(scale.view(1, -1, 1, 1))
+    # the rounding once per batch, not per crop: on a GPU without Triton the host's launches are the cost
+    return out.round_().clamp_(0, 255).sub_(shift.view(1, -1, 1, 1)).div_(scale.view(1, -1, 1, 1))
 
 
 def resized_crops(pixels: torch.Tensor, table: torch.Tensor, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD,
