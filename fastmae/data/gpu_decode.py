@@ -28,7 +28,7 @@ from PIL import Image
 
 from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD, crop_table, normalize, resized_crops
 from fastmae.data.encoded_batches import EncodedBatch, EncodedBatchReader, ReaderBackedBatches, run_ahead
-from fastmae.data.loader import DataConfig
+from fastmae.data.loader import DataConfig, hand_over
 from fastmae.data.sources import open_source
 
 MAX_REPLANS_PER_BATCH = 8
@@ -68,9 +68,7 @@ class TorchvisionGPULoader(ReaderBackedBatches):
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for images, event, batch in run_ahead(self._decoded_batches(), self.prefetch_batches, name="fastmae-gpu-decode"):
-            consumer = torch.cuda.current_stream(self.device)
-            consumer.wait_event(event)
-            images.record_stream(consumer)  # made on the decode stream, used (and freed) on this one
+            images = hand_over(images, event, torch.cuda.current_stream(self.device))
             self.reader.report(batch)
             yield images
 

@@ -293,13 +293,14 @@ def one_batch_ahead_on_side_stream(host_batches: Iterator[list], to_device, devi
             images = to_device(*batch)
         following = (images, stream.record_event())
         if pending is not None:
-            yield _hand_over(*pending, consumer)
+            yield hand_over(*pending, consumer)
         pending = following
     if pending is not None:
-        yield _hand_over(*pending, consumer)
+        yield hand_over(*pending, consumer)
 
 
-def _hand_over(images: torch.Tensor, ready: torch.cuda.Event, consumer: torch.cuda.Stream) -> torch.Tensor:
+def hand_over(images: torch.Tensor, ready: torch.cuda.Event, consumer: torch.cuda.Stream) -> torch.Tensor:
+    """A batch made on a side stream, ``ready`` when done, for use on ``consumer``."""
     consumer.wait_event(ready)
     images.record_stream(consumer)  # made on the side stream, used (and freed) on the consumer's
     return images
