@@ -55,26 +55,22 @@ def row_tile_variants(module) -> list[Variant]:
 
 
 def layer_norm_variants(module) -> list[Variant]:
-    """Add + LayerNorm: rows per tile, warps, and programs per SM (0: one program per tile)."""
+    """Add + LayerNorm: rows per tile, warps, and the grid: the launcher's one wave of programs walking
+    the tiles (its ``_grid``), or one program per tile."""
     import triton
 
+    def program_per_tile(num_tiles, num_warps, device):
+        return num_tiles, 1
+
     variants = []
-    for block_rows, num_warps, per_sm in itertools.product((1, 2, 4), (4, 8), (0, 1)):
+    for block_rows, num_warps, per_tile in itertools.product((1, 2, 4), (4, 8), (True, False)):
         def tiles(num_rows, D, _r=block_rows, _w=num_warps):
             return _r, triton.next_power_of_2(D), _w
 
-        def grid(num_tiles, num_warps_, device, _k=per_sm):
-            if _k == 0:
-                return num_tiles, 1
-            sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-            programs = min(num_tiles, sm_count * max(1, 64 // num_warps_) * _k)
-            per_program = triton.cdiv(num_tiles, programs)
-            return triton.cdiv(num_tiles, per_program), per_program
-
-        settings = {"block_rows": block_rows, "num_warps": num_warps, "programs_per_sm_waves": per_sm}
+        settings = {"block_rows": block_rows, "num_warps": num_warps, "program_per_tile": per_tile}
         variants.append(Variant(f"{block_rows} rows, {num_warps} warps, "
-                                + ("a program per tile" if per_sm == 0 else f"{per_sm} wave(s) of programs"),
-                                settings, {"_tiles": tiles, "_grid": grid}))
+                                + ("a program per tile" if per_tile else "one wave of programs"),
+                                settings, {"_tiles": tiles, **({"_grid": program_per_tile} if per_tile else {})}))
     return variants
 
 
