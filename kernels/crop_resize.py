@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from fastmae.data.augment import CHANNELS, HEIGHT, WIDTH, check_crop_table
-from fastmae.kernels._launch import check_kernel_device, check_tensor, interpreting, num_warps_for
+from fastmae.kernels._launch import cdiv, check_kernel_device, check_tensor, interpreting, next_power_of_2, num_warps_for
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels. Image b of the batch is [3, H_b, W_b] uint8 at src + table[b, 0]; its
@@ -165,16 +165,16 @@ def resized_crops_triton(
     device_table = (table.pin_memory() if pixels.device.type == "cuda" else table).to(pixels.device, non_blocking=True)
     tmp = torch.empty(int(CHANNELS * heights.sum() * size), dtype=torch.float32, device=pixels.device)
     out = torch.empty((len(rows), CHANNELS, size, size), dtype=torch.float32, device=pixels.device)
-    block_x = triton.next_power_of_2(size)
+    block_x = next_power_of_2(size)
     # the interpreter: few programs (each costs ~1 ms there); a GPU: ~4k lanes per program
-    rows_block = triton.next_power_of_2(int(heights.max())) if interpreting() else max(1, 4096 // block_x)
-    columns_block = triton.next_power_of_2(size) if interpreting() else max(1, 4096 // block_x)
+    rows_block = next_power_of_2(int(heights.max())) if interpreting() else max(1, 4096 // block_x)
+    columns_block = next_power_of_2(size) if interpreting() else max(1, 4096 // block_x)
     num_warps = num_warps_for(columns_block * block_x)
-    _resize_rows_kernel[(len(rows), CHANNELS, triton.cdiv(int(heights.max()), rows_block))](
+    _resize_rows_kernel[(len(rows), CHANNELS, cdiv(int(heights.max()), rows_block))](
         pixels, device_table, tmp, size, _max_taps(rows[:, WIDTH], size),
         BLOCK_Y=rows_block, BLOCK_X=block_x, num_warps=num_warps,
     )
-    _resize_columns_kernel[(len(rows), CHANNELS, triton.cdiv(size, columns_block))](
+    _resize_columns_kernel[(len(rows), CHANNELS, cdiv(size, columns_block))](
         tmp, device_table, shift, scale, out, size, _max_taps(heights, size),
         BLOCK_Y=columns_block, BLOCK_X=block_x, num_warps=num_warps,
     )

@@ -18,8 +18,17 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._launch import (RowTiles, cast_rtne, check_kernel_device, check_tensor, eager_autograd, num_warps_for,
-                                     row_blocks)
+from fastmae.kernels._launch import (
+    RowTiles,
+    cast_rtne,
+    cdiv,
+    check_kernel_device,
+    check_tensor,
+    eager_autograd,
+    next_power_of_2,
+    num_warps_for,
+    row_blocks,
+)
 from fastmae.kernels.reference import decoder_unshuffle_reference  # noqa: F401  (the semantics; the torch path)
 
 # ---------------------------------------------------------------------------------------------
@@ -117,9 +126,9 @@ def _launch_shape(num_rows: int, block_d: int) -> RowTiles:
 
 def _grid_shape(num_rows: int, D: int) -> tuple[RowTiles, int, int]:
     """(the row tiling, BLOCK_D, row programs)."""
-    block_d = triton.next_power_of_2(min(D, 1024))
+    block_d = next_power_of_2(min(D, 1024))
     shape = _launch_shape(num_rows, block_d)
-    return shape, block_d, triton.cdiv(num_rows, shape.block_rows * shape.row_tiles)
+    return shape, block_d, cdiv(num_rows, shape.block_rows * shape.row_tiles)
 
 
 def _check_inputs(x, mask_token, ids_restore, pos_embed) -> tuple[int, int, int, int]:
@@ -145,7 +154,7 @@ def decoder_unshuffle_forward(x, mask_token, ids_restore, pos_embed) -> torch.Te
     out = torch.empty((N, L + 1, D), dtype=out_dtype, device=x.device)
     num_rows = N * (L + 1)
     shape, block_d, row_programs = _grid_shape(num_rows, D)
-    _decoder_unshuffle_fwd_kernel[(row_programs, triton.cdiv(D, block_d))](
+    _decoder_unshuffle_fwd_kernel[(row_programs, cdiv(D, block_d))](
         x, mask_token, ids_restore, pos_embed, out, num_rows, L, K, D,
         BLOCK_ROWS=shape.block_rows, BLOCK_D=block_d, ROW_TILES=shape.row_tiles, num_warps=shape.num_warps,
     )
@@ -164,7 +173,7 @@ def decoder_unshuffle_backward(
     shape, block_d, row_programs = _grid_shape(num_rows, D)
     grad_x = torch.empty((N, K + 1, D), dtype=x_dtype, device=grad_out.device)
     mask_partial = torch.empty((row_programs, D), dtype=torch.float32, device=grad_out.device)
-    _decoder_unshuffle_bwd_kernel[(row_programs, triton.cdiv(D, block_d))](
+    _decoder_unshuffle_bwd_kernel[(row_programs, cdiv(D, block_d))](
         grad_out, ids_restore, grad_x, mask_partial, num_rows, L, K, D,
         BLOCK_ROWS=shape.block_rows, BLOCK_D=block_d, ROW_TILES=shape.row_tiles, num_warps=shape.num_warps,
     )

@@ -27,12 +27,14 @@ import triton.language as tl
 from fastmae.kernels._launch import (
     INTERPRETER,
     cast_rtne,
+    cdiv,
     check_kernel_device,
     check_patch_grid,
     check_patch_ids,
     check_tensor,
     eager_autograd,
     interpreting,
+    next_power_of_2,
     num_warps_for,
     patch_origin,
     row_blocks,
@@ -275,7 +277,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _padded_width(patch_values: int) -> int:
-    return triton.cdiv(patch_values, K_ALIGN) * K_ALIGN
+    return cdiv(patch_values, K_ALIGN) * K_ALIGN
 
 
 def gather_patch_rows(imgs, ids_keep, patch_size: int, dtype: torch.dtype, row_stride: int) -> torch.Tensor:
@@ -292,11 +294,11 @@ def gather_patch_rows(imgs, ids_keep, patch_size: int, dtype: torch.dtype, row_s
     rows = torch.empty((num_rows, row_stride), dtype=dtype, device=imgs.device)
     if row_stride > KP:
         rows[:, KP:].zero_()
-    patch_pad = triton.next_power_of_2(patch_size)
+    patch_pad = next_power_of_2(patch_size)
     slab_rows = min(patch_pad, max(1, 256 // patch_pad))  # slabs of ~256 pixels
     block_rows, slab = row_blocks(slab_rows * patch_pad)
-    steps = C * triton.cdiv(patch_size, slab_rows)
-    _patch_rows_kernel[(triton.cdiv(num_rows, block_rows), steps)](
+    steps = C * cdiv(patch_size, slab_rows)
+    _patch_rows_kernel[(cdiv(num_rows, block_rows), steps)](
         imgs, ids_keep, rows, num_rows, K, row_stride, grid_w, 0 if ids_keep is None else ids_keep.stride(0),
         *imgs.stride(),
         PATCH=patch_size, PATCH_PAD=patch_pad, SLAB_ROWS=slab_rows, ALL_PATCHES=ids_keep is None,
@@ -326,7 +328,7 @@ def visible_patch_embed_forward(imgs, ids_keep, weight, bias, pos_embed, cls_tok
     if _gemm_backend(num_rows, D, KP_pad) == "cublas":
         proj = torch.addmm(bias, rows, weight_rows.t())  # F.linear's rounding: bias in the fp32 accumulator
         block_rows, block_d = row_blocks(min(D, 1024))
-        _position_epilogue_kernel[(triton.cdiv(num_rows, block_rows), triton.cdiv(D, block_d))](
+        _position_epilogue_kernel[(cdiv(num_rows, block_rows), cdiv(D, block_d))](
             proj, ids_keep, pos_embed, cls_token, out, num_rows, K, D, s_ids,
             ALL_PATCHES=ids_keep is None, BLOCK_ROWS=block_rows, BLOCK_D=block_d,
             num_warps=num_warps_for(block_rows * block_d),
@@ -334,7 +336,7 @@ def visible_patch_embed_forward(imgs, ids_keep, weight, bias, pos_embed, cls_tok
         return out, rows
 
     def grid(meta):
-        return (triton.cdiv(num_rows, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_N"]),)
+        return (cdiv(num_rows, meta["BLOCK_M"]) * cdiv(D, meta["BLOCK_N"]),)
 
     _visible_patch_embed_fwd_kernel[grid](
         rows, ids_keep, weight_rows, bias, pos_embed, cls_token, out, num_rows, K, D, KP_pad, s_ids,

@@ -21,7 +21,17 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels._launch import KERNEL_DTYPES, cast_rtne, check_kernel_device, check_tensor, eager_autograd, interpreting
+from fastmae.kernels._launch import (
+    KERNEL_DTYPES,
+    cast_rtne,
+    cdiv,
+    check_kernel_device,
+    check_tensor,
+    eager_autograd,
+    interpreting,
+    next_power_of_2,
+    sm_count,
+)
 from fastmae.kernels.reference import add_layer_norm_reference  # noqa: F401  (the semantics; the torch path)
 
 # One row is one tile row: wider rows would need a two-pass kernel (MAE widths are <= 1280).
@@ -141,9 +151,9 @@ def _tiles(num_rows: int, D: int) -> tuple[int, int, int]:
     thread, which leaves 8-16 warps per SM to hide memory latency; these tiles need 32-49 (ViT-B/L/H
     widths and the decoder's 512). Under the interpreter (~1 ms per program instance): tiles of a
     few thousand values, small enough that tests with a few hundred rows walk several per program."""
-    block_d = triton.next_power_of_2(D)
+    block_d = next_power_of_2(D)
     if interpreting():
-        return min(max(1, (1 << 12) // block_d), triton.next_power_of_2(num_rows)), block_d, 4
+        return min(max(1, (1 << 12) // block_d), next_power_of_2(num_rows)), block_d, 4
     return 1, block_d, min(16, max(4, block_d // 128))
 
 
@@ -154,10 +164,9 @@ def _grid(num_tiles: int, num_warps: int, device: torch.device) -> tuple[int, in
     if interpreting():
         programs = min(num_tiles, 4)
     else:
-        sm_count = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-        programs = min(num_tiles, sm_count * max(1, 64 // num_warps))
-    tiles_per_program = triton.cdiv(num_tiles, programs)
-    return triton.cdiv(num_tiles, tiles_per_program), tiles_per_program
+        programs = min(num_tiles, sm_count(device) * max(1, 64 // num_warps))
+    tiles_per_program = cdiv(num_tiles, programs)
+    return cdiv(num_tiles, tiles_per_program), tiles_per_program
 
 
 def _check_inputs(x, branch, weight, bias, out_dtype) -> tuple[int, int]:
@@ -193,7 +202,7 @@ def add_layer_norm_forward(x, branch, weight, bias, eps: float, out_dtype: torch
     if M == 0:
         return residual, out, mean, rstd
     block_rows, block_d, num_warps = _tiles(M, D)
-    programs, tiles_per_program = _grid(triton.cdiv(M, block_rows), num_warps, x.device)
+    programs, tiles_per_program = _grid(cdiv(M, block_rows), num_warps, x.device)
     _add_layer_norm_fwd_kernel[(programs,)](
         x, branch, weight, bias, residual, out, mean, rstd, M, D, eps, tiles_per_program,
         HAS_BRANCH=branch is not None, BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=num_warps,
@@ -204,7 +213,7 @@ def add_layer_norm_forward(x, branch, weight, bias, eps: float, out_dtype: torch
 def add_layer_norm_backward(grad_out, grad_residual, z, weight, mean, rstd, x_dtype: torch.dtype,
                             branch_dtype: torch.dtype | None):
     """-> (grad_x in x_dtype, grad_branch in branch_dtype or an empty tensor when it would equal
-    grad_x (same dtype) or there is no branch, grad_weight, grad_bias in weight's dtype)."""
+    grad_x (same dtype) or there is no branch, [2, D] the weight and bias gradients in weight's dtype)."""
     check_tensor("grad_out", grad_out, tuple(z.shape), device=z.device)
     if grad_residual is not None:
         check_tensor("grad_residual", grad_residual, tuple(z.shape), device=z.device)
@@ -213,16 +222,17 @@ def add_layer_norm_backward(grad_out, grad_residual, z, weight, mean, rstd, x_dt
     store_branch = branch_dtype is not None and branch_dtype != x_dtype
     grad_branch = torch.empty_like(z, dtype=branch_dtype) if store_branch else z.new_empty(0)
     if M == 0:
-        return grad_x, grad_branch, torch.zeros_like(weight), torch.zeros_like(weight)
+        return grad_x, grad_branch, weight.new_zeros((2, D))
     block_rows, block_d, num_warps = _tiles(M, D)
-    programs, tiles_per_program = _grid(triton.cdiv(M, block_rows), num_warps, z.device)
+    programs, tiles_per_program = _grid(cdiv(M, block_rows), num_warps, z.device)
     partials = torch.empty((2, programs, D), dtype=torch.float32, device=z.device)
     _add_layer_norm_bwd_kernel[(programs,)](
         grad_out, grad_residual, z, weight, mean, rstd, grad_x, grad_branch, partials[0], partials[1], M, D,
         tiles_per_program, HAS_GRAD_RESIDUAL=grad_residual is not None, STORE_GRAD_BRANCH=store_branch,
         BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=num_warps,
     )
-    return grad_x, grad_branch, partials[0].sum(0).to(weight.dtype), partials[1].sum(0).to(weight.dtype)
+    # one reduction for both (host time: each torch op is a few microseconds of an eager step)
+    return grad_x, grad_branch, partials.sum(1).to(weight.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,10 +277,11 @@ class AddLayerNorm(torch.autograd.Function):
             grad_branch = None if branch_dtype is None else grad_residual.to(branch_dtype)
             return grad_x, grad_branch, None, None, None, None
         backward = add_layer_norm_backward if getattr(ctx, "eager", False) else torch.ops.fastmae.add_layer_norm_backward
-        grad_x, grad_branch, grad_weight, grad_bias = backward(
+        grad_x, grad_branch, grad_weight_and_bias = backward(
             grad_out.contiguous(), None if grad_residual is None else grad_residual.contiguous(),
             z, weight, mean, rstd, x_dtype, branch_dtype,
         )
+        grad_weight, grad_bias = grad_weight_and_bias.unbind(0)
         if branch_dtype is None:
             grad_branch = None
         elif branch_dtype == x_dtype:  # the kernel wrote one gradient for both
@@ -299,7 +310,7 @@ def _(x, branch, weight, bias, eps, out_dtype):
 def _add_layer_norm_backward_op(
     grad_out: torch.Tensor, grad_residual: torch.Tensor | None, z: torch.Tensor, weight: torch.Tensor,
     mean: torch.Tensor, rstd: torch.Tensor, x_dtype: torch.dtype, branch_dtype: torch.dtype | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return add_layer_norm_backward(grad_out, grad_residual, z, weight, mean, rstd, x_dtype, branch_dtype)
 
 
@@ -307,7 +318,7 @@ def _add_layer_norm_backward_op(
 def _(grad_out, grad_residual, z, weight, mean, rstd, x_dtype, branch_dtype):
     store_branch = branch_dtype is not None and branch_dtype != x_dtype
     grad_branch = torch.empty_like(z, dtype=branch_dtype) if store_branch else z.new_empty(0)
-    return torch.empty_like(z, dtype=x_dtype), grad_branch, torch.empty_like(weight), torch.empty_like(weight)
+    return torch.empty_like(z, dtype=x_dtype), grad_branch, weight.new_empty((2, weight.shape[0]))
 
 
 torch.library.register_autograd(

@@ -22,12 +22,14 @@ import triton.language as tl
 from fastmae.kernels._launch import (
     RowTiles,
     cast_rtne,
+    cdiv,
     check_kernel_device,
     check_patch_grid,
     check_patch_ids,
     check_tensor,
     eager_autograd,
     interpreting,
+    next_power_of_2,
     num_warps_for,
     patch_origin,
 )
@@ -136,7 +138,7 @@ def _check_inputs(pred, imgs, patch_size, patch_ids, weight) -> tuple[int, int, 
 
 def _launch_shape(num_rows: int, block_p: int) -> RowTiles:
     if interpreting():  # few programs: each costs ~1 ms there
-        return RowTiles(max(1, min(triton.next_power_of_2(num_rows), (1 << 15) // block_p)), 1, 4)
+        return RowTiles(max(1, min(next_power_of_2(num_rows), (1 << 15) // block_p)), 1, 4)
     block_rows = max(1, 4096 // block_p)
     return RowTiles(block_rows, 8, num_warps_for(block_rows * block_p))
 
@@ -148,9 +150,9 @@ def masked_patch_loss_forward(pred, imgs, patch_size: int, norm_pix_loss: bool, 
     C = imgs.shape[1]
     P = pred.shape[2]
     num_rows = N * M
-    block_p = triton.next_power_of_2(P)
+    block_p = next_power_of_2(P)
     shape = _launch_shape(num_rows, block_p)
-    programs = triton.cdiv(num_rows, shape.block_rows * shape.row_tiles)
+    programs = cdiv(num_rows, shape.block_rows * shape.row_tiles)
     if weight is not None:
         weight = weight.to(torch.float32).contiguous()
     grad_dir = torch.empty_like(pred) if compute_grad else pred.new_empty(0)
