@@ -97,16 +97,24 @@ def step_table(results: list[dict]) -> list[str]:
     return lines
 
 
+def _how_run(result: dict) -> str:
+    """eager, compiled (scope, mode), or CUDA graph: how a table2 or pretrain result ran its steps."""
+    compiled = result.get("compile")
+    if compiled:
+        return f"compiled ({compiled.get('scope', '?')}, {compiled.get('mode', '?')})"
+    return "CUDA graph" if result.get("cuda_graph") else "eager"
+
+
 def table2_table(results: list[dict]) -> list[str]:
-    lines = ["| encoder | decoder depth | mask tokens in encoder | batch | step ms | measured speed-up | paper (TPU) | "
-             "FLOP-count limit | device |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| encoder | decoder depth | mask tokens in encoder | run | batch | step ms | measured speed-up | "
+             "paper (TPU) | FLOP-count limit | device |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for row in r["rows"]:
             paper = f"{row['paper_speedup']:.1f}x" if row.get("paper_speedup") is not None else "-"
             lines.append(
                 f"| {row['encoder']} | {row['decoder_depth']} | {'yes' if row['encoder_mask_tokens'] else 'no'} | "
-                f"{row['batch_size']} | {1e3 * row['median_s']:.1f} | {row['measured_speedup']:.2f}x | {paper} | "
+                f"{_how_run(r)} | {row['batch_size']} | {1e3 * row['median_s']:.1f} | {row['measured_speedup']:.2f}x | {paper} | "
                 f"{row['flop_limit_speedup']:.2f}x | {r['environment']['device']} |")
     return lines
 
@@ -201,15 +209,13 @@ def kernel_shapes_table(results: list[dict]) -> list[str]:
 def train_table(results: list[dict]) -> list[str]:
     """``fastmae pretrain`` runs' summary.json: speed and the share of time spent waiting for data after
     the first logging window (issue target: < 5%)."""
-    lines = ["| model | loader | compiled | images per epoch | batch | dtype | steps timed | img/s | waiting for data | "
+    lines = ["| model | loader | run | images per epoch | batch | dtype | steps timed | img/s | waiting for data | "
              "MFU (spec) | peak GB | device | commit |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         steady = r["after_first_window"]
         img_per_s = f"{steady['img_per_s']:.0f}" if steady["img_per_s"] is not None else "-"
-        compiled = r.get("compile")
-        compiled = "no" if not compiled else f"{compiled.get('scope', '?')}, {compiled.get('mode', '?')}"
-        lines.append(f"| {r['model']} | {r['loader']} | {compiled} | {r['images_per_epoch']} | {r['batch_size']} | {r['dtype']} | "
+        lines.append(f"| {r['model']} | {r['loader']} | {_how_run(r)} | {r['images_per_epoch']} | {r['batch_size']} | {r['dtype']} | "
                      f"{r['timed_steps']} | {img_per_s} | {_pct(steady['data_wait_fraction'])} | "
                      f"{_pct(r.get('mfu_after_first_window'))} | {r['peak_mem_gb']:.1f} | {r['environment']['device']} | "
                      f"{_commit(r)} |")

@@ -7,7 +7,8 @@
 #            PyTorch and torch.compile, ViT-B/L/H shapes
 #   shapes   the memory-bound kernels (decoder input, loss, add + LayerNorm) under alternative launch shapes
 #            (rows per tile, tiles per program, warps), beside the shape each launcher picks
-#   base     training step, fastmae (eager and torch.compile) vs naive w/[M] vs reference-style vs HF ViTMAE,
+#   base     training step, fastmae (eager, torch.compile, CUDA-graph replays) vs naive w/[M] (the same three)
+#            vs reference-style vs HF ViTMAE,
 #            ViT-B/16 at 224 px, bf16, batch 256 (halved where memory runs out)
 #   large    the same for ViT-L/16
 #   huge     the same for ViT-H/14
@@ -17,11 +18,12 @@
 #   table2   the paper's Table 2 (ViT-L and ViT-H, decoder depth 8 and 1, with and without mask tokens)
 #   table2_compiled  the same with every row under torch.compile (eager rows without mask tokens are
 #            partly bound by the host's kernel launches, which compiling removes; ~6 min)
+#   table2_cudagraph  the same with every row's eager step replayed as one CUDA graph (no compile time)
 #   profile  the per-component profile of each model, at batch 256 (ViT-H 128): smaller batches time
 #            the host's kernel launches more than the GPU (ViT-L eager: 119 ms at batch 64, 106 at 256)
 #   data     img/s of the CPU, hybrid (PIL decode, GPU resize) and torchvision-GPU loaders on generated
 #            ImageNet-like JPEGs
-#   train    real ViT-B/16 pretraining runs (batch 256, bf16; hybrid eager and compiled, then cpu) on 5120 generated
+#   train    real ViT-B/16 pretraining runs (batch 256, bf16; hybrid eager, CUDA graph and compiled, then cpu) on 5120 generated
 #            ImageNet-like JPEGs: img/s and the share of time waiting for data (its summary.json)
 #   suites   the pytest-benchmark suites' GPU cases (benchmarks/bench_*.py), timed, their JSON in OUT_DIR
 # A failing command is reported and the rest still run; the exit status says whether all passed.
@@ -29,7 +31,8 @@ set -uo pipefail
 out="${1:-benchmarks/results}"
 shift || true
 parts=("$@")
-all_parts=(tests kernels shapes base large huge compile ablation table2 table2_compiled profile data train suites)
+all_parts=(tests kernels shapes base large huge compile ablation table2 table2_compiled table2_cudagraph profile data
+           train suites)
 [ ${#parts[@]} -eq 0 ] && parts=("${all_parts[@]}")
 for part in "${parts[@]}"; do
   [[ " ${all_parts[*]} " == *" $part "* ]] || { echo "unknown part '$part'; parts: ${all_parts[*]}" >&2; exit 2; }
@@ -79,6 +82,8 @@ for part in "${parts[@]}"; do
     table2) run python -m fastmae bench table2 --batch_size 256 --oom_fallback --dtype bf16 --out_dir "$out" ;;
     table2_compiled) run python -m fastmae bench table2 --compile --batch_size 256 --oom_fallback --dtype bf16 \
                        --out_dir "$out" ;;
+    table2_cudagraph) run python -m fastmae bench table2 --cuda_graph --batch_size 256 --oom_fallback --dtype bf16 \
+                        --out_dir "$out" ;;
     profile)
       for model_batch in mae_vit_base_patch16:256 mae_vit_large_patch16:256 mae_vit_huge_patch14:128; do
         run python -m fastmae profile --model "${model_batch%:*}" --batch_size "${model_batch#*:}" --dtype bf16 \
@@ -90,13 +95,14 @@ for part in "${parts[@]}"; do
       jpegs=$(mktemp -d) run_dir=$(mktemp -d)
       python -c "import sys; from fastmae.data.synthetic import write_jpeg_folder
 write_jpeg_folder(sys.argv[1], 5120, num_classes=16)" "$jpegs"  # 20 batches of 256 per epoch
-      # hybrid (auto's choice without DALI), eager and compiled per block (the faster consumer), then cpu
-      for run_name in hybrid hybrid_compiled cpu; do
+      # hybrid (auto's choice without DALI): eager, replayed as a CUDA graph, compiled per block; then cpu
+      for run_name in hybrid hybrid_cudagraph hybrid_compiled cpu; do
         compiled=()
         [[ $run_name == *_compiled ]] && compiled=(--compile --compile_scope blocks)
+        [[ $run_name == *_cudagraph ]] && compiled=(--cuda_graph)
         run python -m fastmae pretrain --data_path "$jpegs" --model mae_vit_base_patch16 --batch_size 256 \
           --norm_pix_loss --max_steps 80 --log_every 20 --save_every 1000000 --output_dir "$run_dir/$run_name" \
-          --data_loader "${run_name%_compiled}" --num_workers 16 --no_progress "${compiled[@]}"
+          --data_loader "${run_name%_*}" --num_workers 16 --no_progress "${compiled[@]}"
         [ -f "$run_dir/$run_name/summary.json" ] &&
           cp "$run_dir/$run_name/summary.json" "$(result_path "train_mae_vit_base_patch16_$run_name" .json)"
       done

@@ -164,12 +164,23 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def optimizer_state(optimizer) -> dict:
+    """``optimizer.state_dict()`` with each group's lr a float, as the reference saves it: a CUDA-graph
+    step keeps it as a device tensor (``fastmae.train.cuda_graph``), which an eager run would load
+    as a tensor on another device."""
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:
+        if isinstance(group.get("lr"), torch.Tensor):
+            group["lr"] = float(group["lr"])
+    return state
+
+
 def save_checkpoint(path, model: nn.Module, optimizer=None, epoch: int | None = None, scaler=None,
                     args=None, **extra) -> None:
     """The reference container, atomically. ``extra`` holds what exact resumption needs beyond it."""
     container = {"model": unwrap_model(model).state_dict()}
     if optimizer is not None:
-        container["optimizer"] = optimizer.state_dict()
+        container["optimizer"] = optimizer_state(optimizer)
     if epoch is not None:
         container["epoch"] = epoch
     if scaler is not None:

@@ -521,12 +521,16 @@ def test_results_table_shows_the_data_loaders_and_a_training_run(tmp_path, capsy
     out = capsys.readouterr().out
     steady = summary["after_first_window"]
     assert "#### Training runs on JPEG files" in out
-    assert (f"| {MICRO} | cpu | no | 12 | 4 | fp32 | 2 | {steady['img_per_s']:.0f} | "
+    assert (f"| {MICRO} | cpu | eager | 12 | 4 | fp32 | 2 | {steady['img_per_s']:.0f} | "
             f"{100 * steady['data_wait_fraction']:.1f}% | - |") in out
     summary["compile"] = {"scope": "blocks", "mode": "default", "backend": "inductor"}
     (results / "summary.json").write_text(json.dumps(summary))
     assert table.main(["--results_dir", str(results), "--include_cpu"]) == 0
-    assert f"| {MICRO} | cpu | blocks, default | 12 |" in capsys.readouterr().out
+    assert f"| {MICRO} | cpu | compiled (blocks, default) | 12 |" in capsys.readouterr().out
+    summary["compile"], summary["cuda_graph"] = None, True
+    (results / "summary.json").write_text(json.dumps(summary))
+    assert table.main(["--results_dir", str(results), "--include_cpu"]) == 0
+    assert f"| {MICRO} | cpu | CUDA graph | 12 |" in capsys.readouterr().out
 
 
 def test_sync_sites_count_each_synchronising_call_and_nothing_else():
@@ -887,7 +891,12 @@ def test_results_tables_show_each_field_in_its_column():
     t2row = {"encoder": "enc", "decoder_depth": 1, "encoder_mask_tokens": False, "batch_size": 64,
              "median_s": 0.040, "measured_speedup": 2.5, "paper_speedup": 3.7, "flop_limit_speedup": 4.19}
     lines = table.table2_table([{"benchmark": "table2", "environment": env, "rows": [t2row]}])
-    assert "| enc | 1 | no | 64 | 40.0 | 2.50x | 3.7x | 4.19x | GPU X |" in lines
+    assert "| enc | 1 | no | eager | 64 | 40.0 | 2.50x | 3.7x | 4.19x | GPU X |" in lines
+    lines = table.table2_table([{"benchmark": "table2", "environment": env, "rows": [t2row], "cuda_graph": True}])
+    assert "| enc | 1 | no | CUDA graph | 64 | 40.0 | 2.50x | 3.7x | 4.19x | GPU X |" in lines
+    compiled = {"scope": "blocks", "mode": "default"}
+    lines = table.table2_table([{"benchmark": "table2", "environment": env, "rows": [t2row], "compile": compiled}])
+    assert "| enc | 1 | no | compiled (blocks, default) | 64 | 40.0 | 2.50x | 3.7x | 4.19x | GPU X |" in lines
     t = {"step_median_s": 0.2, "encoder_s": 0.1, "decoder_s": 0.05, "loss_s": 0.01,
          "median_s": {"optimizer": 0.03}}
     flops = {"without_mask_tokens": {"train_total": 2e9}, "with_mask_tokens": {"train_total": 6.5e9}}

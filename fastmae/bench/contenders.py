@@ -5,7 +5,9 @@ A training step is forward + backward + optimizer step + zero_grad, as the train
 - ``fastmae``: the engine (kernels ``auto``: Triton on CUDA; SDPA attention), autocast in the run's
   dtype, fused AdamW; the head on the removed patches only (``full_pred=False``).
 - ``fastmae+compile``: the same under ``torch.compile``.
-- ``naive w/[M]`` (and ``+compile``): the same engine with mask tokens through the encoder, the
+- ``fastmae+cudagraph`` (CUDA): the same eager step captured once as a CUDA graph and replayed
+  (``fastmae.train.cuda_graph``, ``fastmae pretrain --cuda_graph``): one launch per step.
+- ``naive w/[M]`` (and ``+compile``, ``+cudagraph``): the same engine with mask tokens through the encoder, the
   paper's baseline "w/ [M]", so its ratio to ``fastmae`` measures the method.
 - ``reference-style``: ``ReferenceStyleMAE``, fp16 autocast with a GradScaler when the run is in
   half precision (the reference's AMP; fp32 without a scaler when the run is fp32), for-loop AdamW.
@@ -25,12 +27,15 @@ import torch.nn as nn
 from fastmae.compiling import CompileConfig, compile_for_training
 from fastmae.flops import train_flops_per_image
 from fastmae.models import MAEConfig, MaskedAutoencoderViT
+from fastmae.train.cuda_graph import GraphedTrainStep
 from fastmae.train.optim import ADAMW_BETAS, build_optimizer, param_groups
 from fastmae.train.trainer import train_step
 
 LEARNING_RATE = 1.5e-4  # the recipe's base lr; its value does not change the speed
 WEIGHT_DECAY = 0.05
-CONTENDER_NAMES = ("fastmae", "fastmae+compile", "naive w/[M]", "naive w/[M]+compile", "reference-style", "hf-vitmae")
+CONTENDER_NAMES = ("fastmae", "fastmae+compile", "fastmae+cudagraph", "naive w/[M]", "naive w/[M]+compile",
+                   "naive w/[M]+cudagraph", "reference-style", "hf-vitmae")
+CUDA_GRAPH_CONTENDERS = ("fastmae+cudagraph", "naive w/[M]+cudagraph")
 
 
 class TrainStep:
@@ -94,8 +99,9 @@ def _autocast_dtype(dtype: torch.dtype) -> torch.dtype | None:
 
 def fastmae_step(config: MAEConfig, device: torch.device, dtype: torch.dtype, mask_ratio: float,
                  encoder_mask_tokens: bool = False, compiled: CompileConfig | None = None, kernels: str = "auto",
-                 attn: str = "sdpa") -> TrainStep:
-    """The engine's training step (``encoder_mask_tokens``: the naive baseline; ``compiled``: None eager)."""
+                 attn: str = "sdpa", cuda_graph: bool = False) -> TrainStep | GraphedTrainStep:
+    """The engine's training step (``encoder_mask_tokens``: the naive baseline; ``compiled``: None eager;
+    ``cuda_graph``: the eager step replayed as a CUDA graph)."""
     if compiled:
         # a fresh compilation per contender: models compiled earlier in the run must not use up
         # dynamo's recompile limit (past it, torch.compile silently falls back to eager)
@@ -103,6 +109,10 @@ def fastmae_step(config: MAEConfig, device: torch.device, dtype: torch.dtype, ma
     model = MaskedAutoencoderViT(**dataclasses.asdict(config), kernels=kernels, attn=attn,
                                  encoder_mask_tokens=encoder_mask_tokens).to(device)
     optimizer = build_optimizer(model, LEARNING_RATE, WEIGHT_DECAY)
+    if cuda_graph:
+        if compiled:
+            raise ValueError("a CUDA-graph step captures the eager model; torch.compile has its own (reduce-overhead)")
+        return GraphedTrainStep(model, optimizer, mask_ratio, _autocast_dtype(dtype))
     return EngineTrainStep(model, optimizer, device, _autocast_dtype(dtype), mask_ratio, compiled)
 
 
@@ -144,12 +154,18 @@ def build_contenders(config: MAEConfig, device: torch.device, dtype: torch.dtype
         "fastmae+compile": Contender(
             "fastmae+compile", f"fastmae engine, {compiled.describe()}", amp, mae_flops,
             lambda: fastmae_step(config, device, dtype, mask_ratio, False, compiled, kernels, attn)),
+        "fastmae+cudagraph": Contender(
+            "fastmae+cudagraph", "fastmae engine, the eager step replayed as one CUDA graph", amp, mae_flops,
+            lambda: fastmae_step(config, device, dtype, mask_ratio, False, None, kernels, attn, cuda_graph=True)),
         "naive w/[M]": Contender(
             "naive w/[M]", "same engine, mask tokens through the encoder (paper's baseline)", amp, naive_flops,
             lambda: fastmae_step(config, device, dtype, mask_ratio, True, None, kernels, attn)),
         "naive w/[M]+compile": Contender(
             "naive w/[M]+compile", f"naive baseline, {compiled.describe()}", amp, naive_flops,
             lambda: fastmae_step(config, device, dtype, mask_ratio, True, compiled, kernels, attn)),
+        "naive w/[M]+cudagraph": Contender(
+            "naive w/[M]+cudagraph", "naive baseline, the eager step replayed as one CUDA graph", amp, naive_flops,
+            lambda: fastmae_step(config, device, dtype, mask_ratio, True, None, kernels, attn, cuda_graph=True)),
         "reference-style": Contender(
             "reference-style", "conv on all patches + gather, softmax(QK^T)V, GradScaler, for-loop AdamW",
             "fp32" if dtype == torch.float32 else "fp16 autocast + GradScaler", full_flops,

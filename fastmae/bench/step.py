@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from fastmae.bench.charts import Panel, Series, write_bar_chart
-from fastmae.bench.contenders import CONTENDER_NAMES, build_contenders
+from fastmae.bench.contenders import CONTENDER_NAMES, CUDA_GRAPH_CONTENDERS, build_contenders
 from fastmae.bench.environment import (
     dtype_name,
     environment_info,
@@ -43,13 +43,16 @@ from fastmae.compiling import CompileConfig
 
 
 def speedups(rows: list[dict]) -> dict:
-    """img/s ratios of fastmae over each other contender (eager over eager, compiled over compiled)."""
+    """img/s ratios of fastmae over each other contender (eager over eager, compiled over compiled,
+    CUDA-graph replays over replays), and of its compiled and replayed steps over its eager one."""
     by_name = {r["name"]: r["images_per_s"] for r in rows if "error" not in r}
     out = {}
     for ours, theirs in [("fastmae", "naive w/[M]"), ("fastmae+compile", "naive w/[M]+compile"),
+                         ("fastmae+cudagraph", "naive w/[M]+cudagraph"),
                          ("fastmae", "reference-style"), ("fastmae", "hf-vitmae"),
                          ("fastmae+compile", "reference-style"), ("fastmae+compile", "hf-vitmae"),
-                         ("fastmae+compile", "fastmae")]:
+                         ("fastmae+cudagraph", "reference-style"), ("fastmae+cudagraph", "hf-vitmae"),
+                         ("fastmae+compile", "fastmae"), ("fastmae+cudagraph", "fastmae")]:
         if ours in by_name and theirs in by_name:
             out[f"{ours} / {theirs}"] = by_name[ours] / by_name[theirs]
     return out
@@ -143,6 +146,8 @@ def default_contenders(device: torch.device, compile_choice: str, hf: bool) -> t
     names = ["fastmae", "naive w/[M]", "reference-style"]
     if compile_on:
         names += ["fastmae+compile", "naive w/[M]+compile"]
+    if device.type == "cuda":
+        names += list(CUDA_GRAPH_CONTENDERS)
     if hf and transformers_available():
         names.append("hf-vitmae")
     return tuple(n for n in CONTENDER_NAMES if n in names)
@@ -183,6 +188,8 @@ def run(args) -> int:
             unknown = [n for n in names if n not in CONTENDER_NAMES]
             if unknown:
                 raise ValueError(f"unknown implementations {unknown}; choose from {list(CONTENDER_NAMES)}")
+            if not cuda and any(n in CUDA_GRAPH_CONTENDERS for n in names):
+                raise ValueError(f"{', '.join(CUDA_GRAPH_CONTENDERS)} replay CUDA graphs: they need a CUDA device")
             if "hf-vitmae" in names and not transformers_available():
                 raise ValueError("hf-vitmae asked for, but transformers is not installed (pip install transformers)")
         else:

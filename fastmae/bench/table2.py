@@ -71,7 +71,8 @@ def table2_rows(encoders: tuple[str, ...]) -> list[Table2Row]:
 
 
 def _measure_encoder(rows: list[Table2Row], args, device, dtype, batch_size, gemm, spec_peak,
-                     compiled: CompileConfig | None, save: Callable[[list[dict]], object] = lambda rows: None) -> list[dict]:
+                     compiled: CompileConfig | None, save: Callable[[list[dict]], object] = lambda rows: None,
+                     cuda_graph: bool = False) -> list[dict]:
     """The encoder's rows; ``save`` gets them after each one."""
     plan = TimingPlan(args.warmup, args.steps)
     results = []
@@ -80,10 +81,11 @@ def _measure_encoder(rows: list[Table2Row], args, device, dtype, batch_size, gem
         config = model_config(row.encoder, decoder_depth=row.decoder_depth)
         flops = train_flops_per_image(config, args.mask_ratio, row.encoder_mask_tokens)
         contender = Contender(
-            row.label, "fastmae engine" + (f", {compiled.describe()}" if compiled else ""),
+            row.label, "fastmae engine" + (f", {compiled.describe()}" if compiled else "")
+            + (", the step replayed as a CUDA graph" if cuda_graph else ""),
             dtype_name(dtype), flops,
             lambda config=config, row=row: fastmae_step(config, device, dtype, args.mask_ratio, row.encoder_mask_tokens,
-                                                        compiled, args.kernels, args.attn))
+                                                        compiled, args.kernels, args.attn, cuda_graph))
         images = SyntheticImages(batch_size, config.img_size, device)
         measured = measure_contender(contender, images, plan, device, batch_size, spec_peak, gemm["flops_per_s"],
                                      progress=not args.no_progress)
@@ -126,6 +128,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_measurement_arguments(parser, cpu_batch=32)
     parser.add_argument("--compile", action="store_true", help="run every row under torch.compile")
     add_compile_arguments(parser, "--compile")
+    parser.add_argument("--cuda_graph", action="store_true",
+                        help="replay every row's eager step as one CUDA graph (CUDA only; not with --compile)")
     parser.add_argument("--json", default=None, help="write the result here (the PNG goes beside it)")
     parser.add_argument("--out_dir", default=None, help="write table2_<gpu>_<date>.json and .png here")
 
@@ -136,6 +140,9 @@ def run(args) -> int:
         encoders = tuple((args.models or ",".join(SMALL_ENCODERS if args.small else PAPER_ENCODERS)).split(","))
         check_model_names(encoders, args.mask_ratio)
         compiled = compile_config(args) if args.compile else None
+        if args.cuda_graph and (compiled or device.type != "cuda"):
+            raise ValueError("--cuda_graph replays the eager step as a CUDA graph: it needs a CUDA device, and "
+                             "not --compile (whose mode reduce-overhead is torch.compile's own CUDA graphs)")
     except ValueError as err:
         print(f"fastmae bench table2: error: {err}", file=sys.stderr)
         return 2
@@ -151,6 +158,7 @@ def run(args) -> int:
         "dtype": dtype_name(dtype),
         "mask_ratio": args.mask_ratio,
         "compile": dataclasses.asdict(compiled) if compiled else None,
+        "cuda_graph": args.cuda_graph,
         "kernels": args.kernels,
         "attn": args.attn,
         "data": "synthetic (on device)",
@@ -160,7 +168,7 @@ def run(args) -> int:
         "measured_gemm": gemm,
         "paper": "He et al. 2022, Table 2: wall-clock speed-up on 128 TPU-v3 cores, relative to w/ [M] with 8 blocks",
     }
-    what = "table2" + ((compiled.tag or "_compile") if compiled else "")
+    what = "table2" + ((compiled.tag or "_compile") if compiled else "") + ("_cudagraph" if args.cuda_graph else "")
     path = args.json or (Path(args.out_dir) / result_filename(what, device) if args.out_dir else None)
 
     def save(rows: list[dict]) -> None:  # after every row: a run stopped part-way keeps what it measured
@@ -175,7 +183,8 @@ def run(args) -> int:
         while True:
             try:
                 rows += _measure_encoder(table2_rows((encoder,)), args, device, dtype, batch, gemm, spec_peak,
-                                         compiled, lambda encoder_rows, done=list(rows): save(done + encoder_rows))
+                                         compiled, lambda encoder_rows, done=list(rows): save(done + encoder_rows),
+                                         args.cuda_graph)
                 break
             except BatchTooLarge as err:
                 if not args.oom_fallback or batch == 1:

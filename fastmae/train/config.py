@@ -60,6 +60,7 @@ class PretrainConfig:
     compile: bool = False
     compile_scope: str = "model"  # model | blocks (see fastmae.compiling)
     compile_mode: str = "default"  # torch.compile's mode; reduce-overhead = CUDA graphs
+    cuda_graph: bool = False  # the eager step captured and replayed as one CUDA graph (fastmae.train.cuda_graph)
     kernels: str = "auto"
     attn: str = "sdpa"
     data_loader: str = "auto"

@@ -27,6 +27,11 @@ def lr_at(epoch: float, peak_lr: float, min_lr: float, warmup_epochs: float, epo
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every group's lr, honouring a per-group ``lr_scale`` (layer decay in fine-tuning)."""
+    """Set every group's lr, honouring a per-group ``lr_scale`` (layer decay in fine-tuning). An lr held
+    as a tensor (a CUDA-graph step's, ``fastmae.train.cuda_graph``) is filled in place, without a sync."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        value = lr * group.get("lr_scale", 1.0)
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(value)
+        else:
+            group["lr"] = value

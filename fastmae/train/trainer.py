@@ -26,6 +26,7 @@ from fastmae.models import create_model
 from fastmae.train.checkpoints import (TrainingPosition, latest_checkpoint, resume_from, save_training_checkpoint,
                                       step_checkpoint_path, step_checkpoints)
 from fastmae.train.config import PretrainConfig
+from fastmae.train.cuda_graph import GraphedTrainStep, check_cuda_graph_support
 from fastmae.train.distributed import DistributedContext
 from fastmae.train.metrics import MetricsLogger, RunTotals, peak_memory_gb, plot_loss_curve
 from fastmae.train.optim import build_optimizer
@@ -89,6 +90,8 @@ class Pretrainer:
         self.args_to_save = args_to_save if args_to_save is not None else asdict(cfg)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.autocast_dtype = None if self.precision == "fp32" else AUTOCAST_DTYPES[self.precision]
+        if cfg.cuda_graph:
+            check_cuda_graph_support(self.device, cfg.accum_iter, self.precision, ctx.enabled, cfg.compile_config())
 
         # data first: a bad --data_path is an error before any model is built
         self.data_cfg = DataConfig(
@@ -132,6 +135,9 @@ class Pretrainer:
                 raise ValueError(f"--compile_mode {self.compiled.mode} (CUDA graphs) runs in one process only; "
                                  f"with DDP use --compile_mode max-autotune-no-cudagraphs or default")
             self.train_model = compile_for_training(self.train_model, self.model, self.compiled)
+        # after the resume: the optimizer it loaded is made capturable
+        self.graphed_step = GraphedTrainStep(self.model, self.optimizer, cfg.mask_ratio, self.autocast_dtype) \
+            if cfg.cuda_graph else None
         self.noise_generator = torch.Generator(device=self.device)
 
         # the step count at the end: what is done, plus the rest of this epoch and the epochs after it
@@ -206,6 +212,7 @@ class Pretrainer:
             f"({type(self.data).__name__}), {cfg.epochs} epochs",
             f"device {self.device} x {ctx.world_size} rank(s), {self.precision}, kernels {cfg.kernels}, attention {cfg.attn}"
             + (f", {self.compiled.describe()}" if self.compiled else "")
+            + (", the step replayed as a CUDA graph" if self.graphed_step else "")
             + (f", {torch.get_num_threads()} CPU thread(s)" if self.device.type == "cpu" else ""),
             f"effective batch {self.effective_batch} = {cfg.batch_size} x accum {cfg.accum_iter} x {ctx.world_size}; "
             f"peak lr {self.peak_lr:.3g} (blr {cfg.blr:g}), warm-up {cfg.warmup_epochs} epochs, cosine to {cfg.min_lr:g}",
@@ -255,8 +262,11 @@ class Pretrainer:
                     imgs = next(batches)  # [B, 3, S, S] normalised, on the device
                     window.data_wait += time.perf_counter() - t0
                     micro_batches.append((imgs, self._mask_noise(pos.step, micro, imgs.shape[0])))
-                losses = train_step(self.train_model, self.optimizer, self.scaler, micro_batches,
-                                    cfg.mask_ratio, self.autocast_dtype, self.compiled)
+                if self.graphed_step is not None:
+                    losses = self.graphed_step(*micro_batches[0])
+                else:
+                    losses = train_step(self.train_model, self.optimizer, self.scaler, micro_batches,
+                                        cfg.mask_ratio, self.autocast_dtype, self.compiled)
                 window.add(losses, sum(imgs.shape[0] for imgs, _ in micro_batches))
                 pos.step += 1
                 pos.epoch, pos.batch = (epoch + 1, 0) if stop == n else (epoch, stop)
@@ -289,7 +299,7 @@ class Pretrainer:
             "step": pos.step,
             "epoch": round(pos.epoch + pos.batch / self.batches_per_epoch, 4),
             "loss": loss,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": float(self.optimizer.param_groups[0]["lr"]),  # a tensor under --cuda_graph
             "img_per_s": img_per_s,
             "data_wait": window.data_wait / elapsed,
             "peak_mem_gb": peak_memory_gb(self.device),
@@ -384,6 +394,7 @@ class Pretrainer:
             "kernels": cfg.kernels,
             "attn": cfg.attn,
             "compile": asdict(self.compiled) if self.compiled else None,
+            "cuda_graph": self.graphed_step is not None,
             "first_step": self.start_step,
             "warmup_steps": whole["steps"] - steady["steps"],  # the first logging window
             "timed_steps": steady["steps"],

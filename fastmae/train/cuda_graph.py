@@ -1,0 +1,171 @@
+"""A whole training step captured once as a CUDA graph and replayed: forward, backward, AdamW update.
+
+Why: an eager step launches a few thousand kernels, and on the H100 machine the host took longer to
+launch them than the GPU took to run them. ViT-L's eager step took 119 ms at batch 64 and 106 ms at
+batch 256, and the forward of its encoder 39 ms at batch 64 against 19 ms at batch 256; the eager
+steps' times per model follow the block count, not the width (ViT-B 20 blocks 67 ms, ViT-L 32 blocks
+105-111 ms, ViT-H 40 blocks 118-143 ms). Figures: benchmarks/results/*_20261124.json. A replay is
+one launch for the whole step.
+
+How (torch's whole-network capture, docs: notes/cuda "whole-network capture"):
+1. the first ``warmup_steps`` steps run eagerly on a side stream. They are real training steps, and
+   what must exist before a capture is created there: Triton's compiled and autotuned kernels,
+   cuBLAS's workspaces, the optimizer's state;
+2. the next step's batch and masking noise are copied into static buffers and the step is captured.
+   The gradients are set to None first, so backward creates them in the graph's memory and each
+   replay writes them afresh (there is nothing to zero between steps);
+3. every later step copies its batch and noise into the static buffers and replays.
+
+A replay repeats exactly the captured kernels, so what it cannot change is checked: every batch has
+the captured shape and dtype (the loaders drop the last partial batch), one micro-batch per step, no
+GradScaler (its skip-on-overflow reads the device), no DDP (its all-reduce hooks are not captured
+here), no torch.compile (``--compile_mode reduce-overhead`` is its own CUDA-graph route). The
+learning rate reaches the replays as a device tensor that ``set_lr`` fills in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from fastmae.compiling import CompileConfig
+
+DEFAULT_WARMUP_STEPS = 3  # torch's whole-network example; Triton autotunes in the first
+
+
+def check_cuda_graph_support(device: torch.device, accum_iter: int, precision: str, distributed: bool,
+                             compiled: CompileConfig | None) -> None:
+    """Raise ValueError naming the setting that a captured training step cannot honour."""
+    if device.type != "cuda":
+        raise ValueError(f"--cuda_graph captures the training step as a CUDA graph: it needs a CUDA device, "
+                         f"the run is on {device}")
+    if accum_iter != 1:
+        raise ValueError(f"--cuda_graph captures one micro-batch per optimizer step: it needs --accum_iter 1, "
+                         f"got {accum_iter}")
+    if precision == "fp16":
+        raise ValueError("--cuda_graph cannot replay fp16's GradScaler (it skips steps by reading the device): "
+                         "use --precision bf16 (the default on CUDA) or fp32")
+    if distributed:
+        raise ValueError("--cuda_graph runs in one process only: DDP's gradient all-reduce is not captured")
+    if compiled is not None:
+        raise ValueError("--cuda_graph captures the eager step; with --compile use --compile_mode "
+                         "reduce-overhead, torch.compile's own CUDA graphs")
+
+
+def make_optimizer_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Let ``optimizer.step()`` be captured: capturable groups, and each lr a device tensor, so a new lr
+    reaches the replays (``fastmae.train.schedule.set_lr`` fills it in place). Call it after loading a
+    checkpoint: ``load_state_dict`` restores the saved groups' settings."""
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+        lr = group["lr"]
+        if not (isinstance(lr, torch.Tensor) and lr.device == device):
+            group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
+
+
+class CudaGraphRunner:
+    """The CUDA side of ``GraphedTrainStep``: warm-up on a side stream, one capture, replays."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.side_stream = torch.cuda.Stream(device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    @contextlib.contextmanager
+    def warmup(self, *inputs: torch.Tensor):
+        """Run eager work on the side stream, ordered after and before the current stream's work."""
+        current = torch.cuda.current_stream(self.device)
+        self.side_stream.wait_stream(current)
+        with torch.cuda.stream(self.side_stream):
+            yield
+        current.wait_stream(self.side_stream)
+        for tensor in inputs:  # made on the current stream, read on the side stream
+            tensor.record_stream(self.side_stream)
+
+    def capture(self, body: Callable[[], torch.Tensor]) -> torch.Tensor:
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: the loaders' threads (DALI's, the side-stream copies) keep using CUDA meanwhile
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            return body()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class GraphedTrainStep:
+    """One optimizer step (forward, backward, AdamW; one micro-batch) per call, as ``train_step`` computes
+    it, replayed from a CUDA graph after ``warmup_steps`` eager steps.
+
+    ``runner``: the CUDA side (a ``CudaGraphRunner`` for the model's device); tests pass one that runs
+    the captured body eagerly.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, mask_ratio: float,
+                 autocast_dtype: torch.dtype | None, warmup_steps: int = DEFAULT_WARMUP_STEPS,
+                 runner: CudaGraphRunner | None = None):
+        if warmup_steps < 1:
+            raise ValueError(f"a CUDA-graph step needs at least one eager warm-up step, got {warmup_steps}")
+        self.device = next(model.parameters()).device
+        if runner is None:
+            if self.device.type != "cuda":
+                raise ValueError(f"a CUDA-graph step needs the model on a CUDA device, it is on {self.device}")
+            runner = CudaGraphRunner(self.device)
+        self.model, self.optimizer, self.runner = model, optimizer, runner
+        self.mask_ratio = mask_ratio
+        self.autocast_dtype = autocast_dtype
+        self.warmup_steps = warmup_steps
+        self.steps = 0
+        self.static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # imgs, noise, loss
+        make_optimizer_capturable(optimizer, self.device)
+
+    @property
+    def captured(self) -> bool:
+        return self.static is not None
+
+    def __call__(self, imgs: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """imgs [B, C, H, W], noise [B, L] (None: drawn here) -> the loss [1], a device tensor (no sync)."""
+        if noise is None:
+            noise = torch.rand(imgs.shape[0], self.model.num_patches, device=imgs.device)
+        self.steps += 1
+        if self.steps <= self.warmup_steps:
+            with self.runner.warmup(imgs, noise):
+                loss = self._forward_backward_update(imgs, noise)
+                self.optimizer.zero_grad(set_to_none=True)
+            return loss.clone().reshape(1)
+        if self.static is None:
+            self._capture(imgs, noise)
+        else:
+            static_imgs, static_noise, _ = self.static
+            self._check_like("the batch", imgs, static_imgs)
+            self._check_like("the masking noise", noise, static_noise)
+            static_imgs.copy_(imgs)
+            static_noise.copy_(noise)
+        self.runner.replay()
+        return self.static[2].clone().reshape(1)
+
+    def _capture(self, imgs: torch.Tensor, noise: torch.Tensor) -> None:
+        # backward creates the gradients inside the graph's memory: each replay overwrites them
+        self.optimizer.zero_grad(set_to_none=True)
+        static_imgs, static_noise = imgs.clone(), noise.clone()
+        loss = self.runner.capture(lambda: self._forward_backward_update(static_imgs, static_noise))
+        self.static = (static_imgs, static_noise, loss)
+
+    def _forward_backward_update(self, imgs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        # no autocast cache: a cast weight cached across the capture would outlive its graph memory
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None, cache_enabled=False):
+            loss, _, _ = self.model(imgs, self.mask_ratio, noise=noise, full_pred=False)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    @staticmethod
+    def _check_like(what: str, tensor: torch.Tensor, static: torch.Tensor) -> None:
+        if tensor.shape != static.shape or tensor.dtype != static.dtype or tensor.device != static.device:
+            raise ValueError(
+                f"the CUDA-graph step was captured for {what} of shape {list(static.shape)}, {static.dtype} on "
+                f"{static.device}; got {list(tensor.shape)}, {tensor.dtype} on {tensor.device}. A replay repeats "
+                f"the captured shapes: every batch must be full (the loaders drop the last partial batch)")

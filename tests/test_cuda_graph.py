@@ -1,0 +1,255 @@
+"""The training step replayed as a CUDA graph (fastmae.train.cuda_graph).
+
+On CPU a stand-in runner executes the captured body at each replay, as a graph replays its kernels, so
+the step's bookkeeping is checked against the trainer's eager ``train_step``: warm-up steps, capture,
+static buffers, the learning rate reaching replays, the gradients a replay starts from. On CUDA the
+real graph is checked against the eager step, and ``fastmae pretrain --cuda_graph`` end to end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import torch
+
+from fastmae.checkpoint import optimizer_state
+from fastmae.compiling import CompileConfig
+from fastmae.models import create_model
+from fastmae.train.cuda_graph import GraphedTrainStep, check_cuda_graph_support, make_optimizer_capturable
+from fastmae.train.optim import build_optimizer
+from fastmae.train.schedule import set_lr
+from fastmae.train.trainer import train_step
+
+CPU = torch.device("cpu")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+class EagerReplayRunner:
+    """A CudaGraphRunner stand-in: capture records the body without running it (as CUDA's capture
+    runs nothing); each replay runs it, starting from no gradients, as a replay overwrites the
+    gradients the capture created."""
+
+    def __init__(self, model):
+        self.model = model
+        self.body = None
+        self.out = None
+        self.warmups = self.replays = 0
+        self.grads_at_capture = None
+
+    @contextlib.contextmanager
+    def warmup(self, *inputs):
+        self.warmups += 1
+        yield
+
+    def capture(self, body):
+        self.grads_at_capture = [p.grad for p in self.model.parameters()]
+        self.body, self.out = body, torch.zeros(())
+        return self.out
+
+    def replay(self):
+        for p in self.model.parameters():
+            p.grad = None
+        self.replays += 1
+        self.out.copy_(self.body())
+
+
+def micro_model_and_optimizer(seed=0):
+    torch.manual_seed(seed)
+    model = create_model("mae_vit_micro_patch4", kernels="torch")
+    return model, build_optimizer(model, lr=1e-3, weight_decay=0.05)
+
+
+def batches(count, batch=4, size=32, patches=64):
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(batch, 3, size, size, generator=generator), torch.rand(batch, patches, generator=generator))
+            for _ in range(count)]
+
+
+def test_replayed_steps_compute_what_the_eager_step_computes():
+    eager_model, eager_opt = micro_model_and_optimizer()
+    # the same AdamW arithmetic on both sides (a tensor lr rounds it to fp32; Adam amplifies that on the
+    # key biases, whose gradient is zero up to round-off): what differs is how the step is run
+    make_optimizer_capturable(eager_opt, CPU)
+    graph_model, graph_opt = micro_model_and_optimizer()
+    runner = EagerReplayRunner(graph_model)
+    step = GraphedTrainStep(graph_model, graph_opt, 0.75, None, warmup_steps=2, runner=runner)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    lrs = [1e-3, 2e-3, 5e-4, 0.0, 3e-3, 1e-3]
+    for index, ((imgs, noise), lr) in enumerate(zip(batches(len(lrs)), lrs)):
+        set_lr(eager_opt, lr)
+        set_lr(graph_opt, lr)
+        want = train_step(eager_model, eager_opt, scaler, [(imgs, noise)], 0.75, None)
+        got = step(imgs.clone(), noise.clone())
+        assert got.shape == (1,)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=f"step {index}")
+        assert step.captured == (index >= 2)
+    assert (runner.warmups, runner.replays) == (2, 4)
+    assert all(g is None for g in runner.grads_at_capture)  # backward creates them inside the graph
+    for (name, a), b in zip(eager_model.named_parameters(), graph_model.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+
+
+def test_a_replay_reads_the_new_batch_and_the_lr_from_the_device_tensor():
+    model, optimizer = micro_model_and_optimizer()
+    step = GraphedTrainStep(model, optimizer, 0.75, None, warmup_steps=1, runner=EagerReplayRunner(model))
+    (imgs, noise), (imgs2, noise2) = batches(2)
+    step(imgs, noise)
+    lr = optimizer.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and all(g["capturable"] for g in optimizer.param_groups)
+    set_lr(optimizer, 0.0)
+    assert optimizer.param_groups[0]["lr"] is lr and lr.item() == 0.0  # filled in place: the replay sees it
+    before = [p.detach().clone() for p in model.parameters()]
+    first = step(imgs, noise)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # lr 0: no update
+    second = step(imgs2, noise2)
+    assert not torch.equal(first, second)  # the new batch was copied into the static buffer
+    set_lr(optimizer, 1e-2)
+    step(imgs2, noise2)
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_batch_of_another_shape_is_an_error_naming_both_shapes():
+    model, optimizer = micro_model_and_optimizer()
+    step = GraphedTrainStep(model, optimizer, 0.75, None, warmup_steps=1, runner=EagerReplayRunner(model))
+    (imgs, noise), = batches(1)
+    step(imgs, noise)
+    step(imgs, noise)
+    with pytest.raises(ValueError, match=r"captured for the batch of shape \[4, 3, 32, 32\].*got \[2, 3, 32, 32\]"):
+        step(imgs[:2], noise[:2])
+    with pytest.raises(ValueError, match="masking noise"):
+        step(imgs, noise.double())
+
+
+def test_noise_is_drawn_when_not_given():
+    model, optimizer = micro_model_and_optimizer()
+    step = GraphedTrainStep(model, optimizer, 0.75, None, warmup_steps=1, runner=EagerReplayRunner(model))
+    (imgs, _), = batches(1)
+    losses = [step(imgs).item() for _ in range(3)]
+    assert len(set(losses)) == 3  # new masks each step (and an update between them)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(device=CPU), "needs a CUDA device"),
+    (dict(accum_iter=2), "--accum_iter 1"),
+    (dict(precision="fp16"), "GradScaler"),
+    (dict(distributed=True), "one process"),
+    (dict(compiled=CompileConfig()), "reduce-overhead"),
+])
+def test_settings_a_replay_cannot_honour_are_named(kwargs, message):
+    settings = dict(device=torch.device("cuda"), accum_iter=1, precision="bf16", distributed=False, compiled=None)
+    settings.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        check_cuda_graph_support(**settings)
+
+
+def test_a_model_off_cuda_without_a_runner_is_an_error():
+    model, optimizer = micro_model_and_optimizer()
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+        GraphedTrainStep(model, optimizer, 0.75, None)
+    with pytest.raises(ValueError, match="at least one eager warm-up step"):
+        GraphedTrainStep(model, optimizer, 0.75, None, warmup_steps=0, runner=EagerReplayRunner(model))
+
+
+def test_checkpoints_hold_the_lr_as_a_float_and_load_back_into_an_eager_optimizer():
+    model, optimizer = micro_model_and_optimizer()
+    make_optimizer_capturable(optimizer, CPU)
+    set_lr(optimizer, 2.5e-4)
+    state = optimizer_state(optimizer)
+    assert all(type(g["lr"]) is float and g["lr"] == pytest.approx(2.5e-4) for g in state["param_groups"])
+    assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)  # the live optimizer keeps its tensor
+    _, eager_optimizer = micro_model_and_optimizer()
+    eager_optimizer.load_state_dict(state)
+    set_lr(eager_optimizer, 1e-3)
+    assert eager_optimizer.param_groups[0]["lr"] == 1e-3
+
+
+def test_pretrain_cuda_graph_on_cpu_is_a_message_and_exit_2(tmp_path, capsys):
+    from fastmae.cli import main as fastmae_main
+
+    out = tmp_path / "out"
+    assert fastmae_main(["pretrain", "--cuda_graph", "--device", "cpu", "--output_dir", str(out), "--max_steps", "1",
+                         "--no_progress"]) == 2
+    err = capsys.readouterr().err
+    assert "fastmae pretrain: error:" in err and "--cuda_graph" in err and "CUDA device" in err
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_bench_step_refuses_cuda_graph_contenders_on_cpu(capsys):
+    from fastmae.cli import main as fastmae_main
+
+    assert fastmae_main(["bench", "step", "--impl", "fastmae+cudagraph", "--device", "cpu"]) == 2
+    assert "need a CUDA device" in capsys.readouterr().err
+
+
+# ---- on CUDA ----
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("kernels, dtype", [("torch", None), ("auto", torch.bfloat16)], ids=["torch-fp32", "triton-bf16"])
+def test_cuda_graph_replays_match_the_eager_step(kernels, dtype):
+    device = torch.device("cuda")
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = create_model("mae_vit_micro_patch4", kernels=kernels, attn="math").to(device)
+        models.append((model, build_optimizer(model, lr=1e-3, weight_decay=0.05)))
+    (eager_model, eager_opt), (graph_model, graph_opt) = models
+    make_optimizer_capturable(eager_opt, device)  # the same AdamW arithmetic: what differs is the replay
+    step = GraphedTrainStep(graph_model, graph_opt, 0.75, dtype, warmup_steps=2)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    for index, (imgs, noise) in enumerate(batches(6)):
+        imgs, noise = imgs.to(device), noise.to(device)
+        lr = 1e-3 * (index + 1)
+        set_lr(eager_opt, lr)
+        set_lr(graph_opt, lr)
+        want = train_step(eager_model, eager_opt, scaler, [(imgs, noise)], 0.75, dtype)
+        got = step(imgs, noise)
+        torch.testing.assert_close(got, want, rtol=2e-3 if dtype else 1e-5, atol=1e-5, msg=f"step {index}")
+    assert step.captured
+    for (name, a), b in zip(eager_model.named_parameters(), graph_model.parameters()):
+        torch.testing.assert_close(b, a, rtol=2e-2 if dtype else 1e-4, atol=2e-3 if dtype else 1e-5, msg=name)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_replayed_step_does_not_wait_for_the_gpu():
+    device = torch.device("cuda")
+    model = create_model("mae_vit_micro_patch4").to(device)
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.05)
+    step = GraphedTrainStep(model, optimizer, 0.75, torch.bfloat16, warmup_steps=1)
+    data = [(imgs.to(device), noise.to(device)) for imgs, noise in batches(4)]
+    step(*data[0])
+    step(*data[1])  # the capture
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = [step(*pair) for pair in data[2:]]
+        set_lr(optimizer, 5e-4)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(loss).item() for loss in losses)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_pretrain_with_cuda_graph_trains_checkpoints_and_resumes(tmp_path):
+    from fastmae.cli import main as fastmae_main
+    from fastmae.data.synthetic import write_jpeg_folder
+    from fastmae.train.checkpoints import latest_checkpoint
+
+    jpegs, out = tmp_path / "jpegs", tmp_path / "out"
+    write_jpeg_folder(jpegs, 16, size=(48, 40), num_classes=2)
+    flags = ["pretrain", "--data_path", str(jpegs), "--output_dir", str(out), "--model", "mae_vit_micro_patch4",
+             "--input_size", "32", "--batch_size", "4", "--num_workers", "0", "--epochs", "3",
+             "--warmup_epochs", "1", "--blr", "2e-3", "--log_every", "1", "--no_progress", "--device", "cuda",
+             "--cuda_graph"]
+    assert fastmae_main(flags + ["--max_steps", "6"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) and isinstance(r["lr"], float) for r in records)
+    assert len({r["lr"] for r in records}) == 6  # the warm-up schedule reached every replay
+    assert latest_checkpoint(out) is not None
+    assert fastmae_main(flags + ["--resume", "auto", "--max_steps", "8"]) == 0
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 8
