@@ -28,15 +28,15 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 class EagerReplayRunner:
     """A CudaGraphRunner stand-in: capture records the body without running it (as CUDA's capture
-    runs nothing); each replay runs it, starting from no gradients, as a replay overwrites the
-    gradients the capture created."""
+    runs nothing) and returns the memory a replay rewrites; each replay runs the body. A graph captured
+    while the gradients were None created them in its own memory, and its replays overwrite them: such
+    a replay starts from no gradients."""
 
     def __init__(self, model):
         self.model = model
-        self.body = None
-        self.out = None
-        self.warmups = self.replays = 0
-        self.grads_at_capture = None
+        self.graphs = []  # (body, output, whether the capture created the gradients)
+        self.warmups = 0
+        self.replays = []
 
     @contextlib.contextmanager
     def warmup(self, *inputs):
@@ -44,15 +44,20 @@ class EagerReplayRunner:
         yield
 
     def capture(self, body):
-        self.grads_at_capture = [p.grad for p in self.model.parameters()]
-        self.body, self.out = body, torch.zeros(())
-        return self.out
+        creates_grads = all(p.grad is None for p in self.model.parameters())
+        out = torch.zeros(())
+        self.graphs.append((body, out, creates_grads))
+        return len(self.graphs) - 1, out
 
-    def replay(self):
-        for p in self.model.parameters():
-            p.grad = None
-        self.replays += 1
-        self.out.copy_(self.body())
+    def replay(self, graph):
+        body, out, creates_grads = self.graphs[graph]
+        if creates_grads:
+            for p in self.model.parameters():
+                p.grad = None
+        self.replays.append(graph)
+        result = body()
+        if result is not None:
+            out.copy_(result)
 
 
 def micro_model_and_optimizer(seed=0):
@@ -67,26 +72,32 @@ def batches(count, batch=4, size=32, patches=64):
             for _ in range(count)]
 
 
-def test_replayed_steps_compute_what_the_eager_step_computes():
+@pytest.mark.parametrize("accum_iter", [1, 3])
+def test_replayed_steps_compute_what_the_eager_step_computes(accum_iter):
     eager_model, eager_opt = micro_model_and_optimizer()
     # the same AdamW arithmetic on both sides (a tensor lr rounds it to fp32; Adam amplifies that on the
     # key biases, whose gradient is zero up to round-off): what differs is how the step is run
     make_optimizer_capturable(eager_opt, CPU)
     graph_model, graph_opt = micro_model_and_optimizer()
     runner = EagerReplayRunner(graph_model)
-    step = GraphedTrainStep(graph_model, graph_opt, 0.75, None, warmup_steps=2, runner=runner)
+    step = GraphedTrainStep(graph_model, graph_opt, 0.75, None, accum_iter, warmup_steps=2, runner=runner)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     lrs = [1e-3, 2e-3, 5e-4, 0.0, 3e-3, 1e-3]
-    for index, ((imgs, noise), lr) in enumerate(zip(batches(len(lrs)), lrs)):
+    data = batches(len(lrs) * accum_iter)
+    for index, lr in enumerate(lrs):
+        micro_batches = data[index * accum_iter:(index + 1) * accum_iter]
         set_lr(eager_opt, lr)
         set_lr(graph_opt, lr)
-        want = train_step(eager_model, eager_opt, scaler, [(imgs, noise)], 0.75, None)
-        got = step(imgs.clone(), noise.clone())
-        assert got.shape == (1,)
+        want = train_step(eager_model, eager_opt, scaler, micro_batches, 0.75, None)
+        got = step([(imgs.clone(), noise.clone()) for imgs, noise in micro_batches])
+        assert got.shape == (accum_iter,)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=f"step {index}")
         assert step.captured == (index >= 2)
-    assert (runner.warmups, runner.replays) == (2, 4)
-    assert all(g is None for g in runner.grads_at_capture)  # backward creates them inside the graph
+    assert runner.warmups == 2
+    if accum_iter == 1:  # one graph, which creates the gradients (backward writes them, nothing to zero)
+        assert runner.replays == [0] * 4 and runner.graphs[0][2]
+    else:  # forward + backward per micro-batch into gradients that exist, then the update
+        assert runner.replays == ([0] * accum_iter + [1]) * 4 and not runner.graphs[0][2]
     for (name, a), b in zip(eager_model.named_parameters(), graph_model.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
 
@@ -95,18 +106,18 @@ def test_a_replay_reads_the_new_batch_and_the_lr_from_the_device_tensor():
     model, optimizer = micro_model_and_optimizer()
     step = GraphedTrainStep(model, optimizer, 0.75, None, warmup_steps=1, runner=EagerReplayRunner(model))
     (imgs, noise), (imgs2, noise2) = batches(2)
-    step(imgs, noise)
+    step([(imgs, noise)])
     lr = optimizer.param_groups[0]["lr"]
     assert isinstance(lr, torch.Tensor) and all(g["capturable"] for g in optimizer.param_groups)
     set_lr(optimizer, 0.0)
     assert optimizer.param_groups[0]["lr"] is lr and lr.item() == 0.0  # filled in place: the replay sees it
     before = [p.detach().clone() for p in model.parameters()]
-    first = step(imgs, noise)
+    first = step([(imgs, noise)])
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # lr 0: no update
-    second = step(imgs2, noise2)
+    second = step([(imgs2, noise2)])
     assert not torch.equal(first, second)  # the new batch was copied into the static buffer
     set_lr(optimizer, 1e-2)
-    step(imgs2, noise2)
+    step([(imgs2, noise2)])
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
@@ -114,31 +125,32 @@ def test_a_batch_of_another_shape_is_an_error_naming_both_shapes():
     model, optimizer = micro_model_and_optimizer()
     step = GraphedTrainStep(model, optimizer, 0.75, None, warmup_steps=1, runner=EagerReplayRunner(model))
     (imgs, noise), = batches(1)
-    step(imgs, noise)
-    step(imgs, noise)
+    step([(imgs, noise)])
+    step([(imgs, noise)])
     with pytest.raises(ValueError, match=r"captured for the batch of shape \[4, 3, 32, 32\].*got \[2, 3, 32, 32\]"):
-        step(imgs[:2], noise[:2])
+        step([(imgs[:2], noise[:2])])
     with pytest.raises(ValueError, match="masking noise"):
-        step(imgs, noise.double())
+        step([(imgs, noise.double())])
+    with pytest.raises(ValueError, match="accumulates 1 micro-batches per step, got 2"):
+        step([(imgs, noise)] * 2)
 
 
 def test_noise_is_drawn_when_not_given():
     model, optimizer = micro_model_and_optimizer()
     step = GraphedTrainStep(model, optimizer, 0.75, None, warmup_steps=1, runner=EagerReplayRunner(model))
     (imgs, _), = batches(1)
-    losses = [step(imgs).item() for _ in range(3)]
+    losses = [step([(imgs, None)]).item() for _ in range(3)]
     assert len(set(losses)) == 3  # new masks each step (and an update between them)
 
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(device=CPU), "needs a CUDA device"),
-    (dict(accum_iter=2), "--accum_iter 1"),
     (dict(precision="fp16"), "GradScaler"),
     (dict(distributed=True), "one process"),
     (dict(compiled=CompileConfig()), "reduce-overhead"),
 ])
 def test_settings_a_replay_cannot_honour_are_named(kwargs, message):
-    settings = dict(device=torch.device("cuda"), accum_iter=1, precision="bf16", distributed=False, compiled=None)
+    settings = dict(device=torch.device("cuda"), precision="bf16", distributed=False, compiled=None)
     settings.update(kwargs)
     with pytest.raises(ValueError, match=message):
         check_cuda_graph_support(**settings)
@@ -150,6 +162,8 @@ def test_a_model_off_cuda_without_a_runner_is_an_error():
         GraphedTrainStep(model, optimizer, 0.75, None)
     with pytest.raises(ValueError, match="at least one eager warm-up step"):
         GraphedTrainStep(model, optimizer, 0.75, None, warmup_steps=0, runner=EagerReplayRunner(model))
+    with pytest.raises(ValueError, match="accum_iter must be positive"):
+        GraphedTrainStep(model, optimizer, 0.75, None, accum_iter=0, runner=EagerReplayRunner(model))
 
 
 def test_checkpoints_hold_the_lr_as_a_float_and_load_back_into_an_eager_optimizer():
@@ -187,8 +201,10 @@ def test_bench_step_refuses_cuda_graph_contenders_on_cpu(capsys):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("kernels, dtype", [("torch", None), ("auto", torch.bfloat16)], ids=["torch-fp32", "triton-bf16"])
-def test_cuda_graph_replays_match_the_eager_step(kernels, dtype):
+@pytest.mark.parametrize("kernels, dtype, accum_iter", [("torch", None, 1), ("auto", torch.bfloat16, 1),
+                                                       ("auto", torch.bfloat16, 2)],
+                         ids=["torch-fp32", "triton-bf16", "triton-bf16-accum2"])
+def test_cuda_graph_replays_match_the_eager_step(kernels, dtype, accum_iter):
     device = torch.device("cuda")
     models = []
     for _ in range(2):
@@ -197,15 +213,16 @@ def test_cuda_graph_replays_match_the_eager_step(kernels, dtype):
         models.append((model, build_optimizer(model, lr=1e-3, weight_decay=0.05)))
     (eager_model, eager_opt), (graph_model, graph_opt) = models
     make_optimizer_capturable(eager_opt, device)  # the same AdamW arithmetic: what differs is the replay
-    step = GraphedTrainStep(graph_model, graph_opt, 0.75, dtype, warmup_steps=2)
+    step = GraphedTrainStep(graph_model, graph_opt, 0.75, dtype, accum_iter, warmup_steps=2)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    for index, (imgs, noise) in enumerate(batches(6)):
-        imgs, noise = imgs.to(device), noise.to(device)
+    data = [(imgs.to(device), noise.to(device)) for imgs, noise in batches(6 * accum_iter)]
+    for index in range(6):
+        micro_batches = data[index * accum_iter:(index + 1) * accum_iter]
         lr = 1e-3 * (index + 1)
         set_lr(eager_opt, lr)
         set_lr(graph_opt, lr)
-        want = train_step(eager_model, eager_opt, scaler, [(imgs, noise)], 0.75, dtype)
-        got = step(imgs, noise)
+        want = train_step(eager_model, eager_opt, scaler, micro_batches, 0.75, dtype)
+        got = step(micro_batches)
         torch.testing.assert_close(got, want, rtol=2e-3 if dtype else 1e-5, atol=1e-5, msg=f"step {index}")
     assert step.captured
     for (name, a), b in zip(eager_model.named_parameters(), graph_model.parameters()):
@@ -220,12 +237,12 @@ def test_a_replayed_step_does_not_wait_for_the_gpu():
     optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.05)
     step = GraphedTrainStep(model, optimizer, 0.75, torch.bfloat16, warmup_steps=1)
     data = [(imgs.to(device), noise.to(device)) for imgs, noise in batches(4)]
-    step(*data[0])
-    step(*data[1])  # the capture
+    step([data[0]])
+    step([data[1]])  # the capture
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        losses = [step(*pair) for pair in data[2:]]
+        losses = [step([pair]) for pair in data[2:]]
         set_lr(optimizer, 5e-4)
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -234,7 +251,8 @@ def test_a_replayed_step_does_not_wait_for_the_gpu():
 
 @pytest.mark.gpu
 @needs_cuda
-def test_pretrain_with_cuda_graph_trains_checkpoints_and_resumes(tmp_path):
+@pytest.mark.parametrize("accum_iter", [1, 2])
+def test_pretrain_with_cuda_graph_trains_checkpoints_and_resumes(tmp_path, accum_iter):
     from fastmae.cli import main as fastmae_main
     from fastmae.data.synthetic import write_jpeg_folder
     from fastmae.train.checkpoints import latest_checkpoint
@@ -244,12 +262,12 @@ def test_pretrain_with_cuda_graph_trains_checkpoints_and_resumes(tmp_path):
     flags = ["pretrain", "--data_path", str(jpegs), "--output_dir", str(out), "--model", "mae_vit_micro_patch4",
              "--input_size", "32", "--batch_size", "4", "--num_workers", "0", "--epochs", "3",
              "--warmup_epochs", "1", "--blr", "2e-3", "--log_every", "1", "--no_progress", "--device", "cuda",
-             "--cuda_graph"]
-    assert fastmae_main(flags + ["--max_steps", "6"]) == 0
+             "--cuda_graph", "--accum_iter", str(accum_iter)]
+    assert fastmae_main(flags + ["--max_steps", "5"]) == 0  # 3 eager warm-up steps, then the capture and a replay
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(1, 7))
+    assert [r["step"] for r in records] == list(range(1, 6))
     assert all(torch.isfinite(torch.tensor(r["loss"])) and isinstance(r["lr"], float) for r in records)
-    assert len({r["lr"] for r in records}) == 6  # the warm-up schedule reached every replay
+    assert len({r["lr"] for r in records}) == 5  # the schedule reached the replays
     assert latest_checkpoint(out) is not None
-    assert fastmae_main(flags + ["--resume", "auto", "--max_steps", "8"]) == 0
-    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 8
+    assert fastmae_main(flags + ["--resume", "auto", "--max_steps", "6"]) == 0
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 6

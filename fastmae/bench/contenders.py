@@ -99,7 +99,7 @@ def _autocast_dtype(dtype: torch.dtype) -> torch.dtype | None:
 
 def fastmae_step(config: MAEConfig, device: torch.device, dtype: torch.dtype, mask_ratio: float,
                  encoder_mask_tokens: bool = False, compiled: CompileConfig | None = None, kernels: str = "auto",
-                 attn: str = "sdpa", cuda_graph: bool = False) -> TrainStep | GraphedTrainStep:
+                 attn: str = "sdpa", cuda_graph: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """The engine's training step (``encoder_mask_tokens``: the naive baseline; ``compiled``: None eager;
     ``cuda_graph``: the eager step replayed as a CUDA graph)."""
     if compiled:
@@ -112,7 +112,8 @@ def fastmae_step(config: MAEConfig, device: torch.device, dtype: torch.dtype, ma
     if cuda_graph:
         if compiled:
             raise ValueError("a CUDA-graph step captures the eager model; torch.compile has its own (reduce-overhead)")
-        return GraphedTrainStep(model, optimizer, mask_ratio, _autocast_dtype(dtype))
+        graphed = GraphedTrainStep(model, optimizer, mask_ratio, _autocast_dtype(dtype))
+        return lambda imgs: graphed([(imgs, None)])[0]
     return EngineTrainStep(model, optimizer, device, _autocast_dtype(dtype), mask_ratio, compiled)
 
 

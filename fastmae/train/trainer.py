@@ -91,7 +91,7 @@ class Pretrainer:
         self.precision = resolve_precision(cfg.precision, self.device)
         self.autocast_dtype = None if self.precision == "fp32" else AUTOCAST_DTYPES[self.precision]
         if cfg.cuda_graph:
-            check_cuda_graph_support(self.device, cfg.accum_iter, self.precision, ctx.enabled, cfg.compile_config())
+            check_cuda_graph_support(self.device, self.precision, ctx.enabled, cfg.compile_config())
 
         # data first: a bad --data_path is an error before any model is built
         self.data_cfg = DataConfig(
@@ -136,8 +136,8 @@ class Pretrainer:
                                  f"with DDP use --compile_mode max-autotune-no-cudagraphs or default")
             self.train_model = compile_for_training(self.train_model, self.model, self.compiled)
         # after the resume: the optimizer it loaded is made capturable
-        self.graphed_step = GraphedTrainStep(self.model, self.optimizer, cfg.mask_ratio, self.autocast_dtype) \
-            if cfg.cuda_graph else None
+        self.graphed_step = GraphedTrainStep(self.model, self.optimizer, cfg.mask_ratio, self.autocast_dtype,
+                                             cfg.accum_iter) if cfg.cuda_graph else None
         self.noise_generator = torch.Generator(device=self.device)
 
         # the step count at the end: what is done, plus the rest of this epoch and the epochs after it
@@ -263,7 +263,7 @@ class Pretrainer:
                     window.data_wait += time.perf_counter() - t0
                     micro_batches.append((imgs, self._mask_noise(pos.step, micro, imgs.shape[0])))
                 if self.graphed_step is not None:
-                    losses = self.graphed_step(*micro_batches[0])
+                    losses = self.graphed_step(micro_batches)
                 else:
                     losses = train_step(self.train_model, self.optimizer, self.scaler, micro_batches,
                                         cfg.mask_ratio, self.autocast_dtype, self.compiled)
