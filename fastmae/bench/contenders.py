@@ -90,7 +90,7 @@ class Contender:
     description: str
     precision: str
     train_flops_per_image: float  # analytic, of what this implementation computes
-    build: Callable[[], TrainStep]
+    build: Callable[[], Callable[[torch.Tensor], torch.Tensor]]  # -> a step: imgs -> loss
 
 
 def _autocast_dtype(dtype: torch.dtype) -> torch.dtype | None:

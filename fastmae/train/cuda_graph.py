@@ -2,10 +2,12 @@
 
 Why: an eager step launches a few thousand kernels, and on the H100 machine the host took longer to
 launch them than the GPU took to run them. ViT-L's eager step took 119 ms at batch 64 and 106 ms at
-batch 256, and the forward of its encoder 39 ms at batch 64 against 19 ms at batch 256; the eager
-steps' times per model follow the block count, not the width (ViT-B 20 blocks 67 ms, ViT-L 32 blocks
-105-111 ms, ViT-H 40 blocks 118-143 ms). Figures: benchmarks/results/*_20261124.json. A replay is
-one launch for the whole step.
+batch 256, and the forward of its encoder 39 ms at batch 64 against 19 ms at batch 256. The eager
+steps took about 3.5 ms per transformer block whatever the width: ViT-B (20 blocks) 67 ms and ViT-L
+(32) 111 ms at batch 256, ViT-H (40) 143 ms at batch 128, each with a wide spread, where the step
+with the PyTorch references instead of the Triton kernels took 124 ms with none
+(benchmarks/results/*_20261124.json; the profiler's GPU-busy share, not yet measured, will say
+how much of the step the GPU waits). A replay is one launch for the whole step.
 
 How (torch's whole-network capture, docs: notes/cuda "whole-network capture"):
 1. the first ``warmup_steps`` steps run eagerly on a side stream. They are real training steps, and
