@@ -56,7 +56,7 @@ def sm_count(device: torch.device, default: int = 132) -> int:
 
 # The interpreter's fp32 -> bf16 cast truncates; GPUs round to nearest even. Kernels cast through
 # ``cast_rtne`` so the interpreter rounds like the hardware (and like torch).
-INTERPRETER = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+INTERPRETER = tl.constexpr(_INTERPRETING)
 
 
 def check_tensor(
