@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
 from fastmae.checkpoint import optimizer_state
 from fastmae.compiling import CompileConfig
@@ -32,8 +36,8 @@ class EagerReplayRunner:
     while the gradients were None created them in its own memory, and its replays overwrite them: such
     a replay starts from no gradients."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model=None):
+        self.model = model  # None: no capture may create the gradients (they exist, as flat gradients)
         self.graphs = []  # (body, output, whether the capture created the gradients)
         self.warmups = 0
         self.replays = []
@@ -44,7 +48,8 @@ class EagerReplayRunner:
         yield
 
     def capture(self, body):
-        creates_grads = all(p.grad is None for p in self.model.parameters())
+        creates_grads = self.model is not None and all(p.grad is None for p in self.model.parameters())
+        assert self.model is not None or not creates_grads
         out = torch.zeros(())
         self.graphs.append((body, out, creates_grads))
         return len(self.graphs) - 1, out
@@ -66,8 +71,8 @@ def micro_model_and_optimizer(seed=0):
     return model, build_optimizer(model, lr=1e-3, weight_decay=0.05)
 
 
-def batches(count, batch=4, size=32, patches=64):
-    generator = torch.Generator().manual_seed(1)
+def batches(count, batch=4, size=32, patches=64, seed=1):
+    generator = torch.Generator().manual_seed(seed)
     return [(torch.randn(batch, 3, size, size, generator=generator), torch.rand(batch, patches, generator=generator))
             for _ in range(count)]
 
@@ -102,6 +107,119 @@ def test_replayed_steps_compute_what_the_eager_step_computes(accum_iter):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
 
 
+def test_steps_with_fewer_micro_batches_average_over_the_ones_they_have():
+    """The last step of an epoch accumulates what is left (``train_step`` divides by that count): the
+    replays scale each micro-batch's loss through a device tensor, the same graphs serving every count."""
+    accum_iter, counts = 3, [3, 1, 3, 2, 3, 1]  # warm-up steps of 3 and 1; the capture; then 2, 3 and 1
+    eager_model, eager_opt = micro_model_and_optimizer()
+    make_optimizer_capturable(eager_opt, CPU)
+    graph_model, graph_opt = micro_model_and_optimizer()
+    runner = EagerReplayRunner(graph_model)
+    step = GraphedTrainStep(graph_model, graph_opt, 0.75, None, accum_iter, warmup_steps=2, runner=runner)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    data = iter(batches(sum(counts)))
+    for index, count in enumerate(counts):
+        micro_batches = [next(data) for _ in range(count)]
+        want = train_step(eager_model, eager_opt, scaler, micro_batches, 0.75, None)
+        got = step(micro_batches)
+        assert got.shape == (count,)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"step {index}")
+    assert runner.replays == [0, 0, 0, 1] + [0, 0, 1] + [0, 0, 0, 1] + [0, 1]
+    for (name, a), b in zip(eager_model.named_parameters(), graph_model.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match=r"takes 1 to 3 micro-batches per step \(--accum_iter 3\), got 4"):
+        step(batches(4))
+    with pytest.raises(ValueError, match="got 0"):
+        step([])
+
+
+def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str, counts: list[int]) -> None:
+    """Each rank steps a DDP model eagerly (``train_step``) and a graphed step averaging flat gradients,
+    on its own micro-batches; saves both models and both steps' losses."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        eager_model, eager_opt = micro_model_and_optimizer(seed=0)
+        make_optimizer_capturable(eager_opt, CPU)  # the same AdamW arithmetic (see the single-process test)
+        ddp = DistributedDataParallel(eager_model, gradient_as_bucket_view=True)
+        # another start on each rank: the graphed step starts every rank from rank 0's weights, as DDP does
+        graph_model, graph_opt = micro_model_and_optimizer(seed=rank)
+        step = GraphedTrainStep(graph_model, graph_opt, 0.75, None, max(counts), warmup_steps=2,
+                                runner=EagerReplayRunner(), process_group=dist.group.WORLD)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        data = iter(batches(sum(counts), seed=10 + rank))  # each rank its own images and masks
+        eager_losses, graph_losses = [], []
+        for count in counts:
+            micro_batches = [next(data) for _ in range(count)]
+            eager_losses.append(train_step(ddp, eager_opt, scaler, micro_batches, 0.75, None))
+            graph_losses.append(step(micro_batches))
+        torch.save({"eager": eager_model.state_dict(), "graph": graph_model.state_dict(),
+                    "eager_losses": eager_losses, "graph_losses": graph_losses}, os.path.join(out_dir, f"{rank}.pt"))
+        dist.barrier()  # ranks leave together (see tests/test_train_ddp.py)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("accum_iter", [1, 2])
+def test_graphed_steps_on_two_ranks_average_the_gradients_as_ddp_does(tmp_path, accum_iter):
+    counts = [accum_iter] * 4 + ([1] if accum_iter > 1 else [])  # the last step of an epoch: what is left
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path), counts), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in range(2)]
+    torch.manual_seed(0)
+    initial = create_model("mae_vit_micro_patch4", kernels="torch").state_dict()
+    for rank, saved in enumerate(ranks):
+        for eager, graph in zip(saved["eager_losses"], saved["graph_losses"]):
+            torch.testing.assert_close(graph, eager, rtol=0, atol=0, msg=f"rank {rank} losses")
+        for name, value in saved["eager"].items():
+            # DDP's mean over 2 ranks (halve, then add) is exact in either order: the same bits
+            torch.testing.assert_close(saved["graph"][name], value, rtol=0, atol=0, msg=f"rank {rank} {name}")
+            torch.testing.assert_close(ranks[0]["graph"][name], saved["graph"][name], rtol=0, atol=0,
+                                       msg=f"{name}: the ranks' replicas differ")
+    assert sum(not torch.equal(ranks[0]["graph"][k], v) for k, v in initial.items()) > 10  # the steps moved them
+    assert not torch.equal(ranks[0]["graph_losses"][0], ranks[1]["graph_losses"][0])  # the ranks saw other data
+
+
+def _pretrain_worker(rank: int, world_size: int, init_file: str, flags: list[str]) -> None:
+    import fastmae.train.cuda_graph as cuda_graph
+    import fastmae.train.trainer as trainer
+    from fastmae.cli import main as fastmae_main
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    if "--cuda_graph" in flags:  # on CPU: the stand-in runner, and the CPU device let through
+        trainer.check_cuda_graph_support = lambda *args: None
+        cuda_graph.CudaGraphRunner = lambda device: EagerReplayRunner()
+    assert fastmae_main(flags + ["--dist_url", f"file://{init_file}"]) == 0
+
+
+def test_pretrain_with_cuda_graph_on_two_ranks_trains_as_ddp_does(tmp_path):
+    """``fastmae pretrain --cuda_graph`` in two processes: the graphed step, not DDP, averages the
+    gradients, through the epoch's last step of fewer micro-batches (stand-in runner on CPU)."""
+    from fastmae.data.synthetic import write_jpeg_folder
+    from fastmae.train.checkpoints import latest_checkpoint
+
+    jpegs = tmp_path / "jpegs"
+    write_jpeg_folder(jpegs, 20, size=(48, 40), num_classes=2)  # 5 batches of 2 per rank: steps of 2, 2 and 1
+    runs = {}
+    for name, extra in (("ddp", []), ("graphed", ["--cuda_graph"])):
+        out = tmp_path / name
+        flags = ["pretrain", "--data_path", str(jpegs), "--output_dir", str(out), "--model", "mae_vit_micro_patch4",
+                 "--input_size", "32", "--batch_size", "2", "--accum_iter", "2", "--num_workers", "0",
+                 "--epochs", "3", "--warmup_epochs", "1", "--blr", "2e-3", "--max_steps", "6", "--log_every", "1",
+                 "--no_progress", "--device", "cpu", *extra]  # 3 warm-up steps, the capture, 2 replays
+        mp.spawn(_pretrain_worker, args=(2, str(tmp_path / f"rendezvous_{name}"), flags), nprocs=2, join=True)
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = (records, torch.load(latest_checkpoint(out), weights_only=False)["model"],
+                      json.loads((out / "summary.json").read_text()))
+    (ddp_records, ddp_weights, _), (records, weights, summary) = runs["ddp"], runs["graphed"]
+    assert summary["cuda_graph"] and summary["world_size"] == 2
+    assert [r["step"] for r in records] == list(range(1, 7)) and records[-1]["epoch"] == 2  # 2 epochs of 3 steps
+    torch.testing.assert_close([r["loss"] for r in records], [r["loss"] for r in ddp_records], rtol=1e-5, atol=0)
+    for name, value in ddp_weights.items():
+        # the lr as an fp32 tensor in the graphed step's AdamW, a float in DDP's: round-off apart
+        torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_a_replay_reads_the_new_batch_and_the_lr_from_the_device_tensor():
     model, optimizer = micro_model_and_optimizer()
     step = GraphedTrainStep(model, optimizer, 0.75, None, warmup_steps=1, runner=EagerReplayRunner(model))
@@ -131,7 +249,7 @@ def test_a_batch_of_another_shape_is_an_error_naming_both_shapes():
         step([(imgs[:2], noise[:2])])
     with pytest.raises(ValueError, match="masking noise"):
         step([(imgs, noise.double())])
-    with pytest.raises(ValueError, match="accumulates 1 micro-batches per step, got 2"):
+    with pytest.raises(ValueError, match=r"takes 1 to 1 micro-batches per step \(--accum_iter 1\), got 2"):
         step([(imgs, noise)] * 2)
 
 
@@ -147,11 +265,10 @@ def test_noise_is_drawn_when_not_given():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(device=CPU), "needs a CUDA device"),
     (dict(precision="fp16"), "GradScaler"),
-    (dict(distributed=True), "one process"),
     (dict(compiled=CompileConfig()), "reduce-overhead"),
 ])
 def test_settings_a_replay_cannot_honour_are_named(kwargs, message):
-    settings = dict(device=torch.device("cuda"), precision="bf16", distributed=False, compiled=None)
+    settings = dict(device=torch.device("cuda"), precision="bf16", compiled=None)
     settings.update(kwargs)
     with pytest.raises(ValueError, match=message):
         check_cuda_graph_support(**settings)
@@ -228,6 +345,45 @@ def test_cuda_graph_replays_match_the_eager_step(kernels, dtype, accum_iter):
     assert step.captured
     for (name, a), b in zip(eager_model.named_parameters(), graph_model.parameters()):
         torch.testing.assert_close(b, a, rtol=2e-2 if dtype else 1e-4, atol=2e-3 if dtype else 1e-5, msg=name)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_graph_replays_with_an_nccl_all_reduce_match_ddp(tmp_path):
+    """The multi-process route on one GPU: NCCL with one rank, its all-reduce launched between the
+    replays of forward + backward and of the update, against DDP's eager step; no host wait."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1,
+                            device_id=device)
+    try:
+        models = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            model = create_model("mae_vit_micro_patch4", kernels="auto", attn="math").to(device)
+            models.append((model, build_optimizer(model, lr=1e-3, weight_decay=0.05)))
+        (eager_model, eager_opt), (graph_model, graph_opt) = models
+        make_optimizer_capturable(eager_opt, device)
+        ddp = DistributedDataParallel(eager_model, device_ids=[device.index], gradient_as_bucket_view=True)
+        step = GraphedTrainStep(graph_model, graph_opt, 0.75, torch.bfloat16, 2, warmup_steps=2,
+                                process_group=dist.group.WORLD)
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        data = iter([(imgs.to(device), noise.to(device)) for imgs, noise in batches(11)])
+        for index, count in enumerate([2, 2, 2, 1, 2, 2]):  # warm-up, warm-up, the capture, a partial step
+            micro_batches = [next(data) for _ in range(count)]
+            want = train_step(ddp, eager_opt, scaler, micro_batches, 0.75, torch.bfloat16)
+            if step.captured:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                got = step(micro_batches)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            torch.testing.assert_close(got, want, rtol=2e-3, atol=1e-5, msg=f"step {index}")
+        assert step.captured
+        for (name, a), b in zip(eager_model.named_parameters(), graph_model.parameters()):
+            torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-3, msg=name)
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.gpu

@@ -19,9 +19,16 @@ How (torch's whole-network capture, docs: notes/cuda "whole-network capture"):
 
 A replay repeats exactly the captured kernels, so what it cannot change is checked: every batch has
 the captured shape and dtype (the loaders drop the last partial batch), no GradScaler (its
-skip-on-overflow reads the device), no DDP (its all-reduce hooks are not captured here), no
-torch.compile (``--compile_mode reduce-overhead`` is its own CUDA-graph route). The learning rate
-reaches the replays as a device tensor that ``set_lr`` fills in place.
+skip-on-overflow reads the device), no torch.compile (``--compile_mode reduce-overhead`` is its own
+CUDA-graph route). What changes from step to step reaches the replays through device tensors filled
+in place: the learning rate (``set_lr``) and the scale of each micro-batch's loss (the last step of an
+epoch may accumulate fewer micro-batches).
+
+Several processes: the model is not wrapped in DDP, whose gradient hooks would run inside the capture.
+The gradients are views into one flat buffer (``FlatGradients``) that is averaged across the ranks
+between the graph of forward and backward and the graph of the update, by one all-reduce launched
+eagerly (one NCCL call a step, on its own stream, no host wait). It is DDP's arithmetic (divide by the
+world size, then sum), not overlapped with the backward as DDP's buckets are.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import contextlib
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from fastmae.compiling import CompileConfig
@@ -37,8 +45,7 @@ from fastmae.compiling import CompileConfig
 DEFAULT_WARMUP_STEPS = 3  # torch's whole-network example; Triton autotunes in the first
 
 
-def check_cuda_graph_support(device: torch.device, precision: str, distributed: bool,
-                             compiled: CompileConfig | None) -> None:
+def check_cuda_graph_support(device: torch.device, precision: str, compiled: CompileConfig | None) -> None:
     """Raise ValueError naming the setting that a captured training step cannot honour."""
     if device.type != "cuda":
         raise ValueError(f"--cuda_graph captures the training step as a CUDA graph: it needs a CUDA device, "
@@ -46,8 +53,6 @@ def check_cuda_graph_support(device: torch.device, precision: str, distributed: 
     if precision == "fp16":
         raise ValueError("--cuda_graph cannot replay fp16's GradScaler (it skips steps by reading the device): "
                          "use --precision bf16 (the default on CUDA) or fp32")
-    if distributed:
-        raise ValueError("--cuda_graph runs in one process only: DDP's gradient all-reduce is not captured")
     if compiled is not None:
         raise ValueError("--cuda_graph captures the eager step; with --compile use --compile_mode "
                          "reduce-overhead, torch.compile's own CUDA graphs")
@@ -64,10 +69,50 @@ def make_optimizer_capturable(optimizer: torch.optim.Optimizer, device: torch.de
             group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
 
 
+class FlatGradients:
+    """Every trainable parameter's ``.grad`` bound as a view into one flat buffer: gradients that exist
+    before a capture (backward adds into them in place), zeroed with one kernel, and averaged across
+    ranks with one all-reduce. Nothing may set these gradients to None: a graph keeps their addresses."""
+
+    def __init__(self, params, process_group=None):
+        params = [p for p in params if p.requires_grad]
+        kinds = {(p.dtype, p.device) for p in params}
+        if len(kinds) != 1:
+            raise ValueError(f"one flat gradient buffer needs the parameters in one dtype on one device, "
+                             f"got {sorted(map(str, kinds))}")
+        (dtype, device), = kinds
+        self.buffer = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=device)
+        offset = 0
+        for p in params:
+            p.grad = self.buffer[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self.process_group = process_group  # None: one process, nothing to average
+        self.world_size = 1 if process_group is None else dist.get_world_size(process_group)
+
+    def zero_(self) -> None:
+        self.buffer.zero_()
+
+    def all_reduce(self) -> None:
+        """The mean over the ranks, as DDP computes it: each rank's gradient divided by the world size,
+        then summed."""
+        if self.process_group is not None:
+            self.buffer.div_(self.world_size)
+            dist.all_reduce(self.buffer, group=self.process_group)
+
+
+def broadcast_from_first_rank(module: nn.Module, process_group) -> None:
+    """Every rank starts from the first rank's parameters and buffers, as DDP's constructor makes it."""
+    source = dist.get_global_rank(process_group, 0)
+    for tensor in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(tensor.detach(), source, group=process_group)
+
+
 class CudaGraphRunner:
     """The CUDA side of ``GraphedTrainStep``: warm-up on a side stream, captures, replays."""
 
     def __init__(self, device: torch.device):
+        if device.type != "cuda":
+            raise ValueError(f"a CUDA-graph step needs the model on a CUDA device, it is on {device}")
         self.device = device
         self.side_stream = torch.cuda.Stream(device)
 
@@ -95,38 +140,43 @@ class CudaGraphRunner:
 
 
 class GraphedTrainStep:
-    """One optimizer step over ``accum_iter`` micro-batches per call, as ``train_step`` computes it (no
-    GradScaler), replayed from CUDA graphs after ``warmup_steps`` eager steps.
+    """One optimizer step over at most ``accum_iter`` micro-batches per call, as ``train_step`` computes it
+    (no GradScaler), replayed from CUDA graphs after ``warmup_steps`` eager steps.
 
-    One micro-batch per step: a single graph of forward, backward and update, with the gradients set to
-    None before the capture so that backward writes them (nothing to zero, nothing to add). Several: a
-    graph of forward and backward, which adds into gradients that exist before its capture, replayed
-    per micro-batch; then a graph of the update and the zeroing of the gradients.
+    One micro-batch per step in one process: a single graph of forward, backward and update, with the
+    gradients set to None before the capture so that backward writes them (nothing to zero, nothing to
+    add). Several micro-batches, or several processes: the gradients are a ``FlatGradients`` buffer; a
+    graph of forward and backward, which adds into it, is replayed per micro-batch; then the buffer is
+    averaged across the ranks (several processes); then a graph of the update zeroes it.
 
-    ``runner``: the CUDA side (a ``CudaGraphRunner`` for the model's device); tests pass one that runs
-    the captured bodies eagerly.
+    ``process_group``: the ranks whose gradients are averaged (``model`` is not wrapped in DDP); None in
+    one process. ``runner``: the CUDA side (a ``CudaGraphRunner`` for the model's device); tests pass
+    one that runs the captured bodies eagerly.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, mask_ratio: float,
                  autocast_dtype: torch.dtype | None, accum_iter: int = 1, warmup_steps: int = DEFAULT_WARMUP_STEPS,
-                 runner: CudaGraphRunner | None = None):
+                 runner: CudaGraphRunner | None = None, process_group=None):
         if warmup_steps < 1:
             raise ValueError(f"a CUDA-graph step needs at least one eager warm-up step, got {warmup_steps}")
         if accum_iter < 1:
             raise ValueError(f"accum_iter must be positive, got {accum_iter}")
         self.device = next(model.parameters()).device
-        if runner is None:
-            if self.device.type != "cuda":
-                raise ValueError(f"a CUDA-graph step needs the model on a CUDA device, it is on {self.device}")
-            runner = CudaGraphRunner(self.device)
-        self.model, self.optimizer, self.runner = model, optimizer, runner
+        self.model, self.optimizer = model, optimizer
+        self.runner = runner if runner is not None else CudaGraphRunner(self.device)
         self.mask_ratio = mask_ratio
         self.autocast_dtype = autocast_dtype
         self.accum_iter = accum_iter
         self.warmup_steps = warmup_steps
         self.steps = 0
         self.static_imgs = self.static_noise = self.static_loss = None
+        # what each micro-batch's loss is multiplied by before its backward: 1 / micro-batches this step
+        self.static_loss_scale = torch.ones((), device=self.device)
         self.micro_graph = self.update_graph = None
+        if process_group is not None:
+            broadcast_from_first_rank(model, process_group)
+        self.gradients = (FlatGradients(model.parameters(), process_group)
+                          if accum_iter > 1 or process_group is not None else None)
         make_optimizer_capturable(optimizer, self.device)
 
     @property
@@ -134,22 +184,23 @@ class GraphedTrainStep:
         return self.micro_graph is not None
 
     def __call__(self, micro_batches) -> torch.Tensor:
-        """micro_batches: ``accum_iter`` pairs (imgs [B, C, H, W], noise [B, L] or None: drawn here) -> the
-        micro-batches' losses [accum_iter], a device tensor (no sync)."""
+        """micro_batches: 1 to ``accum_iter`` pairs (imgs [B, C, H, W], noise [B, L] or None: drawn here) ->
+        the micro-batches' losses [len(micro_batches)], a device tensor (no sync)."""
         micro_batches = [(imgs, torch.rand(imgs.shape[0], self.model.num_patches, device=imgs.device)
                           if noise is None else noise) for imgs, noise in micro_batches]
-        if len(micro_batches) != self.accum_iter:
-            raise ValueError(f"the CUDA-graph step accumulates {self.accum_iter} micro-batches per step, "
-                             f"got {len(micro_batches)}")
+        if not 1 <= len(micro_batches) <= self.accum_iter:
+            raise ValueError(f"the CUDA-graph step takes 1 to {self.accum_iter} micro-batches per step "
+                             f"(--accum_iter {self.accum_iter}), got {len(micro_batches)}")
+        self.static_loss_scale.fill_(1.0 / len(micro_batches))
         self.steps += 1
         if self.steps <= self.warmup_steps:
             with self.runner.warmup(*(t for pair in micro_batches for t in pair)):
                 losses = torch.stack([self._forward_backward(imgs, noise) for imgs, noise in micro_batches])
-                self._update(set_to_none=True)
+                self._reduce_and_update()
             return losses.clone()
         if not self.captured:
             self._capture(*micro_batches[0])
-        losses = torch.empty(self.accum_iter, device=self.device)
+        losses = torch.empty(len(micro_batches), device=self.device)
         for index, (imgs, noise) in enumerate(micro_batches):
             self._check_like("the batch", imgs, self.static_imgs)
             self._check_like("the masking noise", noise, self.static_noise)
@@ -158,12 +209,14 @@ class GraphedTrainStep:
             self.runner.replay(self.micro_graph)
             losses[index] = self.static_loss
         if self.update_graph is not None:
+            if self.gradients is not None:
+                self.gradients.all_reduce()
             self.runner.replay(self.update_graph)
         return losses
 
     def _capture(self, imgs: torch.Tensor, noise: torch.Tensor) -> None:
         self.static_imgs, self.static_noise = imgs.clone(), noise.clone()
-        if self.accum_iter == 1:
+        if self.gradients is None:
             # backward creates the gradients inside the graph's memory: each replay overwrites them
             self.optimizer.zero_grad(set_to_none=True)
 
@@ -174,25 +227,30 @@ class GraphedTrainStep:
 
             self.micro_graph, self.static_loss = self.runner.capture(forward_backward_update)
             return
-        # gradients made before the captures: each micro-batch's backward adds into them in place
-        for param in self.model.parameters():
-            if param.requires_grad and param.grad is None:
-                param.grad = torch.zeros_like(param)
+        # the flat gradients exist before the captures: each micro-batch's backward adds into them in place
         self.micro_graph, self.static_loss = self.runner.capture(
             lambda: self._forward_backward(self.static_imgs, self.static_noise))
-        self.update_graph, _ = self.runner.capture(lambda: self._update(set_to_none=False))
+        self.update_graph, _ = self.runner.capture(self._update)
 
     def _forward_backward(self, imgs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         # no autocast cache: a cast weight cached across the capture would outlive its graph memory
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None, cache_enabled=False):
             loss, _, _ = self.model(imgs, self.mask_ratio, noise=noise, full_pred=False)
-        (loss / self.accum_iter).backward()  # the gradient of the micro-batches' mean loss
+        (loss * self.static_loss_scale).backward()  # the gradient of the micro-batches' mean loss
         return loss.detach()
 
-    def _update(self, set_to_none: bool) -> None:
+    def _reduce_and_update(self) -> None:
+        if self.gradients is not None:
+            self.gradients.all_reduce()
+        self._update()
+
+    def _update(self) -> None:
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+        if self.gradients is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.gradients.zero_()
 
     @staticmethod
     def _check_like(what: str, tensor: torch.Tensor, static: torch.Tensor) -> None:

@@ -97,7 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "(needs --accum_iter 1 and one process)")
     ours.add_argument("--cuda_graph", default=False, action=_STORE_TRUE,
                       help="capture the eager training step once as a CUDA graph and replay it: one launch per "
-                           "step instead of thousands (needs CUDA, bf16 or fp32, one process)")
+                           "step instead of thousands (needs CUDA, bf16 or fp32; under torchrun one all-reduce a step "
+                           "averages the gradients in place of DDP)")
     ours.add_argument("--kernels", choices=("auto", "triton", "torch"), default=d.kernels, action=_STORE,
                       help="fused Triton kernels (auto: on CUDA) or their PyTorch references")
     ours.add_argument("--attn", choices=("sdpa", "xformers", "math"), default=d.attn, action=_STORE,

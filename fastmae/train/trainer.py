@@ -91,7 +91,7 @@ class Pretrainer:
         self.precision = resolve_precision(cfg.precision, self.device)
         self.autocast_dtype = None if self.precision == "fp32" else AUTOCAST_DTYPES[self.precision]
         if cfg.cuda_graph:
-            check_cuda_graph_support(self.device, self.precision, ctx.enabled, cfg.compile_config())
+            check_cuda_graph_support(self.device, self.precision, cfg.compile_config())
 
         # data first: a bad --data_path is an error before any model is built
         self.data_cfg = DataConfig(
@@ -125,7 +125,8 @@ class Pretrainer:
                 f"this run starts from scratch and removes them at its first save (use --resume auto to continue that run)")
 
         self.train_model: nn.Module = self.model
-        if ctx.enabled:
+        # with --cuda_graph the graphed step averages the gradients itself (DDP's hooks are not captured)
+        if ctx.enabled and not cfg.cuda_graph:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=device_ids, gradient_as_bucket_view=True)
         self.compiled = cfg.compile_config()
@@ -136,8 +137,9 @@ class Pretrainer:
                                  f"with DDP use --compile_mode max-autotune-no-cudagraphs or default")
             self.train_model = compile_for_training(self.train_model, self.model, self.compiled)
         # after the resume: the optimizer it loaded is made capturable
-        self.graphed_step = GraphedTrainStep(self.model, self.optimizer, cfg.mask_ratio, self.autocast_dtype,
-                                             cfg.accum_iter) if cfg.cuda_graph else None
+        self.graphed_step = GraphedTrainStep(
+            self.model, self.optimizer, cfg.mask_ratio, self.autocast_dtype, cfg.accum_iter,
+            process_group=torch.distributed.group.WORLD if ctx.enabled else None) if cfg.cuda_graph else None
         self.noise_generator = torch.Generator(device=self.device)
 
         # the step count at the end: what is done, plus the rest of this epoch and the epochs after it
