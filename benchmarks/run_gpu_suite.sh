@@ -12,6 +12,8 @@
 #            ViT-B/16 at 224 px, bf16, batch 256 (halved where memory runs out)
 #   large    the same for ViT-L/16
 #   huge     the same for ViT-H/14
+#   recipe   ViT-L/16 at the reference recipe's batch of 64 per GPU, where the host's launches weigh most:
+#            fastmae eager, replayed as CUDA graphs, compiled per block, and reference-style
 #   compile  ViT-L compiled per block, without and with CUDA graphs (the settings the profile points to)
 #   ablation ViT-L eager with the PyTorch references instead of the Triton kernels (what the kernels
 #            give a whole step)
@@ -31,7 +33,7 @@ set -uo pipefail
 out="${1:-benchmarks/results}"
 shift || true
 parts=("$@")
-all_parts=(tests kernels shapes base large huge compile ablation table2 table2_compiled table2_cudagraph profile data
+all_parts=(tests kernels shapes base large huge recipe compile ablation table2 table2_compiled table2_cudagraph profile data
            train suites)
 [ ${#parts[@]} -eq 0 ] && parts=("${all_parts[@]}")
 for part in "${parts[@]}"; do
@@ -74,6 +76,8 @@ for part in "${parts[@]}"; do
     base) run "${step[@]}" --model mae_vit_base_patch16 ;;
     large) run "${step[@]}" --model mae_vit_large_patch16 ;;
     huge) run "${step[@]}" --model mae_vit_huge_patch14 ;;
+    recipe) run python -m fastmae bench step --batch_size 64 --dtype bf16 --out_dir "$out" --model mae_vit_large_patch16 \
+              --impl fastmae,fastmae+cudagraph,fastmae+compile,reference-style --compile_scope blocks ;;
     compile)
       for mode in default reduce-overhead; do
         run "${step[@]}" --model mae_vit_large_patch16 --impl fastmae+compile --compile_scope blocks --compile_mode "$mode"

@@ -49,13 +49,17 @@ def compile_config(args: argparse.Namespace) -> CompileConfig:
         raise ValueError(f"--compile_scope/--compile_mode/--compile_backend: {err}") from None
 
 
+def default_batch_size(device: torch.device, cpu_batch: int) -> int:
+    return 256 if device.type == "cuda" else cpu_batch
+
+
 def resolve_measurement(args: argparse.Namespace, cpu_batch: int) -> tuple[torch.device, torch.dtype, int, TimingPlan]:
     """Device, dtype, batch size and timing plan from the shared flags; fills in the per-device
     defaults of --warmup and --steps. Raises ValueError naming a bad flag."""
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     cuda = device.type == "cuda"
-    batch_size = args.batch_size if args.batch_size is not None else (256 if cuda else cpu_batch)
+    batch_size = args.batch_size if args.batch_size is not None else default_batch_size(device, cpu_batch)
     if batch_size < 1:
         raise ValueError(f"--batch_size must be positive, got {batch_size}")
     args.warmup = (10 if cuda else 2) if args.warmup is None else args.warmup

@@ -32,6 +32,7 @@ from fastmae.bench.measure import (
     add_measurement_arguments,
     check_model_names,
     compile_config,
+    default_batch_size,
     format_row,
     measure_contender,
     model_config,
@@ -40,6 +41,9 @@ from fastmae.bench.measure import (
 )
 from fastmae.bench.timing import EndlessLoader, SyntheticImages, TimingPlan
 from fastmae.compiling import CompileConfig
+
+
+CPU_BATCH = 16  # on CPU the default batch is small: CI runs it
 
 
 def speedups(rows: list[dict]) -> dict:
@@ -158,7 +162,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="architecture(s), comma separated (default: mae_vit_base_patch16 on CUDA, "
                              "mae_vit_demo_patch8 on CPU)")
     parser.add_argument("--decoder_depth", type=int, default=None, help="override the decoder depth")
-    add_measurement_arguments(parser, cpu_batch=16)
+    add_measurement_arguments(parser, cpu_batch=CPU_BATCH)
     parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                         help="also measure the torch.compile'd engine (auto: on CUDA only; compiling is slow on CPU)")
     add_compile_arguments(parser, "the +compile rows")
@@ -176,7 +180,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     try:
-        device, dtype, batch_size, _ = resolve_measurement(args, cpu_batch=16)
+        device, dtype, batch_size, _ = resolve_measurement(args, cpu_batch=CPU_BATCH)
         cuda = device.type == "cuda"
         models = (args.model or ("mae_vit_base_patch16" if cuda else "mae_vit_demo_patch8")).split(",")
         check_model_names(models, args.mask_ratio)
@@ -203,8 +207,10 @@ def run(args) -> int:
     gemm = measured_gemm_flops(device, dtype, args.gemm_size)
     print(f"measured {gemm['dtype']} GEMM ({gemm['size']}^3): {gemm['flops_per_s'] / 1e12:.2f} TFLOP/s", flush=True)
     status = 0
+    # another batch than the default is another result: a file of its own beside the default's
+    batch_tag = "" if batch_size == default_batch_size(device, CPU_BATCH) else f"_batch{batch_size}"
     for name in models:
-        what = f"step_{name}{compiled.tag}{engine_tag(args.kernels, args.attn)}"
+        what = f"step_{name}{compiled.tag}{engine_tag(args.kernels, args.attn)}{batch_tag}"
         path = args.json or (Path(args.out_dir) / result_filename(what, device) if args.out_dir else None)
         save = (lambda partial, path=path: write_json(path, {"environment": environment, **partial})) if path else None
         batch = batch_size
