@@ -17,7 +17,7 @@ from fastmae.bench.measure import model_config
 from fastmae.bench.timing import SyntheticImages, synchronize
 
 CPU_CASES = ["fastmae", "naive w/[M]", "reference-style"]
-GPU_CASES = ["fastmae", "fastmae+compile", "naive w/[M]", "reference-style"]
+GPU_CASES = ["fastmae", "fastmae+compile", "fastmae+cudagraph", "naive w/[M]", "reference-style"]
 
 
 def make_step(name, model, batch, device, dtype):
