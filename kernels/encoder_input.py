@@ -4,12 +4,14 @@ Reference semantics (the MAE reference code): conv patch embedding of all L patc
 rows 1.., gather the kept patches, prepend cls_token + pos_embed row 0. Projecting only the K kept
 patches gives the same numbers (to round-off) for a quarter of the work.
 
-Forward, two Triton kernels:
+Forward:
 1. the gather: the kept patches' pixels, in the conv weight's order and dtype, into the rows of a
    dense matrix A [N*(1+K), KP'] (zero rows where cls sits; KP = C*p*p padded to KP' with zero
    columns so every row starts 128-byte aligned: ViT-H's 588 values would leave rows 8-byte aligned);
-2. a GEMM A @ W^T whose epilogue adds the bias, rounds to the weight's dtype as F.linear does, adds
-   the gathered position row and writes cls + pos row 0 into row 0 of each image: [N, 1+K, D].
+2. the GEMM A @ W^T + bias in cuBLAS (torch.addmm, rounded to the weight's dtype as F.linear does),
+   then an epilogue kernel that adds the gathered position row and writes cls + pos row 0 into row 0
+   of each image: [N, 1+K, D]. A Triton GEMM with that epilogue fused is the other route
+   (``_gemm_backend`` says why it is not the default; both are tested).
 A GEMM that gathers its A operand from the images itself was tried first: the im2col addressing
 held so many registers that ptxas spilled for most tile configs (and for ViT-H's 14-pixel patches,
 whose rows are not 16-byte aligned, for nearly all; ``fastmae kernels compile`` shows it), while a
@@ -18,6 +20,9 @@ with it (the gather is not repeated); bias and cls gradients are torch row sums 
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import torch
 import torch.nn.functional as F
@@ -307,12 +312,33 @@ def gather_patch_rows(imgs, ids_keep, patch_size: int, dtype: torch.dtype, row_s
     return rows
 
 
+GEMM_ROUTES = ("cublas", "triton")
+_chosen_gemm_route: contextvars.ContextVar[str | None] = contextvars.ContextVar("encoder_input_gemm", default=None)
+
+
+@contextlib.contextmanager
+def gemm_route(route: str):
+    """Within the block, project the gathered patches with ``route`` (one of ``GEMM_ROUTES``) instead
+    of the default: ``fastmae kernels compile`` compiles both routes' kernels."""
+    if route not in GEMM_ROUTES:
+        raise ValueError(f"unknown GEMM route {route!r}; choose from {GEMM_ROUTES}")
+    token = _chosen_gemm_route.set(route)
+    try:
+        yield
+    finally:
+        _chosen_gemm_route.reset(token)
+
+
 def _gemm_backend(num_rows: int, D: int, KP: int) -> str:
     """Which GEMM projects the gathered patches: "triton" (the epilogue fused into it) or "cublas"
     (torch.addmm, then ``_position_epilogue_kernel``: one more pass over the output, cuBLAS's GEMM).
-    torch.compile of the reference, which takes the second route, was faster on an H100 (0.19 against
-    0.46 ms fwd+bwd for ViT-L); ``benchmarks/kernel_shapes_gpu.py`` times both before the default moves."""
-    return "triton"
+
+    cuBLAS: on the H100 the Triton route took 0.46 ms fwd+bwd at ViT-L's shapes, torch.compile of the
+    reference 0.19 ms (benchmarks/results/kernels_h100-80gb-hbm3_20261124.json). The compiled
+    reference takes this route: the same cuBLAS GEMM, with its own gather and addition, and the
+    backward is the same cuBLAS GEMM in both. This route's own time is not measured yet;
+    ``benchmarks/kernel_shapes_gpu.py`` times both routes at each model's shapes."""
+    return _chosen_gemm_route.get() or "cublas"
 
 
 def visible_patch_embed_forward(imgs, ids_keep, weight, bias, pos_embed, cls_token, patch_size: int):

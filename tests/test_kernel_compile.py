@@ -19,8 +19,8 @@ import pytest
 
 pytest.importorskip("triton")
 
-KERNELS = {
-    "_visible_patch_embed_fwd_kernel", "_patch_rows_kernel", "_decoder_unshuffle_fwd_kernel",
+KERNELS = {  # both routes of the encoder input's GEMM: cuBLAS + epilogue kernel, fused Triton GEMM
+    "_position_epilogue_kernel", "_visible_patch_embed_fwd_kernel", "_patch_rows_kernel", "_decoder_unshuffle_fwd_kernel",
     "_decoder_unshuffle_bwd_kernel", "_masked_patch_loss_kernel", "_add_layer_norm_fwd_kernel",
     "_add_layer_norm_bwd_kernel",
 }
@@ -134,7 +134,7 @@ def test_compile_only_driver_refuses_what_a_gpu_refuses_and_cleans_up():
         bf16 = torch.bfloat16
         imgs, weight = torch.randn(16, 3, 32, 32), torch.randn(64, 3, 16, 16, dtype=bf16)
         args = (imgs, None, weight, torch.zeros(64, dtype=bf16), torch.zeros(1, 5, 64), torch.zeros(1, 1, 64), 16)
-        with CompileOnlyDriver(80) as gpu:
+        with CompileOnlyDriver(80) as gpu, E.gemm_route("triton"):  # the autotuned route
             assert active_compile_only_driver() is gpu
             E.visible_patch_embed_forward(*args)
         assert active_compile_only_driver() is None

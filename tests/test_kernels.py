@@ -101,12 +101,25 @@ def test_patch_gather_pads_rows_with_zeros(device):
 
 
 @pytest.fixture(params=["triton", "cublas"])
-def gemm_backend(request, monkeypatch):
+def gemm_backend(request):
     """The encoder input's GEMM: Triton with the epilogue fused, or cuBLAS then an epilogue kernel."""
-    from fastmae.kernels import encoder_input
+    from fastmae.kernels.encoder_input import _gemm_backend, gemm_route
 
-    monkeypatch.setattr(encoder_input, "_gemm_backend", lambda *shape: request.param)
-    return request.param
+    with gemm_route(request.param):
+        assert _gemm_backend(1, 1, 1) == request.param
+        yield request.param
+
+
+def test_the_encoder_input_gemm_route_defaults_to_cublas_and_names_unknown_routes():
+    from fastmae.kernels.encoder_input import _gemm_backend, gemm_route
+
+    assert _gemm_backend(12800, 1024, 768) == "cublas"
+    with pytest.raises(ValueError, match="unknown GEMM route 'cutlass'; choose from"):
+        with gemm_route("cutlass"):
+            pass
+    with gemm_route("triton"):
+        assert _gemm_backend(12800, 1024, 768) == "triton"
+    assert _gemm_backend(12800, 1024, 768) == "cublas"
 
 
 @pytest.mark.parametrize("shape", ["micro", "vith_grid", "odd"])

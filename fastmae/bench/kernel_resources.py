@@ -9,7 +9,9 @@ are visible before any GPU is at hand. The workloads are the model's own calls:
 - ``naive``: the naive baseline (mask tokens through the encoder), forward and backward;
 - ``full_pred``: forward with every patch predicted, no gradient (visualisation, parity checks);
 
-each with and without norm_pix_loss, under the autocast dtype of ``--precision``. Depth does not
+each with and without norm_pix_loss, under the autocast dtype of ``--precision``, and each with both
+routes of the encoder input's GEMM (cuBLAS then a Triton epilogue, the default; a Triton GEMM with
+the epilogue fused). Depth does not
 change which kernels run, so the model is built one block deep; the batch (default 16, divisible
 by 16 like real batches) keeps Triton's integer specialisations those of a real run.
 """
@@ -55,22 +57,25 @@ def run_workload(model, imgs: torch.Tensor, workload: str, autocast_dtype: torch
 def compile_step_kernels(model_name: str, arch: int, precision: str, workloads=WORKLOADS, batch_size: int = 16):
     """-> the kernels (one record per compiled specialisation) the model's calls launch on sm_<arch>."""
     from fastmae.kernels.cross_compile import CompileOnlyDriver
+    from fastmae.kernels.encoder_input import GEMM_ROUTES, gemm_route
 
     if batch_size < 1:
         raise ValueError(f"--batch_size must be positive, got {batch_size}")
     autocast_dtype = None if precision == "fp32" else DTYPES[precision]
     records = []
     with CompileOnlyDriver(arch) as gpu:
-        for norm_pix_loss in (False, True):
-            for workload in workloads:
-                model = create_model(model_name, kernels="triton", depth=1, decoder_depth=1,
-                                     norm_pix_loss=norm_pix_loss, encoder_mask_tokens=workload == "naive")
-                imgs = torch.randn(batch_size, model.config.in_chans, model.config.img_size, model.config.img_size)
-                first = len(gpu.compiled)
-                run_workload(model, imgs, workload, autocast_dtype)
-                for record in gpu.compiled[first:]:
-                    records.append({"model": model_name, "precision": precision, "workload": workload,
-                                    "norm_pix_loss": norm_pix_loss, **record.as_dict()})
+        for route in GEMM_ROUTES:
+            for norm_pix_loss in (False, True):
+                for workload in workloads:
+                    model = create_model(model_name, kernels="triton", depth=1, decoder_depth=1,
+                                         norm_pix_loss=norm_pix_loss, encoder_mask_tokens=workload == "naive")
+                    imgs = torch.randn(batch_size, model.config.in_chans, model.config.img_size, model.config.img_size)
+                    first = len(gpu.compiled)
+                    with gemm_route(route):
+                        run_workload(model, imgs, workload, autocast_dtype)
+                    for record in gpu.compiled[first:]:  # what this route adds: kernels compile once
+                        records.append({"model": model_name, "precision": precision, "workload": workload,
+                                        "norm_pix_loss": norm_pix_loss, "gemm_route": route, **record.as_dict()})
     return records
 
 
