@@ -77,8 +77,9 @@ def batches(count, batch=4, size=32, patches=64, seed=1):
             for _ in range(count)]
 
 
-@pytest.mark.parametrize("accum_iter", [1, 3])
-def test_replayed_steps_compute_what_the_eager_step_computes(accum_iter):
+def eager_and_graphed(accum_iter):
+    """Two equal micro models: one for ``train_step``, one stepped by a GraphedTrainStep (2 warm-up steps,
+    the stand-in runner). -> (eager model, its optimizer, graphed model, its optimizer, runner, step)."""
     eager_model, eager_opt = micro_model_and_optimizer()
     # the same AdamW arithmetic on both sides (a tensor lr rounds it to fp32; Adam amplifies that on the
     # key biases, whose gradient is zero up to round-off): what differs is how the step is run
@@ -86,6 +87,12 @@ def test_replayed_steps_compute_what_the_eager_step_computes(accum_iter):
     graph_model, graph_opt = micro_model_and_optimizer()
     runner = EagerReplayRunner(graph_model)
     step = GraphedTrainStep(graph_model, graph_opt, 0.75, None, accum_iter, warmup_steps=2, runner=runner)
+    return eager_model, eager_opt, graph_model, graph_opt, runner, step
+
+
+@pytest.mark.parametrize("accum_iter", [1, 3])
+def test_replayed_steps_compute_what_the_eager_step_computes(accum_iter):
+    eager_model, eager_opt, graph_model, graph_opt, runner, step = eager_and_graphed(accum_iter)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     lrs = [1e-3, 2e-3, 5e-4, 0.0, 3e-3, 1e-3]
     data = batches(len(lrs) * accum_iter)
@@ -110,12 +117,8 @@ def test_replayed_steps_compute_what_the_eager_step_computes(accum_iter):
 def test_steps_with_fewer_micro_batches_average_over_the_ones_they_have():
     """The last step of an epoch accumulates what is left (``train_step`` divides by that count): the
     replays scale each micro-batch's loss through a device tensor, the same graphs serving every count."""
-    accum_iter, counts = 3, [3, 1, 3, 2, 3, 1]  # warm-up steps of 3 and 1; the capture; then 2, 3 and 1
-    eager_model, eager_opt = micro_model_and_optimizer()
-    make_optimizer_capturable(eager_opt, CPU)
-    graph_model, graph_opt = micro_model_and_optimizer()
-    runner = EagerReplayRunner(graph_model)
-    step = GraphedTrainStep(graph_model, graph_opt, 0.75, None, accum_iter, warmup_steps=2, runner=runner)
+    counts = [3, 1, 3, 2, 3, 1]  # warm-up steps of 3 and 1; the capture; then 2, 3 and 1
+    eager_model, eager_opt, graph_model, _, runner, step = eager_and_graphed(accum_iter=3)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     data = iter(batches(sum(counts)))
     for index, count in enumerate(counts):
