@@ -1,4 +1,6 @@
-"""Files replaced whole or not at all: results and checkpoints survive a run killed while writing."""
+"""Files replaced whole or not at all: results and checkpoints survive a run killed while writing.
+And the places they go, checked before a run starts, so a long run does not end in a traceback at its
+first save."""
 
 from __future__ import annotations
 
@@ -26,3 +28,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) 
             os.unlink(tmp)
         raise
     return path
+
+
+def check_destination(flag: str, path: str | os.PathLike, kind: str) -> None:
+    """Raise ValueError naming ``flag`` when nothing can be written at ``path``; creates nothing.
+
+    kind: "folder" (a folder that may not exist yet), "file" (a file, its folder may not exist yet)
+    or "either" (a file or a folder, as the command's format decides).
+    """
+    if kind not in ("folder", "file", "either"):
+        raise ValueError(f"kind must be 'folder', 'file' or 'either', got {kind!r}")
+    path = Path(path)
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a folder")
+    if kind == "file" and path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; name the file to write")
+    # the nearest existing ancestor is where the missing folders would be made
+    ancestor = path if kind == "folder" else path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{flag} {path}: {ancestor} is a file, so no folder can be made there")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: no permission to write in {ancestor}")

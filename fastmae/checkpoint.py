@@ -35,14 +35,30 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         from safetensors.torch import load_file
 
         return {"model": load_file(str(path))}
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes)")
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # an unsafe pickle or a broken file: say which
-            raise ValueError(f"cannot read checkpoint {path} as weights only: {err}") from err
+            raise ValueError(_unreadable_checkpoint(path, err)) from err
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict or state_dict")
     return obj
+
+
+def _unreadable_checkpoint(path: Path, err: Exception) -> str:
+    """What to tell the user instead of torch.load's advice to load with weights_only=False."""
+    unsafe = re.search(r"\bGLOBAL ([\w.]+)", str(err))  # a class or function the pickle would call
+    if unsafe:
+        return (f"checkpoint {path} holds Python objects other than tensors and plain containers "
+                f"({unsafe.group(1)}); fastmae reads checkpoints weights-only and does not unpickle them. "
+                "If you trust the file, load it with torch.load(weights_only=False) and save its state_dict")
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
+    first_line = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    reason = unpickler.group(1).strip() if unpickler else first_line.split(". ")[0]
+    return (f"checkpoint {path} is not a readable PyTorch or safetensors file (truncated, corrupt, or another "
+            f"format): {reason}")
 
 
 def state_dict_of(container: dict) -> dict[str, torch.Tensor]:

@@ -7,6 +7,8 @@ import argparse
 import importlib
 import sys
 
+from fastmae.atomic_file import check_destination
+
 # name -> (module, one-line help); "bench X" are the subcommands of "bench".
 COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("fastmae.train.pretrain", "pretrain an MAE (accepts the reference main_pretrain.py flags)"),
@@ -20,6 +22,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "linprobe": ("fastmae.downstream.linprobe", "linear probe of a pretrained encoder"),
     "finetune": ("fastmae.downstream.finetune", "fine-tune a pretrained encoder for classification"),
     "export": ("fastmae.downstream.export", "export the encoder to timm or HF transformers key layouts"),
+}
+
+# Flags, in any command, that name where it writes: checked before the command does any work.
+OUTPUT_FLAGS: dict[str, str] = {
+    "output_dir": "folder", "out_dir": "folder", "log_dir": "folder", "json": "file",
+    "output": "either",  # visualize: a PNG; export: a file (timm) or a folder (hf)
 }
 
 
@@ -50,5 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, chosen = build_parser(argv)
     args = parser.parse_args(argv)
+    try:
+        for flag, kind in OUTPUT_FLAGS.items():
+            if getattr(args, flag, None):
+                check_destination(f"--{flag}", getattr(args, flag), kind)
+    except ValueError as err:
+        print(f"fastmae {args.command_name}: error: {err}", file=sys.stderr)
+        return 2
     module = importlib.import_module(chosen[args.command_name])
     return int(module.run(args) or 0)

@@ -110,10 +110,25 @@ class NotAWeight:
 
 def test_loading_never_unpickles_arbitrary_objects(tmp_path):
     torch.save({"model": ReferenceMAE(**SMALL).state_dict(), "payload": NotAWeight()}, tmp_path / "evil.pth")
-    with pytest.raises(ValueError, match="cannot read checkpoint .* as weights only"):
+    with pytest.raises(ValueError, match=r"evil.pth holds Python objects other than tensors .*getcwd"):
         load_weights(MaskedAutoencoderViT(**SMALL), tmp_path / "evil.pth")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_checkpoint(tmp_path / "missing.pth")
+
+
+def test_broken_checkpoint_files_are_named_as_broken(tmp_path):
+    atomic_save({"model": ReferenceMAE(**SMALL).state_dict()}, tmp_path / "whole.pth")
+    whole = (tmp_path / "whole.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(whole[: len(whole) // 2])  # a copy cut short
+    (tmp_path / "noise.pth").write_bytes(bytes(range(200, 256)) * 4)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    for name in ("truncated.pth", "noise.pth"):
+        with pytest.raises(ValueError, match=f"{name} is not a readable PyTorch or safetensors file") as caught:
+            read_checkpoint(tmp_path / name)
+        assert "weights_only` set to `False`" not in str(caught.value)  # not torch's advice to unpickle anything
+    with pytest.raises(ValueError, match="empty.pth is empty"):
+        read_checkpoint(tmp_path / "empty.pth")
+    assert "model" in read_checkpoint(tmp_path / "whole.pth")
 
 
 def test_atomic_save_keeps_the_previous_file_when_interrupted(tmp_path, monkeypatch):

@@ -34,3 +34,28 @@ def test_console_script_is_installed():
 def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "fastmae", "--help"], capture_output=True, text=True, check=True)
     assert "bench" in out.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["pretrain", "--output_dir", "{file}"], "--output_dir {file} is a file, not a folder"),
+    (["pretrain", "--log_dir", "{file}/runs"], "--log_dir {file}/runs: {file} is a file, so no folder can be made there"),
+    (["bench", "step", "--out_dir", "{file}"], "--out_dir {file} is a file, not a folder"),
+    (["bench", "table2", "--json", "{folder}"], "--json {folder} is a folder; name the file to write"),
+    (["profile", "--model", "mae_vit_micro_patch4", "--json", "{file}/profile.json"], "--json {file}/profile.json: {file} is a file"),
+    (["visualize", "--checkpoint", "c.pth", "--images", "x", "--output", "{file}/r.png"], "--output {file}/r.png: {file} is a file"),
+])
+def test_unwritable_destinations_are_refused_before_any_work(argv, message, tmp_path, capsys, monkeypatch):
+    file, folder = tmp_path / "a_file", tmp_path / "a_folder"
+    file.write_text("results of an earlier run")
+    folder.mkdir()
+
+    def must_not_run(args):
+        raise AssertionError("the command ran although its destination is unwritable")
+
+    argv = [a.format(file=file, folder=folder) for a in argv]
+    module = COMMANDS[" ".join(argv[:2]) if argv[0] in ("bench",) else argv[0]][0]
+    monkeypatch.setattr(f"{module}.run", must_not_run)
+    assert main(argv) == 2
+    assert message.format(file=file, folder=folder) in capsys.readouterr().err
+    assert file.read_text() == "results of an earlier run"
+    assert list(folder.iterdir()) == []
