@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 # Flags, in any command, that name where it writes: checked before the command does any work.
 OUTPUT_FLAGS: dict[str, str] = {
-    "output_dir": "folder", "out_dir": "folder", "log_dir": "folder", "json": "file",
+    "output_dir": "folder", "out_dir": "folder", "log_dir": "folder", "json": "file", "plot": "file",
     "output": "either",  # visualize: a PNG; export: a file (timm) or a folder (hf)
 }
 

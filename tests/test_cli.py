@@ -41,6 +41,7 @@ def test_module_entry_point():
     (["pretrain", "--log_dir", "{file}/runs"], "--log_dir {file}/runs: {file} is a file, so no folder can be made there"),
     (["bench", "step", "--out_dir", "{file}"], "--out_dir {file} is a file, not a folder"),
     (["bench", "table2", "--json", "{folder}"], "--json {folder} is a folder; name the file to write"),
+    (["bench", "data", "--plot", "{folder}"], "--plot {folder} is a folder; name the file to write"),
     (["profile", "--model", "mae_vit_micro_patch4", "--json", "{file}/profile.json"], "--json {file}/profile.json: {file} is a file"),
     (["visualize", "--checkpoint", "c.pth", "--images", "x", "--output", "{file}/r.png"], "--output {file}/r.png: {file} is a file"),
 ])

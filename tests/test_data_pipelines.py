@@ -536,8 +536,8 @@ def test_bench_data_cli_measures_each_available_loader(photos, tmp_path, capsys)
         assert row["images"] == 4 * (6 - 1 - 1) and row["img_per_s"] > 0
     assert report["num_threads"] == 1 and "img/s" in capsys.readouterr().out
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="no image files"):
-        main(["bench", "data", "--data_path", str(tmp_path / "empty")])
+    assert main(["bench", "data", "--data_path", str(tmp_path / "empty")]) == 2
+    assert "fastmae bench data: error: --data_path" in capsys.readouterr().err
 
 
 # --- found by mutation testing -------------------------------------------------------------------

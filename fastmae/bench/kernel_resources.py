@@ -126,18 +126,18 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_model_names(args.model, mask_ratio=0.75)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"fastmae kernels compile: error: {err}", file=sys.stderr)
         return 2
     try:
         import triton  # noqa: F401
     except ImportError:
-        print("error: Triton is not installed (pip install 'fastmae[triton]')", file=sys.stderr)
+        print("fastmae kernels compile: error: Triton is not installed (pip install 'fastmae[triton]')", file=sys.stderr)
         return 2
     from fastmae.kernels._launch import interpreting
 
     if interpreting():
-        print("error: TRITON_INTERPRET=1 makes Triton interpret the kernels, which cannot then be compiled; "
-              "unset it", file=sys.stderr)
+        print("fastmae kernels compile: error: TRITON_INTERPRET=1 makes Triton interpret the kernels, which "
+              "cannot then be compiled; unset it", file=sys.stderr)
         return 2
     results = []
     try:
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
                     print(format_table(records))
                     results.extend(records)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"fastmae kernels compile: error: {err}", file=sys.stderr)
         return 2
     if args.json:
         env = environment_info(torch.device("cpu"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import sys
 import tempfile
 import time
 
@@ -51,15 +52,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except ValueError as err:
+        print(f"fastmae bench data: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but CUDA is not available")
+        raise ValueError("--device cuda but CUDA is not available")
     if args.num_images is None:
         # the CPU loaders' workers make whole batches at once: time whole rounds of them (see measure)
         rounds_needed = warmup_batches(args.warmup, args.num_threads) + 1 + 2 * args.num_threads
         args.num_images = max(512, args.batch_size * rounds_needed)
     if args.batch_size <= 0 or args.num_threads <= 0 or args.num_images <= 0:
-        raise SystemExit("error: --batch_size, --num_threads and --num_images must be positive")
+        raise ValueError("--batch_size, --num_threads and --num_images must be positive")
     with tempfile.TemporaryDirectory(prefix="fastmae-bench-data-") as scratch:
         data_path = args.data_path
         if data_path is None:
@@ -67,10 +76,7 @@ def run(args: argparse.Namespace) -> int:
                   f"quality {IMAGENET_LIKE_QUALITY}) in {scratch}")
             write_jpeg_folder(scratch, args.num_images, num_classes=10)
             data_path = scratch
-        try:
-            source = open_source(data_path)
-        except ValueError as error:
-            raise SystemExit(f"error: {error}")
+        source = open_source(data_path)
         cfg = DataConfig(data_path=str(data_path), input_size=args.input_size, batch_size=args.batch_size,
                          num_workers=args.num_threads, seed=0, pin_mem=device.type == "cuda")
         results = []
@@ -188,7 +194,7 @@ def measure(loader, label: str, device: torch.device, warmup: int, batches: int,
     if parallel > 1:  # whole rounds after the batch that starts the clock
         total = warmup + 1 + max(0, total - warmup - 1) // parallel * parallel
     if total <= warmup or (parallel > 1 and total == warmup + 1):
-        raise SystemExit(f"error: {label}: {len(loader)} batches per epoch leave none to time after {warmup} warm-up "
+        raise ValueError(f"{label}: {len(loader)} batches per epoch leave none to time after {warmup} warm-up "
                          f"batches{f' (whole rounds of {parallel} workers are timed)' if parallel > 1 else ''}; give more "
                          f"images{' or --batches' if parallel > 1 else ''} or a smaller --batch_size")
     timed_images, start, seconds = 0, None, None
