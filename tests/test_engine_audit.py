@@ -101,6 +101,7 @@ def test_trainer_refuses_cuda_graphs_with_ddp(tmp_path, monkeypatch):
     cfg = PretrainConfig(data_path=str(data), output_dir=str(tmp_path / "out"), model=MICRO, input_size=32,
                          batch_size=2, num_workers=0, progress_bar=False, compile=True, compile_mode="reduce-overhead")
     ctx = distributed.DistributedContext(rank=0, world_size=2)
+    monkeypatch.setattr(distributed.DistributedContext, "any_rank", lambda self, flag: flag)  # no process group here
     with pytest.raises(ValueError, match="runs in one process only"):
         trainer_module.Pretrainer(cfg, ctx)
     assert compiled == []
@@ -300,12 +301,15 @@ def test_resume_restores_the_python_and_numpy_random_states(tmp_path):
     np.testing.assert_array_equal(np.random.rand(3), expected[1])
 
 
-def test_a_fresh_run_keeps_its_own_checkpoint_over_an_earlier_runs_later_steps(tmp_path):
+def test_a_resumed_run_rotates_the_checkpoints_it_continues(tmp_path):
     data = write_noise_images(tmp_path / "images", 16)
     out = tmp_path / "out"
     argv = ["pretrain", "--data_path", str(data), "--output_dir", str(out), "--model", MICRO, "--input_size", "32",
-            "--batch_size", "4", "--num_workers", "0", "--epochs", "3", "--threads", "1", "--no_progress"]
-    assert fastmae_main(argv + ["--max_steps", "3", "--save_every", "1", "--keep_checkpoints", "2"]) == 0
+            "--batch_size", "4", "--num_workers", "0", "--epochs", "3", "--threads", "1", "--no_progress",
+            "--save_every", "1", "--keep_checkpoints", "2"]
+    assert fastmae_main(argv + ["--max_steps", "3"]) == 0
     assert [p.name for p in step_checkpoints(out)] == ["checkpoint-step00000002.pth", "checkpoint-step00000003.pth"]
-    assert fastmae_main(argv + ["--max_steps", "1"]) == 0  # no --resume: from scratch, replacing them
-    assert [p.name for p in step_checkpoints(out)] == ["checkpoint-step00000001.pth"]
+    assert fastmae_main(argv + ["--max_steps", "5", "--resume", "auto"]) == 0
+    assert [p.name for p in step_checkpoints(out)] == ["checkpoint-step00000004.pth", "checkpoint-step00000005.pth"]
+    assert fastmae_main(argv + ["--max_steps", "1"]) == 2  # no --resume: refused, nothing replaced
+    assert [p.name for p in step_checkpoints(out)] == ["checkpoint-step00000004.pth", "checkpoint-step00000005.pth"]

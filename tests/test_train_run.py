@@ -288,13 +288,25 @@ def test_keeps_only_the_newest_checkpoints(tmp_path, image_folder):
     assert not list(out.glob(".*tmp"))
 
 
-def test_a_fresh_run_replaces_an_earlier_runs_checkpoints_and_metrics(tmp_path, image_folder, capsys):
+def test_a_fresh_run_refuses_a_folder_holding_an_earlier_run(tmp_path, image_folder, capsys):
     out = tmp_path / "out"
     assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "3")) == 0
-    assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "1")) == 0  # no --resume: from scratch
-    assert "holds checkpoints of an earlier run (newest checkpoint-step00000003.pth)" in capsys.readouterr().out
-    assert [p.name for p in out.glob("checkpoint-*.pth")] == ["checkpoint-step00000001.pth"]
-    assert [r["step"] for r in logged(out)] == [1]
+    written = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "1")) == 2  # forgot --resume
+    err = capsys.readouterr().err
+    assert "holds an earlier run (checkpoint-step00000003.pth, metrics.jsonl)" in err and "--resume auto" in err
+    # resuming from a checkpoint of another folder would mix the two runs' files
+    other = tmp_path / "other"
+    assert fastmae_main(micro_flags(image_folder, other, "--max_steps", "2")) == 0
+    assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "4", "--resume",
+                                    str(other / "checkpoint-step00000002.pth"))) == 2
+    assert "holds another run's checkpoints (checkpoint-step00000003.pth)" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == written  # nothing replaced, nothing added
+    # what the message offers works: continue the run, or start afresh elsewhere
+    assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "4", "--resume", "auto")) == 0
+    assert [r["step"] for r in logged(out)] == [1, 2, 3, 4]
+    assert fastmae_main(micro_flags(image_folder, tmp_path / "fresh", "--max_steps", "1")) == 0
 
 
 def test_tensorboard_scalars_when_installed(tmp_path, image_folder):

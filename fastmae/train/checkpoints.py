@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,19 +69,35 @@ def restore_rng_states(states: dict) -> None:
 
 
 def save_training_checkpoint(output_dir: str | Path, model, optimizer, scaler, position: TrainingPosition,
-                             args, keep: int, earlier_run: Collection[Path] = ()) -> Path:
-    """Save ``position`` and delete this run's step checkpoints but the newest ``keep``. An earlier
-    run's files (``earlier_run``) are not this run's to rotate: with higher step numbers they would
-    rank as the newest and push out the file just written."""
+                             args, keep: int) -> Path:
+    """Save ``position`` and delete the step checkpoints but the newest ``keep`` (all of them this
+    run's: ``earlier_run_outputs`` keeps a run out of a folder holding another's)."""
     path = step_checkpoint_path(output_dir, position.step)
     resume = {"step": position.step, "epoch": position.epoch, "batch": position.batch,
               "images_per_batch": position.images_per_batch, "rng": rng_states()}
     save_checkpoint(path, model, optimizer, epoch=position.epoch - 1, scaler=scaler, args=args, **{RESUME_KEY: resume})
-    earlier = set(earlier_run) - {path}
-    ours = [p for p in step_checkpoints(output_dir) if p not in earlier]
-    for old in ours[:-keep]:
+    for old in step_checkpoints(output_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
+
+
+def earlier_run_outputs(output_dir: str | Path, resume: str) -> list[Path]:
+    """What an earlier run left in ``output_dir`` that a run started with ``--resume resume`` would
+    replace: its step checkpoints (rotated away, or taken for this run's newest by --resume auto)
+    unless this run continues from one of them, and its metrics.jsonl unless this run resumes.
+
+    --resume auto continues the newest checkpoint there; with none, it starts afresh over whatever
+    metrics a run stopped before its first save left (a requeued job must not be refused forever).
+    """
+    output_dir = Path(output_dir)
+    if resume == "auto":
+        return []
+    checkpoints = step_checkpoints(output_dir)
+    if resume:
+        inside = Path(resume).resolve().parent == output_dir.resolve()
+        return [] if inside else checkpoints
+    metrics = output_dir / "metrics.jsonl"
+    return checkpoints + ([metrics] if metrics.is_file() else [])
 
 
 def resume_from(path: str | Path, model, optimizer, scaler) -> tuple[TrainingPosition | None, str]:

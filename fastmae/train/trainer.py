@@ -23,8 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 from fastmae.compiling import CompileConfig, compile_for_training, mark_step_begin
 from fastmae.data.loader import DataConfig, build_loader, preview_batch, resolve_loader
 from fastmae.models import create_model
-from fastmae.train.checkpoints import (TrainingPosition, latest_checkpoint, resume_from, save_training_checkpoint,
-                                      step_checkpoint_path, step_checkpoints)
+from fastmae.train.checkpoints import (TrainingPosition, earlier_run_outputs, latest_checkpoint, resume_from,
+                                      save_training_checkpoint, step_checkpoint_path)
 from fastmae.train.config import PretrainConfig
 from fastmae.train.cuda_graph import GraphedTrainStep, check_cuda_graph_support
 from fastmae.train.distributed import DistributedContext
@@ -93,6 +93,12 @@ class Pretrainer:
         if cfg.cuda_graph:
             check_cuda_graph_support(self.device, self.precision, cfg.compile_config())
 
+        # Nothing an earlier run wrote is replaced unasked (a relaunch that forgot --resume would
+        # otherwise rotate away days of checkpoints). Every rank stops: rank 0 alone may see the files.
+        earlier = earlier_run_outputs(self.output_dir, cfg.resume) if ctx.is_main else []
+        if ctx.any_rank(bool(earlier)):
+            raise ValueError(self._earlier_run_message(earlier))
+
         # data first: a bad --data_path is an error before any model is built
         self.data_cfg = DataConfig(
             data_path=cfg.data_path, input_size=cfg.input_size, batch_size=cfg.batch_size,
@@ -115,14 +121,6 @@ class Pretrainer:
         self.last_checkpoint: Path | None = None
         self.messages: list[str] = []
         self._resume()
-        resumed = self.last_checkpoint is not None
-        # A fresh run owns its output_dir: an earlier run's step checkpoints would otherwise pass for
-        # this run's newest ones (--resume auto, pruning). They are removed at this run's first save.
-        self.stale_checkpoints = [] if resumed else step_checkpoints(self.output_dir)
-        if self.stale_checkpoints:
-            self.messages.append(
-                f"{self.output_dir} holds checkpoints of an earlier run (newest {self.stale_checkpoints[-1].name}); "
-                f"this run starts from scratch and removes them at its first save (use --resume auto to continue that run)")
 
         self.train_model: nn.Module = self.model
         # with --cuda_graph the graphed step averages the gradients itself (DDP's hooks are not captured)
@@ -148,7 +146,7 @@ class Pretrainer:
         self.total_steps = min(end, cfg.max_steps) if cfg.max_steps else end
         self.logger = MetricsLogger(self.output_dir, cfg.log_dir or self.output_dir, self.total_steps,
                                     self.position.step, enabled=ctx.is_main, progress_bar=cfg.progress_bar,
-                                    append=resumed)
+                                    append=self.last_checkpoint is not None)
         self._stop_signal: int | None = None
         self._flops_per_image, self._peak_flops = self._flop_rates()
         self.first_loss = self.last_loss = None
@@ -156,6 +154,17 @@ class Pretrainer:
         self.totals = RunTotals()  # its logged windows
 
     # ---- set-up ----
+
+    def _earlier_run_message(self, earlier: list[Path]) -> str:
+        if not earlier:  # another rank's view
+            return f"--output_dir {self.output_dir} holds an earlier run's files (rank 0 names them)"
+        names = ", ".join(p.name for p in earlier[-3:]) + (f" and {len(earlier) - 3} more" if len(earlier) > 3 else "")
+        if self.cfg.resume:
+            return (f"--output_dir {self.output_dir} holds another run's checkpoints ({names}); resuming from "
+                    f"{self.cfg.resume} there would mix the two runs' checkpoints: give another --output_dir "
+                    "(or move those files away)")
+        return (f"--output_dir {self.output_dir} holds an earlier run ({names}), which a fresh run would replace: "
+                "continue it with --resume auto, or give another --output_dir (or move those files away)")
 
     def _resume(self) -> None:
         cfg = self.cfg
@@ -328,17 +337,11 @@ class Pretrainer:
             raise NonFiniteLoss(self._nonfinite_message(window.first_step, self.position.step))
         if self.ctx.is_main:
             path = save_training_checkpoint(self.output_dir, self.model, self.optimizer, self.scaler,
-                                            self.position, self.args_to_save, self.cfg.keep_checkpoints,
-                                            earlier_run=self.stale_checkpoints)
+                                            self.position, self.args_to_save, self.cfg.keep_checkpoints)
         else:
             path = step_checkpoint_path(self.output_dir, self.position.step)
         self.ctx.barrier()  # the file is complete before any rank moves on (or exits)
         self.last_checkpoint = path
-        if self.ctx.is_main:
-            for stale in self.stale_checkpoints:
-                if stale != path:
-                    stale.unlink(missing_ok=True)
-        self.stale_checkpoints = []
         return path
 
     def _nonfinite_message(self, first_step: int, step: int) -> str:
