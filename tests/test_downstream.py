@@ -230,6 +230,10 @@ def test_linprobe_command(tiny_folder, mae_checkpoint, tmp_path, capsys):
     assert rc == 0 and "linear probe top-1" in capsys.readouterr().out
     assert fastmae_main(["linprobe", *common]) == 2
     assert "--random_init" in capsys.readouterr().err
+    saved = (out / "checkpoint-linprobe.pth").read_bytes()
+    assert fastmae_main(["linprobe", "--checkpoint", str(mae_checkpoint), "--output_dir", str(out), *common]) == 2
+    assert "holds an earlier run's checkpoint-linprobe.pth" in capsys.readouterr().err
+    assert (out / "checkpoint-linprobe.pth").read_bytes() == saved
 
 
 def test_finetune_command(tiny_folder, mae_checkpoint, tmp_path, capsys):
@@ -249,6 +253,10 @@ def test_finetune_command(tiny_folder, mae_checkpoint, tmp_path, capsys):
     assert f"top-1 {log[-1]['val_top1']:.2f}%" in capsys.readouterr().out
     assert fastmae_main(["finetune", "--checkpoint", str(tmp_path / "missing.pth"), *common]) == 2
     assert "does not exist" in capsys.readouterr().err
+    best = (out / "checkpoint-best.pth").read_bytes()
+    assert fastmae_main(["finetune", "--checkpoint", str(mae_checkpoint), "--output_dir", str(out), *common]) == 2
+    assert "holds an earlier run's checkpoint-last.pth, checkpoint-best.pth" in capsys.readouterr().err
+    assert (out / "checkpoint-best.pth").read_bytes() == best
 
 
 # ---- exports: timm and HF transformers layouts ----

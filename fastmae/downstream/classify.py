@@ -155,6 +155,16 @@ def evaluate(model: nn.Module, loader, device: torch.device, desc: str = "eval")
     return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n, "n": n}
 
 
+def refuse_earlier_outputs(output_dir: str | None, checkpoint_names: tuple[str, ...]) -> None:
+    """A new run does not overwrite the checkpoints an earlier one saved in ``output_dir``."""
+    if not output_dir:
+        return
+    found = [name for name in checkpoint_names if (Path(output_dir) / name).exists()]
+    if found:
+        raise ValueError(f"--output_dir {output_dir} holds an earlier run's {', '.join(found)}, which this run "
+                         "would overwrite: give another --output_dir (or move those files away)")
+
+
 def append_jsonl(path: str | os.PathLike | None, record: dict) -> None:
     if path is None:
         return

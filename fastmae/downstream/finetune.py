@@ -25,12 +25,14 @@ import torch.nn.functional as F
 from fastmae.checkpoint import save_checkpoint
 from fastmae.downstream.classify import (
     add_common_arguments, append_jsonl, build_classifier, datasets_and_loaders, describe_pretrained,
-    evaluate, evaluate_saved, input_size_of, pick_device, progress, show_rate,
+    evaluate, evaluate_saved, input_size_of, pick_device, progress, refuse_earlier_outputs, show_rate,
 )
 from fastmae.downstream.lr_decay import param_groups_lrd
 from fastmae.train.schedule import base_batch_lr, lr_at, set_lr
 from fastmae.downstream.mixup import Mixup, soft_target_cross_entropy
 from fastmae.downstream.vit_classifier import create_classifier, init_head
+
+CHECKPOINT_NAMES = ("checkpoint-last.pth", "checkpoint-best.pth")  # in --output_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +64,7 @@ def _run(args) -> int:
     log = out / "log.jsonl" if out else None
     if args.eval:
         return _evaluate_saved(args, device)
+    refuse_earlier_outputs(args.output_dir, CHECKPOINT_NAMES)
 
     pretrained = describe_pretrained(args.checkpoint, args.model, args.random_init)
     size = input_size_of(args, pretrained)
@@ -118,9 +121,9 @@ def _run(args) -> int:
                   "lr": optimizer.param_groups[-1]["lr"], "val_top1": stats["top1"], "val_top5": stats["top5"],
                   "val_loss": stats["loss"]}
         if out:
-            save_checkpoint(out / "checkpoint-last.pth", model, optimizer, epoch + 1, args=args, top1=stats["top1"])
+            save_checkpoint(out / CHECKPOINT_NAMES[0], model, optimizer, epoch + 1, args=args, top1=stats["top1"])
             if stats["top1"] > best:
-                save_checkpoint(out / "checkpoint-best.pth", model, None, epoch + 1, args=args, top1=stats["top1"])
+                save_checkpoint(out / CHECKPOINT_NAMES[1], model, None, epoch + 1, args=args, top1=stats["top1"])
         best = max(best, stats["top1"])
         append_jsonl(log, {**record, "max_top1": best})
         print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val top-1 {stats['top1']:.2f}% "

@@ -30,11 +30,13 @@ import torch.nn.functional as F
 from fastmae.checkpoint import save_checkpoint
 from fastmae.downstream.classify import (
     add_common_arguments, append_jsonl, build_classifier, datasets_and_loaders, describe_pretrained,
-    evaluate, evaluate_saved, input_size_of, pick_device, progress, show_rate,
+    evaluate, evaluate_saved, input_size_of, pick_device, progress, refuse_earlier_outputs, show_rate,
 )
 from fastmae.downstream.lars import LARS
 from fastmae.downstream.vit_classifier import VisionTransformer, create_classifier, init_head
 from fastmae.train.schedule import base_batch_lr, lr_at, set_lr
+
+CHECKPOINT_NAME = "checkpoint-linprobe.pth"  # in --output_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -141,6 +143,7 @@ def _run(args) -> int:
     log = Path(args.output_dir) / "log.jsonl" if args.output_dir else None
     if args.eval:
         return _evaluate_saved(args, device)
+    refuse_earlier_outputs(args.output_dir, (CHECKPOINT_NAME,))
 
     pretrained = describe_pretrained(args.checkpoint, args.model, args.random_init)
     size = input_size_of(args, pretrained)
@@ -168,7 +171,7 @@ def _run(args) -> int:
         val_source, val_model = val_loader, model
     stats = fit_linear_probe(model, train_batches, steps, val_model, val_source, recipe, device, log)
     if args.output_dir:
-        save_checkpoint(Path(args.output_dir) / "checkpoint-linprobe.pth", model, stats["optimizer"], args.epochs,
+        save_checkpoint(Path(args.output_dir) / CHECKPOINT_NAME, model, stats["optimizer"], args.epochs,
                         args=args, top1=stats["top1"])
     print(f"linear probe top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  on {stats['n']} val images")
     append_jsonl(log, {"final": True, "val_top1": stats["top1"], "val_top5": stats["top5"], "n": stats["n"]})
