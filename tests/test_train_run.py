@@ -306,6 +306,9 @@ def test_a_fresh_run_refuses_a_folder_holding_an_earlier_run(tmp_path, image_fol
     # what the message offers works: continue the run, or start afresh elsewhere
     assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "4", "--resume", "auto")) == 0
     assert [r["step"] for r in logged(out)] == [1, 2, 3, 4]
+    summary = (out / "summary.json").read_text()
+    assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "4", "--resume", "auto")) == 0  # nothing to do
+    assert (out / "summary.json").read_text() == summary and "of the earlier process kept" in capsys.readouterr().out
     assert fastmae_main(micro_flags(image_folder, tmp_path / "fresh", "--max_steps", "1")) == 0
 
 

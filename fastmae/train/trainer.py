@@ -243,8 +243,11 @@ class Pretrainer:
         except NonFiniteLoss as err:
             self.logger.message(str(err))
             status = EXIT_NONFINITE
-        try:  # however the run ended, its summary replaces any earlier run's
-            if self.ctx.is_main:
+        try:  # however the run ended, its summary replaces an earlier process's, unless it timed nothing
+            summary = self.output_dir / "summary.json"
+            if self.ctx.is_main and self.totals.whole.summary()["img_per_s"] is None and summary.is_file():
+                self.logger.message(f"{self.totals.describe()}: {summary} of the earlier process kept")
+            elif self.ctx.is_main:
                 self.logger.message(f"{self.totals.describe()}: {self.write_summary()}")
         finally:
             self._restore_signal_handlers(previous)
