@@ -313,3 +313,20 @@ def test_a_resumed_run_rotates_the_checkpoints_it_continues(tmp_path):
     assert [p.name for p in step_checkpoints(out)] == ["checkpoint-step00000004.pth", "checkpoint-step00000005.pth"]
     assert fastmae_main(argv + ["--max_steps", "1"]) == 2  # no --resume: refused, nothing replaced
     assert [p.name for p in step_checkpoints(out)] == ["checkpoint-step00000004.pth", "checkpoint-step00000005.pth"]
+
+
+def test_triton_kernels_on_a_cpu_without_the_interpreter_are_refused_before_any_output(tmp_path, monkeypatch, capsys):
+    import fastmae.kernels as kernels
+
+    data = write_noise_images(tmp_path / "images", 8)
+    monkeypatch.setattr(kernels, "triton_interpreter_on", lambda: False)  # the tests run under TRITON_INTERPRET=1
+    out = tmp_path / "out"
+    argv = ["pretrain", "--data_path", str(data), "--output_dir", str(out), "--model", MICRO, "--input_size", "32",
+            "--batch_size", "4", "--num_workers", "0", "--threads", "1", "--no_progress", "--max_steps", "1"]
+    assert fastmae_main(argv + ["--kernels", "triton"]) == 2
+    assert "Triton runs on CPU only through its interpreter" in capsys.readouterr().err
+    assert not out.exists() or list(out.iterdir()) == []
+    # an empty metrics.jsonl (a run that failed before logging) is no earlier run to protect
+    out.mkdir(exist_ok=True)
+    (out / "metrics.jsonl").write_text("")
+    assert fastmae_main(argv + ["--kernels", "torch"]) == 0

@@ -97,7 +97,8 @@ def earlier_run_outputs(output_dir: str | Path, resume: str) -> list[Path]:
         inside = Path(resume).resolve().parent == output_dir.resolve()
         return [] if inside else checkpoints
     metrics = output_dir / "metrics.jsonl"
-    return checkpoints + ([metrics] if metrics.is_file() else [])
+    logged = metrics.is_file() and metrics.stat().st_size > 0  # a run that failed before its first step logs nothing
+    return checkpoints + ([metrics] if logged else [])
 
 
 def resume_from(path: str | Path, model, optimizer, scaler) -> tuple[TrainingPosition | None, str]:

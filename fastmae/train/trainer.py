@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastmae.compiling import CompileConfig, compile_for_training, mark_step_begin
 from fastmae.data.loader import DataConfig, build_loader, preview_batch, resolve_loader
+from fastmae.kernels import resolve_kernels
 from fastmae.models import create_model
 from fastmae.train.checkpoints import (TrainingPosition, earlier_run_outputs, latest_checkpoint, resume_from,
                                       save_training_checkpoint, step_checkpoint_path)
@@ -92,6 +93,7 @@ class Pretrainer:
         self.autocast_dtype = None if self.precision == "fp32" else AUTOCAST_DTYPES[self.precision]
         if cfg.cuda_graph:
             check_cuda_graph_support(self.device, self.precision, cfg.compile_config())
+        resolve_kernels(cfg.kernels, self.device)  # --kernels triton on a CPU: said now, not at the first step
 
         # Nothing an earlier run wrote is replaced unasked (a relaunch that forgot --resume would
         # otherwise rotate away days of checkpoints). Every rank stops: rank 0 alone may see the files.
