@@ -40,11 +40,12 @@ class Variant:
 
 
 def row_tile_variants(module) -> list[Variant]:
-    """Decoder unshuffle and loss: RowTiles(block_rows, row_tiles, num_warps) with 2k-8k values per tile."""
+    """Decoder unshuffle and loss: RowTiles(block_rows, row_tiles, num_warps) with 1k-8k values per tile
+    (1k: one loss row a tile, as inductor's one-row-per-program reductions run)."""
     from fastmae.kernels._launch import RowTiles
 
     variants = []
-    for elements, row_tiles, num_warps in itertools.product((2048, 4096, 8192), (1, 8), (4, 8)):
+    for elements, row_tiles, num_warps in itertools.product((1024, 2048, 4096, 8192), (1, 8), (4, 8)):
         def shape(num_rows, block_width, _e=elements, _t=row_tiles, _w=num_warps):
             return RowTiles(max(1, _e // block_width), _t, _w)
 
