@@ -111,7 +111,7 @@ def test_time_steps_counts_and_summary():
     summary = times.summary()
     assert summary["min_s"] <= summary["median_s"] <= summary["max_s"]
     assert summary["images_per_s"] == pytest.approx(4 / summary["median_s"])
-    with pytest.raises(ValueError, match="timed_steps"):
+    with pytest.raises(ValueError, match="--steps >= 1"):
         TimingPlan(1, 0)
     batches = SyntheticImages(2, 8, CPU, count=3)
     seen = [next(batches) for _ in range(4)]

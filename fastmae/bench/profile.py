@@ -457,7 +457,8 @@ def run(args) -> int:
             raise ValueError(f"--kernel_table must be >= 0, got {args.kernel_table}")
         if batch < 2 or warmup < 0 or steps < 1:
             # batch 2 at least: the activation memory per image is a difference between two batch sizes
-            raise ValueError(f"need batch_size >= 2, warmup >= 0, steps >= 1; got {batch}, {warmup}, {steps}")
+            raise ValueError(f"--batch_size must be >= 2, --warmup >= 0 and --steps >= 1; got --batch_size {batch} "
+                             f"--warmup {warmup} --steps {steps}")
         overrides = {"decoder_depth": args.decoder_depth} if args.decoder_depth is not None else {}
         with torch.device("meta"):
             config = create_model(args.model, kernels="torch", **overrides).config

@@ -69,7 +69,8 @@ class TimingPlan:
 
     def __post_init__(self):
         if self.warmup_steps < 0 or self.timed_steps < 1:
-            raise ValueError(f"need warmup_steps >= 0 and timed_steps >= 1, got {self.warmup_steps}, {self.timed_steps}")
+            raise ValueError(f"--warmup must be >= 0 and --steps >= 1, got --warmup {self.warmup_steps} "
+                             f"--steps {self.timed_steps}")
 
     def as_dict(self) -> dict:
         return asdict(self)
