@@ -3,6 +3,7 @@ LayerNorm chain, attention backends, the distributed set-up (torchrun and OpenMP
 training checkpoints (ordering, --resume auto, RNG states). Everything here runs on the CPU in
 seconds: torch.compile and torch.distributed are replaced by recorders where only the calls matter."""
 
+import copy
 import os
 import random
 
@@ -330,3 +331,52 @@ def test_triton_kernels_on_a_cpu_without_the_interpreter_are_refused_before_any_
     out.mkdir(exist_ok=True)
     (out / "metrics.jsonl").write_text("")
     assert fastmae_main(argv + ["--kernels", "torch"]) == 0
+
+
+def test_accumulated_micro_batches_share_one_cast_of_each_weight():
+    """Under autocast, the micro-batches of one step cast each weight once: the same losses and the same
+    updated weights, bit for bit, as casting per micro-batch (each micro-batch in its own autocast)."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.counts[func] += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    base = create_model(MICRO, kernels="torch")
+    micro_batches = [(torch.randn(2, 3, 32, 32), torch.rand(2, base.num_patches)) for _ in range(3)]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def shared():
+        model = copy.deepcopy(base)
+        optimizer = build_optimizer(model, 1e-3, 0.05)
+        with CountOps() as ops:
+            losses = train_step(model, optimizer, scaler, micro_batches, 0.75, torch.bfloat16)
+        return losses, model, ops.counts[torch.ops.aten._to_copy.default]
+
+    def cast_per_micro_batch():  # what train_step computed before
+        model = copy.deepcopy(base)
+        optimizer = build_optimizer(model, 1e-3, 0.05)
+        losses = []
+        with CountOps() as ops:
+            for imgs, noise in micro_batches:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss, _, _ = model(imgs, 0.75, noise=noise, full_pred=False)
+                losses.append(loss.detach())
+                (loss / len(micro_batches)).backward()
+        optimizer.step()
+        return torch.stack(losses), model, ops.counts[torch.ops.aten._to_copy.default]
+
+    (losses, model, casts), (want_losses, want_model, want_casts) = shared(), cast_per_micro_batch()
+    assert torch.equal(losses, want_losses)
+    for (name, p), q in zip(model.named_parameters(), want_model.parameters()):
+        assert torch.equal(p, q), name
+    linear_weights = sum(isinstance(m, nn.Linear) for m in base.modules())
+    assert casts <= want_casts - 2 * linear_weights  # micro-batches 2 and 3 reuse every linear weight's cast

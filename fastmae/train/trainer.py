@@ -63,18 +63,30 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
     device = micro_batches[0][0].device
     # copied out of the forward's output: a CUDA-graph replay reuses that memory
     losses = torch.empty(len(micro_batches), device=device)
-    for index, (imgs, noise) in enumerate(micro_batches):
-        last = index == len(micro_batches) - 1
-        mark_step_begin(compiled)
-        with contextlib.nullcontext() if last else _no_sync(model):
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                loss, _, _ = model(imgs, mask_ratio, noise=noise, full_pred=False)
-            losses[index] = loss.detach()
-            scaler.scale(loss / len(micro_batches)).backward()
+    with _one_autocast_cache(device, autocast_dtype is not None and compiled is None and len(micro_batches) > 1):
+        for index, (imgs, noise) in enumerate(micro_batches):
+            last = index == len(micro_batches) - 1
+            mark_step_begin(compiled)
+            with contextlib.nullcontext() if last else _no_sync(model):
+                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                    enabled=autocast_dtype is not None):
+                    loss, _, _ = model(imgs, mask_ratio, noise=noise, full_pred=False)
+                losses[index] = loss.detach()
+                scaler.scale(loss / len(micro_batches)).backward()
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return losses
+
+
+def _one_autocast_cache(device: torch.device, enabled: bool):
+    """Around the micro-batches of one step: autocast casts each weight once a step instead of once per
+    micro-batch (ViT-L: 262 cast kernels and about 2 GB of memory traffic per micro-batch). The weights change
+    only at the optimizer step, so the cast values are the same; the cast copies stay alive for the
+    step (2 bytes a parameter). Autocast empties its cache when its outermost context exits: this
+    disabled context is the outermost one, and the backward passes still run outside autocast.
+    Eager only: a compiled graph casts inside itself."""
+    return torch.autocast(device.type, enabled=False) if enabled else contextlib.nullcontext()
 
 
 def _no_sync(model: nn.Module):
