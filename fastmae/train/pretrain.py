@@ -37,9 +37,16 @@ _STORE_TRUE = _recording(argparse._StoreTrueAction)
 _STORE_FALSE = _recording(argparse._StoreFalseAction)
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default after its help, unless the help already says it in words."""
+
+    def _get_help_string(self, action):
+        return action.help if "default:" in (action.help or "") else super()._get_help_string(action)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = PretrainConfig(data_path="")  # the defaults
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.formatter_class = _DefaultsHelpFormatter
     parser.epilog = ("Without --data_path: a demo on photographs embedded in scikit-image; these settings replace the "
                      "defaults of flags you do not set: " + " ".join(f"--{k} {v}" for k, v in DEMO_SETTINGS.items()))
     ref = parser.add_argument_group("reference main_pretrain.py flags (paper recipe defaults)")
@@ -69,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ref.add_argument("--seed", type=int, default=d.seed, action=_STORE,
                      help="weights, masking and augmentation all follow from it")
     ref.add_argument("--resume", default=d.resume, action=_STORE,
-                     help="checkpoint to resume from, or 'auto' for the newest in output_dir")
+                     help="checkpoint to resume from, or 'auto' for the newest in output_dir (default: none, a fresh "
+                          "run, which an output_dir holding an earlier run's checkpoints refuses)")
     ref.add_argument("--start_epoch", type=int, default=d.start_epoch, action=_STORE,
                      help="epoch to start the schedule at (a resumed checkpoint sets its own)")
     ref.add_argument("--num_workers", type=int, default=d.num_workers, action=_STORE,
