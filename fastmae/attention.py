@@ -57,7 +57,11 @@ class Attention(nn.Module):
             q, k, v = qkv.unbind(2)  # [B, T, H, hd] each, xformers' layout
             out = xops.memory_efficient_attention(q, k, v).reshape(B, T, C)
         else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, hd] each
+            # [B, H, T, hd] each. Unbound along dim 2, backward stacks the three gradients straight
+            # into qkv's [B, T, 3, H, hd] layout, which the reshape's backward takes as a view; unbound
+            # after permute(2, 0, 3, 1, 4) they are stacked as [3, B, H, T, hd] and then copied once
+            # more: a read and a write of the qkv gradient in every block (the same values).
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
             if self.backend == "sdpa":
                 out = F.scaled_dot_product_attention(q, k, v)
             else:

@@ -3,6 +3,7 @@ LayerNorm chain, attention backends, the distributed set-up (torchrun and OpenMP
 training checkpoints (ordering, --resume auto, RNG states). Everything here runs on the CPU in
 seconds: torch.compile and torch.distributed are replaced by recorders where only the calls matter."""
 
+import collections
 import copy
 import os
 import random
@@ -29,6 +30,24 @@ from test_kernels import _blocks_with_norm
 from test_train_run import write_noise_images
 
 MICRO = "mae_vit_micro_patch4"
+
+
+def dispatched_ops(fn) -> "collections.Counter":
+    """How many times each aten op reached the dispatcher while ``fn()`` ran (forward and backward)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.counts[func] += 1
+            return func(*args, **(kwargs or {}))
+
+    with CountOps() as ops:
+        fn()
+    return ops.counts
 CPU = torch.device("cpu")
 
 
@@ -176,6 +195,24 @@ def test_attention_backend_decides_which_kernel_runs(monkeypatch):
     assert calls == []  # "math" is the reference's explicit softmax(QK^T)V
     torch.testing.assert_close(sdpa_attn(x), out_math, rtol=1e-5, atol=1e-6)
     assert calls == [1]
+
+
+def test_attention_backward_writes_the_qkv_gradient_without_an_extra_copy():
+    """Backward stacks dq, dk, dv straight into qkv's layout: one stack, no clone after it; the
+    gradients are those of the reference's permute-then-unbind formulation, bit for bit."""
+    torch.manual_seed(0)
+    attn = Attention(32, 4, backend="sdpa")
+    x = torch.randn(3, 7, 32, requires_grad=True)
+    grad = torch.randn(3, 7, 32)
+    ops = dispatched_ops(lambda: attn(x).backward(grad))
+    assert ops[torch.ops.aten.stack.default] == 1 and ops[torch.ops.aten.clone.default] == 0
+    got_x, got_w = x.grad.clone(), attn.qkv.weight.grad.clone()
+    x.grad = None
+    attn.zero_grad()
+    qkv = attn.qkv(x).reshape(3, 7, 3, 4, 8).permute(2, 0, 3, 1, 4)  # tests/reference_mae.py's layout
+    out = F.scaled_dot_product_attention(*qkv.unbind(0)).transpose(1, 2).reshape(3, 7, 32)
+    attn.proj(out).backward(grad)
+    assert torch.equal(got_x, x.grad) and torch.equal(got_w, attn.qkv.weight.grad)
 
 
 # ---- distributed set-up ----
@@ -336,19 +373,6 @@ def test_triton_kernels_on_a_cpu_without_the_interpreter_are_refused_before_any_
 def test_accumulated_micro_batches_share_one_cast_of_each_weight():
     """Under autocast, the micro-batches of one step cast each weight once: the same losses and the same
     updated weights, bit for bit, as casting per micro-batch (each micro-batch in its own autocast)."""
-    import collections
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.counts = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.counts[func] += 1
-            return func(*args, **(kwargs or {}))
-
     torch.manual_seed(0)
     base = create_model(MICRO, kernels="torch")
     micro_batches = [(torch.randn(2, 3, 32, 32), torch.rand(2, base.num_patches)) for _ in range(3)]
@@ -357,22 +381,26 @@ def test_accumulated_micro_batches_share_one_cast_of_each_weight():
     def shared():
         model = copy.deepcopy(base)
         optimizer = build_optimizer(model, 1e-3, 0.05)
-        with CountOps() as ops:
-            losses = train_step(model, optimizer, scaler, micro_batches, 0.75, torch.bfloat16)
-        return losses, model, ops.counts[torch.ops.aten._to_copy.default]
+        losses = []
+        ops = dispatched_ops(lambda: losses.append(train_step(model, optimizer, scaler, micro_batches, 0.75,
+                                                              torch.bfloat16)))
+        return losses[0], model, ops[torch.ops.aten._to_copy.default]
 
     def cast_per_micro_batch():  # what train_step computed before
         model = copy.deepcopy(base)
         optimizer = build_optimizer(model, 1e-3, 0.05)
         losses = []
-        with CountOps() as ops:
+
+        def step():
             for imgs, noise in micro_batches:
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     loss, _, _ = model(imgs, 0.75, noise=noise, full_pred=False)
                 losses.append(loss.detach())
                 (loss / len(micro_batches)).backward()
+
+        ops = dispatched_ops(step)
         optimizer.step()
-        return torch.stack(losses), model, ops.counts[torch.ops.aten._to_copy.default]
+        return torch.stack(losses), model, ops[torch.ops.aten._to_copy.default]
 
     (losses, model, casts), (want_losses, want_model, want_casts) = shared(), cast_per_micro_batch()
     assert torch.equal(losses, want_losses)
