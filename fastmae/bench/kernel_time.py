@@ -1,5 +1,6 @@
 """Device time of a training step by kernel, and by kind of kernel: matrix products, attention,
-fastmae's Triton kernels, normalisation, the optimizer, the rest (mostly element-wise). The step's
+fastmae's Triton kernels, normalisation, the optimizer, GELU, casts and copies, reductions, the rest
+(mostly element-wise). The step's
 phases say where the time goes; this says what kind of work fills it, so which fusion would pay.
 
 torch.profiler records the kernels. On CPU, where there are none, the ATen operators' own time
@@ -24,6 +25,12 @@ KINDS = (
     ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|matmul|addmm|aten::mm$|aten::bmm$|aten::linear$", re.I)),
     ("normalization", re.compile(r"layer_?norm", re.I)),
     ("optimizer", re.compile(r"adam|foreach|multi_tensor", re.I)),
+    # what a fusion could remove, kept apart from the rest: the GELU and its backward, the dtype casts
+    # and copies (autocast's weight casts and their backward, stack/cat), and the reductions (bias
+    # gradients are sums over the rows)
+    ("activation (GELU)", re.compile(r"gelu", re.I)),
+    ("casts and copies", re.compile(r"copy_kernel|CatArrayBatchedCopy|^aten::(_to_copy|copy_|stack|cat|clone)$")),
+    ("reductions", re.compile(r"reduce_kernel|^aten::sum$")),
 )
 OTHER = "element-wise and other"
 NAME_CHARS = 160  # C++ template kernel names run to thousands of characters
