@@ -1,7 +1,7 @@
 """Device time of a training step by kernel, and by kind of kernel: matrix products, attention,
 fastmae's Triton kernels, normalisation, the optimizer, GELU, casts and copies, reductions, the rest
-(mostly element-wise). The step's
-phases say where the time goes; this says what kind of work fills it, so which fusion would pay.
+(mostly element-wise). The step's phases say where the time goes; this says what kind of work fills
+it, so which fusion would pay.
 
 torch.profiler records the kernels. On CPU, where there are none, the ATen operators' own time
 stands in (it only shows that the code runs).

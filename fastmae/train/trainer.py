@@ -80,12 +80,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
 
 
 def _one_autocast_cache(device: torch.device, enabled: bool):
-    """Around the micro-batches of one step: autocast casts each weight once a step instead of once per
-    micro-batch (ViT-L: 262 cast kernels and about 2 GB of memory traffic per micro-batch). The weights change
-    only at the optimizer step, so the cast values are the same; the cast copies stay alive for the
-    step (2 bytes a parameter). Autocast empties its cache when its outermost context exits: this
-    disabled context is the outermost one, and the backward passes still run outside autocast.
-    Eager only: a compiled graph casts inside itself."""
+    """Around the micro-batches of one step: autocast casts each weight once a step instead of once
+    per micro-batch (ViT-L: 262 cast kernels and about 2 GB of memory traffic per micro-batch). The
+    weights change only at the optimizer step, so the cast values are the same; the cast copies stay
+    alive for the step (2 bytes a parameter). Autocast empties its cache when its outermost context
+    exits: this disabled context is the outermost one, and the backward passes still run outside
+    autocast. Eager only: a compiled graph casts inside itself."""
     return torch.autocast(device.type, enabled=False) if enabled else contextlib.nullcontext()
 
 
