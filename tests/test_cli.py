@@ -54,7 +54,7 @@ def test_unwritable_destinations_are_refused_before_any_work(argv, message, tmp_
         raise AssertionError("the command ran although its destination is unwritable")
 
     argv = [a.format(file=file, folder=folder) for a in argv]
-    module = COMMANDS[" ".join(argv[:2]) if argv[0] in ("bench",) else argv[0]][0]
+    module = COMMANDS[" ".join(argv[:2]) if argv[0] == "bench" else argv[0]][0]
     monkeypatch.setattr(f"{module}.run", must_not_run)
     assert main(argv) == 2
     assert message.format(file=file, folder=folder) in capsys.readouterr().err

@@ -30,6 +30,7 @@ from test_kernels import _blocks_with_norm
 from test_train_run import write_noise_images
 
 MICRO = "mae_vit_micro_patch4"
+CPU = torch.device("cpu")
 
 
 def dispatched_ops(fn) -> "collections.Counter":
@@ -48,7 +49,6 @@ def dispatched_ops(fn) -> "collections.Counter":
     with CountOps() as ops:
         fn()
     return ops.counts
-CPU = torch.device("cpu")
 
 
 # ---- compile scopes and modes ----

@@ -122,32 +122,32 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        check_model_names(args.model, mask_ratio=0.75)
-    except ValueError as err:
-        print(f"fastmae kernels compile: error: {err}", file=sys.stderr)
-        return 2
+def _compile_all(args: argparse.Namespace) -> list[dict]:
+    """Every kernel record of every --arch, --precision and --model; ValueError for what cannot run."""
+    check_model_names(args.model, mask_ratio=0.75)
     try:
         import triton  # noqa: F401
     except ImportError:
-        print("fastmae kernels compile: error: Triton is not installed (pip install 'fastmae[triton]')", file=sys.stderr)
-        return 2
+        raise ValueError("Triton is not installed (pip install 'fastmae[triton]')") from None
     from fastmae.kernels._launch import interpreting
 
     if interpreting():
-        print("fastmae kernels compile: error: TRITON_INTERPRET=1 makes Triton interpret the kernels, which "
-              "cannot then be compiled; unset it", file=sys.stderr)
-        return 2
+        raise ValueError("TRITON_INTERPRET=1 makes Triton interpret the kernels, which cannot then be compiled; "
+                         "unset it")
     results = []
+    for arch in args.arch:
+        for precision in args.precision:
+            for model_name in args.model:
+                records = compile_step_kernels(model_name, arch, precision, args.workload, args.batch_size)
+                print(f"\n{model_name}, sm_{arch}, {precision}: {format_summary(summarize(records))}")
+                print(format_table(records))
+                results.extend(records)
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
     try:
-        for arch in args.arch:
-            for precision in args.precision:
-                for model_name in args.model:
-                    records = compile_step_kernels(model_name, arch, precision, args.workload, args.batch_size)
-                    print(f"\n{model_name}, sm_{arch}, {precision}: {format_summary(summarize(records))}")
-                    print(format_table(records))
-                    results.extend(records)
+        results = _compile_all(args)
     except ValueError as err:
         print(f"fastmae kernels compile: error: {err}", file=sys.stderr)
         return 2
