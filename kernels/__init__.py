@@ -13,8 +13,11 @@ switch picks the path:
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import importlib.util
 import os
+import re
 
 import torch
 
@@ -32,6 +35,33 @@ def triton_available() -> bool:
 
 def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def interpreter_incompatibility(triton_version: str, numpy_version: str) -> str | None:
+    """Why the Triton interpreter of ``triton_version`` cannot run beside ``numpy_version``, or None.
+
+    Triton 3.6 and older read a runtime int (a loop bound) as ``int()`` of a one-element array, which
+    NumPy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"); Triton 3.7
+    squeezes the array first. On a GPU the kernels compile and are unaffected.
+    """
+    def release(version: str) -> tuple[int, ...]:  # "2.4.0rc1" -> (2, 4)
+        return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+    if release(triton_version) < (3, 7) and release(numpy_version) >= (2, 4):
+        return (f"the Triton interpreter of triton {triton_version} fails with numpy {numpy_version} (numpy 2.4 "
+                "no longer converts one-element arrays to ints, which triton before 3.7 relies on): "
+                "pip install 'numpy<2.4', or triton>=3.7 where torch allows it")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def check_interpreter_versions() -> None:
+    """Raise ValueError if this environment's Triton interpreter cannot run the kernels (checked once)."""
+    import numpy
+
+    problem = interpreter_incompatibility(importlib.metadata.version("triton"), numpy.__version__)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def _compiling_only() -> bool:
@@ -59,7 +89,10 @@ def resolve_kernels(choice: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "triton" if triton_available() else "torch"
     if choice == "triton":
-        if triton_interpreter_on() or _compiling_only():
+        if _compiling_only():
+            return "triton"
+        if triton_interpreter_on():
+            check_interpreter_versions()
             return "triton"
         raise ValueError(
             f"kernels='triton' on device {device}: Triton runs on CPU only through its interpreter; "

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastmae.kernels import check_interpreter_versions
 from fastmae.kernels.cross_compile import active_compile_only_driver
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -84,6 +85,8 @@ def check_tensor(
 
 
 def check_kernel_device(device: torch.device) -> None:
+    if _INTERPRETING:
+        check_interpreter_versions()
     # under a CompileOnlyDriver the kernels compile for a GPU and nothing reads the tensors
     if device.type != "cuda" and not interpreting() and active_compile_only_driver() is None:
         raise ValueError(

@@ -230,6 +230,30 @@ def test_kernel_switch_choices(monkeypatch):
     assert kernels.resolve_kernels("auto", torch.device("cuda")) == "torch"
 
 
+def test_an_interpreter_that_cannot_run_beside_this_numpy_is_named(monkeypatch):
+    import fastmae.kernels as kernels
+
+    assert kernels.interpreter_incompatibility("3.6.0", "2.3.5") is None
+    assert kernels.interpreter_incompatibility("3.7.0", "2.4.0") is None
+    assert kernels.interpreter_incompatibility("3.10.0", "2.4.6") is None  # numbers, not strings, compared
+    problem = kernels.interpreter_incompatibility("3.6.0", "2.4.0rc1")
+    assert "triton 3.6.0" in problem and "numpy 2.4.0rc1" in problem and "numpy<2.4" in problem
+    # as in an environment with Triton 3.6 and NumPy 2.4: refused where the path is picked and at a launch
+    kernels.check_interpreter_versions.cache_clear()
+    monkeypatch.setattr(kernels.importlib.metadata, "version", lambda name: "3.6.0")
+    monkeypatch.setattr(np, "__version__", "2.4.6")
+    try:
+        with pytest.raises(ValueError, match="triton 3.6.0 fails with numpy 2.4.6"):
+            kernels.resolve_kernels("triton", torch.device("cpu"))
+        from fastmae.kernels.layer_norm import add_layer_norm_triton
+
+        x = torch.randn(2, 8)
+        with pytest.raises(ValueError, match="triton 3.6.0 fails with numpy 2.4.6"):
+            add_layer_norm_triton(x, None, torch.ones(8), torch.zeros(8), 1e-6)
+    finally:
+        kernels.check_interpreter_versions.cache_clear()
+
+
 WITHOUT_TRITON = """
 import sys
 sys.modules["triton"] = sys.modules["triton.language"] = None  # as if not installed: import fails, find_spec is None
