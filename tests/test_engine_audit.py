@@ -408,3 +408,45 @@ def test_accumulated_micro_batches_share_one_cast_of_each_weight():
         assert torch.equal(p, q), name
     linear_weights = sum(isinstance(m, nn.Linear) for m in base.modules())
     assert casts <= want_casts - 2 * linear_weights  # micro-batches 2 and 3 reuse every linear weight's cast
+
+
+# ---- no host reads in a training step ----
+
+# ops whose result the host must read: on a GPU each waits for the device (what set_sync_debug_mode
+# reports in the GPU tests); on the CPU their dispatch shows a step that would wait there
+HOST_READS = {torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero, torch.ops.aten.is_nonzero,
+              torch.ops.aten.equal, torch.ops.aten.masked_select, torch.ops.aten._unique2,
+              torch.ops.aten.unique_consecutive, torch.ops.aten.unique_dim}
+
+
+def host_reads(fn) -> list[str]:
+    return sorted(str(op) for op in dispatched_ops(fn) if op.overloadpacket in HOST_READS)
+
+
+def test_host_reads_are_seen():
+    x = torch.randn(4)
+    assert host_reads(lambda: x.sum().item()) == ["aten._local_scalar_dense.default"]
+    assert host_reads(lambda: bool(x.max() > 0) and x[x > 0]) != []
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("accum_iter", [1, 2])
+def test_a_training_step_reads_nothing_back_on_the_host(kernels, accum_iter):
+    """The eager step as pretrain runs it (bf16 autocast, AdamW), and the body a CUDA graph captures,
+    where a host read would fail the capture."""
+    from test_cuda_graph import EagerReplayRunner
+    from fastmae.train.cuda_graph import GraphedTrainStep
+
+    model = create_model(MICRO, kernels=kernels)
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.05)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    micro_batches = [(torch.randn(2, 3, 32, 32), torch.rand(2, model.num_patches)) for _ in range(accum_iter)]
+    train_step(model, optimizer, scaler, micro_batches, 0.75, torch.bfloat16)  # optimizer state made
+    assert host_reads(lambda: train_step(model, optimizer, scaler, micro_batches, 0.75, torch.bfloat16)) == []
+
+    runner = EagerReplayRunner(model)
+    graphed = GraphedTrainStep(model, optimizer, 0.75, torch.bfloat16, accum_iter, warmup_steps=1, runner=runner)
+    graphed(micro_batches)  # the eager warm-up
+    assert host_reads(lambda: graphed(micro_batches)) == []  # captured and replayed
+    assert host_reads(lambda: graphed(micro_batches)) == []  # replayed
+    assert runner.replays
