@@ -97,6 +97,7 @@ def test_demo_settings_only_for_flags_not_set():
 
 @pytest.mark.parametrize("flags,message", [
     (["--mask_ratio", "1.0"], "mask_ratio"),
+    (["--mask_ratio", "0"], "0 removes no patch"),
     (["--batch_size", "0"], "batch_size"),
     (["--threads", "0"], "threads"),
     (["--data_path", "MISSING"], "does not exist"),

@@ -78,8 +78,10 @@ class PretrainConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"--{name} must be positive, got {value}")
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"--mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if not 0.0 < self.mask_ratio < 1.0:
+            # the loss averages over the removed patches: with none removed it is 0/0
+            raise ValueError(f"--mask_ratio must be in (0, 1), got {self.mask_ratio}"
+                             + (": 0 removes no patch, leaving the loss nothing to average" if self.mask_ratio == 0 else ""))
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.max_steps is not None and self.max_steps <= 0:
