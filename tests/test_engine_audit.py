@@ -301,8 +301,8 @@ def test_checkpoints_are_ordered_by_step_number_not_by_name(tmp_path):
     assert latest_checkpoint(tmp_path).name == "checkpoint-step10.pth"
 
 
-def _micro_training_state():
-    model = create_model(MICRO)
+def _micro_training_state(kernels: str = "auto"):
+    model = create_model(MICRO, kernels=kernels)
     optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.05)
     return model, optimizer, torch.amp.GradScaler("cpu", enabled=False)
 
@@ -437,9 +437,7 @@ def test_a_training_step_reads_nothing_back_on_the_host(kernels, accum_iter):
     from test_cuda_graph import EagerReplayRunner
     from fastmae.train.cuda_graph import GraphedTrainStep
 
-    model = create_model(MICRO, kernels=kernels)
-    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.05)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    model, optimizer, scaler = _micro_training_state(kernels)
     micro_batches = [(torch.randn(2, 3, 32, 32), torch.rand(2, model.num_patches)) for _ in range(accum_iter)]
     train_step(model, optimizer, scaler, micro_batches, 0.75, torch.bfloat16)  # optimizer state made
     assert host_reads(lambda: train_step(model, optimizer, scaler, micro_batches, 0.75, torch.bfloat16)) == []
