@@ -3,6 +3,7 @@ checkpoints, SIGTERM."""
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -258,18 +259,28 @@ sys.exit(main({micro_flags(image_folder, out, "--resume", "auto", "--max_steps",
     assert latest_checkpoint(out) == step_checkpoint_path(out, 3)
 
 
-def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, image_folder):
+@pytest.mark.parametrize("to_group", [False, True], ids=["to-the-process", "to-its-group-and-workers"])
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, image_folder, to_group):
+    """SIGTERM to the training process, or to its whole process group as Slurm's preemption, `timeout`
+    and `kill -TERM -PGID` send it: the loader's worker processes receive it too and must keep serving
+    the main process until it has saved."""
     out = tmp_path / "out"
-    argv = micro_flags(image_folder, out, "--epochs", "1000", "--save_every", "100000")
-    process = subprocess.Popen([sys.executable, "-m", "fastmae", *argv], cwd=REPO,
+    workers = ("--num_workers", "2") if to_group else ()
+    argv = micro_flags(image_folder, out, "--epochs", "1000", "--save_every", "100000", *workers)
+    process = subprocess.Popen([sys.executable, "-m", "fastmae", *argv], cwd=REPO, start_new_session=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 90
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
         time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
+    if to_group:
+        os.killpg(process.pid, signal.SIGTERM)
+    else:
+        process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM, output
+    if to_group:  # the workers, which ignore the signal, exit with the main process
+        assert not _alive_in_group(process.pid, within_s=10)
     saved = latest_checkpoint(out)
     assert saved is not None and "received SIGTERM: saved" in output and str(saved) in output
     step = read_checkpoint(saved)[RESUME_KEY]["step"]
@@ -279,6 +290,19 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, image_folder):
     assert fastmae_main(micro_flags(image_folder, out, "--epochs", "1000", "--resume", "auto",
                                     "--max_steps", str(step + 2))) == 0
     assert [r["step"] for r in logged(out)][-2:] == [step + 1, step + 2]
+
+
+def _alive_in_group(pgid: int, within_s: float) -> bool:
+    """Whether a process of group ``pgid`` is still running ``within_s`` seconds from now."""
+    deadline = time.time() + within_s
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        if time.time() > deadline:
+            return True
+        time.sleep(0.1)
 
 
 def test_keeps_only_the_newest_checkpoints(tmp_path, image_folder):

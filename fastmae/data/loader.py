@@ -218,10 +218,14 @@ class EpochBatchSampler:
             yield [(int(indices[r]), self.epoch, r * self.world_size + self.rank) for r in rows]
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group; the main process saves and stops the run, and the
-    # workers must keep serving it until then.
+def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    # Ctrl-C, and SIGTERM from Slurm's preemption, `timeout` or `kill -TERM -PGID`, reach the whole
+    # process group. The main process saves and stops the run, and the workers must keep serving it
+    # until then: a worker killed by the signal makes the DataLoader raise in the main process, in the
+    # middle of the step or of the checkpoint's write. The workers still exit with the main process
+    # (the DataLoader shuts them down, or they see their parent gone).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class CPULoader:
@@ -245,7 +249,7 @@ class CPULoader:
             pin_memory=cfg.pin_mem and self.device.type == "cuda",
             persistent_workers=cfg.num_workers > 0,
             prefetch_factor=4 if cfg.num_workers > 0 else None,
-            worker_init_fn=_ignore_sigint,
+            worker_init_fn=_leave_stop_signals_to_the_main_process,
         )
 
     def __len__(self) -> int:
