@@ -73,22 +73,48 @@ def test_one_step_on_two_ranks_equals_one_step_on_one_rank(tmp_path):
     assert changed > 10  # the step did move the weights
 
 
+# fastmae pretrain under torchrun, the first rank's checkpoint of step 1 failing as on a full disk
+REFUSE_FIRST_SAVE = """
+import errno, sys
+from pathlib import Path
+import fastmae.checkpoint as checkpoint_module
+from fastmae.cli import main
+
+real_write = checkpoint_module.atomic_write
+
+def full_disk(f):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+def write(path, fill):
+    return real_write(path, full_disk if Path(path).name == "checkpoint-step00000001.pth" else fill)
+
+checkpoint_module.atomic_write = write
+sys.exit(main(["pretrain", *sys.argv[1:]]))
+"""
+
+
 def test_torchrun_two_cpu_processes(tmp_path):
+    """Two ranks train, rank 0 alone logs and saves; when its save of step 1 fails, both ranks go on
+    (neither waits for the other at the save) and step 2 is saved."""
     data = tmp_path / "images"
     data.mkdir()
     rng = np.random.default_rng(0)
     for i in range(32):
         Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(data / f"{i}.png")
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "fastmae", "pretrain", "--data_path", str(data), "--output_dir", str(out),
+    script = tmp_path / "pretrain_refusing_the_first_save.py"
+    script.write_text(REFUSE_FIRST_SAVE)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               "--data_path", str(data), "--output_dir", str(out),
                "--model", "mae_vit_micro_patch4", "--input_size", "32", "--batch_size", "4", "--accum_iter", "2",
-               "--num_workers", "0", "--max_steps", "2", "--log_every", "1", "--device", "cpu"]  # with the bar: rank 0 only
+               "--num_workers", "0", "--max_steps", "2", "--log_every", "1", "--save_every", "1",
+               "--device", "cpu"]  # with the bar: rank 0 only
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "cpu x 2 rank(s)" in result.stdout and "effective batch 16 = 4 x accum 2 x 2" in result.stdout
     assert "4 batches of 4 per epoch per rank" in result.stdout  # each rank reads its half of the 32 images
+    assert result.stdout.count("could not save the checkpoint of step 1") == 1, result.stdout  # rank 0 says it
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]  # rank 0 alone logs
     assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == ["checkpoint-step00000002.pth"]

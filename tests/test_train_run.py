@@ -2,6 +2,7 @@
 checkpoints, SIGTERM."""
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+import fastmae.checkpoint as checkpoint_module
 import fastmae.train.trainer as trainer_module
 from fastmae.checkpoint import read_checkpoint
 from fastmae.cli import main as fastmae_main
@@ -257,6 +259,52 @@ sys.exit(main({micro_flags(image_folder, out, "--resume", "auto", "--max_steps",
     # the leftover partial file is ignored: resuming continues from step 2
     assert fastmae_main(micro_flags(image_folder, out, "--resume", "auto", "--max_steps", "3")) == 0
     assert latest_checkpoint(out) == step_checkpoint_path(out, 3)
+
+
+def _refuse_saves_of_steps(monkeypatch, steps):
+    """The checkpoints of ``steps`` fail part-way through their write, as on a full disk."""
+    real_write = checkpoint_module.atomic_write
+
+    def full_disk(f):
+        f.write(b"the first bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def write(path, fill):
+        refused = any(Path(path).name == f"checkpoint-step{step:08d}.pth" for step in steps)
+        return real_write(path, full_disk if refused else fill)
+
+    monkeypatch.setattr(checkpoint_module, "atomic_write", write)
+
+
+def test_a_periodic_checkpoint_the_disk_refuses_is_reported_and_training_goes_on(tmp_path, image_folder,
+                                                                                 monkeypatch, capsys):
+    out = tmp_path / "out"
+    _refuse_saves_of_steps(monkeypatch, [4])
+    assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "8", "--save_every", "2",
+                                    "--keep_checkpoints", "2")) == 0
+    printed = capsys.readouterr().out
+    assert ("could not save the checkpoint of step 4 as " in printed and "No space left on device" in printed
+            and f"the last checkpoint saved is {step_checkpoint_path(out, 2)}" in printed
+            and "training goes on and tries again at step 6" in printed), printed
+    assert [p.name for p in sorted(out.glob("checkpoint-*.pth"))] == [
+        "checkpoint-step00000006.pth", "checkpoint-step00000008.pth"]
+    assert not list(out.glob(".*tmp")) and logged(out)[-1]["step"] == 8
+
+
+def test_a_final_checkpoint_the_disk_refuses_stops_with_a_message_and_keeps_the_earlier_ones(
+        tmp_path, image_folder, monkeypatch, capsys):
+    out = tmp_path / "out"
+    _refuse_saves_of_steps(monkeypatch, [5])
+    status = fastmae_main(micro_flags(image_folder, out, "--max_steps", "5", "--save_every", "2"))
+    assert status == trainer_module.EXIT_NOT_SAVED
+    printed = capsys.readouterr().out
+    assert (f"could not save the checkpoint of step 5 as {step_checkpoint_path(out, 5)}: [Errno 28] No space left"
+            in printed and f"the last checkpoint saved is {step_checkpoint_path(out, 4)}" in printed), printed
+    assert latest_checkpoint(out) == step_checkpoint_path(out, 4) and not list(out.glob(".*tmp"))
+    # the run resumes from there once the disk has room
+    monkeypatch.undo()
+    assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "5", "--resume", "auto")) == 0
+    assert latest_checkpoint(out) == step_checkpoint_path(out, 5)
 
 
 @pytest.mark.parametrize("to_group", [False, True], ids=["to-the-process", "to-its-group-and-workers"])

@@ -35,9 +35,14 @@ from fastmae.train.schedule import base_batch_lr, lr_at, set_lr
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EXIT_NONFINITE = 3
+EXIT_NOT_SAVED = 4
 
 
 class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class CheckpointNotSaved(RuntimeError):
     pass
 
 
@@ -247,7 +252,8 @@ class Pretrainer:
     # ---- the loop ----
 
     def fit(self) -> int:
-        """Train; returns the process exit status (0 done, 3 non-finite loss, 128+N on signal N)."""
+        """Train; returns the process exit status (0 done, 3 non-finite loss, 4 the last checkpoint could
+        not be written, 128+N on signal N)."""
         for message in self.messages:
             self.logger.message(message)
         self.logger.message(self.describe())
@@ -257,6 +263,9 @@ class Pretrainer:
         except NonFiniteLoss as err:
             self.logger.message(str(err))
             status = EXIT_NONFINITE
+        except CheckpointNotSaved as err:
+            self.logger.message(str(err))
+            status = EXIT_NOT_SAVED
         try:  # however the run ended, its summary replaces an earlier process's, unless it timed nothing
             summary = self.output_dir / "summary.json"
             if self.ctx.is_main and self.totals.whole.summary()["img_per_s"] is None and summary.is_file():
@@ -303,7 +312,7 @@ class Pretrainer:
                 if pos.step % cfg.log_every == 0 or last:
                     self._log(window)
                 if pos.step % cfg.save_every == 0 and not last:
-                    self._save(window)
+                    self._save(window, periodic=True)
         self._save(window)
         self._finish()
         return 0
@@ -344,20 +353,36 @@ class Pretrainer:
         self.totals.add_window(elapsed, window.data_wait, window.images * self.ctx.world_size, pos.step - window.first_step)
         window.restart(now, pos.step)
 
-    def _save(self, window: "_LogWindow") -> Path | None:
+    def _save(self, window: "_LogWindow", periodic: bool = False) -> Path | None:
         """Save a checkpoint of the current state, after checking that no loss since the last check
-        was non-finite (a non-finite state is never saved as "good")."""
-        if self.last_checkpoint is not None and self.last_checkpoint.name.endswith(f"{self.position.step:08d}.pth"):
+        was non-finite (a non-finite state is never saved as "good").
+
+        A file system that refuses the write (full, over quota, gone) leaves the earlier checkpoints
+        as they were. A ``periodic`` save then says so and training goes on, to try again at the next
+        one: stopping would lose every step since the last checkpoint. Any other save (the end of the
+        run, a signal) raises CheckpointNotSaved."""
+        step = self.position.step
+        if self.last_checkpoint is not None and self.last_checkpoint.name.endswith(f"{step:08d}.pth"):
             return self.last_checkpoint  # this step is saved already (e.g. resumed with nothing to do)
         _, _, nonfinite, _ = window.reduce(self.ctx, self.data.skipped)
         if nonfinite:
-            raise NonFiniteLoss(self._nonfinite_message(window.first_step, self.position.step))
+            raise NonFiniteLoss(self._nonfinite_message(window.first_step, step))
+        path, error = step_checkpoint_path(self.output_dir, step), None
         if self.ctx.is_main:
-            path = save_training_checkpoint(self.output_dir, self.model, self.optimizer, self.scaler,
-                                            self.position, self.args_to_save, self.cfg.keep_checkpoints)
-        else:
-            path = step_checkpoint_path(self.output_dir, self.position.step)
-        self.ctx.barrier()  # the file is complete before any rank moves on (or exits)
+            try:
+                save_training_checkpoint(self.output_dir, self.model, self.optimizer, self.scaler,
+                                         self.position, self.args_to_save, self.cfg.keep_checkpoints)
+            except OSError as err:
+                error = err
+        # also the barrier: the file is complete (or failed) before any rank moves on (or exits)
+        if self.ctx.any_rank(error is not None):
+            earlier = (f"the last checkpoint saved is {self.last_checkpoint}" if self.last_checkpoint is not None
+                       else "no checkpoint of this run is saved yet")
+            message = f"could not save the checkpoint of step {step} as {path}: {error or 'failed on the first rank'}; {earlier}"
+            if not periodic:
+                raise CheckpointNotSaved(message)
+            self.logger.message(f"{message}; training goes on and tries again at step {step + self.cfg.save_every}")
+            return self.last_checkpoint
         self.last_checkpoint = path
         return path
 
