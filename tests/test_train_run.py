@@ -353,6 +353,27 @@ def _alive_in_group(pgid: int, within_s: float) -> bool:
         time.sleep(0.1)
 
 
+def test_a_run_into_a_folder_another_run_is_writing_is_refused_until_that_run_ends(tmp_path, image_folder, capsys):
+    """A job submitted twice: the second stops before writing anything, and a killed holder leaves no stale lock."""
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from fastmae.train.output_lock import OutputFolderLock; "
+         "lock = OutputFolderLock.acquire(sys.argv[1]); print('holding', flush=True); time.sleep(120)", str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "2")) == 2
+        err = capsys.readouterr().err
+        assert f"--output_dir {out} is in use by another fastmae run (pid {holder.pid} on " in err, err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "2")) == 0
+    assert latest_checkpoint(out) == step_checkpoint_path(out, 2)
+
+
 def test_keeps_only_the_newest_checkpoints(tmp_path, image_folder):
     out = tmp_path / "out"
     assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "5", "--save_every", "1",

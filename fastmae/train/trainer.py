@@ -31,6 +31,7 @@ from fastmae.train.cuda_graph import GraphedTrainStep, check_cuda_graph_support
 from fastmae.train.distributed import DistributedContext
 from fastmae.train.metrics import MetricsLogger, RunTotals, peak_memory_gb, plot_loss_curve
 from fastmae.train.optim import build_optimizer
+from fastmae.train.output_lock import OutputFolderInUse, OutputFolderLock
 from fastmae.train.schedule import base_batch_lr, lr_at, set_lr
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -163,6 +164,16 @@ class Pretrainer:
         remaining = self.steps_per_epoch * (cfg.epochs - self.position.epoch) - self.position.batch // cfg.accum_iter
         end = self.position.step + max(remaining, 0)
         self.total_steps = min(end, cfg.max_steps) if cfg.max_steps else end
+        # the first write: from here on no other run may write the folder (after every check above, so a
+        # refused run leaves nothing behind)
+        self.output_lock, in_use = None, None
+        if ctx.is_main:
+            try:
+                self.output_lock = OutputFolderLock.acquire(self.output_dir)
+            except OutputFolderInUse as err:
+                in_use = str(err)
+        if ctx.any_rank(in_use is not None):
+            raise OutputFolderInUse(in_use or "--output_dir is in use by another fastmae run (seen by the first rank)")
         self.logger = MetricsLogger(self.output_dir, cfg.log_dir or self.output_dir, self.total_steps,
                                     self.position.step, enabled=ctx.is_main, progress_bar=cfg.progress_bar,
                                     append=self.last_checkpoint is not None)
@@ -275,6 +286,8 @@ class Pretrainer:
         finally:
             self._restore_signal_handlers(previous)
             self.logger.close()
+            if self.output_lock is not None:
+                self.output_lock.release()
         return status
 
     def _finished(self) -> bool:

@@ -1,0 +1,65 @@
+"""One run at a time in an output folder.
+
+A second launch into a folder where a run is still going (a job submitted twice, a relaunch while
+the first is still saving) would truncate its metrics, interleave its checkpoints and rotate them
+away. The earlier-run check (``checkpoints.earlier_run_outputs``) sees only what a run has written
+so far; this lock covers the rest. It is an advisory ``flock`` on ``.fastmae-run.lock``, which the
+system releases when the holding process ends however it ends, so no stale lock outlives a killed
+run. Where the file system has no locks (some network file systems) runs go unlocked.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: no flock, runs go unlocked
+    fcntl = None
+
+LOCK_NAME = ".fastmae-run.lock"
+
+
+class OutputFolderInUse(ValueError):
+    pass
+
+
+class OutputFolderLock:
+    """Held from ``acquire`` until ``release`` (or the process's end)."""
+
+    def __init__(self, file):
+        self._file = file
+
+    @classmethod
+    def acquire(cls, output_dir: str | Path) -> "OutputFolderLock":
+        """Lock ``output_dir`` (made if missing) for this process; raise OutputFolderInUse naming the
+        holder when another process holds it."""
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        file = open(output_dir / LOCK_NAME, "a+", encoding="utf-8")
+        if fcntl is None:
+            return cls(file)
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "a process that has not said which yet"
+            file.close()
+            raise OutputFolderInUse(f"--output_dir {output_dir} is in use by another fastmae run ({holder}); "
+                                    "wait for it to end, or give another --output_dir") from None
+        except OSError:  # no locks on this file system
+            return cls(file)
+        file.seek(0)
+        file.truncate()
+        started = datetime.datetime.now().isoformat(timespec="seconds")
+        file.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
+        file.flush()
+        return cls(file)
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the last descriptor releases the flock
+            self._file = None
