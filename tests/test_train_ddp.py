@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -93,14 +94,20 @@ sys.exit(main(["pretrain", *sys.argv[1:]]))
 """
 
 
-def test_torchrun_two_cpu_processes(tmp_path):
-    """Two ranks train, rank 0 alone logs and saves; when its save of step 1 fails, both ranks go on
-    (neither waits for the other at the save) and step 2 is saved."""
+@pytest.fixture
+def image_folder(tmp_path):
     data = tmp_path / "images"
     data.mkdir()
     rng = np.random.default_rng(0)
     for i in range(32):
         Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(data / f"{i}.png")
+    return data
+
+
+def test_torchrun_two_cpu_processes(tmp_path, image_folder):
+    """Two ranks train, rank 0 alone logs and saves; when its save of step 1 fails, both ranks go on
+    (neither waits for the other at the save) and step 2 is saved."""
+    data = image_folder
     out = tmp_path / "out"
     script = tmp_path / "pretrain_refusing_the_first_save.py"
     script.write_text(REFUSE_FIRST_SAVE)
@@ -118,6 +125,38 @@ def test_torchrun_two_cpu_processes(tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]  # rank 0 alone logs
     assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == ["checkpoint-step00000002.pth"]
+
+
+# fastmae pretrain under torchrun, the second rank running out of device memory in step 2
+SECOND_RANK_RUNS_OUT_OF_MEMORY = """
+import os, sys, torch
+import fastmae.train.trainer as trainer_module
+from fastmae.cli import main
+
+real_step, calls = trainer_module.train_step, []
+
+def train_step(*args, **kwargs):
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 2:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+    return real_step(*args, **kwargs)
+
+trainer_module.train_step = train_step
+sys.exit(main(["pretrain", *sys.argv[1:]]))
+"""
+
+
+def test_one_rank_out_of_memory_ends_the_run_with_its_message_and_no_hang(tmp_path, image_folder):
+    script = tmp_path / "pretrain_out_of_memory_on_rank_1.py"
+    script.write_text(SECOND_RANK_RUNS_OUT_OF_MEMORY)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               "--data_path", str(image_folder), "--output_dir", str(tmp_path / "out"), "--model",
+               "mae_vit_micro_patch4", "--input_size", "32", "--batch_size", "4", "--num_workers", "0",
+               "--max_steps", "4", "--device", "cpu", "--no_progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "stopping: out of cpu memory in optimizer step 2 with --batch_size 4 per rank" in result.stderr, result.stderr
 
 
 def _any_rank_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:

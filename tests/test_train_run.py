@@ -232,6 +232,28 @@ def test_a_non_finite_loss_after_a_resume_names_the_steps_of_this_run(tmp_path, 
     assert "non-finite between optimizer steps 3 and 4" in capsys.readouterr().out
 
 
+def test_running_out_of_device_memory_stops_with_what_to_change(tmp_path, image_folder, monkeypatch, capsys):
+    out = tmp_path / "out"
+    real_step, calls = trainer_module.train_step, []
+
+    def step_that_runs_out(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                         "capacity of 79.19 GiB of which 1.06 GiB is free.\nmore detail")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "train_step", step_that_runs_out)
+    status = fastmae_main(micro_flags(image_folder, out, "--save_every", "2", "--accum_iter", "2"))
+    assert status == trainer_module.EXIT_OUT_OF_MEMORY
+    printed = capsys.readouterr().out
+    assert ("out of cpu memory in optimizer step 3 with --batch_size 4 per rank (CUDA out of memory. Tried to "
+            "allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.06 GiB is free.). Lower "
+            "--batch_size and raise --accum_iter by the same factor: the effective batch (8)") in printed, printed
+    assert f"the last checkpoint saved is {step_checkpoint_path(out, 2)} (continue from it with --resume auto)" in printed
+    assert latest_checkpoint(out) == step_checkpoint_path(out, 2)
+
+
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint_whole(tmp_path, image_folder):
     out = tmp_path / "out"
     assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "2")) == 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -37,6 +38,7 @@ from fastmae.train.schedule import base_batch_lr, lr_at, set_lr
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EXIT_NONFINITE = 3
 EXIT_NOT_SAVED = 4
+EXIT_OUT_OF_MEMORY = 5
 
 
 class NonFiniteLoss(RuntimeError):
@@ -264,7 +266,7 @@ class Pretrainer:
 
     def fit(self) -> int:
         """Train; returns the process exit status (0 done, 3 non-finite loss, 4 the last checkpoint could
-        not be written, 128+N on signal N)."""
+        not be written, 5 out of device memory, 128+N on signal N)."""
         for message in self.messages:
             self.logger.message(message)
         self.logger.message(self.describe())
@@ -277,6 +279,14 @@ class Pretrainer:
         except CheckpointNotSaved as err:
             self.logger.message(str(err))
             status = EXIT_NOT_SAVED
+        except torch.OutOfMemoryError as err:
+            if self.ctx.enabled:
+                # one rank's failure: the others wait in this step's collectives, so this process must end
+                # (torchrun then stops them), on whichever rank it is
+                print(self._out_of_memory_message(err), file=sys.stderr, flush=True)
+                raise
+            self.logger.message(self._out_of_memory_message(err))
+            status = EXIT_OUT_OF_MEMORY
         try:  # however the run ended, its summary replaces an earlier process's, unless it timed nothing
             summary = self.output_dir / "summary.json"
             if self.ctx.is_main and self.totals.whole.summary()["img_per_s"] is None and summary.is_file():
@@ -389,15 +399,26 @@ class Pretrainer:
                 error = err
         # also the barrier: the file is complete (or failed) before any rank moves on (or exits)
         if self.ctx.any_rank(error is not None):
-            earlier = (f"the last checkpoint saved is {self.last_checkpoint}" if self.last_checkpoint is not None
-                       else "no checkpoint of this run is saved yet")
-            message = f"could not save the checkpoint of step {step} as {path}: {error or 'failed on the first rank'}; {earlier}"
+            message = (f"could not save the checkpoint of step {step} as {path}: {error or 'failed on the first rank'}; "
+                       f"{self._saved_so_far()}")
             if not periodic:
                 raise CheckpointNotSaved(message)
             self.logger.message(f"{message}; training goes on and tries again at step {step + self.cfg.save_every}")
             return self.last_checkpoint
         self.last_checkpoint = path
         return path
+
+    def _saved_so_far(self) -> str:
+        if self.last_checkpoint is None:
+            return "no checkpoint of this run is saved yet"
+        return f"the last checkpoint saved is {self.last_checkpoint}"
+
+    def _out_of_memory_message(self, error: torch.OutOfMemoryError) -> str:
+        resume = " (continue from it with --resume auto)" if self.last_checkpoint is not None else ""
+        return (f"stopping: out of {self.device.type} memory in optimizer step {self.position.step + 1} with "
+                f"--batch_size {self.cfg.batch_size} per rank ({str(error).splitlines()[0]}). Lower --batch_size and "
+                f"raise --accum_iter by the same factor: the effective batch ({self.effective_batch}), and with it "
+                f"the learning rate, stays the same; {self._saved_so_far()}{resume}")
 
     def _nonfinite_message(self, first_step: int, step: int) -> str:
         where = f"between optimizer steps {first_step + 1} and {step}"
