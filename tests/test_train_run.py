@@ -232,6 +232,18 @@ def test_a_non_finite_loss_after_a_resume_names_the_steps_of_this_run(tmp_path, 
     assert "non-finite between optimizer steps 3 and 4" in capsys.readouterr().out
 
 
+def test_a_log_dir_without_tensorboard_is_said_not_ignored(tmp_path, image_folder, monkeypatch, capsys):
+    import fastmae.train.metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module, "_tensorboard_writer", lambda log_dir: None)  # as when it is not installed
+    out = tmp_path / "out"
+    assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "1", "--log_dir", str(tmp_path / "tb"))) == 0
+    assert (f"--log_dir {tmp_path / 'tb'}: no TensorBoard logs, tensorboard is not installed (pip install "
+            f"'fastmae[tensorboard]'); the metrics are in {out / 'metrics.jsonl'}") in capsys.readouterr().out
+    assert fastmae_main(micro_flags(image_folder, tmp_path / "out2", "--max_steps", "1")) == 0  # the default: quiet
+    assert "TensorBoard" not in capsys.readouterr().out
+
+
 def test_running_out_of_device_memory_stops_with_what_to_change(tmp_path, image_folder, monkeypatch, capsys):
     out = tmp_path / "out"
     real_step, calls = trainer_module.train_step, []

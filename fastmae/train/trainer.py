@@ -179,6 +179,9 @@ class Pretrainer:
         self.logger = MetricsLogger(self.output_dir, cfg.log_dir or self.output_dir, self.total_steps,
                                     self.position.step, enabled=ctx.is_main, progress_bar=cfg.progress_bar,
                                     append=self.last_checkpoint is not None)
+        if cfg.log_dir is not None and ctx.is_main and self.logger.writer is None:
+            self.messages.append(f"--log_dir {cfg.log_dir}: no TensorBoard logs, tensorboard is not installed "
+                                 f"(pip install 'fastmae[tensorboard]'); the metrics are in {self.logger.path}")
         self._stop_signal: int | None = None
         self._flops_per_image, self._peak_flops = self._flop_rates()
         self.first_loss = self.last_loss = None
@@ -449,7 +452,7 @@ class Pretrainer:
             curve = plot_loss_curve(self.logger.path, self.output_dir / "loss.png")
             self.logger.message(f"loss curve: {curve}")
         except ImportError:
-            self.logger.message("no loss.png: matplotlib is not installed (pip install 'fastmae[viz]')")
+            self.logger.message("no loss.png: matplotlib is not installed (pip install matplotlib)")
 
     def write_summary(self) -> Path:
         """``summary.json``: this run's speed and time waiting for data, with the benchmarks' record of
