@@ -149,6 +149,20 @@ def test_stopped_and_resumed_run_logs_exactly_the_uninterrupted_losses(tmp_path,
     assert (tmp_path / "straight" / "loss.png").stat().st_size > 1000
 
 
+def test_a_resume_says_which_run_settings_differ_from_the_checkpoints(tmp_path, image_folder, capsys):
+    out = tmp_path / "out"
+    assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "2")) == 0
+    capsys.readouterr()
+    # a longer schedule (often meant) and another loss (seldom): said; where the run is written: not a run setting
+    assert fastmae_main(micro_flags(image_folder, out, "--resume", "auto", "--max_steps", "3", "--epochs", "4",
+                                    "--norm_pix_loss", "--num_workers", "1")) == 0
+    printed = capsys.readouterr().out
+    assert "these settings differ from the checkpoint's run: --norm_pix_loss False -> True, --epochs 3 -> 4" in printed
+    assert fastmae_main(micro_flags(image_folder, out, "--resume", "auto", "--max_steps", "4", "--epochs", "4",
+                                    "--norm_pix_loss")) == 0
+    assert "resumed from" in (printed := capsys.readouterr().out) and "differ" not in printed
+
+
 def test_resume_from_a_reference_checkpoint_loads_weights_only(tmp_path, image_folder, capsys):
     from fastmae.models import create_model
 

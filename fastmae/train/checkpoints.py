@@ -20,6 +20,10 @@ import torch
 from fastmae.checkpoint import load_weights, read_checkpoint, save_checkpoint
 
 RESUME_KEY = "fastmae_resume"
+# The settings that define what a run trains and on what schedule; a resume that changes one continues
+# another run than the checkpoint's (sometimes meant: a longer --epochs), so it is said, not refused.
+RUN_SETTINGS = ("model", "input_size", "mask_ratio", "norm_pix_loss", "data_path", "batch_size", "accum_iter",
+                "epochs", "warmup_epochs", "blr", "lr", "min_lr", "weight_decay", "precision", "seed")
 _STEP_FILE = re.compile(r"checkpoint-step(\d+)\.pth$")
 
 
@@ -101,10 +105,19 @@ def earlier_run_outputs(output_dir: str | Path, resume: str) -> list[Path]:
     return checkpoints + ([metrics] if logged else [])
 
 
-def resume_from(path: str | Path, model, optimizer, scaler) -> tuple[TrainingPosition | None, str]:
+def changed_settings(saved: dict, current: dict) -> list[str]:
+    """The RUN_SETTINGS whose value in ``current`` differs from ``saved`` (a checkpoint's args), as
+    "--name saved -> current"."""
+    return [f"--{key} {saved[key]} -> {current.get(key)}" for key in RUN_SETTINGS
+            if key in saved and saved[key] != current.get(key)]
+
+
+def resume_from(path: str | Path, model, optimizer, scaler,
+                current_args: dict | None = None) -> tuple[TrainingPosition | None, str]:
     """Load ``path`` into model/optimizer/scaler. A fastmae checkpoint restores everything and returns
     its position; any other file (a reference checkpoint, released weights) loads the model weights
-    only and returns None. The second value says what happened."""
+    only and returns None. The second value says what happened, and which of ``current_args`` (this
+    run's settings) differ from the checkpoint's run."""
     container = read_checkpoint(path)
     if RESUME_KEY not in container:
         report = load_weights(model, container)
@@ -118,4 +131,8 @@ def resume_from(path: str | Path, model, optimizer, scaler) -> tuple[TrainingPos
     restore_rng_states(state["rng"])
     position = TrainingPosition(step=int(state["step"]), epoch=int(state["epoch"]), batch=int(state["batch"]),
                                 images_per_batch=int(state.get("images_per_batch", 0)))
-    return position, f"resumed from {path} at step {position.step} (epoch {position.epoch}, batch {position.batch})"
+    message = f"resumed from {path} at step {position.step} (epoch {position.epoch}, batch {position.batch})"
+    changed = changed_settings(container.get("args") or {}, current_args) if current_args is not None else []
+    if changed:
+        message += f"; these settings differ from the checkpoint's run: {', '.join(changed)}"
+    return position, message

@@ -211,7 +211,7 @@ class Pretrainer:
             return
         if not path.is_file():
             raise ValueError(f"--resume {path}: no such file")
-        position, message = resume_from(path, self.model, self.optimizer, self.scaler)
+        position, message = resume_from(path, self.model, self.optimizer, self.scaler, asdict(cfg))
         self.messages.append(message)
         if position is not None:
             self._convert_data_position(position)
