@@ -20,7 +20,11 @@ of worker processes or of what ran before, so a run resumed mid-epoch sees the s
 
 from __future__ import annotations
 
+import atexit
+import functools
 import importlib.util
+import multiprocessing
+import os
 import signal
 import warnings
 from dataclasses import dataclass
@@ -218,14 +222,23 @@ class EpochBatchSampler:
             yield [(int(indices[r]), self.epoch, r * self.world_size + self.rank) for r in rows]
 
 
-def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
-    # Ctrl-C, and SIGTERM from Slurm's preemption, `timeout` or `kill -TERM -PGID`, reach the whole
-    # process group. The main process saves and stops the run, and the workers must keep serving it
-    # until then: a worker killed by the signal makes the DataLoader raise in the main process, in the
-    # middle of the step or of the checkpoint's write. The workers still exit with the main process
-    # (the DataLoader shuts them down, or they see their parent gone).
+def _leave_stop_signals_to_the_main_process(main_exiting, worker_id: int) -> None:
+    """Ctrl-C, and SIGTERM from Slurm's preemption, `timeout` or `kill -TERM -PGID`, reach the whole
+    process group. The main process saves and stops the run, and the workers must keep serving it
+    until then: a worker killed by the signal makes the DataLoader raise in the main process, in the
+    middle of the step or of the checkpoint's write (and under DDP, a rank without its batch would
+    leave the others waiting in the step's all-reduce).
+
+    So the workers ignore SIGINT, and SIGTERM until ``main_exiting`` is set. The main process sets it
+    as it exits (atexit), before multiprocessing's own exit hook terminates the workers still alive
+    with SIGTERM and waits for them: after an error, or when the DataLoader was not shut down first."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def on_sigterm(signum, frame):
+        if main_exiting.is_set():
+            os._exit(0)  # now, without flushing queues to a main process that no longer reads them
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 class CPULoader:
@@ -241,6 +254,11 @@ class CPULoader:
         self.source = open_source(cfg.data_path, cfg.samples_per_epoch)
         self.sampler = EpochBatchSampler(len(self.source), cfg, rank, world_size)
         self._skips = SkipLog()
+        worker_init = None
+        if cfg.num_workers > 0:
+            main_exiting = multiprocessing.Event()
+            atexit.register(main_exiting.set)  # runs before multiprocessing's exit hook, registered earlier
+            worker_init = functools.partial(_leave_stop_signals_to_the_main_process, main_exiting)
         self._loader = DataLoader(
             self.items(self.source, cfg),
             batch_sampler=self.sampler,
@@ -249,7 +267,7 @@ class CPULoader:
             pin_memory=cfg.pin_mem and self.device.type == "cuda",
             persistent_workers=cfg.num_workers > 0,
             prefetch_factor=4 if cfg.num_workers > 0 else None,
-            worker_init_fn=_leave_stop_signals_to_the_main_process,
+            worker_init_fn=worker_init,
         )
 
     def __len__(self) -> int:
