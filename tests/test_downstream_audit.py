@@ -336,6 +336,21 @@ def test_pretrain_config_refuses_non_positive_rates_and_negative_settings(field,
     PretrainConfig(**{field: abs(value) or 1e-3})  # the same flag with a valid value is fine
 
 
+@pytest.mark.parametrize("command", ["finetune", "linprobe", "pretrain"])
+def test_a_seed_numpy_cannot_take_is_refused_as_bad_input(command, tmp_path, capsys):
+    """Negative seeds used to reach numpy's SeedSequence (pretrain's data order, finetune's mixup) and fail there."""
+    argv = [command, "--output_dir", str(tmp_path / "out"), "--seed", "-1"]
+    if command != "pretrain":
+        argv += ["--data_path", str(tmp_path), "--random_init"]
+    try:
+        status = fastmae_main(argv)
+    except SystemExit as refusal:  # argparse's
+        status = refusal.code
+    assert status == 2
+    assert "--seed" in (err := capsys.readouterr().err) and "must be an integer in [0, 2**63), got -1" in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("command", ["finetune", "linprobe"])
 def test_a_classifier_of_another_class_count_loads_without_its_head(tiny_folder, tmp_path, capsys, command):  # noqa: F811
     """main_finetune.py / main_linprobe.py drop head.weight and head.bias of another shape and load the rest."""

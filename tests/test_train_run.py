@@ -103,6 +103,7 @@ def test_demo_settings_only_for_flags_not_set():
     (["--mask_ratio", "0"], "0 removes no patch"),
     (["--batch_size", "0"], "batch_size"),
     (["--threads", "0"], "threads"),
+    (["--seed", "-1"], "--seed must be an integer in [0, 2**63), got -1"),
     (["--data_path", "MISSING"], "does not exist"),
     (["--model", "mae_vit_gigantic"], "unknown model"),
     (["--resume", "MISSING/ckpt.pth"], "no such file"),
@@ -386,6 +387,36 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, image_folder, 
     assert fastmae_main(micro_flags(image_folder, out, "--epochs", "1000", "--resume", "auto",
                                     "--max_steps", str(step + 2))) == 0
     assert [r["step"] for r in logged(out)][-2:] == [step + 1, step + 2]
+
+
+def test_a_run_that_fails_with_loader_workers_alive_still_exits(tmp_path, image_folder):
+    """An error out of the training loop (here an unexpected one in step 2) while the loader's worker
+    processes serve: the process ends with the traceback. The workers ignore SIGTERM (a group-wide stop
+    signal is the main process's to handle), and multiprocessing's exit hook terminates them with
+    SIGTERM and waits for them: that must not hang."""
+    out = tmp_path / "out"
+    script = f"""
+import sys
+import fastmae.train.trainer as trainer_module
+from fastmae.cli import main
+real_step, calls = trainer_module.train_step, []
+def failing_step(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+        raise RuntimeError("an unexpected failure")
+    return real_step(*args, **kwargs)
+trainer_module.train_step = failing_step
+sys.exit(main({micro_flags(image_folder, out, "--num_workers", "2")!r}))
+"""
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if _alive_in_group(process.pid, within_s=0):  # hung: leave nothing behind
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 1 and "RuntimeError: an unexpected failure" in output, output
+    assert not _alive_in_group(process.pid, within_s=10)
 
 
 def _alive_in_group(pgid: int, within_s: float) -> bool:

