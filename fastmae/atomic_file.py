@@ -18,7 +18,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            recorded = _OSErrorRecorder(f)
+            try:
+                write(recorded)
+            except Exception as err:
+                # torch.save's zip writer swallows the file's OSError (a full disk) and raises an opaque
+                # RuntimeError ("unexpected pos ..."): the OSError is what callers can act on
+                if recorded.os_error is not None and not isinstance(err, OSError):
+                    raise recorded.os_error from err
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results and checkpoints are for others to read too
@@ -28,6 +36,30 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) 
             os.unlink(tmp)
         raise
     return path
+
+
+class _OSErrorRecorder:
+    """A binary file that keeps the first OSError its writes or flushes raised."""
+
+    def __init__(self, file: IO[bytes]):
+        self._file = file
+        self.os_error: OSError | None = None
+
+    def write(self, data) -> int:
+        return self._recorded(self._file.write, data)
+
+    def flush(self) -> None:
+        self._recorded(self._file.flush)
+
+    def _recorded(self, operation, *args):
+        try:
+            return operation(*args)
+        except OSError as err:
+            self.os_error = self.os_error or err
+            raise
+
+    def __getattr__(self, name):  # tell, seek, fileno, ...: the file's own
+        return getattr(self._file, name)
 
 
 def check_destination(flag: str, path: str | os.PathLike, kind: str) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from fastmae.atomic_file import atomic_write
 from fastmae.checkpoint import unwrap_model
 from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from fastmae.patches import patchify, unpatchify
@@ -152,6 +153,4 @@ def save_reconstructions(model: torch.nn.Module, imgs: torch.Tensor, path: str |
     if path.suffix.lower() != ".png":
         raise ValueError(f"reconstructions are written as PNG; {path} does not end in .png")
     grid = reconstruction_grid(model, imgs, mask_ratios, noise, mean, std)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return path
+    return atomic_write(path, lambda f: grid.save(f, format="PNG"))

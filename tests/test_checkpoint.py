@@ -1,6 +1,7 @@
 """Checkpoints load both ways between fastmae and the (re-derived) reference code."""
 
 import argparse
+import errno
 import os
 
 import pytest
@@ -10,6 +11,7 @@ from safetensors.torch import save_file
 from fastmae import MaskedAutoencoderViT
 from fastmae.checkpoint import atomic_save, load_weights, read_checkpoint, save_checkpoint
 from fastmae.pos_embed import interpolate_pos_embed
+from full_disk import refuse_writes
 from reference_mae import ReferenceMAE
 
 SMALL = dict(img_size=32, patch_size=4, in_chans=3, embed_dim=64, depth=2, num_heads=4,
@@ -145,6 +147,19 @@ def test_atomic_save_keeps_the_previous_file_when_interrupted(tmp_path, monkeypa
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert os.listdir(tmp_path) == ["checkpoint.pth"]  # no temporary file left behind
+
+
+def test_atomic_save_on_a_disk_that_fills_up_raises_the_disks_error_and_keeps_the_previous_file(tmp_path,
+                                                                                                monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    atomic_save({"step": 1}, path)
+    refuse_writes(monkeypatch, [path.name], room=1000)
+    with pytest.raises(OSError) as raised:  # torch.save itself raises "RuntimeError: ... unexpected pos"
+        atomic_save({"step": 2, "weights": torch.zeros(10_000)}, path)
+    monkeypatch.undo()
+    assert raised.value.errno == errno.ENOSPC
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]
 
 
 def test_saved_checkpoints_are_readable_by_other_users(tmp_path):

@@ -16,13 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-import fastmae.checkpoint as checkpoint_module
 import fastmae.train.trainer as trainer_module
 from fastmae.checkpoint import read_checkpoint
 from fastmae.cli import main as fastmae_main
 from fastmae.train.checkpoints import RESUME_KEY, latest_checkpoint, step_checkpoint_path
 from fastmae.train.config import DEMO_SETTINGS, PretrainConfig
+from fastmae.train.metrics import MetricsLogger, plot_loss_curve, read_metrics
 from fastmae.train.pretrain import EXPLICIT_FLAGS_ATTR, add_arguments
+from full_disk import refuse_writes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -311,18 +312,9 @@ sys.exit(main({micro_flags(image_folder, out, "--resume", "auto", "--max_steps",
 
 
 def _refuse_saves_of_steps(monkeypatch, steps):
-    """The checkpoints of ``steps`` fail part-way through their write, as on a full disk."""
-    real_write = checkpoint_module.atomic_write
-
-    def full_disk(f):
-        f.write(b"the first bytes")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    def write(path, fill):
-        refused = any(Path(path).name == f"checkpoint-step{step:08d}.pth" for step in steps)
-        return real_write(path, full_disk if refused else fill)
-
-    monkeypatch.setattr(checkpoint_module, "atomic_write", write)
+    """The checkpoints of ``steps`` fail part-way through their write, as on a full disk: inside torch.save,
+    which turns the file's OSError into its own RuntimeError."""
+    refuse_writes(monkeypatch, [step_checkpoint_path(".", step).name for step in steps])
 
 
 def test_a_periodic_checkpoint_the_disk_refuses_is_reported_and_training_goes_on(tmp_path, image_folder,
@@ -354,6 +346,91 @@ def test_a_final_checkpoint_the_disk_refuses_stops_with_a_message_and_keeps_the_
     monkeypatch.undo()
     assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "5", "--resume", "auto")) == 0
     assert latest_checkpoint(out) == step_checkpoint_path(out, 5)
+
+
+def test_figures_and_summary_the_disk_refuses_are_said_after_the_checkpoint_is_saved(tmp_path, image_folder,
+                                                                                   monkeypatch, capsys):
+    out = tmp_path / "out"
+    assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "2")) == 0
+    earlier = {name: (out / name).read_bytes() for name in ("reconstruction.png", "loss.png", "summary.json")}
+    refuse_writes(monkeypatch, earlier, room=16)
+    assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "3", "--resume", "auto")) == 0
+    printed = capsys.readouterr().out
+    assert latest_checkpoint(out) == step_checkpoint_path(out, 3)
+    for name in earlier:
+        assert (f"{out / name} could not be written (the earlier one is kept): [Errno 28] No space left on device"
+                in printed), printed
+        assert (out / name).read_bytes() == earlier[name]  # not truncated, not half-written
+    assert not list(out.glob(".*tmp"))
+
+
+def test_a_full_disk_before_the_first_step_is_refused_with_a_message(tmp_path, image_folder, monkeypatch, capsys):
+    def full_disk(output_dir):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trainer_module.OutputFolderLock, "acquire", full_disk)
+    assert fastmae_main(micro_flags(image_folder, tmp_path / "out")) == 2
+    assert (f"--output_dir {tmp_path / 'out'}: nothing can be written there: [Errno 28] No space left on device"
+            in capsys.readouterr().err)
+
+
+def test_a_disk_without_room_for_a_checkpoint_is_said_at_the_start(tmp_path, image_folder, monkeypatch, capsys):
+    real_disk_usage = trainer_module.shutil.disk_usage
+    monkeypatch.setattr(trainer_module.shutil, "disk_usage",
+                        lambda path: real_disk_usage(path)._replace(free=2**20))
+    assert fastmae_main(micro_flags(image_folder, tmp_path / "out", "--max_steps", "1")) == 0
+    printed = capsys.readouterr().out
+    assert (f"the disk holding --output_dir {tmp_path / 'out'} has 1 MiB free, and a checkpoint of this run takes "
+            "about " in printed), printed
+    monkeypatch.undo()
+    assert fastmae_main(micro_flags(image_folder, tmp_path / "out2", "--max_steps", "1")) == 0
+    assert "MiB free" not in capsys.readouterr().out
+
+
+class _DiskFullForAWhile:
+    """metrics.jsonl's file on a disk that is full while ``full`` is set; with room, the kernel takes at
+    most 7 bytes a write (short writes, which the logger must continue)."""
+
+    def __init__(self, file):
+        self.file, self.full = file, False
+
+    def write(self, data) -> int:
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.file.write(bytes(data[:7]))
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def test_metrics_the_disk_refuses_wait_in_memory_and_go_in_once_there_is_room(tmp_path, capsys):
+    def record(step):
+        return {"step": step, "epoch": 0.0, "loss": 1.0 / step, "lr": 1e-4, "img_per_s": 100.0}
+
+    logger = MetricsLogger(tmp_path, None, total_steps=9, start_step=0, progress_bar=False)
+    disk = logger.file = _DiskFullForAWhile(logger.file)
+    logger.log(record(1))
+    disk.full = True
+    logger.log(record(2))
+    logger.log(record(3))
+    printed = capsys.readouterr().out
+    assert printed.count("could not write to") == 1 and "No space left on device" in printed, printed
+    disk.full = False
+    logger.log(record(4))
+    assert "metrics.jsonl is written again" in capsys.readouterr().out
+    assert [r["step"] for r in logged(tmp_path)] == [1, 2, 3, 4]
+    disk.full = True
+    logger.log(record(5))
+    logger.close()
+    assert "1 logging step(s) could not be written to " in capsys.readouterr().out
+    # a process killed mid-line: a resumed run's records start on a line of their own
+    with open(tmp_path / "metrics.jsonl", "a") as file:
+        file.write('{"step": 5, "lo')
+    logger = MetricsLogger(tmp_path, None, total_steps=9, start_step=5, progress_bar=False, append=True)
+    logger.log(record(6))
+    logger.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 6]
+    assert plot_loss_curve(tmp_path / "metrics.jsonl", tmp_path / "loss.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("to_group", [False, True], ids=["to-the-process", "to-its-group-and-workers"])

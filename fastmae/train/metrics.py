@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from fastmae.atomic_file import atomic_write
+
 
 def peak_memory_gb(device: torch.device) -> float:
     """Peak memory of this run: allocated GPU memory on CUDA, the process's max RSS on CPU."""
@@ -91,8 +93,13 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # a resumed run continues the file; a fresh run starts it anew
-        self.file = open(self.path, "a" if append else "w", encoding="utf-8")
+        # a resumed run continues the file; a fresh run starts it anew. Unbuffered: a write the disk
+        # refuses must leave its bytes here, to try again, not half in a buffer
+        self.file = open(self.path, "ab" if append else "wb", buffering=0)
+        self.unwritten = b""
+        self.write_error: OSError | None = None  # why ``unwritten`` is not in the file yet
+        if append and self.path.stat().st_size and not _ends_with_newline(self.path):
+            self.unwritten = b"\n"  # an earlier process stopped mid-line: the next record starts a line
         if log_dir is not None:
             self.writer = _tensorboard_writer(Path(log_dir))
         self.bar_settings = dict(total=total_steps, initial=start_step) if progress_bar else None
@@ -115,8 +122,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {k: (round(v, 8) if isinstance(v, float) and math.isfinite(v) else v) for k, v in record.items()}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        self._write(json.dumps(record).encode() + b"\n")
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and value is not None:
@@ -124,6 +130,23 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                  img_s=f"{record['img_per_s']:.0f}", refresh=False)
+
+    def _write(self, data: bytes) -> None:
+        """Append ``data`` after whatever the disk refused before. A full disk or a quota costs a long
+        run its metrics file, not the run: the records wait here and go in once there is room."""
+        self.unwritten += data
+        try:
+            while self.unwritten:
+                self.unwritten = self.unwritten[self.file.write(self.unwritten):]
+        except OSError as err:
+            if self.write_error is None:
+                self.message(f"could not write to {self.path}: {err}; training goes on, and the logging steps "
+                             "wait in memory until it can be written")
+            self.write_error = err
+            return
+        if self.write_error is not None:
+            self.message(f"{self.path} is written again, the logging steps held back included")
+            self.write_error = None
 
     def message(self, text: str) -> None:
         if not self.enabled:
@@ -139,7 +162,31 @@ class MetricsLogger:
         self.close_bar()
         if self.writer is not None:
             self.writer.close()
+        if self.unwritten:
+            self._write(b"")  # a last try
+        if self.unwritten:
+            lost = len([line for line in self.unwritten.split(b"\n") if line])
+            self.message(f"{lost} logging step(s) could not be written to {self.path}: {self.write_error}")
         self.file.close()
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as file:
+        file.seek(-1, 2)
+        return file.read(1) == b"\n"
+
+
+def read_metrics(metrics_path: str | Path) -> list[dict]:
+    """The logging steps of metrics.jsonl. A line a killed process left half-written is passed over."""
+    records = []
+    for line in Path(metrics_path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and {"step", "loss", "lr"} <= record.keys():
+            records.append(record)
+    return records
 
 
 def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Path:
@@ -149,7 +196,7 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    records = read_metrics(metrics_path)
     if not records:
         raise ValueError(f"{metrics_path} holds no logging steps to plot")
     steps = [r["step"] for r in records]
@@ -162,6 +209,8 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Path:
     lr_axis.set_ylabel("learning rate", color="tab:orange")
     loss_axis.set_title("MAE pretraining")
     figure.tight_layout()
-    figure.savefig(png_path)
-    plt.close(figure)
+    try:
+        atomic_write(png_path, lambda f: figure.savefig(f, format="png"))
+    finally:
+        plt.close(figure)
     return Path(png_path)

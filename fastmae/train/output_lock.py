@@ -36,7 +36,7 @@ class OutputFolderLock:
     @classmethod
     def acquire(cls, output_dir: str | Path) -> "OutputFolderLock":
         """Lock ``output_dir`` (made if missing) for this process; raise OutputFolderInUse naming the
-        holder when another process holds it."""
+        holder when another process holds it, OSError when nothing can be written there."""
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         file = open(output_dir / LOCK_NAME, "a+", encoding="utf-8")
@@ -52,11 +52,15 @@ class OutputFolderLock:
                                     "wait for it to end, or give another --output_dir") from None
         except OSError:  # no locks on this file system
             return cls(file)
-        file.seek(0)
-        file.truncate()
         started = datetime.datetime.now().isoformat(timespec="seconds")
-        file.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
-        file.flush()
+        try:
+            file.seek(0)
+            file.truncate()
+            file.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
+            file.flush()
+        except OSError:  # a full disk: the caller says so; the lock goes with the file
+            file.close()
+            raise
         return cls(file)
 
     def release(self) -> None:

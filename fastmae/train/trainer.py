@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import signal
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -168,20 +170,24 @@ class Pretrainer:
         self.total_steps = min(end, cfg.max_steps) if cfg.max_steps else end
         # the first write: from here on no other run may write the folder (after every check above, so a
         # refused run leaves nothing behind)
-        self.output_lock, in_use = None, None
+        self.output_lock, refused = None, None
         if ctx.is_main:
             try:
                 self.output_lock = OutputFolderLock.acquire(self.output_dir)
             except OutputFolderInUse as err:
-                in_use = str(err)
-        if ctx.any_rank(in_use is not None):
-            raise OutputFolderInUse(in_use or "--output_dir is in use by another fastmae run (seen by the first rank)")
+                refused = str(err)
+            except OSError as err:  # a full disk, a quota, a read-only mount
+                refused = f"--output_dir {self.output_dir}: nothing can be written there: {err}"
+        if ctx.any_rank(refused is not None):
+            raise ValueError(refused or "--output_dir is in use or cannot be written (seen by the first rank)")
         self.logger = MetricsLogger(self.output_dir, cfg.log_dir or self.output_dir, self.total_steps,
                                     self.position.step, enabled=ctx.is_main, progress_bar=cfg.progress_bar,
                                     append=self.last_checkpoint is not None)
         if cfg.log_dir is not None and ctx.is_main and self.logger.writer is None:
             self.messages.append(f"--log_dir {cfg.log_dir}: no TensorBoard logs, tensorboard is not installed "
                                  f"(pip install 'fastmae[tensorboard]'); the metrics are in {self.logger.path}")
+        if ctx.is_main:
+            self.messages.extend(self._disk_space_warnings())
         self._stop_signal: int | None = None
         self._flops_per_image, self._peak_flops = self._flop_rates()
         self.first_loss = self.last_loss = None
@@ -189,6 +195,16 @@ class Pretrainer:
         self.totals = RunTotals()  # its logged windows
 
     # ---- set-up ----
+
+    def _disk_space_warnings(self) -> list[str]:
+        """A disk without room for one checkpoint is said at the start, not at the first save hours later."""
+        weights = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        adam_moments = 2 * sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+        needed, free = weights + adam_moments, shutil.disk_usage(self.output_dir).free
+        if free >= needed:
+            return []
+        return [f"the disk holding --output_dir {self.output_dir} has {free / 2**20:.0f} MiB free, and a checkpoint "
+                f"of this run takes about {needed / 2**20:.0f} MiB: the checkpoints will fail until there is room"]
 
     def _earlier_run_message(self, earlier: list[Path]) -> str:
         if not earlier:  # another rank's view
@@ -295,7 +311,7 @@ class Pretrainer:
             if self.ctx.is_main and self.totals.whole.summary()["img_per_s"] is None and summary.is_file():
                 self.logger.message(f"{self.totals.describe()}: {summary} of the earlier process kept")
             elif self.ctx.is_main:
-                self.logger.message(f"{self.totals.describe()}: {self.write_summary()}")
+                self.logger.message(f"{self.totals.describe()}: {self._written(self.write_summary, summary)}")
         finally:
             self._restore_signal_handlers(previous)
             self.logger.close()
@@ -446,13 +462,28 @@ class Pretrainer:
         self.logger.message(f"done at step {self.position.step}: checkpoint {self.last_checkpoint}")
         if self.first_loss is not None:
             self.logger.message(f"loss {self.first_loss:.4f} at the first logging step, {self.last_loss:.4f} at the last")
-        png = self.write_reconstructions()
+        png = self._written(self.write_reconstructions, self.output_dir / "reconstruction.png")
         self.logger.message(f"reconstructions (masked / reconstruction + visible / original): {png}")
         try:
             curve = plot_loss_curve(self.logger.path, self.output_dir / "loss.png")
             self.logger.message(f"loss curve: {curve}")
         except ImportError:
             self.logger.message("no loss.png: matplotlib is not installed (pip install matplotlib)")
+        except OSError as err:
+            self.logger.message(f"loss curve: {self._not_written(self.output_dir / 'loss.png', err)}")
+
+    def _written(self, write: Callable[[], Path], path: Path) -> str:
+        """``write()``'s path, or why the disk refused it: the run's checkpoint is saved by now, and a
+        figure or summary the disk has no room for is said, not a traceback that hides that."""
+        try:
+            return str(write())
+        except OSError as err:
+            return self._not_written(path, err)
+
+    @staticmethod
+    def _not_written(path: Path, err: OSError) -> str:
+        kept = " (the earlier one is kept)" if path.is_file() else ""
+        return f"{path} could not be written{kept}: {err}"
 
     def write_summary(self) -> Path:
         """``summary.json``: this run's speed and time waiting for data, with the benchmarks' record of
