@@ -311,6 +311,20 @@ sys.exit(main({micro_flags(image_folder, out, "--resume", "auto", "--max_steps",
     assert latest_checkpoint(out) == step_checkpoint_path(out, 3)
 
 
+def test_resume_auto_with_a_damaged_newest_checkpoint_names_the_one_before_it(tmp_path, image_folder, capsys):
+    out = tmp_path / "out"
+    assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "4", "--save_every", "2")) == 0
+    newest, before = step_checkpoint_path(out, 4), step_checkpoint_path(out, 2)
+    os.truncate(newest, newest.stat().st_size // 2)  # copied in part
+    capsys.readouterr()
+    assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "5", "--resume", "auto")) == 2
+    error = capsys.readouterr().err
+    assert f"checkpoint {newest} is not a readable PyTorch or safetensors file" in error, error
+    assert f"the one before it is {before}: give --resume {before}, or move {newest.name} out of {out}" in error
+    assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "5", "--resume", str(before))) == 0
+    assert latest_checkpoint(out) == step_checkpoint_path(out, 5)
+
+
 def _refuse_saves_of_steps(monkeypatch, steps):
     """The checkpoints of ``steps`` fail part-way through their write, as on a full disk: inside torch.save,
     which turns the file's OSError into its own RuntimeError."""

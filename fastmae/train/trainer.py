@@ -28,7 +28,7 @@ from fastmae.data.loader import DataConfig, build_loader, preview_batch, resolve
 from fastmae.kernels import resolve_kernels
 from fastmae.models import create_model
 from fastmae.train.checkpoints import (TrainingPosition, earlier_run_outputs, latest_checkpoint, resume_from,
-                                      save_training_checkpoint, step_checkpoint_path)
+                                      save_training_checkpoint, step_checkpoint_path, step_checkpoints)
 from fastmae.train.config import PretrainConfig
 from fastmae.train.cuda_graph import GraphedTrainStep, check_cuda_graph_support
 from fastmae.train.distributed import DistributedContext
@@ -227,7 +227,15 @@ class Pretrainer:
             return
         if not path.is_file():
             raise ValueError(f"--resume {path}: no such file")
-        position, message = resume_from(path, self.model, self.optimizer, self.scaler, asdict(cfg))
+        try:
+            position, message = resume_from(path, self.model, self.optimizer, self.scaler, asdict(cfg))
+        except ValueError as err:
+            earlier = step_checkpoints(self.output_dir)[:-1] if cfg.resume == "auto" else []
+            if not earlier:
+                raise
+            # a newest checkpoint copied in part, or damaged: the one before it is the way on
+            raise ValueError(f"{err}\n--resume auto took the newest checkpoint; the one before it is {earlier[-1]}: "
+                             f"give --resume {earlier[-1]}, or move {path.name} out of {self.output_dir}") from err
         self.messages.append(message)
         if position is not None:
             self._convert_data_position(position)
