@@ -21,7 +21,7 @@ from fastmae.checkpoint import read_checkpoint
 from fastmae.cli import main as fastmae_main
 from fastmae.train.checkpoints import RESUME_KEY, latest_checkpoint, step_checkpoint_path
 from fastmae.train.config import DEMO_SETTINGS, PretrainConfig
-from fastmae.train.metrics import MetricsLogger, plot_loss_curve, read_metrics
+from fastmae.train.metrics import MetricsLogger, as_one_run, plot_loss_curve, read_metrics
 from fastmae.train.pretrain import EXPLICIT_FLAGS_ATTR, add_arguments
 from full_disk import refuse_writes
 
@@ -444,6 +444,9 @@ def test_metrics_the_disk_refuses_wait_in_memory_and_go_in_once_there_is_room(tm
     logger.log(record(6))
     logger.close()
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 6]
+    # resumed from step 2's checkpoint: steps 3 and 4 are logged again, and the later records count
+    resumed = read_metrics(tmp_path / "metrics.jsonl") + [dict(record(step), img_per_s=50.0) for step in (3, 4)]
+    assert [(r["step"], r["img_per_s"]) for r in as_one_run(resumed)] == [(1, 100.0), (2, 100.0), (3, 50.0), (4, 50.0)]
     assert plot_loss_curve(tmp_path / "metrics.jsonl", tmp_path / "loss.png").stat().st_size > 0
 
 

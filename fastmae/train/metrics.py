@@ -189,6 +189,17 @@ def read_metrics(metrics_path: str | Path) -> list[dict]:
     return records
 
 
+def as_one_run(records: list[dict]) -> list[dict]:
+    """The records of a run resumed from a checkpoint older than its last logged step, as one run: a
+    step logged again (the resumed process recomputes it) replaces what was logged from there on."""
+    run: list[dict] = []
+    for record in records:
+        while run and run[-1]["step"] >= record["step"]:
+            run.pop()
+        run.append(record)
+    return run
+
+
 def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Path:
     """loss and lr against the optimizer step, from metrics.jsonl, as a PNG (needs matplotlib)."""
     import matplotlib
@@ -196,7 +207,7 @@ def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(metrics_path)
+    records = as_one_run(read_metrics(metrics_path))
     if not records:
         raise ValueError(f"{metrics_path} holds no logging steps to plot")
     steps = [r["step"] for r in records]
