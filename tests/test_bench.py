@@ -12,7 +12,7 @@ from fastmae.bench import kernel_time
 from fastmae.bench import profile as profile_cmd
 from fastmae.bench import step as step_cmd
 from fastmae.bench.contenders import Contender, build_contenders, fastmae_step
-from fastmae.bench.environment import environment_info, resolve_device, resolve_dtype, result_filename
+from fastmae.bench.environment import environment_info, resolve_dtype, result_filename
 from fastmae.bench.gemm_peak import measured_gemm_flops
 from fastmae.bench.hf_vitmae import transformers_available
 from fastmae.bench.measure import measure_contender, model_config
@@ -20,6 +20,7 @@ from fastmae.bench.reference_style import ReferenceStyleMAE
 from fastmae.bench.table2 import PAPER_SPEEDUPS, table2_rows
 from fastmae.bench.timing import SyntheticImages, TimingPlan, time_steps
 from fastmae.cli import main
+from fastmae.device import device_from_flag
 from fastmae.flops import forward_flops_per_image, train_flops_per_image
 from fastmae.kernels._launch import interpreting
 from fastmae.models import create_model
@@ -132,7 +133,7 @@ def test_gemm_rate_and_environment():
         resolve_dtype("int8", CPU)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
-            resolve_device("cuda")
+            device_from_flag("cuda")
 
 
 def test_bench_step_cli_writes_everything(tmp_path, capsys):

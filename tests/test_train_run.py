@@ -19,6 +19,7 @@ from PIL import Image
 import fastmae.train.trainer as trainer_module
 from fastmae.checkpoint import read_checkpoint
 from fastmae.cli import main as fastmae_main
+from fastmae.device import device_from_flag
 from fastmae.train.checkpoints import RESUME_KEY, latest_checkpoint, step_checkpoint_path
 from fastmae.train.config import DEMO_SETTINGS, PretrainConfig
 from fastmae.train.metrics import MetricsLogger, as_one_run, plot_loss_curve, read_metrics
@@ -99,6 +100,18 @@ def test_demo_settings_only_for_flags_not_set():
     assert demo == {} and cfg.model == "mae_vit_large_patch16"
 
 
+def test_a_cuda_device_the_machine_does_not_have_is_named(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert device_from_flag("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"--device cuda:2: this machine has 2 CUDA device\(s\), cuda:0 to cuda:1"):
+        device_from_flag("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda:1 was asked for but torch sees no CUDA device"):
+        device_from_flag("cuda:1")
+    assert device_from_flag("auto") == device_from_flag(None) == torch.device("cpu")
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--mask_ratio", "1.0"], "mask_ratio"),
     (["--mask_ratio", "0"], "0 removes no patch"),
@@ -108,6 +121,12 @@ def test_demo_settings_only_for_flags_not_set():
     (["--data_path", "MISSING"], "does not exist"),
     (["--model", "mae_vit_gigantic"], "unknown model"),
     (["--resume", "MISSING/ckpt.pth"], "no such file"),
+    (["--mask_ratio", "0.99"], "--mask_ratio 0.99: mask_ratio 0.99 leaves no visible patch out of 64"),
+    (["--mask_ratio", "1e-17"], "--mask_ratio 1e-17 removes none of the 64 patches of an image"),
+    (["--blr", "-1"], "--blr must be positive, got -1.0"),
+    (["--weight_decay", "-0.5"], "--weight_decay must be >= 0, got -0.5"),
+    (["--device", "mps"], "--device mps: fastmae runs on cpu or cuda, not mps"),
+    (["--device", "cuda:x"], "--device cuda:x: not a device; give cpu, cuda or cuda:N"),
 ])
 def test_bad_input_is_a_message_and_exit_2_before_any_work(tmp_path, image_folder, capsys, flags, message):
     out = tmp_path / "out"

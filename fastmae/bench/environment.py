@@ -18,21 +18,6 @@ from fastmae.atomic_file import atomic_write
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; a CUDA device asked for without CUDA is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"unknown device {name!r}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available")
-    if device.type not in ("cuda", "cpu"):
-        raise ValueError(f"benchmarks run on cuda or cpu, got {name!r}")
-    return device
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto`` -> bf16 on CUDA (the paper-scale setting), fp32 on CPU (CPU half precision is slow)."""
     if name == "auto":

@@ -10,9 +10,10 @@ import math
 import torch
 
 from fastmae.bench.contenders import Contender
-from fastmae.bench.environment import resolve_device, resolve_dtype
+from fastmae.bench.environment import resolve_dtype
 from fastmae.bench.timing import TimingPlan, synchronize, time_steps
 from fastmae.compiling import COMPILE_MODES, COMPILE_SCOPES, CompileConfig
+from fastmae.device import device_from_flag
 from fastmae.flops import device_peak_flops, token_counts
 from fastmae.models import MODEL_ARCHS, create_model
 
@@ -56,7 +57,7 @@ def default_batch_size(device: torch.device, cpu_batch: int) -> int:
 def resolve_measurement(args: argparse.Namespace, cpu_batch: int) -> tuple[torch.device, torch.dtype, int, TimingPlan]:
     """Device, dtype, batch size and timing plan from the shared flags; fills in the per-device
     defaults of --warmup and --steps. Raises ValueError naming a bad flag."""
-    device = resolve_device(args.device)
+    device = device_from_flag(args.device)
     dtype = resolve_dtype(args.dtype, device)
     cuda = device.type == "cuda"
     batch_size = args.batch_size if args.batch_size is not None else default_batch_size(device, cpu_batch)

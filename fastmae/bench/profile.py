@@ -32,10 +32,11 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastmae.bench.charts import Panel, Series, write_bar_chart
-from fastmae.bench.environment import (dtype_name, environment_info, resolve_device, resolve_dtype, result_filename,
+from fastmae.bench.environment import (dtype_name, environment_info, resolve_dtype, result_filename,
                                        write_json)
 from fastmae.bench.kernel_time import device_busy_fraction, format_kernel_times, step_kernel_times
 from fastmae.bench.timing import SyntheticImages, synchronize
+from fastmae.device import device_from_flag
 from fastmae.flops import COMPONENTS, ENCODER_COMPONENTS, component_flops, token_counts
 from fastmae.models import MODEL_ARCHS, MaskedAutoencoderViT, create_model
 from fastmae.train.optim import build_optimizer
@@ -446,7 +447,7 @@ def run(args) -> int:
     try:
         if args.model not in MODEL_ARCHS:
             raise ValueError(f"unknown model {args.model!r}; choose from {sorted(MODEL_ARCHS)}")
-        device = resolve_device(args.device)
+        device = device_from_flag(args.device)
         dtype = resolve_dtype(args.dtype, device)
         cuda = device.type == "cuda"
         # at batch 64 an eager ViT-L step is paced by the host's kernel launches, not by the GPU

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from fastmae.bench.charts import Panel, Series, write_bar_chart
 from fastmae.bench.environment import device_name, environment_info, write_json
+from fastmae.device import device_from_flag
 from fastmae.data.loader import CPULoader, DataConfig
 from fastmae.data.sources import ImageSource, open_source
 from fastmae.data.synthetic import IMAGENET_LIKE_QUALITY, IMAGENET_LIKE_SIZE, write_jpeg_folder
@@ -60,9 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but CUDA is not available")
+    device = device_from_flag(args.device)
     if args.num_images is None:
         # the CPU loaders' workers make whole batches at once: time whole rounds of them (see measure)
         rounds_needed = warmup_batches(args.warmup, args.num_threads) + 1 + 2 * args.num_threads

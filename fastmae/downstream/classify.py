@@ -103,15 +103,6 @@ def build_classifier(pretrained: Pretrained, num_classes: int, input_size: int,
     return model, report
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 def input_size_of(args, pretrained: Pretrained) -> int:
     size = args.input_size or pretrained.img_size
     if size is None:

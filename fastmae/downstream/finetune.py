@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from fastmae.checkpoint import save_checkpoint
+from fastmae.device import device_from_flag
 from fastmae.downstream.classify import (
     add_common_arguments, append_jsonl, build_classifier, datasets_and_loaders, describe_pretrained,
-    evaluate, evaluate_saved, input_size_of, pick_device, progress, refuse_earlier_outputs, show_rate,
+    evaluate, evaluate_saved, input_size_of, progress, refuse_earlier_outputs, show_rate,
 )
 from fastmae.downstream.lr_decay import param_groups_lrd
 from fastmae.train.schedule import base_batch_lr, lr_at, set_lr
@@ -59,7 +60,7 @@ def run(args) -> int:
 
 def _run(args) -> int:
     torch.manual_seed(args.seed)
-    device = pick_device(args.device)
+    device = device_from_flag(args.device)
     out = Path(args.output_dir) if args.output_dir else None
     log = out / "log.jsonl" if out else None
     if args.eval:

@@ -28,9 +28,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastmae.checkpoint import save_checkpoint
+from fastmae.device import device_from_flag
 from fastmae.downstream.classify import (
     add_common_arguments, append_jsonl, build_classifier, datasets_and_loaders, describe_pretrained,
-    evaluate, evaluate_saved, input_size_of, pick_device, progress, refuse_earlier_outputs, show_rate,
+    evaluate, evaluate_saved, input_size_of, progress, refuse_earlier_outputs, show_rate,
 )
 from fastmae.downstream.lars import LARS
 from fastmae.downstream.vit_classifier import VisionTransformer, create_classifier, init_head
@@ -139,7 +140,7 @@ def run(args) -> int:
 
 def _run(args) -> int:
     torch.manual_seed(args.seed)
-    device = pick_device(args.device)
+    device = device_from_flag(args.device)
     log = Path(args.output_dir) / "log.jsonl" if args.output_dir else None
     if args.eval:
         return _evaluate_saved(args, device)

@@ -84,10 +84,15 @@ class PretrainConfig:
     def __post_init__(self):
         positive = dict(batch_size=self.batch_size, epochs=self.epochs, accum_iter=self.accum_iter,
                         input_size=self.input_size, save_every=self.save_every, log_every=self.log_every,
-                        keep_checkpoints=self.keep_checkpoints)
+                        keep_checkpoints=self.keep_checkpoints, blr=self.blr)
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"--{name} must be positive, got {value}")
+        non_negative = dict(warmup_epochs=self.warmup_epochs, weight_decay=self.weight_decay, min_lr=self.min_lr,
+                            start_epoch=self.start_epoch, num_workers=self.num_workers)
+        for name, value in non_negative.items():
+            if value < 0:
+                raise ValueError(f"--{name} must be >= 0, got {value}")
         if not 0.0 < self.mask_ratio < 1.0:
             # the loss averages over the removed patches: with none removed it is 0/0
             raise ValueError(f"--mask_ratio must be in (0, 1), got {self.mask_ratio}"
@@ -96,16 +101,12 @@ class PretrainConfig:
             raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ValueError(f"--max_steps must be positive, got {self.max_steps}")
-        if self.warmup_epochs < 0 or self.weight_decay < 0 or self.min_lr < 0 or self.blr <= 0:
-            raise ValueError("--warmup_epochs, --weight_decay and --min_lr must be >= 0 and --blr > 0")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.threads is not None and self.threads <= 0:
             raise ValueError(f"--threads must be positive, got {self.threads}")
         if self.seed not in SEEDS:
             raise ValueError(f"--seed must be an integer in [0, 2**63), got {self.seed}")
-        if self.start_epoch < 0 or self.num_workers < 0:
-            raise ValueError("--start_epoch and --num_workers must be >= 0")
         if (self.compile_scope, self.compile_mode) != ("model", "default") and not self.compile:
             raise ValueError(f"--compile_scope {self.compile_scope} --compile_mode {self.compile_mode} set how --compile "
                              f"compiles: add --compile")

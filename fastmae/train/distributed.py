@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from fastmae.device import device_from_flag
+
 
 @dataclass
 class DistributedContext:
@@ -44,12 +46,8 @@ class DistributedContext:
 
 def resolve_device(requested: str | None, local_rank: int = 0) -> torch.device:
     """``--device``: None = cuda when available, else cpu; a bare 'cuda' means this rank's GPU."""
-    if requested is None:
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
+    device = device_from_flag(requested)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but torch sees no CUDA device")
         if device.index is None:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)

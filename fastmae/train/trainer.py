@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fastmae.compiling import CompileConfig, compile_for_training, mark_step_begin
 from fastmae.data.loader import DataConfig, build_loader, preview_batch, resolve_loader
 from fastmae.kernels import resolve_kernels
+from fastmae.masking import num_visible_patches
 from fastmae.models import create_model
 from fastmae.train.checkpoints import (TrainingPosition, earlier_run_outputs, latest_checkpoint, resume_from,
                                       save_training_checkpoint, step_checkpoint_path, step_checkpoints)
@@ -136,6 +137,7 @@ class Pretrainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = create_model(cfg.model, img_size=cfg.input_size, norm_pix_loss=cfg.norm_pix_loss,
                                   kernels=cfg.kernels, attn=cfg.attn).to(self.device)
+        self._check_mask_ratio()
         self.effective_batch = cfg.batch_size * cfg.accum_iter * ctx.world_size
         self.peak_lr = cfg.lr if cfg.lr is not None else base_batch_lr(cfg.blr, self.effective_batch)
         self.optimizer = build_optimizer(self.model, self.peak_lr, cfg.weight_decay)
@@ -195,6 +197,18 @@ class Pretrainer:
         self.totals = RunTotals()  # its logged windows
 
     # ---- set-up ----
+
+    def _check_mask_ratio(self) -> None:
+        """Both visible and removed patches, said now rather than at the first step (the encoder needs
+        one visible patch, the loss averages over the removed ones)."""
+        L = self.model.num_patches
+        try:
+            visible = num_visible_patches(L, self.cfg.mask_ratio)
+        except ValueError as err:
+            raise ValueError(f"--mask_ratio {self.cfg.mask_ratio}: {err}") from None
+        if visible == L:
+            raise ValueError(f"--mask_ratio {self.cfg.mask_ratio} removes none of the {L} patches of an image: "
+                             "the loss would have nothing to average")
 
     def _disk_space_warnings(self) -> list[str]:
         """A disk without room for one checkpoint is said at the start, not at the first save hours later."""
