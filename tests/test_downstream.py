@@ -155,6 +155,7 @@ def test_mixup_and_cutmix_targets():
 
 # ---- labelled image folders and the commands, end to end on a tiny folder ----
 import json  # noqa: E402
+import os  # noqa: E402
 import shutil  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -264,6 +265,7 @@ def test_finetune_command(tiny_folder, mae_checkpoint, tmp_path, capsys):
 from safetensors.torch import load_file  # noqa: E402
 
 from fastmae.downstream.export import fastmae_to_hf, fastmae_to_timm, hf_to_fastmae, timm_to_fastmae  # noqa: E402
+from full_disk import refuse_writes  # noqa: E402
 
 
 def test_timm_export_round_trip(mae_checkpoint, tmp_path):
@@ -283,6 +285,18 @@ def test_timm_export_round_trip(mae_checkpoint, tmp_path):
     assert set(fastmae_to_timm(classifier.state_dict())) == set(classifier.state_dict())  # heads keep timm names
     with pytest.raises(ValueError, match="timm"):
         timm_to_fastmae({"reg_token": torch.zeros(1)})
+
+
+def test_an_export_the_disk_refuses_keeps_the_earlier_one(mae_checkpoint, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "vit_timm.pth"
+    argv = ["export", "--checkpoint", str(mae_checkpoint), "--format", "timm", "--output", str(out)]
+    assert fastmae_main(argv) == 0
+    earlier = out.read_bytes()
+    refuse_writes(monkeypatch, [out.name], room=1000)
+    assert fastmae_main(argv) == 1
+    assert f"could not write {out}: [Errno 28] No space left on device" in capsys.readouterr().err
+    assert out.read_bytes() == earlier and os.listdir(tmp_path).count(out.name) == 1
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
 
 
 def test_hf_export_round_trip(mae_checkpoint, tmp_path):

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from fastmae.atomic_file import atomic_write
+
 
 @dataclass
 class Series:
@@ -48,8 +50,7 @@ def write_bar_chart(path: str | Path, panels: Sequence[Panel], title: str) -> Pa
             _draw_panel(axis, panel)
         figure.suptitle(title, fontsize=9)
         figure.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=120)
+        atomic_write(path, lambda f: figure.savefig(f, format="png", dpi=120))
     finally:
         plt.close(figure)
     return path

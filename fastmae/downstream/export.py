@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from fastmae.checkpoint import read_checkpoint, state_dict_of
+from fastmae.atomic_file import atomic_write
+from fastmae.checkpoint import atomic_save, read_checkpoint, state_dict_of
 from fastmae.downstream.classify import saved_args
 from fastmae.models import create_model
 
@@ -155,14 +156,15 @@ def hf_config(state: dict[str, torch.Tensor], model_name: str, norm_pix_loss: bo
 
 # ---- files ----
 def save_state(state: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Written whole or not at all: an export over an earlier one that the disk refuses keeps that one."""
     state = {k: v.detach().contiguous() for k, v in state.items()}
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        save_file(state, str(path), metadata={"format": "pt"})
+        data = save(state, metadata={"format": "pt"})
+        atomic_write(path, lambda f: f.write(data))
     elif path.suffix in (".pth", ".pt", ".bin"):
-        torch.save(state, path)  # a bare state_dict: loads with weights_only=True
+        atomic_save(state, path)  # a bare state_dict: loads with weights_only=True
     else:
         raise ValueError(f"--output must end in .safetensors or .pth for timm, got {path}")
 
@@ -183,6 +185,9 @@ def run(args) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"fastmae export: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a quota: the earlier export (if any) is kept
+        print(f"fastmae export: error: could not write {args.output}: {err}", file=sys.stderr)
+        return 1
 
 
 def _run(args) -> int:
@@ -210,7 +215,8 @@ def _run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     save_state(exported, out / "model.safetensors")
     config = hf_config(state, model_name, norm_pix, float(saved.get("mask_ratio", 0.75)))
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    text = json.dumps(config, indent=2) + "\n"
+    atomic_write(out / "config.json", lambda f: f.write(text.encode()))
     print(f"wrote {len(exported)} tensors in HF ViTMAE layout + config.json to {out}/ "
           f"(transformers.ViTMAEForPreTraining.from_pretrained('{out}'))")
     return 0
