@@ -238,6 +238,32 @@ def test_linprobe_command(tiny_folder, mae_checkpoint, tmp_path, capsys):
     assert (out / "checkpoint-linprobe.pth").read_bytes() == saved
 
 
+def test_finetune_resumes_after_the_last_epoch_saved(tiny_folder, mae_checkpoint, tmp_path, capsys):
+    out = tmp_path / "ft"
+    common = ["--data_path", str(tiny_folder), "--num_workers", "0", "--batch_size", "4", "--warmup_epochs", "1",
+              "--output_dir", str(out)]
+    start = ["finetune", "--checkpoint", str(mae_checkpoint), *common]
+    assert fastmae_main([*start, "--epochs", "2", "--resume", "auto"]) == 0  # nothing to resume yet: a fresh run
+    assert "--resume auto: no checkpoint-last.pth in" in capsys.readouterr().out
+    two_epochs = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    # a requeued job: the same command, more epochs; the run goes on after epoch 2
+    assert fastmae_main([*start, "--epochs", "3", "--resume", "auto"]) == 0
+    printed = capsys.readouterr().out
+    assert f"resumed from {out / 'checkpoint-last.pth'} after epoch 2 of 3" in printed, printed
+    log = [r for r in read_log(out / "log.jsonl") if not r.get("final")]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    three_epochs = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    assert three_epochs["epoch"] == 2 and three_epochs["max_top1"] == max(r["val_top1"] for r in log)
+    steps = [s["step"] for s in two_epochs["optimizer"]["state"].values()]
+    assert all(later == 1.5 * earlier for later, earlier in
+               zip([s["step"] for s in three_epochs["optimizer"]["state"].values()], steps))  # AdamW went on
+    # done: nothing more to do; a checkpoint without an optimizer is not a run to resume
+    assert fastmae_main(["finetune", *common, "--epochs", "3", "--resume", "auto"]) == 0
+    assert "has done all 3 epochs" in capsys.readouterr().out
+    assert fastmae_main(["finetune", *common, "--resume", str(out / "checkpoint-best.pth")]) == 2
+    assert "holds no optimizer state" in capsys.readouterr().err
+
+
 def test_finetune_command(tiny_folder, mae_checkpoint, tmp_path, capsys):
     out = tmp_path / "ft"
     common = ["--data_path", str(tiny_folder), "--num_workers", "0", "--batch_size", "4"]

@@ -8,7 +8,10 @@ mixup/cutmix when asked for. Train images: RandomResizedCrop(0.08-1) + flip (the
 RandAugment and random erasing, which are not implemented here).
 
 Checkpoints (``checkpoint-best.pth``, ``checkpoint-last.pth``) hold the reference models_vit
-state_dict in the reference container, so its code loads them; top-1 per epoch goes to log.jsonl.
+state_dict in the reference container ("epoch" is the index of the last epoch done, as the reference
+saves it), so its code loads them; top-1 per epoch goes to log.jsonl. ``--resume`` continues from
+``checkpoint-last.pth`` after its epoch: weights, optimizer, the best top-1 so far, and the data
+order of an uninterrupted run (each epoch's shuffle is seeded by the run's seed and the epoch).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastmae.checkpoint import save_checkpoint
+from fastmae.checkpoint import load_weights, read_checkpoint, save_checkpoint
 from fastmae.device import device_from_flag
 from fastmae.downstream.classify import (
     add_common_arguments, append_jsonl, build_classifier, datasets_and_loaders, describe_pretrained,
@@ -48,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip_grad", type=float, default=None)
     parser.add_argument("--global_pool", action="store_true", default=True, help="mean of patch tokens (default)")
     parser.add_argument("--cls_token", action="store_false", dest="global_pool", help="the cls token instead")
+    parser.add_argument("--resume", default=None,
+                        help="continue a fine-tuning run: 'auto' (OUTPUT_DIR/checkpoint-last.pth) or a checkpoint-last.pth")
 
 
 def run(args) -> int:
@@ -65,15 +70,23 @@ def _run(args) -> int:
     log = out / "log.jsonl" if out else None
     if args.eval:
         return _evaluate_saved(args, device)
-    refuse_earlier_outputs(args.output_dir, CHECKPOINT_NAMES)
+    resume = _resume_path(args.resume, out)
+    if resume is None or resume.resolve().parent != (out.resolve() if out else None):
+        refuse_earlier_outputs(args.output_dir, CHECKPOINT_NAMES)
+    resumed = read_checkpoint(resume) if resume else None
+    if resumed is not None and "optimizer" not in resumed:
+        raise ValueError(f"--resume {resume} holds no optimizer state: give the checkpoint-last.pth of a "
+                         "fine-tuning run (a checkpoint-best.pth or a pretrained MAE starts a run: --checkpoint)")
 
-    pretrained = describe_pretrained(args.checkpoint, args.model, args.random_init)
+    # resuming, the architecture is the resumed run's (its --checkpoint need not be given again)
+    pretrained = (describe_pretrained(str(resume), args.model, False) if resume
+                  else describe_pretrained(args.checkpoint, args.model, args.random_init))
     size = input_size_of(args, pretrained)
     train_set, val_set, train_loader, val_loader = datasets_and_loaders(args, size, True)
     num_classes = args.nb_classes or len(train_set.classes)
     model, report = build_classifier(pretrained, num_classes, size, global_pool=args.global_pool,
                                      drop_path_rate=args.drop_path)
-    if report is not None:
+    if report is not None and resume is None:
         print(f"loaded {args.checkpoint}:\n{report}")
     args.model = pretrained.model_name  # saved with the checkpoints, so --eval finds the architecture
     init_head(model, std=2e-5)
@@ -82,6 +95,12 @@ def _run(args) -> int:
     lr = args.lr if args.lr is not None else base_batch_lr(args.blr, args.batch_size)
     groups = param_groups_lrd(model, args.weight_decay, model.no_weight_decay(), args.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=lr)
+    start_epoch, best = 0, -1.0
+    if resumed is not None:
+        load_weights(model, resumed["model"], strict=True)
+        optimizer.load_state_dict(resumed["optimizer"])
+        start_epoch, best = int(resumed["epoch"]) + 1, float(resumed.get("max_top1", resumed.get("top1", -1.0)))
+        print(f"resumed from {resume} after epoch {start_epoch} of {args.epochs} (best top-1 so far {best:.2f}%)")
     mixup = None
     if args.mixup > 0 or args.cutmix > 0:
         mixup = Mixup(num_classes, args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob,
@@ -93,9 +112,13 @@ def _run(args) -> int:
           f"layer decay {args.layer_decay}, drop path {args.drop_path}, "
           f"{'mixup/cutmix' if mixup else f'label smoothing {args.smoothing}'}")
 
-    best, steps_per_epoch = -1.0, len(train_loader)
-    for epoch in range(args.epochs):
+    steps_per_epoch = len(train_loader)
+    if start_epoch >= args.epochs:
+        print(f"{resume} has done all {args.epochs} epochs: nothing to fine-tune (raise --epochs to go on)")
+        return 0
+    for epoch in range(start_epoch, args.epochs):
         model.train()
+        train_loader.generator.manual_seed(args.seed + epoch)  # a resumed run sees the same order
         bar = progress(train_loader, f"finetune epoch {epoch + 1}/{args.epochs}")
         start, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
         for step, (imgs, labels) in enumerate(bar):
@@ -122,9 +145,11 @@ def _run(args) -> int:
                   "lr": optimizer.param_groups[-1]["lr"], "val_top1": stats["top1"], "val_top5": stats["top5"],
                   "val_loss": stats["loss"]}
         if out:
-            save_checkpoint(out / CHECKPOINT_NAMES[0], model, optimizer, epoch + 1, args=args, top1=stats["top1"])
             if stats["top1"] > best:
-                save_checkpoint(out / CHECKPOINT_NAMES[1], model, None, epoch + 1, args=args, top1=stats["top1"])
+                save_checkpoint(out / CHECKPOINT_NAMES[1], model, None, epoch, args=args, top1=stats["top1"])
+            # last: what --resume needs, saved after the best so that a stop between the two loses nothing
+            save_checkpoint(out / CHECKPOINT_NAMES[0], model, optimizer, epoch, args=args, top1=stats["top1"],
+                            max_top1=max(best, stats["top1"]))
         best = max(best, stats["top1"])
         append_jsonl(log, {**record, "max_top1": best})
         print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val top-1 {stats['top1']:.2f}% "
@@ -134,6 +159,23 @@ def _run(args) -> int:
     append_jsonl(log, {"final": True, "val_top1": stats["top1"], "val_top5": stats["top5"], "max_top1": best,
                        "n": stats["n"]})
     return 0
+
+
+def _resume_path(resume: str | None, out: Path | None) -> Path | None:
+    if not resume:
+        return None
+    if resume == "auto":
+        if out is None:
+            raise ValueError("--resume auto looks in --output_dir: give --output_dir")
+        path = out / CHECKPOINT_NAMES[0]
+        if not path.is_file():
+            print(f"--resume auto: no {path.name} in {out}, starting from scratch")
+            return None
+        return path
+    path = Path(resume)
+    if not path.is_file():
+        raise ValueError(f"--resume {resume}: no such file")
+    return path
 
 
 def _evaluate_saved(args, device: torch.device) -> int:
