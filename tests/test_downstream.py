@@ -222,6 +222,7 @@ def test_linprobe_command(tiny_folder, mae_checkpoint, tmp_path, capsys):
     assert {"head.0.running_mean", "head.1.weight", "norm.weight", "blocks.1.attn.qkv.weight"} <= set(state)
     assert "head.0.weight" not in state  # BatchNorm without affine
     assert state["head.0.num_batches_tracked"] == 2 * 3  # in train mode for every step: 2 epochs x 12/4 batches
+    assert container["epoch"] == 1  # the index of the last epoch, as the reference saves it
     assert torch.equal(state["blocks.0.attn.qkv.weight"], torch.load(mae_checkpoint)["model"]["blocks.0.attn.qkv.weight"])
     rc = fastmae_main(["linprobe", "--eval", "--checkpoint", str(out / "checkpoint-linprobe.pth"), *common])
     assert rc == 0

@@ -172,7 +172,8 @@ def _run(args) -> int:
         val_source, val_model = val_loader, model
     stats = fit_linear_probe(model, train_batches, steps, val_model, val_source, recipe, device, log)
     if args.output_dir:
-        save_checkpoint(Path(args.output_dir) / CHECKPOINT_NAME, model, stats["optimizer"], args.epochs,
+        # "epoch": the index of the last epoch done, as the reference saves it
+        save_checkpoint(Path(args.output_dir) / CHECKPOINT_NAME, model, stats["optimizer"], args.epochs - 1,
                         args=args, top1=stats["top1"])
     print(f"linear probe top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  on {stats['n']} val images")
     append_jsonl(log, {"final": True, "val_top1": stats["top1"], "val_top5": stats["top5"], "n": stats["n"]})
