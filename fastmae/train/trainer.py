@@ -491,6 +491,8 @@ class Pretrainer:
             self.logger.message(f"loss curve: {curve}")
         except ImportError:
             self.logger.message("no loss.png: matplotlib is not installed (pip install matplotlib)")
+        except ValueError as err:  # every record was refused by the disk
+            self.logger.message(f"no loss.png: {err}")
         except OSError as err:
             self.logger.message(f"loss curve: {self._not_written(self.output_dir / 'loss.png', err)}")
 
