@@ -239,6 +239,26 @@ def test_linprobe_command(tiny_folder, mae_checkpoint, tmp_path, capsys):
     assert (out / "checkpoint-linprobe.pth").read_bytes() == saved
 
 
+def test_linprobe_resumes_after_the_last_epoch_saved(tiny_folder, mae_checkpoint, tmp_path, capsys):
+    out = tmp_path / "probe"
+    common = ["linprobe", "--data_path", str(tiny_folder), "--num_workers", "0", "--batch_size", "4",
+              "--warmup_epochs", "1", "--output_dir", str(out)]
+    assert fastmae_main([*common, "--checkpoint", str(mae_checkpoint), "--epochs", "2"]) == 0
+    two_epochs = torch.load(out / "checkpoint-linprobe.pth", weights_only=True)
+    assert two_epochs["epoch"] == 1 and two_epochs["model"]["head.0.num_batches_tracked"] == 2 * 3
+    assert fastmae_main([*common, "--epochs", "3", "--resume", "auto"]) == 0
+    printed = capsys.readouterr().out
+    assert f"resumed from {out / 'checkpoint-linprobe.pth'} after epoch 2 of 3" in printed, printed
+    three_epochs = torch.load(out / "checkpoint-linprobe.pth", weights_only=True)
+    assert three_epochs["epoch"] == 2 and three_epochs["model"]["head.0.num_batches_tracked"] == 3 * 3
+    encoder = "blocks.1.attn.qkv.weight"  # frozen, and the same as the pretrained one
+    assert torch.equal(three_epochs["model"][encoder], torch.load(mae_checkpoint)["model"][encoder])
+    log = [r for r in read_log(out / "log.jsonl") if not r.get("final")]
+    assert [r["epoch"] for r in log] == [1, 2, 3] and three_epochs["max_top1"] == max(r["val_top1"] for r in log)
+    assert fastmae_main([*common, "--epochs", "3", "--resume", "auto"]) == 0
+    assert "has done all 3 epochs" in capsys.readouterr().out
+
+
 def test_finetune_resumes_after_the_last_epoch_saved(tiny_folder, mae_checkpoint, tmp_path, capsys):
     out = tmp_path / "ft"
     common = ["--data_path", str(tiny_folder), "--num_workers", "0", "--batch_size", "4", "--warmup_epochs", "1",

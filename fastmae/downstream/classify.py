@@ -49,6 +49,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int, ep
     parser.add_argument("--seed", type=seed_flag, default=0)
     parser.add_argument("--eval", action="store_true",
                         help="only evaluate --checkpoint (a classifier saved by this command) on val/")
+    parser.add_argument("--resume", default=None,
+                        help="continue a run after its last epoch saved: 'auto' (its checkpoint in --output_dir) "
+                             "or that checkpoint's path")
 
 
 def saved_args(container: dict) -> dict:
@@ -145,6 +148,51 @@ def evaluate(model: nn.Module, loader, device: torch.device, desc: str = "eval")
         correct1, correct5, n = correct1 + c1, correct5 + c5, n + labels.shape[0]
     model.train(was_training)
     return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n, "n": n}
+
+
+@dataclass
+class Resumed:
+    """A downstream run to continue: its checkpoint (the reference container with the optimizer)."""
+
+    path: Path
+    container: dict
+
+    @property
+    def next_epoch(self) -> int:
+        return int(self.container["epoch"]) + 1  # "epoch": the index of the last epoch done
+
+    @property
+    def best_top1(self) -> float:
+        return float(self.container.get("max_top1", self.container.get("top1", 0.0)))
+
+
+def resume_and_refuse_earlier_outputs(resume: str | None, output_dir: str | None, checkpoint_name: str,
+                                      checkpoint_names: tuple[str, ...]) -> Resumed | None:
+    """``--resume``: None, "auto" (``output_dir/checkpoint_name`` if it is there) or a file -> the run to
+    continue, or None. Unless the run continues from its own ``output_dir``, an earlier run's checkpoints
+    there are not overwritten (ValueError)."""
+    out = Path(output_dir) if output_dir else None
+    path = None
+    if resume == "auto":
+        if out is None:
+            raise ValueError("--resume auto looks in --output_dir: give --output_dir")
+        path = out / checkpoint_name
+        if not path.is_file():
+            print(f"--resume auto: no {checkpoint_name} in {out}, starting from scratch")
+            path = None
+    elif resume:
+        path = Path(resume)
+        if not path.is_file():
+            raise ValueError(f"--resume {resume}: no such file")
+    if path is None or out is None or path.resolve().parent != out.resolve():
+        refuse_earlier_outputs(output_dir, checkpoint_names)
+    if path is None:
+        return None
+    container = read_checkpoint(path)
+    if "optimizer" not in container or "epoch" not in container:
+        raise ValueError(f"--resume {path} holds no optimizer state: give the {checkpoint_name} of an earlier run "
+                         "of this command (a pretrained MAE or a best-only checkpoint starts a run: --checkpoint)")
+    return Resumed(path, container)
 
 
 def refuse_earlier_outputs(output_dir: str | None, checkpoint_names: tuple[str, ...]) -> None:

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastmae.checkpoint import load_weights, read_checkpoint, save_checkpoint
+from fastmae.checkpoint import load_weights, save_checkpoint
 from fastmae.device import device_from_flag
 from fastmae.downstream.classify import (
     add_common_arguments, append_jsonl, build_classifier, datasets_and_loaders, describe_pretrained,
-    evaluate, evaluate_saved, input_size_of, progress, refuse_earlier_outputs, show_rate,
+    evaluate, evaluate_saved, input_size_of, progress, resume_and_refuse_earlier_outputs, show_rate,
 )
 from fastmae.downstream.lr_decay import param_groups_lrd
 from fastmae.train.schedule import base_batch_lr, lr_at, set_lr
@@ -51,8 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip_grad", type=float, default=None)
     parser.add_argument("--global_pool", action="store_true", default=True, help="mean of patch tokens (default)")
     parser.add_argument("--cls_token", action="store_false", dest="global_pool", help="the cls token instead")
-    parser.add_argument("--resume", default=None,
-                        help="continue a fine-tuning run: 'auto' (OUTPUT_DIR/checkpoint-last.pth) or a checkpoint-last.pth")
 
 
 def run(args) -> int:
@@ -70,23 +68,17 @@ def _run(args) -> int:
     log = out / "log.jsonl" if out else None
     if args.eval:
         return _evaluate_saved(args, device)
-    resume = _resume_path(args.resume, out)
-    if resume is None or resume.resolve().parent != (out.resolve() if out else None):
-        refuse_earlier_outputs(args.output_dir, CHECKPOINT_NAMES)
-    resumed = read_checkpoint(resume) if resume else None
-    if resumed is not None and "optimizer" not in resumed:
-        raise ValueError(f"--resume {resume} holds no optimizer state: give the checkpoint-last.pth of a "
-                         "fine-tuning run (a checkpoint-best.pth or a pretrained MAE starts a run: --checkpoint)")
+    resumed = resume_and_refuse_earlier_outputs(args.resume, args.output_dir, CHECKPOINT_NAMES[0], CHECKPOINT_NAMES)
 
     # resuming, the architecture is the resumed run's (its --checkpoint need not be given again)
-    pretrained = (describe_pretrained(str(resume), args.model, False) if resume
+    pretrained = (describe_pretrained(str(resumed.path), args.model, False) if resumed
                   else describe_pretrained(args.checkpoint, args.model, args.random_init))
     size = input_size_of(args, pretrained)
     train_set, val_set, train_loader, val_loader = datasets_and_loaders(args, size, True)
     num_classes = args.nb_classes or len(train_set.classes)
     model, report = build_classifier(pretrained, num_classes, size, global_pool=args.global_pool,
                                      drop_path_rate=args.drop_path)
-    if report is not None and resume is None:
+    if report is not None and resumed is None:
         print(f"loaded {args.checkpoint}:\n{report}")
     args.model = pretrained.model_name  # saved with the checkpoints, so --eval finds the architecture
     init_head(model, std=2e-5)
@@ -97,10 +89,10 @@ def _run(args) -> int:
     optimizer = torch.optim.AdamW(groups, lr=lr)
     start_epoch, best = 0, -1.0
     if resumed is not None:
-        load_weights(model, resumed["model"], strict=True)
-        optimizer.load_state_dict(resumed["optimizer"])
-        start_epoch, best = int(resumed["epoch"]) + 1, float(resumed.get("max_top1", resumed.get("top1", -1.0)))
-        print(f"resumed from {resume} after epoch {start_epoch} of {args.epochs} (best top-1 so far {best:.2f}%)")
+        load_weights(model, resumed.container["model"], strict=True)
+        optimizer.load_state_dict(resumed.container["optimizer"])
+        start_epoch, best = resumed.next_epoch, resumed.best_top1
+        print(f"resumed from {resumed.path} after epoch {start_epoch} of {args.epochs} (best top-1 so far {best:.2f}%)")
     mixup = None
     if args.mixup > 0 or args.cutmix > 0:
         mixup = Mixup(num_classes, args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob,
@@ -114,7 +106,7 @@ def _run(args) -> int:
 
     steps_per_epoch = len(train_loader)
     if start_epoch >= args.epochs:
-        print(f"{resume} has done all {args.epochs} epochs: nothing to fine-tune (raise --epochs to go on)")
+        print(f"{resumed.path} has done all {args.epochs} epochs: nothing to fine-tune (raise --epochs to go on)")
         return 0
     for epoch in range(start_epoch, args.epochs):
         model.train()
@@ -159,23 +151,6 @@ def _run(args) -> int:
     append_jsonl(log, {"final": True, "val_top1": stats["top1"], "val_top5": stats["top5"], "max_top1": best,
                        "n": stats["n"]})
     return 0
-
-
-def _resume_path(resume: str | None, out: Path | None) -> Path | None:
-    if not resume:
-        return None
-    if resume == "auto":
-        if out is None:
-            raise ValueError("--resume auto looks in --output_dir: give --output_dir")
-        path = out / CHECKPOINT_NAMES[0]
-        if not path.is_file():
-            print(f"--resume auto: no {path.name} in {out}, starting from scratch")
-            return None
-        return path
-    path = Path(resume)
-    if not path.is_file():
-        raise ValueError(f"--resume {resume}: no such file")
-    return path
 
 
 def _evaluate_saved(args, device: torch.device) -> int:

@@ -11,7 +11,8 @@ Train images get RandomResizedCrop(0.08-1) + flip, as the reference.
 trains the head on those: the same model, far cheaper on a CPU, a little weaker than with
 augmentation.
 
-The saved classifier has the reference's linear-probe keys (``head.0`` BatchNorm, ``head.1`` Linear).
+The saved classifier has the reference's linear-probe keys (``head.0`` BatchNorm, ``head.1`` Linear);
+it is saved after every epoch, with the optimizer, and ``--resume`` continues after its epoch.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastmae.checkpoint import save_checkpoint
+from fastmae.checkpoint import load_weights, save_checkpoint
 from fastmae.device import device_from_flag
 from fastmae.downstream.classify import (
     add_common_arguments, append_jsonl, build_classifier, datasets_and_loaders, describe_pretrained,
-    evaluate, evaluate_saved, input_size_of, progress, refuse_earlier_outputs, show_rate,
+    Resumed, evaluate, evaluate_saved, input_size_of, progress, resume_and_refuse_earlier_outputs, show_rate,
 )
 from fastmae.downstream.lars import LARS
 from fastmae.downstream.vit_classifier import VisionTransformer, create_classifier, init_head
@@ -98,12 +99,20 @@ def head_optimizer(model: VisionTransformer, recipe: ProbeRecipe) -> torch.optim
 
 
 def fit_linear_probe(model: VisionTransformer, train_batches, steps_per_epoch: int, val_model: nn.Module, val_source,
-                     recipe: ProbeRecipe, device: torch.device, log=None, verbose: bool = True) -> dict:
+                     recipe: ProbeRecipe, device: torch.device, log=None, verbose: bool = True,
+                     resumed: Resumed | None = None, epoch_done=None) -> dict:
     """Train ``model.head`` on ``train_batches()`` (an iterator of (features [B, D], labels [B])) per epoch;
-    evaluate ``val_model`` on ``val_source`` after each. -> final stats with 'max_top1' and the optimizer."""
+    evaluate ``val_model`` on ``val_source`` after each, then call ``epoch_done(epoch, stats, optimizer)``
+    (stats with 'max_top1'). ``resumed``: continue that run after its last epoch (its head is loaded
+    already). -> final stats with 'max_top1' and the optimizer."""
     optimizer = head_optimizer(model, recipe)
-    best = 0.0
-    for epoch in range(recipe.epochs):
+    start_epoch, best = 0, 0.0
+    if resumed is not None:
+        optimizer.load_state_dict(resumed.container["optimizer"])
+        start_epoch, best = resumed.next_epoch, resumed.best_top1
+    if start_epoch >= recipe.epochs:
+        raise ValueError(f"nothing to train: the run has done {start_epoch} of {recipe.epochs} epochs")
+    for epoch in range(start_epoch, recipe.epochs):
         model.head.train()
         bar = progress(train_batches(), f"linprobe epoch {epoch + 1}/{recipe.epochs}")
         start, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
@@ -124,6 +133,8 @@ def fit_linear_probe(model: VisionTransformer, train_batches, steps_per_epoch: i
                   "lr": optimizer.param_groups[0]["lr"], "val_top1": stats["top1"], "val_top5": stats["top5"],
                   "val_loss": stats["loss"], "max_top1": best}
         append_jsonl(log, record)
+        if epoch_done is not None:
+            epoch_done(epoch, {**stats, "max_top1": best}, optimizer)
         if verbose and (epoch + 1 == recipe.epochs or (epoch + 1) % 10 == 0):
             print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val top-1 {stats['top1']:.2f}% "
                   f"top-5 {stats['top5']:.2f}% (max {best:.2f}%)")
@@ -144,17 +155,26 @@ def _run(args) -> int:
     log = Path(args.output_dir) / "log.jsonl" if args.output_dir else None
     if args.eval:
         return _evaluate_saved(args, device)
-    refuse_earlier_outputs(args.output_dir, (CHECKPOINT_NAME,))
+    resumed = resume_and_refuse_earlier_outputs(args.resume, args.output_dir, CHECKPOINT_NAME, (CHECKPOINT_NAME,))
+    if resumed is not None and resumed.next_epoch >= args.epochs:
+        print(f"{resumed.path} has done all {args.epochs} epochs: nothing to train (raise --epochs to go on)")
+        return 0
 
-    pretrained = describe_pretrained(args.checkpoint, args.model, args.random_init)
+    # resuming, the architecture and the frozen encoder are the resumed run's
+    pretrained = (describe_pretrained(str(resumed.path), args.model, False) if resumed
+                  else describe_pretrained(args.checkpoint, args.model, args.random_init))
     size = input_size_of(args, pretrained)
     train_set, val_set, train_loader, val_loader = datasets_and_loaders(args, size, not args.cache_features)
     num_classes = args.nb_classes or len(train_set.classes)
     model, report = build_classifier(pretrained, num_classes, size, global_pool=args.global_pool)
-    if report is not None:
+    if report is not None and resumed is None:
         print(f"loaded {args.checkpoint}:\n{report}")
     args.model = pretrained.model_name  # saved with the checkpoint, so --eval finds the architecture
     model = make_linear_probe(model).to(device)
+    if resumed is not None:
+        load_weights(model, resumed.container["model"], strict=True)
+        print(f"resumed from {resumed.path} after epoch {resumed.next_epoch} of {args.epochs} "
+              f"(best top-1 so far {resumed.best_top1:.2f}%)")
     recipe = ProbeRecipe(args.epochs, args.lr if args.lr is not None else base_batch_lr(args.blr, args.batch_size),
                          args.warmup_epochs, args.min_lr, args.weight_decay, args.optimizer, args.momentum)
     print(f"linear probe of {pretrained.model_name} ({'random init' if args.random_init else args.checkpoint}): "
@@ -170,11 +190,14 @@ def _run(args) -> int:
     else:
         train_batches, steps = (lambda: _encode(model, train_loader, device)), len(train_loader)
         val_source, val_model = val_loader, model
-    stats = fit_linear_probe(model, train_batches, steps, val_model, val_source, recipe, device, log)
-    if args.output_dir:
-        # "epoch": the index of the last epoch done, as the reference saves it
-        save_checkpoint(Path(args.output_dir) / CHECKPOINT_NAME, model, stats["optimizer"], args.epochs - 1,
-                        args=args, top1=stats["top1"])
+
+    def save(epoch: int, stats: dict, optimizer: torch.optim.Optimizer) -> None:
+        # after every epoch, for --resume; "epoch": the index of the epoch done, as the reference saves it
+        save_checkpoint(Path(args.output_dir) / CHECKPOINT_NAME, model, optimizer, epoch, args=args,
+                        top1=stats["top1"], max_top1=stats["max_top1"])
+
+    stats = fit_linear_probe(model, train_batches, steps, val_model, val_source, recipe, device, log,
+                             resumed=resumed, epoch_done=save if args.output_dir else None)
     print(f"linear probe top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  on {stats['n']} val images")
     append_jsonl(log, {"final": True, "val_top1": stats["top1"], "val_top5": stats["top5"], "n": stats["n"]})
     return 0
