@@ -202,7 +202,7 @@ def refuse_earlier_outputs(output_dir: str | None, checkpoint_names: tuple[str, 
     found = [name for name in checkpoint_names if (Path(output_dir) / name).exists()]
     if found:
         raise ValueError(f"--output_dir {output_dir} holds an earlier run's {', '.join(found)}, which this run "
-                         "would overwrite: give another --output_dir (or move those files away)")
+                         "would overwrite: continue that run with --resume auto, or give another --output_dir")
 
 
 def append_jsonl(path: str | os.PathLike | None, record: dict) -> None:
