@@ -66,4 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastmae {args.command_name}: error: {err}", file=sys.stderr)
         return 2
     module = importlib.import_module(chosen[args.command_name])
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except OSError as err:  # a full disk, a quota, an unreadable file: the system's own words, not a traceback
+        print(f"fastmae {args.command_name}: error: {err}", file=sys.stderr)
+        return 1

@@ -414,6 +414,23 @@ def test_visualize_command(tiny_folder, mae_checkpoint, tmp_path, capsys):
     assert "mask_ratio" in capsys.readouterr().err
 
 
+def test_a_full_disk_is_a_message_from_every_command(tiny_folder, mae_checkpoint, tmp_path, monkeypatch, capsys):
+    files = sorted((tiny_folder / "val" / "cat").glob("*.png"))
+    out = tmp_path / "rec.png"
+    visualize = ["visualize", "--checkpoint", str(mae_checkpoint), "--images", str(files[0]), "--output", str(out)]
+    assert fastmae_main(visualize) == 0
+    earlier = out.read_bytes()
+    refuse_writes(monkeypatch, [out.name, "checkpoint-linprobe.pth"], room=16)
+    assert fastmae_main(visualize) == 1
+    assert f"fastmae visualize: error: could not write {out}: [Errno 28] No space left on device" in capsys.readouterr().err
+    assert out.read_bytes() == earlier
+    # a command without its own message: the system's words, exit 1, no traceback
+    assert fastmae_main(["linprobe", "--checkpoint", str(mae_checkpoint), "--data_path", str(tiny_folder),
+                         "--num_workers", "0", "--batch_size", "4", "--epochs", "1", "--cache_features",
+                         "--output_dir", str(tmp_path / "probe")]) == 1
+    assert "fastmae linprobe: error: [Errno 28] No space left on device" in capsys.readouterr().err
+
+
 def test_visualize_skips_unreadable_files_of_a_folder_but_not_named_ones(tiny_folder, mae_checkpoint, tmp_path, capsys):
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -20,6 +20,7 @@ from PIL import Image
 from fastmae.checkpoint import load_weights, read_checkpoint, state_dict_of
 from fastmae.data.augment import normalize, resize_center_crop
 from fastmae.data.sources import IMAGE_EXTENSIONS, list_image_files
+from fastmae.device import device_from_flag
 from fastmae.downstream.classify import saved_args
 from fastmae.models import create_model
 from fastmae.reconstruction import save_reconstructions
@@ -107,11 +108,14 @@ def run(args) -> int:
             raise ValueError(f"--num_images must be >= 1, got {args.num_images}")
         imgs, paths = load_images(image_paths(args.images), model.patch_embed.img_size[0], args.num_images)
         noise = torch.rand(len(paths), model.num_patches, generator=torch.Generator().manual_seed(args.seed))
-        model.to(args.device)
+        model.to(device_from_flag(args.device))
         out = save_reconstructions(model, imgs, args.output, mask_ratios=tuple(args.mask_ratio), noise=noise)
     except (ValueError, FileNotFoundError) as err:
         print(f"fastmae visualize: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a quota: an earlier figure of that name is kept
+        print(f"fastmae visualize: error: could not write {args.output}: {err}", file=sys.stderr)
+        return 1
     print(f"wrote {out}: {len(paths)} images x mask ratios {args.mask_ratio}"
           f"{' (norm-pix, de-normalised per patch)' if norm_pix else ''}")
     return 0
