@@ -74,22 +74,16 @@ def test_one_step_on_two_ranks_equals_one_step_on_one_rank(tmp_path):
     assert changed > 10  # the step did move the weights
 
 
-# fastmae pretrain under torchrun, the first rank's checkpoint of step 1 failing as on a full disk
-REFUSE_FIRST_SAVE = """
-import errno, sys
-from pathlib import Path
-import fastmae.checkpoint as checkpoint_module
+# fastmae pretrain under torchrun, the first rank's checkpoint of step 1 failing part-way, as on a disk
+# that fills up (beneath torch.save, which reports it as its own RuntimeError)
+REFUSE_FIRST_SAVE = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+import pytest
+from full_disk import refuse_writes
 from fastmae.cli import main
 
-real_write = checkpoint_module.atomic_write
-
-def full_disk(f):
-    raise OSError(errno.ENOSPC, "No space left on device")
-
-def write(path, fill):
-    return real_write(path, full_disk if Path(path).name == "checkpoint-step00000001.pth" else fill)
-
-checkpoint_module.atomic_write = write
+refuse_writes(pytest.MonkeyPatch(), ["checkpoint-step00000001.pth"])
 sys.exit(main(["pretrain", *sys.argv[1:]]))
 """
 
