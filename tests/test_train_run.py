@@ -21,7 +21,7 @@ from fastmae.checkpoint import read_checkpoint
 from fastmae.cli import main as fastmae_main
 from fastmae.device import device_from_flag
 from fastmae.train.checkpoints import RESUME_KEY, latest_checkpoint, step_checkpoint_path
-from fastmae.train.config import DEMO_SETTINGS, PretrainConfig
+from fastmae.train.config import DEMO_SETTINGS, PretrainConfig, default_num_workers
 from fastmae.train.metrics import MetricsLogger, as_one_run, plot_loss_curve, read_metrics
 from fastmae.train.pretrain import EXPLICIT_FLAGS_ATTR, add_arguments
 from full_disk import refuse_writes
@@ -67,6 +67,13 @@ def test_defaults_are_the_paper_recipe():
     assert (args.model, args.batch_size, args.input_size, args.accum_iter) == ("mae_vit_large_patch16", 64, 224, 1)
     assert (args.output_dir, args.min_lr, args.lr, args.pin_mem, args.norm_pix_loss) == ("./output_dir", 0.0, None, True, False)
     assert args.data_path is None and args.resume == "" and args.precision is None and args.max_steps is None
+
+
+def test_loader_workers_default_to_the_references_10_within_the_cores_of_each_rank(monkeypatch):
+    assert parse([]).num_workers is None  # chosen when the run starts, on its machine
+    for cores, ranks, workers in [(128, 8, 10), (16, 1, 10), (8, 1, 7), (2, 1, 1), (16, 8, 1), (1, 1, 1)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert default_num_workers(ranks) == workers, (cores, ranks)
 
 
 def test_reference_flags_parse_with_their_meanings():

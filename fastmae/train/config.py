@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass
 
 from fastmae.compiling import CompileConfig
@@ -30,6 +31,17 @@ DEMO_SETTINGS = dict(
     save_every=128,
     log_every=8,
 )
+
+
+REFERENCE_NUM_WORKERS = 10  # main_pretrain.py's --num_workers
+
+
+def default_num_workers(local_world_size: int = 1) -> int:
+    """Loader workers per rank without --num_workers: the reference's 10, at most this machine's CPU
+    cores per rank less one for the main process (more workers than cores only take turns, and torch
+    warns about them)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(REFERENCE_NUM_WORKERS, cores // max(1, local_world_size) - 1))
 
 
 def seed_flag(text: str) -> int:
@@ -62,7 +74,7 @@ class PretrainConfig:
     seed: int = 0
     resume: str = ""  # a checkpoint file, or "auto" for the newest in output_dir
     start_epoch: int = 0
-    num_workers: int = 10
+    num_workers: int | None = None  # None: default_num_workers()
     pin_mem: bool = True
     # --- fastmae's own ---
     max_steps: int | None = None  # stop after this many optimizer steps in total
@@ -91,7 +103,7 @@ class PretrainConfig:
         non_negative = dict(warmup_epochs=self.warmup_epochs, weight_decay=self.weight_decay, min_lr=self.min_lr,
                             start_epoch=self.start_epoch, num_workers=self.num_workers)
         for name, value in non_negative.items():
-            if value < 0:
+            if value is not None and value < 0:
                 raise ValueError(f"--{name} must be >= 0, got {value}")
         if not 0.0 < self.mask_ratio < 1.0:
             # the loss averages over the removed patches: with none removed it is 0/0

@@ -16,7 +16,7 @@ import torch
 
 from fastmae.compiling import COMPILE_MODES, COMPILE_SCOPES
 from fastmae.data.loader import LOADER_CHOICES
-from fastmae.train.config import DEMO_SETTINGS, PRECISIONS, PretrainConfig
+from fastmae.train.config import DEMO_SETTINGS, PRECISIONS, REFERENCE_NUM_WORKERS, PretrainConfig
 
 # argparse records here which flags the user typed, so demo settings never override them
 EXPLICIT_FLAGS_ATTR = "_explicit_flags"
@@ -81,7 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ref.add_argument("--start_epoch", type=int, default=d.start_epoch, action=_STORE,
                      help="epoch to start the schedule at (a resumed checkpoint sets its own)")
     ref.add_argument("--num_workers", type=int, default=d.num_workers, action=_STORE,
-                     help="CPU loader: decoding worker processes")
+                     help=f"decoding worker processes per rank (default: the reference's {REFERENCE_NUM_WORKERS}, "
+                          "at most this machine's CPU cores per rank less one)")
     ref.add_argument("--pin_mem", default=d.pin_mem, action=_STORE_TRUE, help="pin CPU memory for faster host-to-GPU copies")
     ref.add_argument("--no_pin_mem", dest="pin_mem", default=argparse.SUPPRESS, action=_STORE_FALSE,
                      help="do not pin CPU memory")

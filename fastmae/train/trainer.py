@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import signal
 import sys
@@ -30,7 +31,7 @@ from fastmae.masking import num_visible_patches
 from fastmae.models import create_model
 from fastmae.train.checkpoints import (TrainingPosition, earlier_run_outputs, latest_checkpoint, resume_from,
                                       save_training_checkpoint, step_checkpoint_path, step_checkpoints)
-from fastmae.train.config import PretrainConfig
+from fastmae.train.config import PretrainConfig, default_num_workers
 from fastmae.train.cuda_graph import GraphedTrainStep, check_cuda_graph_support
 from fastmae.train.distributed import DistributedContext
 from fastmae.train.metrics import MetricsLogger, RunTotals, peak_memory_gb, plot_loss_curve
@@ -127,7 +128,7 @@ class Pretrainer:
         # data first: a bad --data_path is an error before any model is built
         self.data_cfg = DataConfig(
             data_path=cfg.data_path, input_size=cfg.input_size, batch_size=cfg.batch_size,
-            num_workers=cfg.num_workers, pin_mem=cfg.pin_mem, seed=cfg.seed, loader=cfg.data_loader,
+            num_workers=self._num_workers(), pin_mem=cfg.pin_mem, seed=cfg.seed, loader=cfg.data_loader,
             samples_per_epoch=cfg.samples_per_epoch,
         )
         self.data = build_loader(self.data_cfg, ctx.rank, ctx.world_size, self.device)
@@ -197,6 +198,12 @@ class Pretrainer:
         self.totals = RunTotals()  # its logged windows
 
     # ---- set-up ----
+
+    def _num_workers(self) -> int:
+        if self.cfg.num_workers is not None:
+            return self.cfg.num_workers
+        # torchrun says how many ranks share this machine's cores
+        return default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
     def _check_mask_ratio(self) -> None:
         """Both visible and removed patches, said now rather than at the first step (the encoder needs
@@ -293,7 +300,7 @@ class Pretrainer:
         return "\n".join([
             f"model {cfg.model}: {params:.1f}M trainable parameters, {cfg.input_size}px, mask ratio {cfg.mask_ratio}",
             f"data {data}: {self.batches_per_epoch} batches of {cfg.batch_size} per epoch per rank "
-            f"({type(self.data).__name__}), {cfg.epochs} epochs",
+            f"({type(self.data).__name__}, {self.data_cfg.num_workers} worker(s)), {cfg.epochs} epochs",
             f"device {self.device} x {ctx.world_size} rank(s), {self.precision}, kernels {cfg.kernels}, attention {cfg.attn}"
             + (f", {self.compiled.describe()}" if self.compiled else "")
             + (", the step replayed as a CUDA graph" if self.graphed_step else "")
