@@ -201,6 +201,61 @@ def test_resume_from_a_reference_checkpoint_loads_weights_only(tmp_path, image_f
     assert [r["step"] for r in logged(tmp_path / "out")] == [1]
 
 
+def reference_run_checkpoint(path, epoch: int, steps: int = 2):
+    """What main_pretrain.py saves after ``epoch``: its model (the re-derived reference) trained ``steps``
+    AdamW steps over timm's add_weight_decay groups [no decay: 1-D and biases, decay], an fp16
+    scaler, and its args, whose lr it derived from blr."""
+    from reference_mae import ReferenceMAE
+
+    torch.manual_seed(5)
+    ref = ReferenceMAE(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=48,
+                       decoder_depth=1, decoder_num_heads=4)
+    named = [(n, p) for n, p in ref.named_parameters() if p.requires_grad]
+    no_decay = [p for n, p in named if p.ndim <= 1 or n.endswith(".bias")]
+    decay = [p for n, p in named if not (p.ndim <= 1 or n.endswith(".bias"))]
+    opt = torch.optim.AdamW([{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": 0.05}],
+                            lr=1e-3, betas=(0.9, 0.95))
+    for _ in range(steps):
+        opt.zero_grad()
+        ref(torch.randn(2, 3, 32, 32), 0.75, torch.rand(2, 64))[0].backward()
+        opt.step()
+    args = argparse.Namespace(model="mae_vit_micro_patch4", input_size=32, batch_size=4, epochs=2, blr=2e-3,
+                              lr=2e-3 * 4 / 256, mask_ratio=0.75, norm_pix_loss=False, weight_decay=0.05)
+    torch.save({"model": ref.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                           "_growth_tracker": 0}, "args": args}, path)
+    return ref, opt
+
+
+def test_a_reference_run_continues_after_its_last_epoch_with_its_adamw_state(tmp_path, image_folder, capsys):
+    from fastmae.models import create_model
+    from fastmae.train.checkpoints import resume_from
+    from fastmae.train.optim import build_optimizer
+
+    path = tmp_path / "checkpoint-1.pth"
+    ref, ref_opt = reference_run_checkpoint(path, epoch=1)
+    model = create_model("mae_vit_micro_patch4", kernels="torch")
+    optimizer = build_optimizer(model, 1e-3, 0.05)
+    position, message = resume_from(path, model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                                     steps_per_epoch=4)
+    assert (position.epoch, position.batch, position.step) == (2, 0, 8)
+    assert "the weights and AdamW's state" in message, message
+    ours = {name: optimizer.state[p] for name, p in model.named_parameters() if p.requires_grad}
+    theirs = {name: ref_opt.state[p] for name, p in ref.named_parameters() if p.requires_grad}
+    assert ours.keys() == theirs.keys() and len(ours) == 48
+    for name in ours:  # matched by name, across groups split and ordered otherwise
+        assert torch.equal(ours[name]["exp_avg"], theirs[name]["exp_avg"]), name
+        assert torch.equal(ours[name]["exp_avg_sq"], theirs[name]["exp_avg_sq"]) and float(ours[name]["step"]) == 2
+    # the command: the schedule goes on from the reference's next epoch, the changed settings named
+    out = tmp_path / "out"
+    assert fastmae_main(micro_flags(image_folder, out, "--resume", str(path), "--epochs", "3")) == 0
+    printed = capsys.readouterr().out
+    assert (f"resumed the reference code's run {path} after its epoch 1: the weights and AdamW's state; from epoch 2 "
+            "(step 8) on" in printed), printed
+    assert "these settings differ from the checkpoint's run: --epochs 2 -> 3" in printed and "--lr" not in printed
+    assert [r["step"] for r in logged(out)] == [9, 10, 11, 12]
+
+
 def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(tmp_path, image_folder, monkeypatch, capsys):
     real_step = trainer_module.train_step
     calls = []

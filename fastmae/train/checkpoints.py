@@ -9,6 +9,7 @@ of our files (it starts at ``epoch + 1``) repeats at most the part of an epoch w
 
 from __future__ import annotations
 
+import argparse
 import random
 import re
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from fastmae.checkpoint import load_weights, read_checkpoint, save_checkpoint
+from fastmae.train.optim import load_reference_optimizer_state
 
 RESUME_KEY = "fastmae_resume"
 # The settings that define what a run trains and on what schedule; a resume that changes one continues
@@ -112,13 +114,17 @@ def changed_settings(saved: dict, current: dict) -> list[str]:
             if key in saved and saved[key] != current.get(key)]
 
 
-def resume_from(path: str | Path, model, optimizer, scaler,
-                current_args: dict | None = None) -> tuple[TrainingPosition | None, str]:
+def resume_from(path: str | Path, model, optimizer, scaler, current_args: dict | None = None,
+                steps_per_epoch: int | None = None) -> tuple[TrainingPosition | None, str]:
     """Load ``path`` into model/optimizer/scaler. A fastmae checkpoint restores everything and returns
-    its position; any other file (a reference checkpoint, released weights) loads the model weights
-    only and returns None. The second value says what happened, and which of ``current_args`` (this
-    run's settings) differ from the checkpoint's run."""
+    its position. A reference training checkpoint (main_pretrain.py's: model, optimizer, epoch) restores
+    the weights and AdamW's state and returns the start of the epoch after its own, at
+    ``steps_per_epoch`` of this run's steps an epoch. Any other file (released weights) loads the model
+    weights only and returns None. The second value says what happened, and which of ``current_args``
+    (this run's settings) differ from the checkpoint's run."""
     container = read_checkpoint(path)
+    if RESUME_KEY not in container and {"optimizer", "epoch"} <= container.keys() and steps_per_epoch:
+        return _resume_reference_run(path, container, model, optimizer, scaler, current_args, steps_per_epoch)
     if RESUME_KEY not in container:
         report = load_weights(model, container)
         return None, (f"{path} is not a fastmae training checkpoint: loaded the model weights only "
@@ -132,7 +138,30 @@ def resume_from(path: str | Path, model, optimizer, scaler,
     position = TrainingPosition(step=int(state["step"]), epoch=int(state["epoch"]), batch=int(state["batch"]),
                                 images_per_batch=int(state.get("images_per_batch", 0)))
     message = f"resumed from {path} at step {position.step} (epoch {position.epoch}, batch {position.batch})"
-    changed = changed_settings(container.get("args") or {}, current_args) if current_args is not None else []
-    if changed:
-        message += f"; these settings differ from the checkpoint's run: {', '.join(changed)}"
-    return position, message
+    return position, message + _changes(container.get("args") or {}, current_args)
+
+
+def _changes(saved_args: dict, current_args: dict | None) -> str:
+    changed = changed_settings(saved_args, current_args) if current_args is not None else []
+    return f"; these settings differ from the checkpoint's run: {', '.join(changed)}" if changed else ""
+
+
+def _resume_reference_run(path, container: dict, model, optimizer, scaler, current_args: dict | None,
+                          steps_per_epoch: int) -> tuple[TrainingPosition, str]:
+    """A run of the reference code, continued here after its last epoch (a 400-epoch run taken to 800)."""
+    load_weights(model, container, strict=True)
+    try:
+        load_reference_optimizer_state(optimizer, model, container["optimizer"])
+        restored = "the weights and AdamW's state"
+    except (ValueError, KeyError, TypeError) as err:
+        restored = f"the weights only (its optimizer state does not fit: {err}; AdamW starts afresh)"
+    if container.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(container["scaler"])
+    epoch = int(container["epoch"]) + 1  # the reference saves the last epoch done; its resume starts after it
+    position = TrainingPosition(step=epoch * steps_per_epoch, epoch=epoch)
+    saved_args = container.get("args")
+    saved_args = dict(vars(saved_args)) if isinstance(saved_args, argparse.Namespace) else dict(saved_args or {})
+    saved_args.pop("lr", None)  # the reference overwrites --lr with the lr it derives from --blr
+    message = (f"resumed the reference code's run {path} after its epoch {epoch - 1}: {restored}; from epoch "
+               f"{epoch} (step {position.step}) on, with a data order and random state of its own")
+    return position, message + _changes(saved_args, current_args)

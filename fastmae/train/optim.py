@@ -32,6 +32,39 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def reference_param_names(model: nn.Module) -> list[str]:
+    """The trainable parameters' names in the order of the reference optimizer's state: timm's
+    ``add_weight_decay`` groups [no decay (1-D parameters and biases), decay], each in the model's order."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    no_decay = {name for name, p in named if p.ndim <= 1 or name.endswith(".bias")}
+    return [name for name, _ in named if name in no_decay] + [name for name, _ in named if name not in no_decay]
+
+
+def load_reference_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, saved: dict) -> None:
+    """AdamW's moments and step counts from the optimizer of a reference (main_pretrain.py) checkpoint,
+    matched by parameter name: its groups split and order the parameters otherwise than ``param_groups``.
+    Raises ValueError where they do not fit the model."""
+    names = reference_param_names(model)
+    saved_indices = [index for group in saved["param_groups"] for index in group["params"]]
+    if len(saved_indices) != len(names):
+        raise ValueError(f"its optimizer holds {len(saved_indices)} parameters, the model trains {len(names)}")
+    saved_state = dict(zip(names, (saved["state"].get(index) for index in saved_indices)))
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    ours = optimizer.state_dict()
+    state = {}
+    for group, our_group in zip(optimizer.param_groups, ours["param_groups"]):
+        for param, index in zip(group["params"], our_group["params"]):
+            entry = saved_state[name_of[id(param)]]
+            if entry is None:  # no step has touched it
+                continue
+            if entry["exp_avg"].shape != param.shape:
+                raise ValueError(f"its AdamW state of {name_of[id(param)]} has shape {list(entry['exp_avg'].shape)}, "
+                                 f"the parameter {list(param.shape)}")
+            step = entry["step"]  # an int in the reference's torch 1.8, a tensor since
+            state[index] = {**entry, "step": step if torch.is_tensor(step) else torch.tensor(float(step))}
+    optimizer.load_state_dict({"state": state, "param_groups": ours["param_groups"]})
+
+
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
                     betas: tuple[float, float] = ADAMW_BETAS) -> torch.optim.AdamW:
     """AdamW over ``param_groups``; the fused implementation where torch has one for the device."""

@@ -249,7 +249,8 @@ class Pretrainer:
         if not path.is_file():
             raise ValueError(f"--resume {path}: no such file")
         try:
-            position, message = resume_from(path, self.model, self.optimizer, self.scaler, asdict(cfg))
+            position, message = resume_from(path, self.model, self.optimizer, self.scaler, asdict(cfg),
+                                            steps_per_epoch=self.steps_per_epoch)
         except ValueError as err:
             earlier = step_checkpoints(self.output_dir)[:-1] if cfg.resume == "auto" else []
             if not earlier:
