@@ -165,6 +165,16 @@ class Resumed:
     def best_top1(self) -> float:
         return float(self.container.get("max_top1", self.container.get("top1", 0.0)))
 
+    def all_done(self, epochs: int) -> str | None:
+        """Why there is nothing to train for a run of ``epochs`` epochs, or None."""
+        if self.next_epoch < epochs:
+            return None
+        return f"{self.path} has done all {epochs} epochs: nothing to train (raise --epochs to go on)"
+
+    def describe(self, epochs: int) -> str:
+        return (f"resumed from {self.path} after epoch {self.next_epoch} of {epochs} "
+                f"(best top-1 so far {self.best_top1:.2f}%)")
+
 
 def resume_and_refuse_earlier_outputs(resume: str | None, output_dir: str | None, checkpoint_name: str,
                                       checkpoint_names: tuple[str, ...]) -> Resumed | None:

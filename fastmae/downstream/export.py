@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from fastmae.atomic_file import atomic_write
+from fastmae.bench.environment import write_json
 from fastmae.checkpoint import atomic_save, read_checkpoint, state_dict_of
 from fastmae.downstream.classify import saved_args
 from fastmae.models import create_model
@@ -215,8 +215,7 @@ def _run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     save_state(exported, out / "model.safetensors")
     config = hf_config(state, model_name, norm_pix, float(saved.get("mask_ratio", 0.75)))
-    text = json.dumps(config, indent=2) + "\n"
-    atomic_write(out / "config.json", lambda f: f.write(text.encode()))
+    write_json(out / "config.json", config)
     print(f"wrote {len(exported)} tensors in HF ViTMAE layout + config.json to {out}/ "
           f"(transformers.ViTMAEForPreTraining.from_pretrained('{out}'))")
     return 0

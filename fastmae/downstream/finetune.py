@@ -69,6 +69,9 @@ def _run(args) -> int:
     if args.eval:
         return _evaluate_saved(args, device)
     resumed = resume_and_refuse_earlier_outputs(args.resume, args.output_dir, CHECKPOINT_NAMES[0], CHECKPOINT_NAMES)
+    if resumed is not None and (done := resumed.all_done(args.epochs)):
+        print(done)
+        return 0
 
     # resuming, the architecture is the resumed run's (its --checkpoint need not be given again)
     pretrained = (describe_pretrained(str(resumed.path), args.model, False) if resumed
@@ -92,7 +95,7 @@ def _run(args) -> int:
         load_weights(model, resumed.container["model"], strict=True)
         optimizer.load_state_dict(resumed.container["optimizer"])
         start_epoch, best = resumed.next_epoch, resumed.best_top1
-        print(f"resumed from {resumed.path} after epoch {start_epoch} of {args.epochs} (best top-1 so far {best:.2f}%)")
+        print(resumed.describe(args.epochs))
     mixup = None
     if args.mixup > 0 or args.cutmix > 0:
         mixup = Mixup(num_classes, args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob,
@@ -105,9 +108,6 @@ def _run(args) -> int:
           f"{'mixup/cutmix' if mixup else f'label smoothing {args.smoothing}'}")
 
     steps_per_epoch = len(train_loader)
-    if start_epoch >= args.epochs:
-        print(f"{resumed.path} has done all {args.epochs} epochs: nothing to fine-tune (raise --epochs to go on)")
-        return 0
     for epoch in range(start_epoch, args.epochs):
         model.train()
         train_loader.generator.manual_seed(args.seed + epoch)  # a resumed run sees the same order

@@ -156,8 +156,8 @@ def _run(args) -> int:
     if args.eval:
         return _evaluate_saved(args, device)
     resumed = resume_and_refuse_earlier_outputs(args.resume, args.output_dir, CHECKPOINT_NAME, (CHECKPOINT_NAME,))
-    if resumed is not None and resumed.next_epoch >= args.epochs:
-        print(f"{resumed.path} has done all {args.epochs} epochs: nothing to train (raise --epochs to go on)")
+    if resumed is not None and (done := resumed.all_done(args.epochs)):
+        print(done)
         return 0
 
     # resuming, the architecture and the frozen encoder are the resumed run's
@@ -173,8 +173,7 @@ def _run(args) -> int:
     model = make_linear_probe(model).to(device)
     if resumed is not None:
         load_weights(model, resumed.container["model"], strict=True)
-        print(f"resumed from {resumed.path} after epoch {resumed.next_epoch} of {args.epochs} "
-              f"(best top-1 so far {resumed.best_top1:.2f}%)")
+        print(resumed.describe(args.epochs))
     recipe = ProbeRecipe(args.epochs, args.lr if args.lr is not None else base_batch_lr(args.blr, args.batch_size),
                          args.warmup_epochs, args.min_lr, args.weight_decay, args.optimizer, args.momentum)
     print(f"linear probe of {pretrained.model_name} ({'random init' if args.random_init else args.checkpoint}): "

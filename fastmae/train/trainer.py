@@ -494,28 +494,24 @@ class Pretrainer:
             self.logger.message(f"loss {self.first_loss:.4f} at the first logging step, {self.last_loss:.4f} at the last")
         png = self._written(self.write_reconstructions, self.output_dir / "reconstruction.png")
         self.logger.message(f"reconstructions (masked / reconstruction + visible / original): {png}")
+        loss_png = self.output_dir / "loss.png"
         try:
-            curve = plot_loss_curve(self.logger.path, self.output_dir / "loss.png")
+            curve = self._written(lambda: plot_loss_curve(self.logger.path, loss_png), loss_png)
             self.logger.message(f"loss curve: {curve}")
         except ImportError:
             self.logger.message("no loss.png: matplotlib is not installed (pip install matplotlib)")
         except ValueError as err:  # every record was refused by the disk
             self.logger.message(f"no loss.png: {err}")
-        except OSError as err:
-            self.logger.message(f"loss curve: {self._not_written(self.output_dir / 'loss.png', err)}")
 
-    def _written(self, write: Callable[[], Path], path: Path) -> str:
+    @staticmethod
+    def _written(write: Callable[[], Path], path: Path) -> str:
         """``write()``'s path, or why the disk refused it: the run's checkpoint is saved by now, and a
         figure or summary the disk has no room for is said, not a traceback that hides that."""
         try:
             return str(write())
         except OSError as err:
-            return self._not_written(path, err)
-
-    @staticmethod
-    def _not_written(path: Path, err: OSError) -> str:
-        kept = " (the earlier one is kept)" if path.is_file() else ""
-        return f"{path} could not be written{kept}: {err}"
+            kept = " (the earlier one is kept)" if path.is_file() else ""
+            return f"{path} could not be written{kept}: {err}"
 
     def write_summary(self) -> Path:
         """``summary.json``: this run's speed and time waiting for data, with the benchmarks' record of
