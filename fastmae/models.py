@@ -238,18 +238,25 @@ MODEL_ARCHS: dict[str, dict] = {
 _PAPER_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 
 
-def create_model(name: str, **overrides) -> MaskedAutoencoderViT:
-    """A named architecture (see MODEL_ARCHS); keyword arguments override its settings."""
-    aliases = {  # the reference's long names
-        "mae_vit_base_patch16_dec512d8b": "mae_vit_base_patch16",
-        "mae_vit_large_patch16_dec512d8b": "mae_vit_large_patch16",
-        "mae_vit_huge_patch14_dec512d8b": "mae_vit_huge_patch14",
-    }
-    name = aliases.get(name, name)
+_MODEL_ALIASES = {  # the reference's long names
+    "mae_vit_base_patch16_dec512d8b": "mae_vit_base_patch16",
+    "mae_vit_large_patch16_dec512d8b": "mae_vit_large_patch16",
+    "mae_vit_huge_patch14_dec512d8b": "mae_vit_huge_patch14",
+}
+
+
+def model_arch(name: str) -> dict:
+    """The settings of a named architecture (MODEL_ARCHS, or a reference long name); ValueError naming
+    the choices for an unknown one."""
+    name = _MODEL_ALIASES.get(name, name)
     if name not in MODEL_ARCHS:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(MODEL_ARCHS)}")
-    kwargs = {**_PAPER_DECODER, "mlp_ratio": 4.0, **MODEL_ARCHS[name], **overrides}
-    return MaskedAutoencoderViT(**kwargs)
+    return {**_PAPER_DECODER, "mlp_ratio": 4.0, **MODEL_ARCHS[name]}
+
+
+def create_model(name: str, **overrides) -> MaskedAutoencoderViT:
+    """A named architecture (see MODEL_ARCHS); keyword arguments override its settings."""
+    return MaskedAutoencoderViT(**{**model_arch(name), **overrides})
 
 
 def mae_vit_base_patch16(**kwargs) -> MaskedAutoencoderViT:

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 
 from fastmae.compiling import CompileConfig
+from fastmae.models import model_arch
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 SEEDS = range(2**63)  # they key numpy's SeedSequence (non-negative) and torch's generators (64-bit)
@@ -100,6 +101,13 @@ class PretrainConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"--{name} must be positive, got {value}")
+        try:
+            patch_size = model_arch(self.model)["patch_size"]
+        except ValueError as err:
+            raise ValueError(f"--model {self.model}: {err}") from None
+        if self.input_size % patch_size:
+            raise ValueError(f"--input_size {self.input_size} is not a multiple of {self.model}'s patch size "
+                             f"{patch_size}")
         non_negative = dict(warmup_epochs=self.warmup_epochs, weight_decay=self.weight_decay, min_lr=self.min_lr,
                             start_epoch=self.start_epoch, num_workers=self.num_workers)
         for name, value in non_negative.items():
