@@ -29,12 +29,19 @@ FOREIGN_PREFIXES = ("head.", "fc_norm.", "bn.")
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """The whole container (a dict) of a .pth/.pt or .safetensors file, read without arbitrary unpickling."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(folder_given_message(path))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return {"model": load_file(str(path))}
+        try:
+            return {"model": load_file(str(path))}
+        except SafetensorError as err:
+            raise ValueError(f"checkpoint {path} is not a readable safetensors file (truncated, corrupt, or "
+                             f"another format): {err}") from None
     if path.stat().st_size == 0:
         raise ValueError(f"checkpoint {path} is empty (0 bytes)")
     with torch.serialization.safe_globals([argparse.Namespace]):
@@ -45,6 +52,24 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict or state_dict")
     return obj
+
+
+def check_resume_file(path: Path) -> None:
+    """``--resume FILE``: a ValueError unless FILE is a file (a run's folder names its checkpoints)."""
+    if path.is_dir():
+        raise ValueError(f"--resume {path}: {folder_given_message(path)}")
+    if not path.is_file():
+        raise ValueError(f"--resume {path}: no such file")
+
+
+def folder_given_message(path: Path) -> str:
+    """A checkpoint flag given a folder (a run's --output_dir, most often): name the files in it."""
+    files = sorted((p for p in path.iterdir() if p.suffix in (".pth", ".pt", ".safetensors") and p.is_file()),
+                   key=lambda p: p.stat().st_mtime, reverse=True)
+    if not files:
+        return f"checkpoint {path} is a folder, not a checkpoint file, and holds no .pth or .safetensors file"
+    newest = ", ".join(p.name for p in files[:3]) + (", ..." if len(files) > 3 else "")
+    return f"checkpoint {path} is a folder, not a checkpoint file; give one of its files, newest first: {newest}"
 
 
 def _unreadable_checkpoint(path: Path, err: Exception) -> str:

@@ -130,7 +130,25 @@ def test_broken_checkpoint_files_are_named_as_broken(tmp_path):
         assert "weights_only` set to `False`" not in str(caught.value)  # not torch's advice to unpickle anything
     with pytest.raises(ValueError, match="empty.pth is empty"):
         read_checkpoint(tmp_path / "empty.pth")
+    save_file(ReferenceMAE(**SMALL).state_dict(), tmp_path / "whole.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "whole.safetensors").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="cut.safetensors is not a readable safetensors file"):
+        read_checkpoint(tmp_path / "cut.safetensors")
     assert "model" in read_checkpoint(tmp_path / "whole.pth")
+    assert "model" in read_checkpoint(tmp_path / "whole.safetensors")
+
+
+def test_a_folder_given_as_checkpoint_names_its_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(ValueError, match="run is a folder, not a checkpoint file, and holds no .pth"):
+        read_checkpoint(run)
+    for step, mtime in ((8, 1e9), (16, 1e9 + 100)):  # step 16 is the newer file
+        path = run / f"checkpoint-step{step:08d}.pth"
+        path.write_bytes(b"x")
+        os.utime(path, (mtime, mtime))
+    with pytest.raises(ValueError, match="newest first: checkpoint-step00000016.pth, checkpoint-step00000008.pth$"):
+        read_checkpoint(run)
 
 
 def test_atomic_save_keeps_the_previous_file_when_interrupted(tmp_path, monkeypatch):

@@ -129,6 +129,7 @@ def test_a_cuda_device_the_machine_does_not_have_is_named(monkeypatch):
     (["--model", "mae_vit_gigantic"], "--model mae_vit_gigantic: unknown model"),
     (["--input_size", "34"], "--input_size 34 is not a multiple of mae_vit_micro_patch4's patch size 4"),
     (["--resume", "MISSING/ckpt.pth"], "no such file"),
+    (["--resume", "DATA"], "is a folder, not a checkpoint file, and holds no .pth or .safetensors file"),
     (["--mask_ratio", "0.99"], "--mask_ratio 0.99: mask_ratio 0.99 leaves no visible patch out of 64"),
     (["--mask_ratio", "1e-17"], "--mask_ratio 1e-17 removes none of the 64 patches of an image"),
     (["--blr", "-1"], "--blr must be positive, got -1.0"),
@@ -138,7 +139,7 @@ def test_a_cuda_device_the_machine_does_not_have_is_named(monkeypatch):
 ])
 def test_bad_input_is_a_message_and_exit_2_before_any_work(tmp_path, image_folder, capsys, flags, message):
     out = tmp_path / "out"
-    flags = [f.replace("MISSING", str(tmp_path / "missing")) for f in flags]
+    flags = [f.replace("MISSING", str(tmp_path / "missing")).replace("DATA", str(image_folder)) for f in flags]
     argv = micro_flags(image_folder, out)
     for flag, value in zip(flags[::2], flags[1::2]):  # override the micro settings
         i = argv.index(flag) if flag in argv else None

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fastmae.checkpoint import LoadReport, load_weights, read_checkpoint, state_dict_of
+from fastmae.checkpoint import LoadReport, check_resume_file, load_weights, read_checkpoint, state_dict_of
 from fastmae.downstream.labeled_data import build_datasets
 from fastmae.downstream.vit_classifier import VisionTransformer, create_classifier
 from fastmae.train.config import seed_flag
@@ -192,8 +192,7 @@ def resume_and_refuse_earlier_outputs(resume: str | None, output_dir: str | None
             path = None
     elif resume:
         path = Path(resume)
-        if not path.is_file():
-            raise ValueError(f"--resume {resume}: no such file")
+        check_resume_file(path)
     if path is None or out is None or path.resolve().parent != out.resolve():
         refuse_earlier_outputs(output_dir, checkpoint_names)
     if path is None:

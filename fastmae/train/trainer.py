@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from fastmae.checkpoint import check_resume_file
 from fastmae.compiling import CompileConfig, compile_for_training, mark_step_begin
 from fastmae.data.loader import DataConfig, build_loader, preview_batch, resolve_loader
 from fastmae.kernels import resolve_kernels
@@ -246,8 +247,7 @@ class Pretrainer:
         if path is None:
             self.messages.append(f"--resume auto: no checkpoint in {self.output_dir}, starting from scratch")
             return
-        if not path.is_file():
-            raise ValueError(f"--resume {path}: no such file")
+        check_resume_file(path)
         try:
             position, message = resume_from(path, self.model, self.optimizer, self.scaler, asdict(cfg),
                                             steps_per_epoch=self.steps_per_epoch)
