@@ -40,6 +40,19 @@ def test_list_image_files_reference_layout_class_folders_and_flat(tmp_path):
     assert [f.name for f in list_image_files(tmp_path / "flat")] == [f"img{i:03d}.png" for i in range(4)]
 
 
+def test_symlinked_class_folders_are_read_and_a_link_to_an_ancestor_is_not_followed(tmp_path):
+    write_images(tmp_path / "pool", 3)
+    write_images(tmp_path / "data" / "train" / "cat", 2)
+    (tmp_path / "data" / "train" / "dog").symlink_to(tmp_path / "pool")  # a subset built from links
+    (tmp_path / "data" / "train" / "dog2").symlink_to(tmp_path / "pool")  # the same folder twice: two classes
+    (tmp_path / "data" / "train" / "cat" / "loop").symlink_to(tmp_path / "data")  # would recurse forever
+    files = list_image_files(tmp_path / "data")
+    assert sorted(f.parent.name for f in files) == ["cat"] * 2 + ["dog"] * 3 + ["dog2"] * 3
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "only").symlink_to(tmp_path / "pool")
+    assert len(list_image_files(tmp_path / "links")) == 3
+
+
 def test_missing_or_empty_folder_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         list_image_files(tmp_path / "nowhere")

@@ -37,12 +37,29 @@ def list_image_files(data_path: str | os.PathLike) -> list[Path]:
     if (root / "train").is_dir():  # the reference reads os.path.join(data_path, 'train')
         root = root / "train"
     files = sorted(
-        path for path in root.rglob("*")
+        path for path in _walk_files(root)
         if path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
     )
     if not files:
         raise ValueError(f"--data_path {root} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return files
+
+
+def _walk_files(root: Path):
+    """Every file below ``root``, into symlinked folders too, as torchvision's ImageFolder goes (class
+    folders linked in from elsewhere are a common way to build a subset). A link to a folder that
+    contains it is not entered: it would loop."""
+    real_ancestors = {Path(root): (os.path.realpath(root),)}
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        ancestors = real_ancestors.pop(Path(folder))
+        kept = []
+        for name in subfolders:
+            real = os.path.realpath(os.path.join(folder, name))
+            if real not in ancestors:
+                kept.append(name)
+                real_ancestors[Path(folder, name)] = (*ancestors, real)
+        subfolders[:] = kept
+        yield from (Path(folder, name) for name in names)
 
 
 class ImageFiles:
