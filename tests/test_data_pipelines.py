@@ -307,8 +307,8 @@ def test_bad_files_skipped_and_counted_odd_files_decoded(tmp_path):
 
 
 def test_odd_but_valid_files_decode_to_the_same_rgb_in_every_loader(tmp_path):
-    """Grayscale, CMYK, PNG (RGB, RGBA, palette, named .jpg) and 1x1 / 3x5 JPEGs: nothing skipped,
-    each image as PIL's convert('RGB') sees it."""
+    """Grayscale, CMYK, PNG (RGB, RGBA, palette, 16-bit grey, named .jpg) and 1x1 / 3x5 JPEGs: nothing
+    skipped, each image in the same RGB (DALI decodes on its own, the others through PIL)."""
     for name, data in bad_image_bytes().items():
         if not name.startswith("bad_"):
             (tmp_path / name).write_bytes(data)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fastmae.data.sources import as_rgb
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -66,7 +68,7 @@ def random_crop_flip(image: Image.Image, rng: np.random.Generator, scale: tuple[
                      hflip_prob: float = HFLIP_PROB) -> tuple[Image.Image, bool]:
     """The random draws of RandomResizedCrop + flip on a PIL image: (its RGB crop, not yet resized;
     whether to flip the resized crop). The flip is drawn after the box, as torchvision draws them."""
-    image = image.convert("RGB")
+    image = as_rgb(image)
     top, left, h, w = sample_resized_crop(image.height, image.width, scale, ratio, rng)
     return image.crop((left, top, left + w, top + h)), bool(rng.random() < hflip_prob)
 
@@ -176,7 +178,7 @@ def resized_crops(pixels: torch.Tensor, table: torch.Tensor, size: int, mean=IMA
 
 def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
     """The evaluation view: shorter side resized to ``size`` (bicubic), central square; uint8 [size, size, 3]."""
-    image = image.convert("RGB")
+    image = as_rgb(image)
     scale = size / min(image.width, image.height)
     width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
     image = image.resize((width, height), Image.BICUBIC)

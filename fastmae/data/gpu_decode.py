@@ -29,7 +29,7 @@ from PIL import Image
 from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD, crop_table, normalize, resized_crops
 from fastmae.data.encoded_batches import EncodedBatch, EncodedBatchReader, ReaderBackedBatches, run_ahead
 from fastmae.data.loader import DataConfig, hand_over
-from fastmae.data.sources import open_source
+from fastmae.data.sources import as_rgb, open_source
 
 MAX_REPLANS_PER_BATCH = 8
 
@@ -42,7 +42,7 @@ def build_torchvision_loader(cfg: DataConfig, rank: int, world_size: int, device
 def decode_on_cpu(file: np.ndarray) -> torch.Tensor:
     """uint8 [num_bytes] -> uint8 [3, H, W] with PIL (any format and colour space)."""
     with Image.open(io.BytesIO(file.tobytes())) as image:
-        pixels = np.array(image.convert("RGB"))  # writable, for torch.from_numpy
+        pixels = np.array(as_rgb(image))  # writable, for torch.from_numpy
     return torch.from_numpy(pixels).permute(2, 0, 1)
 
 

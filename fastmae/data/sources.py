@@ -20,6 +20,19 @@ from PIL import Image
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+# PIL's integer grey modes wider than 8 bits (a 16-bit grey PNG opens as "I;16")
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """The image in RGB, 8 bits a channel. PIL's ``convert("RGB")`` clips 16-bit grey at 255, which
+    turns almost every pixel white; it is scaled to 8 bits here (v / 257, rounded), as GPU decoders do."""
+    if image.mode in WIDE_GREY_MODES:
+        wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        return Image.fromarray(((wide + 128) // 257).astype(np.uint8), mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
 class ImageSource(Protocol):
     def __len__(self) -> int: ...
     def load(self, index: int) -> Image.Image: ...  # raises on an unreadable item
@@ -73,7 +86,7 @@ class ImageFiles:
 
     def load(self, index: int) -> Image.Image:
         with Image.open(self.paths[index]) as image:
-            return image.convert("RGB")
+            return as_rgb(image)
 
     def name(self, index: int) -> str:
         return str(self.paths[index])

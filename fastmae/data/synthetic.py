@@ -132,6 +132,8 @@ def bad_image_bytes(seed: int = 0) -> dict[str, bytes]:
         "rgba.png": saved(image.convert("RGBA"), "PNG"),
         "palette.png": saved(image.convert("P"), "PNG"),
         "png_named.jpg": saved(image, "PNG"),
+        # 16-bit grey (PIL mode I;16): PIL's convert("RGB") clips it at 255, nearly all white
+        "grey16.png": saved(Image.fromarray(np.asarray(image.convert("L"), dtype=np.uint16) * 257), "PNG"),
     }
 
 

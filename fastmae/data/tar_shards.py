@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from fastmae.data.sources import IMAGE_EXTENSIONS
+from fastmae.data.sources import IMAGE_EXTENSIONS, as_rgb
 
 
 def list_tar_shards(data_path: str | os.PathLike) -> list[Path]:
@@ -117,7 +117,7 @@ class TarShards:
 
     def load(self, index: int) -> Image.Image:
         with Image.open(io.BytesIO(self.read_bytes(index))) as image:
-            return image.convert("RGB")
+            return as_rgb(image)
 
     def name(self, index: int) -> str:
         shard, _, _, member = self.members[index]
