@@ -416,6 +416,18 @@ def test_tar_shards_give_the_folder_batches(photos, tmp_path):
     with pytest.raises(ValueError, match="not an uncompressed tar"):
         open_source(tmp_path / "zipped.tar")
 
+    # a folder of both kinds is not read as one kind only; shards one level down are pointed at
+    (tmp_path / "shards" / "extra").mkdir()
+    (tmp_path / "shards" / "extra" / "loose.jpg").write_bytes(list_image_files(photos)[0].read_bytes())
+    with pytest.raises(ValueError, match=r"holds both .tar shards \(4, e.g. shard-000000.tar\) and image files "
+                                         r"\(e.g. extra/loose.jpg\): give a folder of one kind"):
+        open_source(tmp_path / "shards")
+    assert len(open_source(shards[0])) == 7  # a shard named alone is read alone
+    (tmp_path / "nested" / "part1").mkdir(parents=True)
+    shards[0].rename(tmp_path / "nested" / "part1" / shards[0].name)
+    with pytest.raises(ValueError, match=f"holds .tar shards in a sub-folder \\(part1/{shards[0].name}\\): give"):
+        open_source(tmp_path / "nested")
+
 
 def test_generated_jpegs_do_not_depend_on_the_thread_count(tmp_path):
     one = write_jpeg_folder(tmp_path / "one", 6, size=(40, 30), num_classes=4, seed=5, threads=1)

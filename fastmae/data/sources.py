@@ -49,13 +49,17 @@ def list_image_files(data_path: str | os.PathLike) -> list[Path]:
         raise ValueError(f"--data_path {root} is not a folder")
     if (root / "train").is_dir():  # the reference reads os.path.join(data_path, 'train')
         root = root / "train"
-    files = sorted(
-        path for path in _walk_files(root)
-        if path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
-    )
+    files = sorted(path for path in _walk_files(root) if _is_image_name(path) and path.is_file())
     if not files:
-        raise ValueError(f"--data_path {root} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        nested_tar = next((path for path in _walk_files(root) if path.suffix.lower() == ".tar"), None)
+        hint = (f"; it holds .tar shards in a sub-folder ({nested_tar.relative_to(root)}): give the folder that "
+                "holds them" if nested_tar is not None else "")
+        raise ValueError(f"--data_path {root} holds no image files ({', '.join(IMAGE_EXTENSIONS)}){hint}")
     return files
+
+
+def _is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
 def _walk_files(root: Path):
@@ -104,6 +108,13 @@ def open_source(data_path: str | os.PathLike | None, samples_per_epoch: int | No
 
     tar_paths = list_tar_shards(data_path)
     if tar_paths:
+        folder = tar_paths[0].parent
+        loose = (next((path for path in _walk_files(folder) if _is_image_name(path)), None)
+                 if Path(data_path).expanduser().is_dir() else None)  # a .tar named alone is read alone
+        if loose is not None:  # one kind is read, and the other would be left out without a word
+            raise ValueError(f"--data_path {data_path} holds both .tar shards ({len(tar_paths)}, e.g. "
+                             f"{tar_paths[0].name}) and image files (e.g. {loose.relative_to(folder)}): "
+                             "give a folder of one kind")
         return TarShards(tar_paths)
     # --- end tar shards ---
     return ImageFiles(list_image_files(data_path))
