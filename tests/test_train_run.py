@@ -5,6 +5,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -925,3 +926,22 @@ def test_resume_restores_optimizer_grad_scaler_rng_and_position(tmp_path):
 def test_default_schedule_length_is_the_papers():
     args = parse([])
     assert args.epochs == 800 and PretrainConfig(data_path="").epochs == 800  # the paper's ablation length
+
+
+def test_a_long_run_of_unreadable_files_mid_epoch_is_a_message_and_exit_2(tmp_path, capsys):
+    """Read in a DataLoader worker: the error is the command's own message, with each file's reason."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):  # "a..." sorts first: the loader's start-up check reads a good image
+        Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)).save(data / f"a{i}.png")
+    for i in range(40):
+        (data / f"b{i:02d}.png").write_bytes(b"not a picture")
+    argv = micro_flags(data, tmp_path / "out", "--seed", "3")
+    argv[argv.index("--num_workers") + 1] = "1"
+    assert fastmae_main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"fastmae pretrain: error: 32 unreadable images in a row, e\.g\. \S+b\d\d\.png "
+                     r"\(UnidentifiedImageError: cannot identify image file\); .*: check the files under --data_path "
+                     r"\(stopped at step \d+; no checkpoint of this run is saved yet\)", err), err
+    assert "Traceback" not in err

@@ -26,7 +26,7 @@ import numpy as np
 
 from fastmae.data.augment import HFLIP_PROB, sample_resized_crop
 from fastmae.data.image_header import BadImageError, ImageHeader, read_header
-from fastmae.data.loader import MAX_CONSECUTIVE_UNREADABLE, DataConfig, EpochBatchSampler, SkipLog
+from fastmae.data.loader import MAX_CONSECUTIVE_UNREADABLE, DataConfig, EpochBatchSampler, SkipLog, UnreadableData
 from fastmae.data.sources import ImageFiles, ImageSource
 
 
@@ -66,7 +66,7 @@ class EncodedBatchReader:
         self._skips = SkipLog()
         try:  # a source of nothing but unreadable files fails here, before training, not at its first step
             self.plan_row((0, 0, 0))
-        except RuntimeError as error:
+        except UnreadableData as error:
             raise ValueError(f"no readable image among the first items of {cfg.data_path}: {error}") from None
 
     def __len__(self) -> int:
@@ -96,7 +96,7 @@ class EncodedBatchReader:
             box = sample_resized_crop(header.height, header.width, self.cfg.scale, self.cfg.ratio, rng)
             flip = rng.random() < HFLIP_PROB
             return item, np.frombuffer(data, dtype=np.uint8), header, box, flip, skipped
-        raise RuntimeError(f"{MAX_CONSECUTIVE_UNREADABLE} unreadable images in a row, e.g. {skipped[:3]}")
+        raise UnreadableData(skipped)
 
     def plan_batch(self, keys: list[tuple[int, int, int]], pool: ThreadPoolExecutor | None = None) -> EncodedBatch:
         rows = list(pool.map(self.plan_row, keys)) if pool is not None else [self.plan_row(k) for k in keys]

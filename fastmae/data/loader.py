@@ -43,6 +43,21 @@ LOADER_CHOICES = ("auto", "dali", "torchvision", "hybrid", "cpu")
 MAX_CONSECUTIVE_UNREADABLE = 32
 
 
+class UnreadableData(ValueError):
+    """So many unreadable images in a row that the data itself is broken (wrong folder, files not
+    images, a storage fault): said with the files and why, not as a loader worker's traceback."""
+
+    def __init__(self, unreadable: list[str]):
+        super().__init__(f"{len(unreadable)} unreadable images in a row, e.g. {'; '.join(unreadable[:3])}: "
+                         "check the files under --data_path")
+
+
+def why_unreadable(error: Exception, name: str) -> str:
+    """One line for a skipped file's message (PIL's repeat the file's name: dropped)."""
+    text = str(error).strip().splitlines()[0].replace(f" '{name}'", "") if str(error).strip() else ""
+    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
+
+
 @dataclass
 class DataConfig:
     data_path: str | None  # None = the embedded default photographs
@@ -147,14 +162,23 @@ class _AugmentedItems(Dataset):
             item = (index + attempt) % len(self.source)
             try:
                 image = self.source.load(item)
-            except Exception:  # a truncated or non-image file: replaced and counted, never silent
-                unreadable.append(self.source.name(item))
+            except Exception as error:  # a truncated or non-image file: replaced and counted, never silent
+                name = self.source.name(item)
+                unreadable.append(f"{name} ({why_unreadable(error, name)})")
                 continue
             return self.augment(image, rng), unreadable
-        raise RuntimeError(f"{MAX_CONSECUTIVE_UNREADABLE} unreadable images in a row, e.g. {unreadable[:3]}")
+        return None, unreadable  # raised as UnreadableData in the main process, not as a worker's traceback
 
     def augment(self, image, rng: np.random.Generator):
         return torch.from_numpy(random_resized_crop_flip(image, self.size, rng, self.scale, self.ratio)).permute(2, 0, 1)
+
+
+def _collate_unless_unreadable(collate, samples: list[tuple]) -> tuple:
+    """``collate(samples)``, or (None, names) where an item gave up: its unreadable run's names."""
+    for pixels, names in samples:
+        if pixels is None:
+            return None, names
+    return collate(samples)
 
 
 def _collate(samples: list[tuple[torch.Tensor, list[str]]]) -> tuple[torch.Tensor, list[str]]:
@@ -254,16 +278,21 @@ class CPULoader:
         self.source = open_source(cfg.data_path, cfg.samples_per_epoch)
         self.sampler = EpochBatchSampler(len(self.source), cfg, rank, world_size)
         self._skips = SkipLog()
+        items = self.items(self.source, cfg)
+        # a source of nothing but unreadable files fails here, before training, not at its first step
+        if items[(0, 0, 0)][0] is None:
+            raise ValueError(f"no readable image among the first items of {cfg.data_path}: "
+                             f"{UnreadableData(items[(0, 0, 0)][1])}")
         worker_init = None
         if cfg.num_workers > 0:
             main_exiting = multiprocessing.Event()
             atexit.register(main_exiting.set)  # runs before multiprocessing's exit hook, registered earlier
             worker_init = functools.partial(_leave_stop_signals_to_the_main_process, main_exiting)
         self._loader = DataLoader(
-            self.items(self.source, cfg),
+            items,
             batch_sampler=self.sampler,
             num_workers=cfg.num_workers,
-            collate_fn=self.collate,
+            collate_fn=functools.partial(_collate_unless_unreadable, self.collate),
             pin_memory=cfg.pin_mem and self.device.type == "cuda",
             persistent_workers=cfg.num_workers > 0,
             prefetch_factor=4 if cfg.num_workers > 0 else None,
@@ -287,6 +316,8 @@ class CPULoader:
         """What the workers collated, batch by batch, without the names of the unreadable items
         passed over (logged here)."""
         for *batch, unreadable in self._loader:
+            if batch[0] is None:
+                raise UnreadableData(unreadable)
             if unreadable:
                 self._skips.record(unreadable, stacklevel=1)
             yield batch

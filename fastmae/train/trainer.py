@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastmae.checkpoint import check_resume_file
 from fastmae.compiling import CompileConfig, compile_for_training, mark_step_begin
-from fastmae.data.loader import DataConfig, build_loader, preview_batch, resolve_loader
+from fastmae.data.loader import DataConfig, UnreadableData, build_loader, preview_batch, resolve_loader
 from fastmae.kernels import resolve_kernels
 from fastmae.masking import num_visible_patches
 from fastmae.models import create_model
@@ -44,6 +44,7 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.
 EXIT_NONFINITE = 3
 EXIT_NOT_SAVED = 4
 EXIT_OUT_OF_MEMORY = 5
+EXIT_BAD_DATA = 2  # as for other bad input
 
 
 class NonFiniteLoss(RuntimeError):
@@ -336,6 +337,12 @@ class Pretrainer:
                 raise
             self.logger.message(self._out_of_memory_message(err))
             status = EXIT_OUT_OF_MEMORY
+        except UnreadableData as err:
+            message = f"fastmae pretrain: error: {err} (stopped at step {self.position.step}; {self._saved_so_far()})"
+            print(message, file=sys.stderr, flush=True)
+            if self.ctx.enabled:  # as for out of memory: the other ranks wait in this step's collectives
+                raise
+            status = EXIT_BAD_DATA
         try:  # however the run ended, its summary replaces an earlier process's, unless it timed nothing
             summary = self.output_dir / "summary.json"
             if self.ctx.is_main and self.totals.whole.summary()["img_per_s"] is None and summary.is_file():
