@@ -200,6 +200,14 @@ def test_auto_loader_choice(monkeypatch):
     assert resolve_loader(DataConfig("/data", loader="auto"), torch.device("cuda")) == "hybrid"  # torchvision or not
     with pytest.raises(ValueError, match="embedded"):
         resolve_loader(DataConfig(None, loader="dali"), torch.device("cpu"))
+    # asked for by name without its package: said up front, not an ImportError at the first batch
+    assert resolve_loader(DataConfig("/data", loader="torchvision"), torch.device("cuda")) == "torchvision"
+    monkeypatch.setattr(loader_module, "_importable", lambda module: False)
+    for loader, package in (("torchvision", "torchvision"), ("dali", "nvidia.dali")):
+        with pytest.raises(ValueError, match=f"--data_loader {loader} needs the {package} package, which is not "
+                                             "installed"):
+            resolve_loader(DataConfig("/data", loader=loader), torch.device("cuda"))
+    assert resolve_loader(DataConfig("/data", loader="hybrid"), torch.device("cuda")) == "hybrid"
     with pytest.raises(ValueError, match="loader"):
         DataConfig(None, loader="pil")
 

@@ -39,6 +39,10 @@ from fastmae.data.augment import (CROP_RATIO, CROP_SCALE, IMAGENET_MEAN, IMAGENE
 from fastmae.data.sources import ImageSource, open_source, shard_indices
 
 LOADER_CHOICES = ("auto", "dali", "torchvision", "hybrid", "cpu")
+LOADER_PACKAGES = {  # loader -> (the module it needs, how to install it)
+    "dali": ("nvidia.dali", "pip install 'fastmae[dali]'"),
+    "torchvision": ("torchvision", "pip install torchvision, the build that matches your torch"),
+}
 # An item that fails to decode is replaced by the next item; this many failures in a row is an error.
 MAX_CONSECUTIVE_UNREADABLE = 32
 
@@ -123,6 +127,10 @@ def resolve_loader(cfg: DataConfig, device: torch.device) -> str:
     if cfg.loader != "auto":
         if cfg.loader in ("dali", "torchvision") and cfg.data_path is None:
             raise ValueError(f"the {cfg.loader} loader reads files; the embedded photographs need --data_loader cpu or auto")
+        if cfg.loader in LOADER_PACKAGES and not _importable(LOADER_PACKAGES[cfg.loader][0]):
+            module, install = LOADER_PACKAGES[cfg.loader]
+            raise ValueError(f"--data_loader {cfg.loader} needs the {module} package, which is not installed "
+                             f"({install}); --data_loader hybrid or cpu need nothing more")
         return cfg.loader
     if cfg.data_path is None or device.type != "cuda":
         return "cpu"
