@@ -346,7 +346,7 @@ def test_an_export_the_disk_refuses_keeps_the_earlier_one(mae_checkpoint, tmp_pa
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
 
 
-def test_hf_export_round_trip(mae_checkpoint, tmp_path):
+def test_hf_export_round_trip(mae_checkpoint, tmp_path, capsys):
     state = torch.load(mae_checkpoint, weights_only=True)["model"]
     hf = fastmae_to_hf(state)
     qkv = state["blocks.1.attn.qkv.weight"]  # rows q, k, v
@@ -366,6 +366,12 @@ def test_hf_export_round_trip(mae_checkpoint, tmp_path):
     assert config["layer_norm_eps"] == 1e-6 and config["patch_size"] == 4
     saved = load_file(str(out / "model.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in hf.items())
+    # head counts come from --model: another architecture's would load in transformers and compute wrong features
+    assert fastmae_main(["export", "--checkpoint", str(mae_checkpoint), "--format", "hf", "--output",
+                         str(tmp_path / "wrong"), "--model", "mae_vit_demo_patch8"]) == 2
+    assert ("not --model mae_vit_demo_patch8's architecture (in brackets): width 64 (192), blocks 2 (6), patch size 4 "
+            "(8), decoder width 48 (128), decoder blocks 1 (2)") in capsys.readouterr().err
+    assert not (tmp_path / "wrong").exists()
     classifier = tmp_path / "classifier.pth"
     save_checkpoint(classifier, create_classifier("vit_micro_patch4", 10, global_pool=True), args={"model": "vit_micro_patch4"})
     assert fastmae_main(["export", "--checkpoint", str(classifier), "--format", "hf", "--output", str(out)]) == 2

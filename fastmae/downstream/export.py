@@ -134,6 +134,17 @@ def hf_config(state: dict[str, torch.Tensor], model_name: str, norm_pix_loss: bo
     proj = state["patch_embed.proj.weight"]  # [D, C, p, p]
     grid = int(round((state["pos_embed"].shape[1] - 1) ** 0.5))
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    # the head counts are not in the weights: they come from the named architecture, which must be this one
+    found = {"width": D, "blocks": depth, "patch size": proj.shape[-1]}
+    named = {"width": arch.embed_dim, "blocks": arch.depth, "patch size": arch.patch_size}
+    if "decoder_embed.weight" in state:
+        found["decoder width"] = state["decoder_embed.weight"].shape[0]
+        found["decoder blocks"] = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("decoder_blocks."))
+        named.update({"decoder width": arch.decoder_embed_dim, "decoder blocks": arch.decoder_depth})
+    differ = [f"{what} {found[what]} ({named[what]})" for what in found if found[what] != named[what]]
+    if differ:
+        raise ValueError(f"the weights are not --model {model_name}'s architecture (in brackets): {', '.join(differ)}; "
+                         "the head counts come from --model, so give the one the checkpoint was trained as")
     config = {
         "architectures": ["ViTMAEForPreTraining"], "model_type": "vit_mae",
         "hidden_size": D, "num_hidden_layers": depth, "num_attention_heads": arch.num_heads,
@@ -212,9 +223,9 @@ def _run(args) -> int:
                          "HF ViTMAE needs it; export classifiers with --format timm")
     norm_pix = args.norm_pix_loss if args.norm_pix_loss is not None else bool(saved.get("norm_pix_loss", False))
     exported = fastmae_to_hf({k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm."))})
+    config = hf_config(state, model_name, norm_pix, float(saved.get("mask_ratio", 0.75)))
     out.mkdir(parents=True, exist_ok=True)
     save_state(exported, out / "model.safetensors")
-    config = hf_config(state, model_name, norm_pix, float(saved.get("mask_ratio", 0.75)))
     write_json(out / "config.json", config)
     print(f"wrote {len(exported)} tensors in HF ViTMAE layout + config.json to {out}/ "
           f"(transformers.ViTMAEForPreTraining.from_pretrained('{out}'))")
