@@ -308,6 +308,41 @@ def test_finetune_command(tiny_folder, mae_checkpoint, tmp_path, capsys):
     assert (out / "checkpoint-best.pth").read_bytes() == best
 
 
+def test_classifier_runs_refuse_what_they_cannot_do_right(tiny_folder, mae_checkpoint, tmp_path, capsys, monkeypatch):
+    common = ["--data_path", str(tiny_folder), "--num_workers", "0", "--batch_size", "4", "--epochs", "1"]
+    out = tmp_path / "probe"
+    assert fastmae_main(["linprobe", "--checkpoint", str(mae_checkpoint), "--output_dir", str(out), *common]) == 0
+    probe = out / "checkpoint-linprobe.pth"
+    assert torch.load(probe, weights_only=True)["classes"] == ["cat", "dog"]
+    # the reference's way to evaluate a saved classifier: --eval --resume FILE
+    assert fastmae_main(["linprobe", "--eval", "--resume", str(probe), *common]) == 0
+    assert "linear probe top-1" in capsys.readouterr().out
+    for command in ("linprobe", "finetune"):
+        # a head smaller than the class folders: labels past it were an IndexError mid-epoch
+        assert fastmae_main([command, "--checkpoint", str(mae_checkpoint), "--nb_classes", "1", *common]) == 2
+        assert "--nb_classes 1: train/ has 2 class folders, so labels up to 1" in capsys.readouterr().err
+        # every process would train the same model and write the same files
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert fastmae_main([command, "--checkpoint", str(mae_checkpoint), *common]) == 2
+        assert f"fastmae {command} trains in one process: under torchrun (WORLD_SIZE 2)" in capsys.readouterr().err
+        monkeypatch.delenv("WORLD_SIZE")
+    assert fastmae_main(["finetune", "--checkpoint", str(mae_checkpoint), *common]) == 0
+    assert "no --output_dir: the trained classifier is not saved" in capsys.readouterr().out
+    # val/ of other classes: labels would be matched by folder order, a wrong top-1 without a word
+    other = tmp_path / "other"
+    for split in ("train", "val"):
+        shutil.copytree(tiny_folder / split / "cat", other / split / "cow")
+        shutil.copytree(tiny_folder / split / "dog", other / split / "dog")
+    assert fastmae_main(["linprobe", "--eval", "--checkpoint", str(probe), *common[:1], str(other), *common[2:]]) == 2
+    assert "was trained on the classes ['cat', 'dog'], val/ holds ['cow', 'dog']" in capsys.readouterr().err
+    shutil.copytree(tiny_folder / "val" / "cat", other / "val" / "cat")
+    shutil.copytree(tiny_folder / "train" / "cat", other / "train" / "cat")
+    torch.save({k: v for k, v in torch.load(probe, weights_only=True).items() if k != "classes"}, tmp_path / "old.pth")
+    assert fastmae_main(["linprobe", "--eval", "--checkpoint", str(tmp_path / "old.pth"), "--data_path", str(other),
+                         *common[2:]]) == 2
+    assert "old.pth classifies 2 classes, val/ has 3 class folders" in capsys.readouterr().err
+
+
 # ---- exports: timm and HF transformers layouts ----
 from safetensors.torch import load_file  # noqa: E402
 

@@ -234,12 +234,51 @@ def show_rate(bar, seen: int, start: float, loss: float, lr: float) -> None:
 
 def evaluate_saved(args, device: torch.device, build_model) -> dict:
     """--eval: a classifier checkpoint saved by linprobe/finetune, on val/. ``build_model(pretrained,
-    input_size)`` returns the empty classifier matching the state (or raises ValueError); loading is strict."""
+    input_size)`` returns the empty classifier matching the state (or raises ValueError); loading is strict.
+    The checkpoint is --checkpoint, or --resume FILE as the reference's ``--eval --resume`` gives it."""
+    if args.checkpoint is None and args.resume not in (None, "auto"):
+        args.checkpoint = args.resume
     if args.checkpoint is None:
-        raise ValueError("--eval needs --checkpoint (a classifier saved by this command)")
+        raise ValueError("--eval needs --checkpoint or --resume FILE (a classifier saved by this command)")
+    container = read_checkpoint(args.checkpoint)
     pretrained = describe_pretrained(args.checkpoint, args.model, False)
     size = input_size_of(args, pretrained)
-    _, _, _, val_loader = datasets_and_loaders(args, size, False)
+    _, val_set, _, val_loader = datasets_and_loaders(args, size, False)
     model = build_model(pretrained, size)
     load_weights(model, pretrained.state, strict=True)
+    saved_classes = container.get("classes")
+    if saved_classes is not None and list(saved_classes) != val_set.classes:
+        raise ValueError(f"{args.checkpoint} was trained on the classes {_few(saved_classes)}, val/ holds "
+                         f"{_few(val_set.classes)}: its labels would not be these")
+    head_size = next(v.shape[0] for k, v in pretrained.state.items() if k in ("head.weight", "head.1.weight"))
+    if head_size < len(val_set.classes):
+        raise ValueError(f"{args.checkpoint} classifies {head_size} classes, val/ has {len(val_set.classes)} class folders")
     return evaluate(model.to(device), val_loader, device)
+
+
+def _few(names: list[str]) -> str:
+    return str(list(names[:5]))[:-1] + (f", ... ({len(names)} in all)]" if len(names) > 5 else "]")
+
+
+def number_of_classes(args, train_set) -> int:
+    """--nb_classes, or the class folders of train/; fewer than the folders would give labels past the head."""
+    folders = len(train_set.classes)
+    if args.nb_classes is not None and args.nb_classes < folders:
+        raise ValueError(f"--nb_classes {args.nb_classes}: train/ has {folders} class folders, so labels up to "
+                         f"{folders - 1}; give at least {folders} (or leave it out)")
+    return args.nb_classes or folders
+
+
+def refuse_torchrun(command: str) -> None:
+    """finetune and linprobe train in one process; under torchrun every process would train the same model
+    and write the same files."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        raise ValueError(f"fastmae {command} trains in one process: under torchrun (WORLD_SIZE {world_size}) each "
+                         "process would train the same model on all the data and write the same files; run it "
+                         "without torchrun")
+
+
+def say_if_not_saved(output_dir: str | None) -> None:
+    if not output_dir:
+        print("no --output_dir: the trained classifier is not saved (give --output_dir to keep it)")

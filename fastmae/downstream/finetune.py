@@ -29,7 +29,8 @@ from fastmae.checkpoint import load_weights, save_checkpoint
 from fastmae.device import device_from_flag
 from fastmae.downstream.classify import (
     add_common_arguments, append_jsonl, build_classifier, datasets_and_loaders, describe_pretrained,
-    evaluate, evaluate_saved, input_size_of, progress, resume_and_refuse_earlier_outputs, show_rate,
+    evaluate, evaluate_saved, input_size_of, number_of_classes, progress, refuse_torchrun,
+    resume_and_refuse_earlier_outputs, say_if_not_saved, show_rate,
 )
 from fastmae.downstream.lr_decay import param_groups_lrd
 from fastmae.train.schedule import base_batch_lr, lr_at, set_lr
@@ -62,6 +63,7 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
+    refuse_torchrun("finetune")
     torch.manual_seed(args.seed)
     device = device_from_flag(args.device)
     out = Path(args.output_dir) if args.output_dir else None
@@ -78,7 +80,8 @@ def _run(args) -> int:
                   else describe_pretrained(args.checkpoint, args.model, args.random_init))
     size = input_size_of(args, pretrained)
     train_set, val_set, train_loader, val_loader = datasets_and_loaders(args, size, True)
-    num_classes = args.nb_classes or len(train_set.classes)
+    num_classes = number_of_classes(args, train_set)
+    say_if_not_saved(args.output_dir)
     model, report = build_classifier(pretrained, num_classes, size, global_pool=args.global_pool,
                                      drop_path_rate=args.drop_path)
     if report is not None and resumed is None:
@@ -138,10 +141,11 @@ def _run(args) -> int:
                   "val_loss": stats["loss"]}
         if out:
             if stats["top1"] > best:
-                save_checkpoint(out / CHECKPOINT_NAMES[1], model, None, epoch, args=args, top1=stats["top1"])
+                save_checkpoint(out / CHECKPOINT_NAMES[1], model, None, epoch, args=args, top1=stats["top1"],
+                                classes=train_set.classes)
             # last: what --resume needs, saved after the best so that a stop between the two loses nothing
             save_checkpoint(out / CHECKPOINT_NAMES[0], model, optimizer, epoch, args=args, top1=stats["top1"],
-                            max_top1=max(best, stats["top1"]))
+                            max_top1=max(best, stats["top1"]), classes=train_set.classes)
         best = max(best, stats["top1"])
         append_jsonl(log, {**record, "max_top1": best})
         print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val top-1 {stats['top1']:.2f}% "

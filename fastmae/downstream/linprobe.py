@@ -32,7 +32,8 @@ from fastmae.checkpoint import load_weights, save_checkpoint
 from fastmae.device import device_from_flag
 from fastmae.downstream.classify import (
     add_common_arguments, append_jsonl, build_classifier, datasets_and_loaders, describe_pretrained,
-    Resumed, evaluate, evaluate_saved, input_size_of, progress, resume_and_refuse_earlier_outputs, show_rate,
+    Resumed, evaluate, evaluate_saved, input_size_of, number_of_classes, progress, refuse_torchrun,
+    resume_and_refuse_earlier_outputs, say_if_not_saved, show_rate,
 )
 from fastmae.downstream.lars import LARS
 from fastmae.downstream.vit_classifier import VisionTransformer, create_classifier, init_head
@@ -150,6 +151,7 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
+    refuse_torchrun("linprobe")
     torch.manual_seed(args.seed)
     device = device_from_flag(args.device)
     log = Path(args.output_dir) / "log.jsonl" if args.output_dir else None
@@ -165,7 +167,8 @@ def _run(args) -> int:
                   else describe_pretrained(args.checkpoint, args.model, args.random_init))
     size = input_size_of(args, pretrained)
     train_set, val_set, train_loader, val_loader = datasets_and_loaders(args, size, not args.cache_features)
-    num_classes = args.nb_classes or len(train_set.classes)
+    num_classes = number_of_classes(args, train_set)
+    say_if_not_saved(args.output_dir)
     model, report = build_classifier(pretrained, num_classes, size, global_pool=args.global_pool)
     if report is not None and resumed is None:
         print(f"loaded {args.checkpoint}:\n{report}")
@@ -193,7 +196,7 @@ def _run(args) -> int:
     def save(epoch: int, stats: dict, optimizer: torch.optim.Optimizer) -> None:
         # after every epoch, for --resume; "epoch": the index of the epoch done, as the reference saves it
         save_checkpoint(Path(args.output_dir) / CHECKPOINT_NAME, model, optimizer, epoch, args=args,
-                        top1=stats["top1"], max_top1=stats["max_top1"])
+                        top1=stats["top1"], max_top1=stats["max_top1"], classes=train_set.classes)
 
     stats = fit_linear_probe(model, train_batches, steps, val_model, val_source, recipe, device, log,
                              resumed=resumed, epoch_done=save if args.output_dir else None)
