@@ -945,3 +945,14 @@ def test_a_long_run_of_unreadable_files_mid_epoch_is_a_message_and_exit_2(tmp_pa
                      r"\(UnidentifiedImageError: cannot identify image file\); .*: check the files under --data_path "
                      r"\(stopped at step \d+; no checkpoint of this run is saved yet\)", err), err
     assert "Traceback" not in err
+
+
+def test_resume_at_the_end_of_the_schedule_says_there_is_nothing_to_train(tmp_path, image_folder, capsys):
+    out = tmp_path / "out"
+    assert fastmae_main(micro_flags(image_folder, out, "--epochs", "2")) == 0
+    assert "blr 0.002 x effective batch / 256" in capsys.readouterr().out
+    assert fastmae_main(micro_flags(image_folder, out, "--epochs", "1", "--resume", "auto")) == 0
+    assert ("nothing to train: the run is at step 8, epoch 2, already at the end that --epochs 1 sets (raise it to "
+            "go on)") in capsys.readouterr().out
+    assert fastmae_main(micro_flags(image_folder, tmp_path / "lr", "--lr", "1e-3", "--max_steps", "1")) == 0
+    assert "peak lr 0.001 (--lr, which is blr 0.064 at this effective batch)" in capsys.readouterr().out

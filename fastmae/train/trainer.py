@@ -308,9 +308,15 @@ class Pretrainer:
             + (", the step replayed as a CUDA graph" if self.graphed_step else "")
             + (f", {torch.get_num_threads()} CPU thread(s)" if self.device.type == "cpu" else ""),
             f"effective batch {self.effective_batch} = {cfg.batch_size} x accum {cfg.accum_iter} x {ctx.world_size}; "
-            f"peak lr {self.peak_lr:.3g} (blr {cfg.blr:g}), warm-up {cfg.warmup_epochs} epochs, cosine to {cfg.min_lr:g}",
+            f"peak lr {self.peak_lr:.3g} ({self._lr_origin()}), warm-up {cfg.warmup_epochs} epochs, cosine to {cfg.min_lr:g}",
             f"{self.total_steps} optimizer steps in total, starting at step {self.position.step}; output in {self.output_dir}",
         ])
+
+    def _lr_origin(self) -> str:
+        """Where the peak lr comes from; for --lr, the base lr it implies, as the reference prints."""
+        if self.cfg.lr is None:
+            return f"blr {self.cfg.blr:g} x effective batch / 256"
+        return f"--lr, which is blr {self.cfg.lr * 256 / self.effective_batch:.3g} at this effective batch"
 
     # ---- the loop ----
 
@@ -320,6 +326,10 @@ class Pretrainer:
         for message in self.messages:
             self.logger.message(message)
         self.logger.message(self.describe())
+        if self._finished():  # resumed at or past the end of this run's schedule
+            limit = f"--max_steps {self.cfg.max_steps}" if self.cfg.max_steps is not None else f"--epochs {self.cfg.epochs}"
+            self.logger.message(f"nothing to train: the run is at step {self.position.step}, epoch "
+                                f"{self.position.epoch}, already at the end that {limit} sets (raise it to go on)")
         previous = self._install_signal_handlers()
         try:
             status = self._train()
