@@ -322,6 +322,9 @@ def test_profile_component_cross_check_on_vit_large():
     assert row["analytic"] == pytest.approx(row["flop_counter"], rel=1e-9)
     large = {c["claim"][:30]: c["holds"] for c in profile_cmd.paper_checks(config, 0.75)}
     assert all(large.values())  # the paper's three statements hold for ViT-L
+    # the two stated for ViT-L alone are not judged on another model
+    base = [c["holds"] for c in profile_cmd.paper_checks(model_config("mae_vit_base_patch16"), 0.75)]
+    assert base[0] is True and base[1:] == [None, None]
 
 
 def test_activation_split_without_mask_tokens_is_smaller():
