@@ -203,6 +203,21 @@ def test_labeled_image_folder(tiny_folder, tmp_path):
         ClassificationTransform(0, train=False)
 
 
+def test_an_unreadable_labeled_image_is_replaced_by_the_next_and_named(tiny_folder, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_folder, data)
+    (data / "val" / "cat" / "0.png").write_bytes(b"")  # the first cat: replaced by the second, a cat too
+    _, val = build_datasets(data, 32)
+    with pytest.warns(UserWarning, match=r"skipped unreadable image, replaced by the next one: \S+0.png "
+                                         r"\(UnidentifiedImageError"):
+        x, label = val[0]
+    assert torch.equal(x, val[1][0]) and label == 0
+    for path in (data / "val").rglob("*.png"):
+        path.write_bytes(b"")
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="unreadable images in a row"):
+        val[4]
+
+
 def read_log(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 

@@ -14,6 +14,7 @@ done here).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +24,7 @@ import torch
 from PIL import Image
 
 from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, random_resized_crop_flip, resize_center_crop
+from fastmae.data.loader import MAX_CONSECUTIVE_UNREADABLE, UnreadableData, why_unreadable
 from fastmae.data.sources import list_image_files
 
 CLASSIFY_CROP_SCALE = (0.08, 1.0)  # torchvision's default, used by the reference's linprobe/finetune
@@ -93,9 +95,18 @@ class LabeledImageFolder(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
-        with Image.open(path) as img:
-            return self.transform(img), label
+        """A file that cannot be read is replaced by the next one (with its label) and named, as in
+        pretraining: one broken file does not end a run after hours."""
+        unreadable = []
+        for attempt in range(MAX_CONSECUTIVE_UNREADABLE):
+            path, label = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                with Image.open(path) as img:
+                    return self.transform(img), label
+            except Exception as error:
+                unreadable.append(f"{path} ({why_unreadable(error, str(path))})")
+                warnings.warn(f"skipped unreadable image, replaced by the next one: {unreadable[-1]}", stacklevel=2)
+        raise ValueError(str(UnreadableData(unreadable)))
 
 
 def train_val_folders(data_path: str | os.PathLike) -> tuple[Path, Path]:
