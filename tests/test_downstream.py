@@ -365,6 +365,9 @@ from fastmae.downstream.export import fastmae_to_hf, fastmae_to_timm, hf_to_fast
 from full_disk import refuse_writes  # noqa: E402
 
 
+from fastmae.downstream.linprobe import make_linear_probe  # noqa: E402
+
+
 def test_timm_export_round_trip(mae_checkpoint, tmp_path):
     mae = micro_mae()
     load_weights(mae, mae_checkpoint)
@@ -380,6 +383,17 @@ def test_timm_export_round_trip(mae_checkpoint, tmp_path):
             assert torch.equal(back.state_dict()[key], value), key
     classifier = create_classifier("vit_micro_patch4", 10, global_pool=True)
     assert set(fastmae_to_timm(classifier.state_dict())) == set(classifier.state_dict())  # heads keep timm names
+    # a linear probe's BatchNorm + Linear head becomes timm's one Linear, giving the same logits
+    probe = make_linear_probe(create_classifier("vit_micro_patch4", 10, global_pool=False))
+    with torch.no_grad():
+        probe.head[0].running_mean.normal_()
+        probe.head[0].running_var.uniform_(0.5, 2.0)
+        probe.head[1].weight.normal_()
+        probe.head[1].bias.normal_()
+    plain = create_classifier("vit_micro_patch4", 10, global_pool=False)
+    plain.load_state_dict(fastmae_to_timm(probe.state_dict()))  # strict: timm's keys, no head.0/head.1
+    images = torch.randn(3, 3, 32, 32)
+    assert torch.allclose(plain.eval()(images), probe.eval()(images), atol=1e-5)
     with pytest.raises(ValueError, match="timm"):
         timm_to_fastmae({"reg_token": torch.zeros(1)})
 

@@ -60,9 +60,22 @@ QKV = ("query", "key", "value")
 
 
 # ---- timm ----
+LINEAR_PROBE_BN_EPS = 1e-6  # linprobe's BatchNorm1d(affine=False, eps=1e-6), the reference's
+
+
 def fastmae_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Encoder (and classifier head) keys as timm names them, which are ours: the decoder is dropped."""
-    return {k: v for k, v in state.items() if not k.startswith(DECODER_PREFIXES)}
+    """Encoder (and classifier head) keys as timm names them, which are ours: the decoder is dropped. A
+    linear probe's head (BatchNorm without affine, then Linear: ``head.0.*``, ``head.1.*``) becomes the one
+    Linear timm has, its evaluation-mode BatchNorm folded in: the same logits."""
+    out = {k: v for k, v in state.items() if not k.startswith(DECODER_PREFIXES + ("head.",))}
+    if "head.1.weight" in state:
+        inv_std = (state["head.0.running_var"].double() + LINEAR_PROBE_BN_EPS).rsqrt()  # [D]
+        weight, mean = state["head.1.weight"].double(), state["head.0.running_mean"].double()  # [K, D], [D]
+        out["head.weight"] = (weight * inv_std).to(state["head.1.weight"].dtype)
+        out["head.bias"] = (state["head.1.bias"].double() - (weight * inv_std) @ mean).to(state["head.1.bias"].dtype)
+    else:
+        out.update({k: v for k, v in state.items() if k.startswith("head.")})
+    return out
 
 
 def timm_to_fastmae(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -211,8 +224,9 @@ def _run(args) -> int:
     if args.format == "timm":
         exported = fastmae_to_timm(state)
         save_state(exported, out)
-        print(f"wrote {len(exported)} tensors in timm's ViT layout to {out} "
-              f"(dropped {len(state) - len(exported)} decoder tensors)")
+        decoder = sum(k.startswith(DECODER_PREFIXES) for k in state)
+        folded = " (the linear probe's BatchNorm folded into its head)" if "head.1.weight" in state else ""
+        print(f"wrote {len(exported)} tensors in timm's ViT layout to {out}{folded} (dropped {decoder} decoder tensors)")
         return 0
     model_name = args.model or saved.get("model")
     if not model_name:
