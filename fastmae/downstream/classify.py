@@ -71,7 +71,9 @@ class Pretrained:
     img_size: int | None  # None: random init
 
 
-def describe_pretrained(checkpoint: str | None, model_name: str | None, random_init: bool) -> Pretrained:
+def describe_pretrained(checkpoint: str | None, model_name: str | None, random_init: bool,
+                        container: dict | None = None) -> Pretrained:
+    """``container``: the checkpoint already read, if it was."""
     if checkpoint is None and not random_init:
         raise ValueError("give --checkpoint PATH (a pretrained MAE), or --random_init for the random-encoder baseline")
     if checkpoint is not None and random_init:
@@ -80,7 +82,7 @@ def describe_pretrained(checkpoint: str | None, model_name: str | None, random_i
         if model_name is None:
             raise ValueError("--random_init needs --model (e.g. vit_base_patch16)")
         return Pretrained(None, model_name.removeprefix("mae_"), None)
-    container = read_checkpoint(checkpoint)
+    container = container if container is not None else read_checkpoint(checkpoint)
     state = state_dict_of(container)
     if model_name is None:
         model_name = saved_args(container).get("model")
@@ -241,7 +243,7 @@ def evaluate_saved(args, device: torch.device, build_model) -> dict:
     if args.checkpoint is None:
         raise ValueError("--eval needs --checkpoint or --resume FILE (a classifier saved by this command)")
     container = read_checkpoint(args.checkpoint)
-    pretrained = describe_pretrained(args.checkpoint, args.model, False)
+    pretrained = describe_pretrained(args.checkpoint, args.model, False, container)
     size = input_size_of(args, pretrained)
     _, val_set, _, val_loader = datasets_and_loaders(args, size, False)
     model = build_model(pretrained, size)
