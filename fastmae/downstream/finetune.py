@@ -76,7 +76,7 @@ def _run(args) -> int:
         return 0
 
     # resuming, the architecture is the resumed run's (its --checkpoint need not be given again)
-    pretrained = (describe_pretrained(str(resumed.path), args.model, False) if resumed
+    pretrained = (describe_pretrained(str(resumed.path), args.model, False, resumed.container) if resumed
                   else describe_pretrained(args.checkpoint, args.model, args.random_init))
     size = input_size_of(args, pretrained)
     train_set, val_set, train_loader, val_loader = datasets_and_loaders(args, size, True)

@@ -163,7 +163,7 @@ def _run(args) -> int:
         return 0
 
     # resuming, the architecture and the frozen encoder are the resumed run's
-    pretrained = (describe_pretrained(str(resumed.path), args.model, False) if resumed
+    pretrained = (describe_pretrained(str(resumed.path), args.model, False, resumed.container) if resumed
                   else describe_pretrained(args.checkpoint, args.model, args.random_init))
     size = input_size_of(args, pretrained)
     train_set, val_set, train_loader, val_loader = datasets_and_loaders(args, size, not args.cache_features)
