@@ -168,10 +168,9 @@ def hf_config(state: dict[str, torch.Tensor], model_name: str, norm_pix_loss: bo
         "mask_ratio": mask_ratio, "norm_pix_loss": norm_pix_loss,
     }
     if "decoder_embed.weight" in state:
-        Dd = state["decoder_embed.weight"].shape[0]
         config.update({
-            "decoder_hidden_size": Dd,
-            "decoder_num_hidden_layers": 1 + max(int(k.split(".")[1]) for k in state if k.startswith("decoder_blocks.")),
+            "decoder_hidden_size": found["decoder width"],
+            "decoder_num_hidden_layers": found["decoder blocks"],
             "decoder_num_attention_heads": arch.decoder_num_heads,
             "decoder_intermediate_size": state["decoder_blocks.0.mlp.fc1.weight"].shape[0],
         })
