@@ -86,6 +86,14 @@ def _unreadable_checkpoint(path: Path, err: Exception) -> str:
             f"format): {reason}")
 
 
+def saved_args(container: dict) -> dict:
+    """The 'args' a checkpoint was trained with (a dict, or the reference's argparse.Namespace); {} if none."""
+    args = container.get("args")
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    return args if isinstance(args, dict) else {}
+
+
 def state_dict_of(container: dict) -> dict[str, torch.Tensor]:
     """The model weights in a container: 'model' (reference), 'state_dict', or the dict itself."""
     for key in ("model", "state_dict", "model_state"):

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fastmae.checkpoint import LoadReport, check_resume_file, load_weights, read_checkpoint, state_dict_of
+from fastmae.checkpoint import LoadReport, check_resume_file, load_weights, read_checkpoint, saved_args, state_dict_of
 from fastmae.downstream.labeled_data import build_datasets
 from fastmae.downstream.vit_classifier import VisionTransformer, create_classifier
 from fastmae.train.config import seed_flag
@@ -52,14 +52,6 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int, ep
     parser.add_argument("--resume", default=None,
                         help="continue a run after its last epoch saved: 'auto' (its checkpoint in --output_dir) "
                              "or that checkpoint's path")
-
-
-def saved_args(container: dict) -> dict:
-    """The 'args' a checkpoint was trained with (a dict, or the reference's argparse.Namespace); {} if none."""
-    args = container.get("args")
-    if isinstance(args, argparse.Namespace):
-        return vars(args)
-    return args if isinstance(args, dict) else {}
 
 
 @dataclass

@@ -25,8 +25,7 @@ import torch
 
 from fastmae.atomic_file import atomic_write
 from fastmae.bench.environment import write_json
-from fastmae.checkpoint import atomic_save, read_checkpoint, state_dict_of
-from fastmae.downstream.classify import saved_args
+from fastmae.checkpoint import atomic_save, read_checkpoint, saved_args, state_dict_of
 from fastmae.models import create_model
 
 DECODER_PREFIXES = ("decoder_", "mask_token")  # decoder_embed, decoder_blocks, decoder_norm, decoder_pred, ...

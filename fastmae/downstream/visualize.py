@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from fastmae.checkpoint import load_weights, read_checkpoint, state_dict_of
+from fastmae.checkpoint import load_weights, read_checkpoint, saved_args, state_dict_of
 from fastmae.data.augment import normalize, resize_center_crop
 from fastmae.data.sources import IMAGE_EXTENSIONS, list_image_files
 from fastmae.device import device_from_flag
-from fastmae.downstream.classify import saved_args
 from fastmae.models import create_model
 from fastmae.reconstruction import save_reconstructions
 

@@ -9,7 +9,6 @@ of our files (it starts at ``epoch + 1``) repeats at most the part of an epoch w
 
 from __future__ import annotations
 
-import argparse
 import random
 import re
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastmae.checkpoint import load_weights, read_checkpoint, save_checkpoint
+from fastmae.checkpoint import load_weights, read_checkpoint, save_checkpoint, saved_args
 from fastmae.train.optim import load_reference_optimizer_state
 
 RESUME_KEY = "fastmae_resume"
@@ -138,7 +137,7 @@ def resume_from(path: str | Path, model, optimizer, scaler, current_args: dict |
     position = TrainingPosition(step=int(state["step"]), epoch=int(state["epoch"]), batch=int(state["batch"]),
                                 images_per_batch=int(state.get("images_per_batch", 0)))
     message = f"resumed from {path} at step {position.step} (epoch {position.epoch}, batch {position.batch})"
-    return position, message + _changes(container.get("args") or {}, current_args)
+    return position, message + _changes(saved_args(container), current_args)
 
 
 def _changes(saved_args: dict, current_args: dict | None) -> str:
@@ -159,9 +158,8 @@ def _resume_reference_run(path, container: dict, model, optimizer, scaler, curre
         scaler.load_state_dict(container["scaler"])
     epoch = int(container["epoch"]) + 1  # the reference saves the last epoch done; its resume starts after it
     position = TrainingPosition(step=epoch * steps_per_epoch, epoch=epoch)
-    saved_args = container.get("args")
-    saved_args = dict(vars(saved_args)) if isinstance(saved_args, argparse.Namespace) else dict(saved_args or {})
-    saved_args.pop("lr", None)  # the reference overwrites --lr with the lr it derives from --blr
+    settings = dict(saved_args(container))
+    settings.pop("lr", None)  # the reference overwrites --lr with the lr it derives from --blr
     message = (f"resumed the reference code's run {path} after its epoch {epoch - 1}: {restored}; from epoch "
                f"{epoch} (step {position.step}) on, with a data order and random state of its own")
-    return position, message + _changes(saved_args, current_args)
+    return position, message + _changes(settings, current_args)
