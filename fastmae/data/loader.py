@@ -28,7 +28,7 @@ import os
 import signal
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ LOADER_PACKAGES = {  # loader -> (the module it needs, how to install it)
 }
 # An item that fails to decode is replaced by the next item; this many failures in a row is an error.
 MAX_CONSECUTIVE_UNREADABLE = 32
+T = TypeVar("T")
 
 
 class UnreadableData(ValueError):
@@ -60,6 +61,21 @@ def why_unreadable(error: Exception, name: str) -> str:
     """One line for a skipped file's message (PIL's repeat the file's name: dropped)."""
     text = str(error).strip().splitlines()[0].replace(f" '{name}'", "") if str(error).strip() else ""
     return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
+
+
+def load_or_next(load: Callable[[int], T], name: Callable[[int], str], index: int,
+                 count: int) -> tuple[T | None, list[str]]:
+    """``load(index)``, or where it raises (a truncated or non-image file) the first of the items after it
+    (of ``count``, wrapping) that loads -> (its result, or None after MAX_CONSECUTIVE_UNREADABLE failures in
+    a row; each failed item's name and why, for the replacements to be counted and said, never silent)."""
+    unreadable = []
+    for attempt in range(MAX_CONSECUTIVE_UNREADABLE):
+        item = (index + attempt) % count
+        try:
+            return load(item), unreadable
+        except Exception as error:
+            unreadable.append(f"{name(item)} ({why_unreadable(error, name(item))})")
+    return None, unreadable
 
 
 @dataclass
@@ -165,17 +181,10 @@ class _AugmentedItems(Dataset):
     def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, list[str]]:
         index, epoch, position = key
         rng = np.random.default_rng([self.seed, epoch, position])
-        unreadable = []
-        for attempt in range(MAX_CONSECUTIVE_UNREADABLE):
-            item = (index + attempt) % len(self.source)
-            try:
-                image = self.source.load(item)
-            except Exception as error:  # a truncated or non-image file: replaced and counted, never silent
-                name = self.source.name(item)
-                unreadable.append(f"{name} ({why_unreadable(error, name)})")
-                continue
-            return self.augment(image, rng), unreadable
-        return None, unreadable  # raised as UnreadableData in the main process, not as a worker's traceback
+        image, unreadable = load_or_next(self.source.load, self.source.name, index, len(self.source))
+        if image is None:
+            return None, unreadable  # raised as UnreadableData in the main process, not as a worker's traceback
+        return self.augment(image, rng), unreadable
 
     def augment(self, image, rng: np.random.Generator):
         return torch.from_numpy(random_resized_crop_flip(image, self.size, rng, self.scale, self.ratio)).permute(2, 0, 1)

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, random_resized_crop_flip, resize_center_crop
-from fastmae.data.loader import MAX_CONSECUTIVE_UNREADABLE, UnreadableData, why_unreadable
+from fastmae.data.loader import UnreadableData, load_or_next
 from fastmae.data.sources import list_image_files
 
 CLASSIFY_CROP_SCALE = (0.08, 1.0)  # torchvision's default, used by the reference's linprobe/finetune
@@ -97,16 +97,17 @@ class LabeledImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         """A file that cannot be read is replaced by the next one (with its label) and named, as in
         pretraining: one broken file does not end a run after hours."""
-        unreadable = []
-        for attempt in range(MAX_CONSECUTIVE_UNREADABLE):
-            path, label = self.samples[(index + attempt) % len(self.samples)]
-            try:
-                with Image.open(path) as img:
-                    return self.transform(img), label
-            except Exception as error:
-                unreadable.append(f"{path} ({why_unreadable(error, str(path))})")
-                warnings.warn(f"skipped unreadable image, replaced by the next one: {unreadable[-1]}", stacklevel=2)
-        raise ValueError(str(UnreadableData(unreadable)))
+        sample, unreadable = load_or_next(self._load, lambda item: str(self.samples[item][0]), index, len(self))
+        for skipped in unreadable:
+            warnings.warn(f"skipped unreadable image, replaced by the next one: {skipped}", stacklevel=2)
+        if sample is None:
+            raise ValueError(str(UnreadableData(unreadable)))
+        return sample
+
+    def _load(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        with Image.open(path) as img:
+            return self.transform(img), label
 
 
 def train_val_folders(data_path: str | os.PathLike) -> tuple[Path, Path]:
