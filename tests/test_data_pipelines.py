@@ -551,7 +551,7 @@ def test_bench_data_cli_measures_each_available_loader(photos, tmp_path, capsys)
     expected |= {("dali", "decode"), ("dali", "augment")} if HAS_DALI else set()
     assert measured == expected
     for row in report["results"]:
-        assert row["images"] == 4 * (6 - 1 - 1) and row["img_per_s"] > 0
+        assert row["images"] == 4 * (6 - 1 - 1) and row["timed_batches"] == 4 and row["img_per_s"] > 0
     assert report["num_threads"] == 1 and "img/s" in capsys.readouterr().out
     (tmp_path / "empty").mkdir()
     assert main(["bench", "data", "--data_path", str(tmp_path / "empty")]) == 2
@@ -575,3 +575,12 @@ def test_progressive_jpegs_are_read_not_skipped(tmp_path):
     for batch in reader:
         reader.report(batch)
     assert reader.skipped == 0
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_bench_data_batches_flag_times_that_many_batches(parallel):
+    from fastmae.data.bench import measure
+
+    loader = [torch.zeros(4, 3, 8, 8) for _ in range(20)]
+    result = measure(loader, "list", torch.device("cpu"), warmup=2, batches=4, batch_size=4, parallel=parallel)
+    assert result["timed_batches"] == 4 and result["images"] == 16

@@ -85,9 +85,11 @@ def image_source(args, config, batch_size: int, device: torch.device):
     if not args.real_data:
         return SyntheticImages(batch_size, config.img_size, device), "synthetic (on device)"
     from fastmae.data.loader import DataConfig, build_loader, resolve_loader
+    from fastmae.train.config import default_num_workers
 
     data_cfg = DataConfig(data_path=args.data_path, input_size=config.img_size, batch_size=batch_size,
-                          num_workers=args.num_workers, loader=args.data_loader)
+                          num_workers=default_num_workers() if args.num_workers is None else args.num_workers,
+                          loader=args.data_loader)
     loader = build_loader(data_cfg, rank=0, world_size=1, device=device)
     return EndlessLoader(loader), f"real ({resolve_loader(data_cfg, device)} loader, {args.data_path or 'embedded photographs'})"
 
@@ -173,7 +175,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--real_data", action="store_true", help="feed batches from the data loader")
     parser.add_argument("--data_path", default=None, help="image folder for --real_data (default: embedded photos)")
     parser.add_argument("--data_loader", default="auto", help="auto | dali | torchvision | hybrid | cpu")
-    parser.add_argument("--num_workers", type=int, default=8)
+    parser.add_argument("--num_workers", type=int, default=None,
+                        help="loader workers for --real_data (default: as pretrain, at most 10 and this machine's cores less one)")
     parser.add_argument("--json", default=None, help="write the result here (one model), and its chart beside it (.png)")
     parser.add_argument("--out_dir", default=None, help="write step_<model>_<gpu>_<date>.json and .png here, one per model")
 

@@ -189,7 +189,8 @@ def measure(loader, label: str, device: torch.device, warmup: int, batches: int,
     span are whole rounds, or the batches made during the warm-up would be counted as made in no time.
     """
     warmup = warmup_batches(warmup, parallel)
-    total = len(loader) if batches <= 0 else min(len(loader), warmup + batches)
+    # the batch at index == warmup only starts the clock: --batches N needs warmup + 1 + N batches
+    total = len(loader) if batches <= 0 else min(len(loader), warmup + 1 + batches)
     if parallel > 1:  # whole rounds after the batch that starts the clock
         total = warmup + 1 + max(0, total - warmup - 1) // parallel * parallel
     if total <= warmup or (parallel > 1 and total == warmup + 1):
