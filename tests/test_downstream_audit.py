@@ -5,6 +5,8 @@ reference fine-tuning uses) that the other tests let a plausible bug through on.
 
 import argparse
 import json
+import math
+import shutil
 
 import numpy as np
 import pytest
@@ -192,7 +194,7 @@ def test_evaluate_counts_top1_top5_and_the_mean_loss_over_uneven_batches():
 
 
 def test_train_loader_shuffles_and_drops_the_last_batch_val_loader_keeps_order(tiny_folder):  # noqa: F811
-    args = argparse.Namespace(data_path=str(tiny_folder), batch_size=5, num_workers=0, seed=0)
+    args = argparse.Namespace(data_path=str(tiny_folder), batch_size=5, accum_iter=1, num_workers=0, seed=0)
     _, _, train_loader, val_loader = datasets_and_loaders(args, 32, True)
     train_labels = [y.tolist() for _, y in train_loader]
     assert [len(y) for y in train_labels] == [5, 5]  # 12 images, batch 5: drop_last, as the reference
@@ -219,6 +221,7 @@ def test_finetune_defaults_are_main_finetune_py():
     assert args.blr == 1e-3  # with layer_decay 0.75: the ViT-L/H recipe main_finetune.py defaults to
     assert (args.warmup_epochs, args.min_lr, args.drop_path, args.smoothing, args.clip_grad) == (5, 1e-6, 0.1, 0.1, None)
     assert (args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob) == (0.0, 0.0, 1.0, 0.5)
+    assert (args.aa, args.reprob, args.remode, args.recount) == ("rand-m9-mstd0.5-inc1", 0.25, "pixel", 1)
     assert args.global_pool and not parse(["finetune", "--data_path", "d", "--cls_token"]).global_pool
 
 
@@ -373,3 +376,53 @@ def test_a_classifier_of_another_class_count_loads_without_its_head(tiny_folder,
     encoder = {k for k in ten_classes.state_dict() if k.startswith(("blocks.", "patch_embed.", "cls_token", "pos_embed"))}
     assert encoder <= set(report.loaded)
     assert "another shape in the checkpoint (left as initialised): head.weight, head.bias" in capsys.readouterr().out
+
+
+# ---- --accum_iter, as main_finetune.py / main_linprobe.py ----
+def test_finetune_accum_iter_steps_as_one_batch_of_the_effective_size(tiny_folder, mae_checkpoint, tmp_path,  # noqa: F811
+                                                                      capsys, monkeypatch):
+    """2 batches of 2 accumulated = 1 batch of 4: the same lr (blr x 4 / 256), the same weights after 2 epochs."""
+    def trained(batch_size, accum_iter, clip=("--clip_grad", "1.0")):
+        out = tmp_path / f"b{batch_size}a{accum_iter}"
+        shutil.rmtree(out, ignore_errors=True)
+        assert fastmae_main(["finetune", "--checkpoint", str(mae_checkpoint), "--data_path", str(tiny_folder),
+                             "--num_workers", "0", "--batch_size", str(batch_size), "--accum_iter", str(accum_iter),
+                             "--epochs", "2", "--warmup_epochs", "1", "--drop_path", "0", "--aa", "none",
+                             "--reprob", "0", *clip, "--output_dir", str(out)]) == 0
+        assert "lr 1.56e-05 (effective batch 4)" in capsys.readouterr().out
+        return torch.load(out / "checkpoint-last.pth", weights_only=True)
+
+    one, accumulated = trained(4, 1), trained(2, 2)
+    for name, weight in one["model"].items():
+        torch.testing.assert_close(accumulated["model"][name], weight, atol=2e-5, rtol=1e-4, msg=name)
+    steps = {s["step"].item() for s in accumulated["optimizer"]["state"].values()}
+    assert steps == {6.0}  # 12 images: 3 steps of 4 per epoch
+    # AdamW and clipping hide a gradient's scale: the accumulated gradient itself is the mean's
+    optimizers = no_step_adamw(monkeypatch)
+    trained(4, 1, clip=()), trained(2, 2, clip=())
+    assert len(optimizers[0].grad_norms) == len(optimizers[1].grad_norms) == 6
+    assert optimizers[1].grad_norms == pytest.approx(optimizers[0].grad_norms, rel=1e-4)
+
+
+def test_linprobe_accum_iter_steps_every_accum_iter_batches(tiny_folder, mae_checkpoint, tmp_path, monkeypatch,  # noqa: F811
+                                                            capsys):
+    steps = []
+    make = linprobe.head_optimizer
+
+    def counting(model, recipe):
+        optimizer = make(model, recipe)
+        step = optimizer.step
+        optimizer.step = lambda *a, **kw: steps.append(optimizer.param_groups[0]["lr"]) or step(*a, **kw)
+        return optimizer
+
+    monkeypatch.setattr(linprobe, "head_optimizer", counting)
+    assert fastmae_main(["linprobe", "--checkpoint", str(mae_checkpoint), "--data_path", str(tiny_folder),
+                         "--num_workers", "0", "--batch_size", "2", "--accum_iter", "3", "--epochs", "2",
+                         "--warmup_epochs", "1", "--blr", "0.1"]) == 0
+    assert "lars lr 0.00234 (effective batch 6)" in capsys.readouterr().out
+    # 12 images, 6 batches of 2 per epoch: 2 steps per epoch, each at the lr of its first batch
+    peak = 0.1 * 6 / 256
+    assert steps == pytest.approx([0.0, peak * 3 / 6, peak, peak * (1 + math.cos(math.pi * 0.5)) / 2])
+    assert fastmae_main(["linprobe", "--checkpoint", str(mae_checkpoint), "--data_path", str(tiny_folder),
+                         "--accum_iter", "0"]) == 2
+    assert "--accum_iter must be >= 1, got 0" in capsys.readouterr().err

@@ -20,8 +20,11 @@ from tqdm import tqdm
 
 from fastmae.checkpoint import LoadReport, check_resume_file, load_weights, read_checkpoint, saved_args, state_dict_of
 from fastmae.downstream.labeled_data import build_datasets
+from fastmae.downstream.rand_augment import RandAugment
+from fastmae.downstream.random_erasing import RandomErasing
 from fastmae.downstream.vit_classifier import VisionTransformer, create_classifier
 from fastmae.train.config import seed_flag
+from fastmae.train.schedule import base_batch_lr
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int, epochs: int, blr: float,
@@ -37,6 +40,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int, ep
     parser.add_argument("--nb_classes", type=int, default=None, help="default: number of class folders in train/")
     parser.add_argument("--input_size", type=int, default=None, help="default: the checkpoint's image size")
     parser.add_argument("--batch_size", type=int, default=batch_size)
+    parser.add_argument("--accum_iter", type=int, default=1,
+                        help="batches whose gradients make one optimizer step (effective batch = batch_size x accum_iter)")
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * batch_size / 256)")
     parser.add_argument("--blr", type=float, default=blr)
@@ -107,16 +112,25 @@ def input_size_of(args, pretrained: Pretrained) -> int:
     return size
 
 
-def datasets_and_loaders(args, input_size: int, train_augment: bool):
-    train_set, val_set = build_datasets(args.data_path, input_size, train_augment)
+def datasets_and_loaders(args, input_size: int, train_augment: bool, rand_augment: RandAugment | None = None,
+                         random_erasing: RandomErasing | None = None):
+    train_set, val_set = build_datasets(args.data_path, input_size, train_augment,
+                                        rand_augment=rand_augment, random_erasing=random_erasing)
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.accum_iter < 1:
+        raise ValueError(f"--accum_iter must be >= 1, got {args.accum_iter}")
     generator = torch.Generator().manual_seed(args.seed)
     common = dict(batch_size=args.batch_size, num_workers=args.num_workers, persistent_workers=args.num_workers > 0)
     train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, drop_last=len(train_set) > args.batch_size,
                                                generator=generator, **common)
     val_loader = torch.utils.data.DataLoader(val_set, shuffle=False, **common)
     return train_set, val_set, train_loader, val_loader
+
+
+def peak_lr(args) -> float:
+    """--lr, or the reference's blr x effective batch / 256 (one process: batch_size x accum_iter)."""
+    return args.lr if args.lr is not None else base_batch_lr(args.blr, args.batch_size * args.accum_iter)
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:

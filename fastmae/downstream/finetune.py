@@ -4,8 +4,9 @@ Protocol: global average pooling of the patch tokens + ``fc_norm`` (``--cls_toke
 token after ``norm``), head trunc-normal std 2e-5, drop path (stochastic depth, linearly growing
 to ``--drop_path`` over the blocks), AdamW on layer-wise-lr-decayed parameter groups (no weight
 decay on biases, norms, cls_token and pos_embed), linear warm-up then cosine, label smoothing,
-mixup/cutmix when asked for. Train images: RandomResizedCrop(0.08-1) + flip (the reference adds
-RandAugment and random erasing, which are not implemented here).
+mixup/cutmix when asked for. Train images: RandomResizedCrop(0.08-1) + flip, then RandAugment
+(``--aa``, default rand-m9-mstd0.5-inc1) and random erasing (``--reprob 0.25``, pixel noise), the
+reference's defaults.
 
 Checkpoints (``checkpoint-best.pth``, ``checkpoint-last.pth``) hold the reference models_vit
 state_dict in the reference container ("epoch" is the index of the last epoch done, as the reference
@@ -29,12 +30,14 @@ from fastmae.checkpoint import load_weights, save_checkpoint
 from fastmae.device import device_from_flag
 from fastmae.downstream.classify import (
     add_common_arguments, append_jsonl, build_classifier, datasets_and_loaders, describe_pretrained,
-    evaluate, evaluate_saved, input_size_of, number_of_classes, progress, refuse_torchrun,
+    evaluate, evaluate_saved, input_size_of, number_of_classes, peak_lr, progress, refuse_torchrun,
     resume_and_refuse_earlier_outputs, say_if_not_saved, show_rate,
 )
 from fastmae.downstream.lr_decay import param_groups_lrd
-from fastmae.train.schedule import base_batch_lr, lr_at, set_lr
+from fastmae.train.schedule import lr_at, set_lr
 from fastmae.downstream.mixup import Mixup, soft_target_cross_entropy
+from fastmae.downstream.rand_augment import REFERENCE_CONFIG, parse_rand_augment
+from fastmae.downstream.random_erasing import MODES as ERASE_MODES, RandomErasing
 from fastmae.downstream.vit_classifier import create_classifier, init_head
 
 CHECKPOINT_NAMES = ("checkpoint-last.pth", "checkpoint-best.pth")  # in --output_dir
@@ -45,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay")
     parser.add_argument("--drop_path", type=float, default=0.1, help="drop path rate of the last block")
     parser.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    parser.add_argument("--aa", default=REFERENCE_CONFIG,
+                        help="RandAugment config, timm's syntax (rand-m<magnitude>-n<ops>-mstd<std>-inc<0|1>), "
+                             "or none")
+    parser.add_argument("--reprob", type=float, default=0.25, help="random erasing probability (0: off)")
+    parser.add_argument("--remode", default="pixel", choices=ERASE_MODES, help="random erasing fill")
+    parser.add_argument("--recount", type=int, default=1, help="random erasing rectangles per image")
     parser.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (reference recipe: 0.8)")
     parser.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (reference recipe: 1.0)")
     parser.add_argument("--mixup_prob", type=float, default=1.0)
@@ -75,11 +84,15 @@ def _run(args) -> int:
         print(done)
         return 0
 
+    rand_augment = parse_rand_augment(args.aa)
+    random_erasing = RandomErasing(args.reprob, args.remode, args.recount)  # checks the flags
+    random_erasing = random_erasing if random_erasing.prob > 0 else None
     # resuming, the architecture is the resumed run's (its --checkpoint need not be given again)
     pretrained = (describe_pretrained(str(resumed.path), args.model, False, resumed.container) if resumed
                   else describe_pretrained(args.checkpoint, args.model, args.random_init))
     size = input_size_of(args, pretrained)
-    train_set, val_set, train_loader, val_loader = datasets_and_loaders(args, size, True)
+    train_set, val_set, train_loader, val_loader = datasets_and_loaders(args, size, True, rand_augment,
+                                                                        random_erasing)
     num_classes = number_of_classes(args, train_set)
     say_if_not_saved(args.output_dir)
     model, report = build_classifier(pretrained, num_classes, size, global_pool=args.global_pool,
@@ -90,7 +103,7 @@ def _run(args) -> int:
     init_head(model, std=2e-5)
     model.to(device)
 
-    lr = args.lr if args.lr is not None else base_batch_lr(args.blr, args.batch_size)
+    lr = peak_lr(args)
     groups = param_groups_lrd(model, args.weight_decay, model.no_weight_decay(), args.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=lr)
     start_epoch, best = 0, -1.0
@@ -106,9 +119,12 @@ def _run(args) -> int:
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     print(f"fine-tuning {pretrained.model_name} ({'random init' if args.random_init else args.checkpoint}): "
-          f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes, lr {lr:.3g}, "
+          f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes, lr {lr:.3g} "
+          f"(effective batch {args.batch_size * args.accum_iter}), "
           f"layer decay {args.layer_decay}, drop path {args.drop_path}, "
-          f"{'mixup/cutmix' if mixup else f'label smoothing {args.smoothing}'}")
+          f"{'mixup/cutmix' if mixup else f'label smoothing {args.smoothing}'}, "
+          f"RandAugment {args.aa if rand_augment else 'off'}, random erasing "
+          f"{f'{args.reprob} ({args.remode})' if random_erasing else 'off'}")
 
     steps_per_epoch = len(train_loader)
     for epoch in range(start_epoch, args.epochs):
@@ -116,8 +132,11 @@ def _run(args) -> int:
         train_loader.generator.manual_seed(args.seed + epoch)  # a resumed run sees the same order
         bar = progress(train_loader, f"finetune epoch {epoch + 1}/{args.epochs}")
         start, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
+        optimizer.zero_grad(set_to_none=True)  # a partial accumulation left by the last epoch is dropped, as in the reference
         for step, (imgs, labels) in enumerate(bar):
-            set_lr(optimizer, lr_at(epoch + step / steps_per_epoch, lr, args.min_lr, args.warmup_epochs, args.epochs))
+            if step % args.accum_iter == 0:  # the reference sets the lr at the first batch of each step
+                set_lr(optimizer, lr_at(epoch + step / steps_per_epoch, lr, args.min_lr, args.warmup_epochs,
+                                        args.epochs))
             imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with autocast:
                 if mixup is not None:
@@ -125,11 +144,12 @@ def _run(args) -> int:
                     loss = soft_target_cross_entropy(model(imgs).float(), soft)
                 else:
                     loss = F.cross_entropy(model(imgs).float(), labels, label_smoothing=args.smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            optimizer.step()
+            (loss / args.accum_iter).backward()
+            if (step + 1) % args.accum_iter == 0:
+                if args.clip_grad is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
             seen += labels.shape[0]
             if step % 10 == 0:

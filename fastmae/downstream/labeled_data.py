@@ -7,8 +7,8 @@ Train: RandomResizedCrop(input_size, scale=(0.08, 1), ratio=(3/4, 4/3), bicubic)
 (``fastmae.data.augment``, the pretraining loader's crop, with the classification scale range).
 Eval: resize the shorter side to input_size / 0.875 (bicubic), centre crop input_size. Images are
 read as RGB (grey ones replicated) and normalised with the ImageNet mean/std. The reference's
-linear probe uses exactly these; its fine-tuning adds RandAugment and random erasing on top (not
-done here).
+linear probe uses exactly these; its fine-tuning adds RandAugment after the flip and random erasing
+after the normalisation (``rand_augment``, ``random_erasing``), in timm's order.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from PIL import Image
 from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, random_resized_crop_flip, resize_center_crop
 from fastmae.data.loader import UnreadableData, load_or_next
 from fastmae.data.sources import list_image_files
+from fastmae.downstream.rand_augment import RandAugment
+from fastmae.downstream.random_erasing import RandomErasing
 
 CLASSIFY_CROP_SCALE = (0.08, 1.0)  # torchvision's default, used by the reference's linprobe/finetune
 EVAL_CROP_FRACTION = 0.875  # 224 / 256, the reference's crop_pct
@@ -53,6 +55,8 @@ class ClassificationTransform:
     train: bool
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
+    rand_augment: RandAugment | None = None  # train only
+    random_erasing: RandomErasing | None = None  # train only
     _rng: np.random.Generator | None = field(default=None, repr=False)
     _rng_seed: int | None = field(default=None, repr=False)
 
@@ -71,12 +75,17 @@ class ClassificationTransform:
         size = self.input_size
         if self.train:
             pixels = random_resized_crop_flip(img, size, self.rng(), scale=CLASSIFY_CROP_SCALE)
+            if self.rand_augment is not None:
+                pixels = np.array(self.rand_augment(Image.fromarray(pixels), self.rng()), dtype=np.uint8)  # writable
         else:
             resized = resize_center_crop(img, int(size / EVAL_CROP_FRACTION))  # [S', S', 3], S' >= size
             top = (resized.shape[0] - size) // 2
             pixels = np.ascontiguousarray(resized[top:top + size, top:top + size])
         x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # uint8 [1, 3, S, S]
-        return normalize(x, self.mean, self.std)[0]
+        x = normalize(x, self.mean, self.std)[0]
+        if self.train and self.random_erasing is not None:
+            x = self.random_erasing(x, self.rng())
+        return x
 
 
 class LabeledImageFolder(torch.utils.data.Dataset):
@@ -121,9 +130,11 @@ def train_val_folders(data_path: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def build_datasets(data_path, input_size: int, train_augment: bool = True,
-                   mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple[LabeledImageFolder, LabeledImageFolder]:
+                   mean=IMAGENET_MEAN, std=IMAGENET_STD, rand_augment: RandAugment | None = None,
+                   random_erasing: RandomErasing | None = None) -> tuple[LabeledImageFolder, LabeledImageFolder]:
     """Train (augmented unless train_augment is False) and val datasets with the same classes."""
     train_dir, val_dir = train_val_folders(data_path)
-    train = LabeledImageFolder(train_dir, ClassificationTransform(input_size, train_augment, mean, std))
+    train = LabeledImageFolder(train_dir, ClassificationTransform(input_size, train_augment, mean, std,
+                                                                  rand_augment, random_erasing))
     val = LabeledImageFolder(val_dir, ClassificationTransform(input_size, False, mean, std), train.classes)
     return train, val

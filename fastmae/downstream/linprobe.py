@@ -32,12 +32,12 @@ from fastmae.checkpoint import load_weights, save_checkpoint
 from fastmae.device import device_from_flag
 from fastmae.downstream.classify import (
     add_common_arguments, append_jsonl, build_classifier, datasets_and_loaders, describe_pretrained,
-    Resumed, evaluate, evaluate_saved, input_size_of, number_of_classes, progress, refuse_torchrun,
+    Resumed, evaluate, evaluate_saved, input_size_of, number_of_classes, peak_lr, progress, refuse_torchrun,
     resume_and_refuse_earlier_outputs, say_if_not_saved, show_rate,
 )
 from fastmae.downstream.lars import LARS
 from fastmae.downstream.vit_classifier import VisionTransformer, create_classifier, init_head
-from fastmae.train.schedule import base_batch_lr, lr_at, set_lr
+from fastmae.train.schedule import lr_at, set_lr
 
 CHECKPOINT_NAME = "checkpoint-linprobe.pth"  # in --output_dir
 
@@ -84,12 +84,15 @@ class ProbeRecipe:
     weight_decay: float = 0.0
     optimizer: str = "lars"
     momentum: float = 0.9
+    accum_iter: int = 1  # batches per optimizer step
 
     def __post_init__(self):
         if self.optimizer not in ("lars", "sgd"):
             raise ValueError(f"optimizer must be lars or sgd, got {self.optimizer!r}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.accum_iter < 1:
+            raise ValueError(f"accum_iter must be >= 1, got {self.accum_iter}")
 
 
 def head_optimizer(model: VisionTransformer, recipe: ProbeRecipe) -> torch.optim.Optimizer:
@@ -117,13 +120,16 @@ def fit_linear_probe(model: VisionTransformer, train_batches, steps_per_epoch: i
         model.head.train()
         bar = progress(train_batches(), f"linprobe epoch {epoch + 1}/{recipe.epochs}")
         start, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
+        optimizer.zero_grad(set_to_none=True)  # a partial accumulation left by the last epoch is dropped, as in the reference
         for step, (feats, labels) in enumerate(bar):
-            set_lr(optimizer, lr_at(epoch + step / steps_per_epoch, recipe.lr, recipe.min_lr,
-                                    recipe.warmup_epochs, recipe.epochs))
+            if step % recipe.accum_iter == 0:  # the reference sets the lr at the first batch of each step
+                set_lr(optimizer, lr_at(epoch + step / steps_per_epoch, recipe.lr, recipe.min_lr,
+                                        recipe.warmup_epochs, recipe.epochs))
             loss = F.cross_entropy(model.head(feats), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            (loss / recipe.accum_iter).backward()
+            if (step + 1) % recipe.accum_iter == 0:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
             seen += labels.shape[0]
             if step % 20 == 0:
@@ -177,11 +183,12 @@ def _run(args) -> int:
     if resumed is not None:
         load_weights(model, resumed.container["model"], strict=True)
         print(resumed.describe(args.epochs))
-    recipe = ProbeRecipe(args.epochs, args.lr if args.lr is not None else base_batch_lr(args.blr, args.batch_size),
-                         args.warmup_epochs, args.min_lr, args.weight_decay, args.optimizer, args.momentum)
+    recipe = ProbeRecipe(args.epochs, peak_lr(args), args.warmup_epochs, args.min_lr, args.weight_decay,
+                         args.optimizer, args.momentum, args.accum_iter)
     print(f"linear probe of {pretrained.model_name} ({'random init' if args.random_init else args.checkpoint}): "
           f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes, "
-          f"{'global pool' if args.global_pool else 'cls token'}, {args.optimizer} lr {recipe.lr:.3g}")
+          f"{'global pool' if args.global_pool else 'cls token'}, {args.optimizer} lr {recipe.lr:.3g} "
+          f"(effective batch {args.batch_size * args.accum_iter})")
 
     if args.cache_features:
         train_x, train_y = extract_features(model, train_loader, device, "features train")
