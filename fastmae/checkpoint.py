@@ -232,7 +232,9 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, epoch: int | None = 
         container["optimizer"] = optimizer_state(optimizer)
     if epoch is not None:
         container["epoch"] = epoch
-    if scaler is not None:
+    if scaler is not None and scaler.is_enabled():
+        # a disabled scaler's state is {}, which the reference's GradScaler refuses to load; without the
+        # key, its load_model keeps its own scaler
         container["scaler"] = scaler.state_dict()
     if args is not None:
         container["args"] = plain_args(args)

@@ -38,23 +38,24 @@ def test_set_lr_honours_lr_scale():
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.5, 0.05])
 
 
-def test_no_weight_decay_on_biases_norms_and_tokens():
+def test_weight_decay_groups_are_the_references():
+    """timm's add_weight_decay, as main_pretrain.py calls it: [no decay: 1-D parameters and biases, decay:
+    the rest, the 3-D cls and mask tokens included], each in the model's order."""
     model = create_model("mae_vit_micro_patch4")
     names = {id(p): n for n, p in model.named_parameters()}
-    decay, no_decay = param_groups(model, 0.05)
+    no_decay, decay = param_groups(model, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    decayed = {names[id(p)] for p in decay["params"]}
-    not_decayed = {names[id(p)] for p in no_decay["params"]}
-    assert {"cls_token", "mask_token", "norm.weight", "norm.bias", "decoder_norm.weight", "patch_embed.proj.bias",
-            "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias", "decoder_pred.bias"} <= not_decayed
-    assert {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.1.mlp.fc2.weight",
-            "decoder_embed.weight", "decoder_pred.weight"} <= decayed
-    assert all(p.ndim >= 2 for p in decay["params"])
-    assert not any(n.endswith("bias") or "norm" in n or "token" in n for n in decayed)
-    # frozen sin-cos position embeddings are not optimised at all; every trainable parameter is, once
-    assert "pos_embed" not in decayed | not_decayed and "decoder_pos_embed" not in decayed | not_decayed
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert decayed | not_decayed == trainable and not decayed & not_decayed
+    decayed = [names[id(p)] for p in decay["params"]]
+    not_decayed = [names[id(p)] for p in no_decay["params"]]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    timm_no_decay = [n for n, p in model.named_parameters() if p.requires_grad and (p.ndim <= 1 or n.endswith(".bias"))]
+    assert not_decayed == timm_no_decay and decayed == [n for n in trainable if n not in timm_no_decay]
+    assert {"cls_token", "mask_token", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight",
+            "decoder_embed.weight", "decoder_pred.weight"} <= set(decayed)
+    assert {"norm.weight", "norm.bias", "decoder_norm.weight", "patch_embed.proj.bias", "blocks.0.norm1.weight",
+            "blocks.0.attn.qkv.bias", "decoder_pred.bias"} <= set(not_decayed)
+    # frozen sin-cos position embeddings are not optimised at all
+    assert "pos_embed" not in trainable and "decoder_pos_embed" not in trainable
 
 
 def test_adamw_recipe_settings():
@@ -69,7 +70,8 @@ def test_adamw_recipe_settings():
         p.grad = torch.zeros_like(p)
     opt.step()
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert "blocks.0.attn.qkv.weight" in moved and "cls_token" not in moved and "norm.weight" not in moved
+    assert {"blocks.0.attn.qkv.weight", "cls_token", "mask_token"} <= moved and "norm.weight" not in moved
+    assert not any(n.endswith(".bias") for n in moved)
 
 
 # ---- found by mutation testing ----

@@ -174,7 +174,7 @@ def test_stopped_and_resumed_run_logs_exactly_the_uninterrupted_losses(tmp_path,
     final_b = read_checkpoint(step_checkpoint_path(tmp_path / "split", 6))
     assert all(torch.equal(final_a["model"][k], final_b["model"][k]) for k in final_a["model"])
     # the reference container, plus the resume fields; the 'epoch' field is the last completed epoch
-    assert {"model", "optimizer", "epoch", "scaler", "args"} <= set(final_a) and final_a["epoch"] == 2
+    assert {"model", "optimizer", "epoch", "args"} <= set(final_a) and "scaler" not in final_a and final_a["epoch"] == 2
     assert final_a[RESUME_KEY]["step"] == 6 and final_a["args"]["accum_iter"] == 2
     assert (tmp_path / "straight" / "reconstruction.png").stat().st_size > 1000
     assert (tmp_path / "straight" / "loss.png").stat().st_size > 1000
@@ -690,7 +690,7 @@ def test_mixed_precision_runs(tmp_path, image_folder, precision):
     assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
     saved = read_checkpoint(step_checkpoint_path(out, 2))
     assert saved["args"]["precision"] == precision
-    assert (saved["scaler"] != {}) == (precision == "fp16")  # the grad scaler is only used with fp16
+    assert ("scaler" in saved) == (precision == "fp16")  # only a scaler in use is saved (the reference refuses {})
 
 
 def test_start_epoch_and_absolute_lr(tmp_path, image_folder):
@@ -956,3 +956,54 @@ def test_resume_at_the_end_of_the_schedule_says_there_is_nothing_to_train(tmp_pa
             "go on)") in capsys.readouterr().out
     assert fastmae_main(micro_flags(image_folder, tmp_path / "lr", "--lr", "1e-3", "--max_steps", "1")) == 0
     assert "peak lr 0.001 (--lr, which is blr 0.064 at this effective batch)" in capsys.readouterr().out
+
+
+def test_our_checkpoint_resumes_the_references_way_and_an_earlier_grouping_resumes_here(tmp_path, image_folder):
+    """main_pretrain.py's load_model on our file: its AdamW over timm's add_weight_decay groups loads our
+    optimizer state (same groups, same order), and no empty 'scaler' (a disabled GradScaler's {}) is there
+    for it to refuse. And a checkpoint of fastmae's earlier grouping ([decay, no decay], tokens not
+    decayed) still resumes, its moments matched by name."""
+    from fastmae.checkpoint import save_checkpoint
+    from fastmae.models import create_model
+    from fastmae.train.checkpoints import resume_from
+    from fastmae.train.optim import build_optimizer
+
+    out = tmp_path / "out"
+    assert fastmae_main(micro_flags(image_folder, out, "--epochs", "1")) == 0
+    path = latest_checkpoint(out)
+    container = torch.load(path, weights_only=True)
+    assert "scaler" not in container  # fp32 on CPU: no scaler in use
+    model = create_model("mae_vit_micro_patch4", kernels="torch")
+    model.load_state_dict(container["model"])
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    reference_opt = torch.optim.AdamW(
+        [{"params": [p for n, p in named if p.ndim <= 1 or n.endswith(".bias")], "weight_decay": 0.0},
+         {"params": [p for n, p in named if not (p.ndim <= 1 or n.endswith(".bias"))], "weight_decay": 0.05}],
+        lr=1e-3, betas=(0.9, 0.95))
+    reference_opt.load_state_dict(container["optimizer"])
+    resumed_model = create_model("mae_vit_micro_patch4", kernels="torch")
+    resumed = build_optimizer(resumed_model, 1e-3, 0.05)
+    resume_from(path, resumed_model, resumed, torch.amp.GradScaler("cpu", enabled=False))
+    by_name = {n: resumed.state[p] for n, p in resumed_model.named_parameters() if p.requires_grad}
+    for name, param in named:  # the reference's optimizer holds our moments, parameter by parameter
+        assert torch.equal(reference_opt.state[param]["exp_avg"], by_name[name]["exp_avg"]), name
+
+    # the earlier grouping: the same moments saved as [decay without the tokens, no decay with them]
+    tokens = ("cls_token", "mask_token")
+    earlier_decay = [n for n, p in named if p.ndim > 1 and not n.endswith(".bias") and n not in tokens]
+    earlier_no_decay = [n for n, _ in named if n not in earlier_decay]
+    order = earlier_decay + earlier_no_decay
+    earlier = {"state": {i: by_name[name] for i, name in enumerate(order)},
+               "param_groups": [{**resumed.state_dict()["param_groups"][1], "params": list(range(len(earlier_decay)))},
+                                {**resumed.state_dict()["param_groups"][0],
+                                 "params": list(range(len(earlier_decay), len(order)))}]}
+    old = tmp_path / "earlier.pth"
+    save_checkpoint(old, resumed_model, None, epoch=0, **{k: v for k, v in container.items()
+                                                          if k not in ("model", "epoch", "optimizer")})
+    torch.save({**torch.load(old, weights_only=True), "optimizer": earlier}, old)
+    again_model = create_model("mae_vit_micro_patch4", kernels="torch")
+    again = build_optimizer(again_model, 1e-3, 0.05)
+    resume_from(old, again_model, again, torch.amp.GradScaler("cpu", enabled=False))
+    for name, param in again_model.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(again.state[param]["exp_avg_sq"], by_name[name]["exp_avg_sq"]), name

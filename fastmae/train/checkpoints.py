@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fastmae.checkpoint import load_weights, read_checkpoint, save_checkpoint, saved_args
-from fastmae.train.optim import load_reference_optimizer_state
+from fastmae.train.optim import load_optimizer_state
 
 RESUME_KEY = "fastmae_resume"
 # The settings that define what a run trains and on what schedule; a resume that changes one continues
@@ -129,7 +129,7 @@ def resume_from(path: str | Path, model, optimizer, scaler, current_args: dict |
         return None, (f"{path} is not a fastmae training checkpoint: loaded the model weights only "
                       f"(optimizer, schedule and data start fresh)\n{report}")
     load_weights(model, container, strict=True)
-    optimizer.load_state_dict(container["optimizer"])
+    load_optimizer_state(optimizer, model, container["optimizer"])  # by name: checkpoints of earlier groupings too
     if container.get("scaler") is not None and scaler.is_enabled():
         scaler.load_state_dict(container["scaler"])
     state = container[RESUME_KEY]
@@ -150,7 +150,7 @@ def _resume_reference_run(path, container: dict, model, optimizer, scaler, curre
     """A run of the reference code, continued here after its last epoch (a 400-epoch run taken to 800)."""
     load_weights(model, container, strict=True)
     try:
-        load_reference_optimizer_state(optimizer, model, container["optimizer"])
+        load_optimizer_state(optimizer, model, container["optimizer"])
         restored = "the weights and AdamW's state"
     except (ValueError, KeyError, TypeError) as err:
         restored = f"the weights only (its optimizer state does not fit: {err}; AdamW starts afresh)"

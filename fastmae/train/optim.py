@@ -1,9 +1,12 @@
-"""AdamW as in the MAE recipe: betas (0.9, 0.95), weight decay on weight matrices only.
+"""AdamW as in the MAE recipe: betas (0.9, 0.95), weight decay as the reference's timm ``add_weight_decay``.
 
-Biases, normalisation weights, the cls and mask tokens (and any other 1-D parameter) get no weight
-decay; frozen parameters (the fixed sin-cos position embeddings) are not given to the optimizer.
-The reference's timm ``add_weight_decay`` decays the 3-D token tensors; we follow the paper's text
-and the usual ViT practice of not decaying them.
+Two groups, in the reference's order: [no decay: 1-D parameters (norms) and biases, decay: the rest,
+weight matrices and the 3-D cls and mask tokens], each in the model's parameter order. Frozen
+parameters (the fixed sin-cos position embeddings) are not given to the optimizer. With the same
+groups, our checkpoints' AdamW state loads into the reference's optimizer and the reference's into ours.
+
+Checkpoints saved before this grouping (fastmae up to November 2026: [decay, no decay], the tokens
+not decayed) still resume: their state is matched to the parameters by name.
 """
 
 from __future__ import annotations
@@ -12,42 +15,51 @@ import torch
 import torch.nn as nn
 
 ADAMW_BETAS = (0.9, 0.95)
-NO_DECAY_NAMES = ("cls_token", "mask_token", "encoder_mask_token", "pos_embed", "decoder_pos_embed")
 
 
 def uses_weight_decay(name: str, param: torch.Tensor) -> bool:
-    return param.ndim > 1 and not name.endswith(".bias") and name.split(".")[-1] not in NO_DECAY_NAMES
+    return param.ndim > 1 and not name.endswith(".bias")
+
+
+def param_group_names(model: nn.Module) -> list[list[str]]:
+    """[no decay, decay]: the trainable parameters' names, each group in the model's order."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    return [[name for name, p in named if not uses_weight_decay(name, p)],
+            [name for name, p in named if uses_weight_decay(name, p)]]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups, [decay, no decay], of the trainable parameters."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (decay if uses_weight_decay(name, param) else no_decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    """Two groups, [no decay, decay], of the trainable parameters (the reference's)."""
+    params = dict(model.named_parameters())
+    no_decay, decay = param_group_names(model)
+    return [{"params": [params[name] for name in no_decay], "weight_decay": 0.0},
+            {"params": [params[name] for name in decay], "weight_decay": weight_decay}]
 
 
-def reference_param_names(model: nn.Module) -> list[str]:
-    """The trainable parameters' names in the order of the reference optimizer's state: timm's
-    ``add_weight_decay`` groups [no decay (1-D parameters and biases), decay], each in the model's order."""
+_EARLIER_NO_DECAY_NAMES = ("cls_token", "mask_token", "encoder_mask_token")
+
+
+def _earlier_group_names(model: nn.Module) -> list[list[str]]:
+    """The groups of fastmae checkpoints saved before the reference's grouping: [decay, no decay], with the
+    tokens not decayed."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    no_decay = {name for name, p in named if p.ndim <= 1 or name.endswith(".bias")}
-    return [name for name, _ in named if name in no_decay] + [name for name, _ in named if name not in no_decay]
+    decayed = {name for name, p in named if uses_weight_decay(name, p) and name not in _EARLIER_NO_DECAY_NAMES}
+    return [[name for name, _ in named if name in decayed], [name for name, _ in named if name not in decayed]]
 
 
-def load_reference_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, saved: dict) -> None:
-    """AdamW's moments and step counts from the optimizer of a reference (main_pretrain.py) checkpoint,
-    matched by parameter name: its groups split and order the parameters otherwise than ``param_groups``.
-    Raises ValueError where they do not fit the model."""
-    names = reference_param_names(model)
+def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, saved: dict) -> None:
+    """AdamW's moments and step counts from a saved optimizer state (ours, an earlier fastmae's or the
+    reference main_pretrain.py's), matched to ``model``'s parameters by name; the group settings stay
+    ``optimizer``'s. Raises ValueError where the saved groups are none of those layouts or do not fit."""
+    sizes = [len(group["params"]) for group in saved["param_groups"]]
+    for layout in (param_group_names(model), _earlier_group_names(model)):
+        if [len(group) for group in layout] == sizes:
+            names = [name for group in layout for name in group]
+            break
+    else:
+        raise ValueError(f"its optimizer groups hold {sizes} parameters, the model trains "
+                         f"{[len(group) for group in param_group_names(model)]} (no decay, decay)")
     saved_indices = [index for group in saved["param_groups"] for index in group["params"]]
-    if len(saved_indices) != len(names):
-        raise ValueError(f"its optimizer holds {len(saved_indices)} parameters, the model trains {len(names)}")
     saved_state = dict(zip(names, (saved["state"].get(index) for index in saved_indices)))
     name_of = {id(p): name for name, p in model.named_parameters()}
     ours = optimizer.state_dict()
