@@ -281,6 +281,7 @@ def test_profile_out_of_memory_names_the_batch_to_try(tmp_path, capsys, monkeypa
     ("_decoder_unshuffle_bwd_kernel", "fastmae triton"),
     ("_visible_patch_embed_fwd_kernel", "fastmae triton"),
     ("_masked_patch_loss_kernel", "fastmae triton"),
+    ("_position_epilogue_kernel", "fastmae triton"),  # the default encoder-input route's kernel beside cuBLAS
     ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>(int, float)", "normalization"),
     ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::NormTwoOps<float, float>>>", "reductions"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl(at::TensorIteratorBase&)>", "activation (GELU)"),
@@ -766,6 +767,20 @@ def test_measure_contender_mfu_is_training_flops_per_image_times_img_per_s(monke
     assert row["mfu_measured_gemm"] == pytest.approx(3 * forward_flops_per_image(config) * img_per_s / 1e9)
     assert row["mfu_spec"] == pytest.approx(row["mfu_measured_gemm"] / 4)
     assert row["last_loss"] == 1.0 and "warning" not in row
+
+
+def test_a_graphed_contender_is_timed_only_after_its_warm_ups_and_capture():
+    """--warmup 1 with a CUDA-graph contender: its 3 eager warm-ups and the capturing step stay untimed."""
+    calls = []
+    contender = Contender("g", "test", "fp32", 1.0, lambda: lambda imgs: calls.append(1) or torch.ones(()), 4)
+    names = ("fastmae", "fastmae+cudagraph", "naive w/[M]+cudagraph")
+    assert [c.untimed_steps for c in build_contenders(model_config(MICRO), CPU, torch.float32, 0.75, names)] == [0, 4, 4]
+    row = measure_contender(contender, iter([None] * 20), TimingPlan(1, 3), CPU, 2, spec_peak=None, gemm_peak=1e9,
+                            progress=False)
+    assert row["warmup_steps"] == 4 and row["steps"] == 3 and len(calls) == 7
+    row = measure_contender(contender, iter([None] * 20), TimingPlan(6, 3), CPU, 2, spec_peak=None, gemm_peak=1e9,
+                            progress=False)
+    assert row["warmup_steps"] == 6
 
 
 def test_speedups_are_ours_over_theirs_like_for_like():

@@ -347,6 +347,12 @@ def test_cuda_graph_replays_match_the_eager_step(kernels, dtype, accum_iter):
         torch.testing.assert_close(got, want, rtol=2e-3 if dtype else 1e-5, atol=1e-5, msg=f"step {index}")
     assert step.captured
     for (name, a), b in zip(eager_model.named_parameters(), graph_model.parameters()):
+        if name.endswith("attn.qkv.bias"):
+            # the key bias's gradient is zero up to round-off, which AdamW turns into lr-sized steps of
+            # either sign: any difference in summation order (atomics, another cuBLAS algorithm on the
+            # capture stream) moves it by up to the summed lr. The query and value biases are compared.
+            width = a.shape[0] // 3
+            a, b = torch.cat([a[:width], a[2 * width:]]), torch.cat([b[:width], b[2 * width:]])
         torch.testing.assert_close(b, a, rtol=2e-2 if dtype else 1e-4, atol=2e-3 if dtype else 1e-5, msg=name)
 
 
@@ -431,3 +437,21 @@ def test_pretrain_with_cuda_graph_trains_checkpoints_and_resumes(tmp_path, accum
     assert latest_checkpoint(out) is not None
     assert fastmae_main(flags + ["--resume", "auto", "--max_steps", "6"]) == 0
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 6
+
+
+def test_running_out_of_memory_during_a_capture_is_an_out_of_memory_error():
+    """torch may report an OOM inside torch.cuda.graph as the capture's own failure (capture_end raising
+    in __exit__, the OOM its context); the benchmarks lower the batch on OutOfMemoryError only."""
+    from fastmae.train.cuda_graph import capture_failure
+
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        except torch.OutOfMemoryError:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+    except RuntimeError as err:
+        failure = capture_failure(err)
+    assert isinstance(failure, torch.OutOfMemoryError) and "while capturing" in str(failure)
+    assert isinstance(capture_failure(torch.OutOfMemoryError("CUDA out of memory")), torch.OutOfMemoryError)
+    other = ValueError("shape mismatch")
+    assert capture_failure(other) is other

@@ -20,7 +20,8 @@ from torch.profiler import ProfilerActivity, profile
 # fmha, sdpa), our Triton kernels and ATen (the operator names, on CPU) give them.
 KINDS = (
     ("fastmae triton", re.compile(
-        r"^_(visible_patch_embed|patch_rows|decoder_unshuffle|add_layer_norm|masked_patch_loss|resize_rows|resize_columns)_")),
+        r"^_(visible_patch_embed|patch_rows|position_epilogue|decoder_unshuffle|add_layer_norm|masked_patch_loss|resize_rows|"
+        r"resize_columns)_")),
     ("attention", re.compile(r"flash|fmha|attention|sdpa", re.I)),
     ("matmul", re.compile(r"gemm|nvjet|cutlass|xmma|matmul|addmm|aten::mm$|aten::bmm$|aten::linear$", re.I)),
     ("normalization", re.compile(r"layer_?norm", re.I)),

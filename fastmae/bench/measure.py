@@ -102,6 +102,7 @@ def peak_memory_reset(device: torch.device) -> None:
 
 def measure_contender(contender: Contender, images, plan: TimingPlan, device: torch.device, batch_size: int,
                       spec_peak: float | None, gemm_peak: float, progress: bool = True) -> dict:
+    plan = TimingPlan(max(plan.warmup_steps, contender.untimed_steps), plan.timed_steps)
     peak_memory_reset(device)
     resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else None  # the input batches
     try:
@@ -120,6 +121,7 @@ def measure_contender(contender: Contender, images, plan: TimingPlan, device: to
         synchronize(device)
     result = {"name": contender.name, "description": contender.description, "precision": contender.precision}
     result.update(times.summary())
+    result["warmup_steps"] = plan.warmup_steps
     result["step_times_s"] = times.times_s
     achieved = contender.train_flops_per_image * times.images_per_s
     result.update({

@@ -130,13 +130,31 @@ class CudaGraphRunner:
     def capture(self, body: Callable[[], torch.Tensor | None]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None]:
         """-> (the graph, what ``body`` returned: memory each replay rewrites)."""
         graph = torch.cuda.CUDAGraph()
-        # thread_local: the loaders' threads (DALI's, the side-stream copies) keep using CUDA meanwhile
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            out = body()
+        try:
+            # thread_local: the loaders' threads (DALI's, the side-stream copies) keep using CUDA meanwhile
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                out = body()
+        except Exception as err:
+            with contextlib.suppress(Exception):
+                graph.reset()  # give the capture's private memory pool back
+            failure = capture_failure(err)
+            if failure is err:
+                raise
+            raise failure from err
         return graph, out
 
     def replay(self, graph: torch.cuda.CUDAGraph) -> None:
         graph.replay()
+
+
+def capture_failure(err: BaseException) -> BaseException:
+    """What to raise for an error during a capture: running out of memory there (often reported as the
+    capture's own failure, the out-of-memory error its context) is ``torch.OutOfMemoryError``, so that a
+    caller that lowers the batch on OOM (``bench --oom_fallback``, table2) does so; anything else as is."""
+    for cause in (err, err.__context__, err.__cause__):
+        if isinstance(cause, torch.OutOfMemoryError) or (cause is not None and "out of memory" in str(cause)):
+            return torch.OutOfMemoryError(f"out of memory while capturing the training step as a CUDA graph: {cause}")
+    return err
 
 
 class GraphedTrainStep:
