@@ -142,7 +142,7 @@ def measure_contender(contender: Contender, images, plan: TimingPlan, device: to
 def format_row(row: dict) -> str:
     memory = f"{row['peak_memory_bytes'] / 2**30:6.2f} GiB" if row["peak_memory_bytes"] is not None else "     n/a"
     spec = f"{100 * row['mfu_spec']:5.1f}%" if row["mfu_spec"] is not None else "  n/a"
-    return (f"  {row['name']:<20} {row['images_per_s']:10.1f} img/s  step {1e3 * row['median_s']:8.2f} ms "
+    return (f"  {row['name']:<20} {row['images_per_s']:10.1f} img/s  step median {1e3 * row['median_s']:8.2f} ms "
             f"(p10-p90 {1e3 * row['p10_s']:.2f}-{1e3 * row['p90_s']:.2f})  peak {memory}  "
             f"MFU spec {spec}  MFU gemm {100 * row['mfu_measured_gemm']:5.1f}%"
             + (f"  first step {row['first_step_s']:.1f} s" if row.get("first_step_s") is not None else ""))

@@ -1,4 +1,9 @@
-"""Timing a training step honestly: warm-up, per-step device timing, median and spread.
+"""Timing a training step honestly: warm-up, per-step device timing, throughput, median and spread.
+
+Throughput (img/s, and the MFU and speed-ups made from it) is the images of the timed steps over
+their total time: what a run sustains. The median step time is reported beside it with its spread;
+batch / median would overstate a run whose steps are skewed by slow ones (the host's hiccups, a
+garbage collection), which training pays for too.
 
 On CUDA each step is bracketed by CUDA events (no host synchronisation between steps, so the GPU
 queue stays full as in training); the events are read after one synchronisation at the end. A
@@ -43,11 +48,17 @@ class StepTimes:
         return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
     @property
+    def mean_s(self) -> float:
+        return sum(self.times_s) / len(self.times_s)
+
+    @property
     def images_per_s(self) -> float:
-        return self.batch_size / self.median_s
+        """Sustained: the timed steps' images over their total time."""
+        return self.batch_size / self.mean_s
 
     def summary(self) -> dict:
         return {
+            "mean_s": self.mean_s,
             "median_s": self.median_s,
             "p10_s": self.quantile(0.10),
             "p90_s": self.quantile(0.90),
