@@ -29,6 +29,8 @@
 #            ImageNet-like JPEGs: img/s and the share of time waiting for data (its summary.json)
 #   suites   the pytest-benchmark suites' GPU cases (benchmarks/bench_*.py), timed, their JSON in OUT_DIR
 # A failing command is reported and the rest still run; the exit status says whether all passed.
+# On a copy of the working tree whose .git is not the commit it holds (the GPU machine), name the commit:
+#   FASTMAE_GIT_COMMIT=$(git rev-parse HEAD) benchmarks/run_gpu_suite.sh ...   (expanded before sending)
 set -uo pipefail
 out="${1:-benchmarks/results}"
 shift || true

@@ -935,3 +935,15 @@ def test_results_tables_show_each_field_in_its_column():
                                   "time": t, "flops_per_image": flops,
                                   "kernel_time": {"by_kind": kinds, "device_busy_fraction": 0.9}}])
     assert "| m | GPU X | 32 | 200.0 | 50.0% | 25.0% | 5.0% | 15.0% | 60.0% | 10.0% | 30.0% | 90.0% | 2 | 6.5 |" in lines
+
+
+def test_results_record_the_commit_named_by_the_environment(monkeypatch):
+    """The GPU machine's copy of the tree carried a stale .git: its results named a commit 115 commits old."""
+    from fastmae.bench.environment import GIT_COMMIT_VARIABLE, git_commit
+
+    monkeypatch.delenv(GIT_COMMIT_VARIABLE, raising=False)
+    here = git_commit()
+    assert here["commit"] and len(here["commit"]) == 40 and "source" not in here
+    monkeypatch.setenv(GIT_COMMIT_VARIABLE, "0123456789abcdef0123456789abcdef01234567")
+    assert git_commit() == {"commit": "0123456789abcdef0123456789abcdef01234567", "dirty": None,
+                            "source": GIT_COMMIT_VARIABLE}

@@ -51,8 +51,16 @@ def _package_version(name: str) -> str | None:
         return None
 
 
+GIT_COMMIT_VARIABLE = "FASTMAE_GIT_COMMIT"
+
+
 def git_commit() -> dict:
-    """HEAD of the checkout fastmae is imported from, and whether tracked files differ from it."""
+    """HEAD of the checkout fastmae is imported from, and whether tracked files differ from it; or the
+    commit named in $FASTMAE_GIT_COMMIT, for a copy of the working tree whose .git is not the one it was
+    copied from (the GPU machine's: its results once recorded a commit 115 commits old)."""
+    named = os.environ.get(GIT_COMMIT_VARIABLE)
+    if named:
+        return {"commit": named, "dirty": None, "source": GIT_COMMIT_VARIABLE}
     root = Path(__file__).resolve().parents[2]
 
     def git(*args: str) -> str | None:
