@@ -903,27 +903,36 @@ def test_results_tables_show_each_field_in_its_column():
     """Every column of the step, Table 2 and profile tables shows its own field (distinct values)."""
     table = load_results_table_script()
     env = {"device": "GPU X", "device_type": "cuda", "git": {"commit": "abcdef123", "dirty": False}}
-    row = {"name": "fastmae", "images_per_s": 812.0, "median_s": 0.0100, "p10_s": 0.0090, "p90_s": 0.0125,
-           "min_s": 0.0080, "max_s": 0.0300, "peak_memory_bytes": 3 * 2**30, "mfu_spec": 0.41,
-           "mfu_measured_gemm": 0.55, "first_step_s": 7.5}
+    # a skewed run: batch / median said 25600 img/s, the steps sustain 256 x 4 / 0.05 s = 20480
+    row = {"name": "fastmae", "images_per_s": 25600.0, "median_s": 0.0100, "p10_s": 0.0090, "p90_s": 0.0125,
+           "min_s": 0.0080, "max_s": 0.0300, "peak_memory_bytes": 3 * 2**30, "mfu_spec": 0.40,
+           "mfu_measured_gemm": 0.55, "first_step_s": 7.5, "step_times_s": [0.01, 0.01, 0.01, 0.02]}
+    naive = {**row, "name": "naive w/[M]", "images_per_s": 5120.0, "median_s": 0.05, "step_times_s": [0.05] * 4}
     step = {"benchmark": "step", "model": "m", "environment": env, "dtype": "bf16", "batch_size": 256,
-            "results": [row], "speedups": {"fastmae / naive w/[M]": 3.5}}
+            "results": [row, naive], "speedups": {"fastmae / naive w/[M]": 5.0}}
     lines = table.step_table([step])
     ms = lambda s: f"{1e3 * s:.1f}"  # noqa: E731
-    assert (f"| m | GPU X | bf16 | 256 | fastmae | {row['images_per_s']:.0f} | {ms(row['median_s'])} "
+    assert (f"| m | GPU X | bf16 | 256 | fastmae | 20480 | {ms(row['median_s'])} "
             f"({ms(row['p10_s'])}-{ms(row['p90_s'])}) | {row['peak_memory_bytes'] / 2**30:.1f} | "
-            f"{100 * row['mfu_spec']:.1f}% | {100 * row['mfu_measured_gemm']:.1f}% | {row['first_step_s']:.1f} | "
-            f"abcdef1 |") in lines
-    assert "| m | GPU X | fastmae / naive w/[M] | 3.50x |" in lines
+            f"32.0% | 44.0% | {row['first_step_s']:.1f} | abcdef1 |") in lines  # MFU scaled to sustained
+    assert "| m | GPU X | fastmae / naive w/[M] | 4.00x |" in lines  # the stored 5.0 was batch / median
+    baseline = {"encoder": "enc", "decoder_depth": 8, "encoder_mask_tokens": True, "batch_size": 64,
+                "median_s": 0.100, "step_times_s": [0.1, 0.1], "measured_speedup": 1.0, "paper_speedup": 1.0,
+                "flop_limit_speedup": 1.0}
     t2row = {"encoder": "enc", "decoder_depth": 1, "encoder_mask_tokens": False, "batch_size": 64,
-             "median_s": 0.040, "measured_speedup": 2.5, "paper_speedup": 3.7, "flop_limit_speedup": 4.19}
-    lines = table.table2_table([{"benchmark": "table2", "environment": env, "rows": [t2row]}])
-    assert "| enc | 1 | no | eager | 64 | 40.0 | 2.50x | 3.7x | 4.19x | GPU X |" in lines
-    lines = table.table2_table([{"benchmark": "table2", "environment": env, "rows": [t2row], "cuda_graph": True}])
+             "median_s": 0.030, "step_times_s": [0.03, 0.05], "measured_speedup": 3.33, "paper_speedup": 3.7,
+             "flop_limit_speedup": 4.19}
+    rows = [baseline, t2row]
+    lines = table.table2_table([{"benchmark": "table2", "environment": env, "rows": rows}])
+    assert "| enc | 1 | no | eager | 64 | 40.0 | 2.50x | 3.7x | 4.19x | GPU X |" in lines  # mean step, sustained
+    lines = table.table2_table([{"benchmark": "table2", "environment": env, "rows": rows, "cuda_graph": True}])
     assert "| enc | 1 | no | CUDA graph | 64 | 40.0 | 2.50x | 3.7x | 4.19x | GPU X |" in lines
     compiled = {"scope": "blocks", "mode": "default"}
-    lines = table.table2_table([{"benchmark": "table2", "environment": env, "rows": [t2row], "compile": compiled}])
+    lines = table.table2_table([{"benchmark": "table2", "environment": env, "rows": rows, "compile": compiled}])
     assert "| enc | 1 | no | compiled (blocks, default) | 64 | 40.0 | 2.50x | 3.7x | 4.19x | GPU X |" in lines
+    halved = {**t2row, "batch_size": 32, "step_times_s": [0.02, 0.02]}  # fell back to half the batch
+    lines = table.table2_table([{"benchmark": "table2", "environment": env, "rows": [baseline, halved]}])
+    assert "| enc | 1 | no | eager | 32 | 20.0 | 2.50x | 3.7x | 4.19x | GPU X |" in lines
     t = {"step_median_s": 0.2, "encoder_s": 0.1, "decoder_s": 0.05, "loss_s": 0.01,
          "median_s": {"optimizer": 0.03}}
     flops = {"without_mask_tokens": {"train_total": 2e9}, "with_mask_tokens": {"train_total": 6.5e9}}

@@ -10,7 +10,10 @@ A training step is forward + backward + optimizer step + zero_grad, as the train
 - ``naive w/[M]`` (and ``+compile``, ``+cudagraph``): the same engine with mask tokens through the encoder, the
   paper's baseline "w/ [M]", so its ratio to ``fastmae`` measures the method.
 - ``reference-style``: ``ReferenceStyleMAE``, fp16 autocast with a GradScaler when the run is in
-  half precision (the reference's AMP; fp32 without a scaler when the run is fp32), for-loop AdamW.
+  half precision (the reference's AMP; fp32 without a scaler when the run is fp32), and AdamW as
+  main_pretrain.py builds it, ``torch.optim.AdamW(groups, lr, betas)``: torch's default implementation,
+  multi-tensor (foreach) on CUDA, not fused. (Results before 2026-11-25 used a for-loop AdamW, slower
+  than what the reference gets on a current torch; their rows say so.)
 - ``hf-vitmae``: transformers' ViTMAEForPreTraining (SDPA), under the same autocast and fused AdamW
   as fastmae, so the difference is the model code.
 """
@@ -127,8 +130,8 @@ def _reference_style_step(config: MAEConfig, device, dtype, mask_ratio):
     from fastmae.bench.reference_style import ReferenceStyleMAE
 
     model = ReferenceStyleMAE.initialised(config).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LEARNING_RATE, betas=ADAMW_BETAS,
-                                  foreach=False, fused=False)
+    # no foreach/fused arguments: torch's default, as main_pretrain.py gets it
+    optimizer = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LEARNING_RATE, betas=ADAMW_BETAS)
     half = dtype != torch.float32
     scaler = torch.amp.GradScaler(device.type, enabled=half) if half else None
     return TrainStep(model, optimizer, device, torch.float16 if half else None, mask_ratio, grad_scaler=scaler)
@@ -176,7 +179,7 @@ def build_contenders(config: MAEConfig, device: torch.device, dtype: torch.dtype
             lambda: fastmae_step(config, device, dtype, mask_ratio, True, None, kernels, attn, cuda_graph=True),
             GRAPH_UNTIMED_STEPS),
         "reference-style": Contender(
-            "reference-style", "conv on all patches + gather, softmax(QK^T)V, GradScaler, for-loop AdamW",
+            "reference-style", "conv on all patches + gather, softmax(QK^T)V, GradScaler, torch's default AdamW (foreach)",
             "fp32" if dtype == torch.float32 else "fp16 autocast + GradScaler", full_flops,
             lambda: _reference_style_step(config, device, dtype, mask_ratio)),
         "hf-vitmae": Contender(

@@ -5,7 +5,7 @@ the stride-p convolution embeds every patch, the kept ones are then picked by ``
 ``argsort`` of the noise; attention is softmax(QK^T)V written out; the decoder predicts all L
 patches and the loss weighs them with the mask (the un-shuffle and the loss are the plain-PyTorch
 reference paths of ``fastmae.kernels``, i.e. the reference code's own ops); training runs under fp16 autocast with a gradient
-scaler and a for-loop (not fused, not foreach) AdamW. The parameter layout is fastmae's (which is
+scaler and torch's default AdamW (multi-tensor on CUDA, not fused), as main_pretrain.py builds it. The parameter layout is fastmae's (which is
 the reference's), so both load the same state_dict and, for the same noise, give the same loss.
 """
 
