@@ -15,11 +15,14 @@ they only show that the code runs. With no result files it says so.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+README_DIR = Path(__file__).resolve().parent.parent  # chart links are relative to the README
 
 
 def load_results(results_dir: Path, include_cpu: bool = False) -> list[dict]:
@@ -105,6 +108,30 @@ def step_speedups(result: dict) -> dict:
     return out
 
 
+DEFAULT_MASK_RATIO = 0.75
+
+
+def _model_with_settings(result: dict) -> str:
+    """The model's name, with what the run changed from its named configuration (another decoder, mask
+    ratio or image size) and real data, so that such a run is not read as the default one."""
+    settings = []
+    config = result.get("config") or {}
+    try:
+        from fastmae.bench.measure import model_config
+        named = dataclasses.asdict(model_config(result["model"]))
+    except (ImportError, ValueError):  # fastmae not importable, or a name it does not know
+        named = {}
+    for key, label in (("decoder_depth", "decoder depth"), ("decoder_embed_dim", "decoder width"),
+                       ("img_size", "image size")):
+        if key in config and key in named and config[key] != named[key]:
+            settings.append(f"{label} {config[key]}")
+    if result.get("mask_ratio", DEFAULT_MASK_RATIO) != DEFAULT_MASK_RATIO:
+        settings.append(f"mask ratio {result['mask_ratio']}")
+    if str(result.get("data", "synthetic")).startswith("real"):
+        settings.append("real data")
+    return f"{result['model']} ({', '.join(settings)})" if settings else result["model"]
+
+
 def step_table(results: list[dict]) -> list[str]:
     lines = ["| model | device | dtype | batch | implementation | img/s | step ms median (p10-p90) | peak GiB | "
              "MFU (spec) | MFU (meas. GEMM) | first step s | commit |",
@@ -113,18 +140,19 @@ def step_table(results: list[dict]) -> list[str]:
         env = r["environment"]
         for row in r["results"]:
             if "error" in row:
-                lines.append(f"| {r['model']} | {env['device']} | {r['dtype']} | {r['batch_size']} | {row['name']} | "
+                lines.append(f"| {_model_with_settings(r)} | {env['device']} | {r['dtype']} | {r['batch_size']} | {row['name']} | "
                              f"failed: {row['error'][:80]} | | | | | | {_commit(r)} |")
                 continue
             rate = sustained_images_per_s(row, r["batch_size"])
             to_sustained = rate / row["images_per_s"]  # MFU is proportional to img/s
             lines.append(
-                f"| {r['model']} | {env['device']} | {r['dtype']} | {r['batch_size']} | {_step_row_name(r, row)} | "
+                f"| {_model_with_settings(r)} | {env['device']} | {r['dtype']} | {r['batch_size']} | {_step_row_name(r, row)} | "
                 f"{rate:.0f} | {1e3 * row['median_s']:.1f} ({1e3 * row['p10_s']:.1f}-{1e3 * row['p90_s']:.1f}) | "
                 f"{_gib(row.get('peak_memory_bytes'))} | {_pct(_scaled(row.get('mfu_spec'), to_sustained))} | "
                 f"{_pct(_scaled(row.get('mfu_measured_gemm'), to_sustained))} | "
                 f"{_seconds(row.get('first_step_s'))} | {_commit(r)} |")
-    speedups = [(r["model"], r["environment"]["device"], k, v) for r in results for k, v in step_speedups(r).items()]
+    speedups = [(_model_with_settings(r), r["environment"]["device"], k, v) for r in results
+                for k, v in step_speedups(r).items()]
     if speedups:
         lines += ["", "| model | device | img/s ratio | speed-up |", "|---|---|---|---|"]
         lines += [f"| {m} | {d} | {k} | {v:.2f}x |" for m, d, k, v in speedups]
@@ -309,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make_results_table: error: {args.results_dir} is not a directory", file=sys.stderr)
         return 2
     try:
-        print(markdown(load_results(args.results_dir, args.include_cpu)), end="")
+        charts = Path(os.path.relpath(args.results_dir.resolve(), README_DIR)).as_posix()
+        print(markdown(load_results(args.results_dir, args.include_cpu), chart_prefix=charts), end="")
     except ValueError as err:
         print(f"make_results_table: error: {err}", file=sys.stderr)
         return 2

@@ -1,7 +1,9 @@
 """The step benchmark, Table 2 and the profile on CPU with small configs, and their building blocks."""
 
 import argparse
+import dataclasses
 import json
+import os
 import statistics
 import warnings
 
@@ -512,7 +514,7 @@ def test_results_table_shows_the_data_loaders_and_a_training_run(tmp_path, capsy
     table = load_results_table_script()
     assert table.main(["--results_dir", str(results), "--include_cpu"]) == 0
     out = capsys.readouterr().out
-    assert "#### Data loaders" in out and "![data.png](benchmarks/results/data.png)" in out
+    assert "#### Data loaders" in out and f"![data.png]({os.path.relpath(results, table.README_DIR)}/data.png)" in out
     assert f"| cpu | augment | - | {augment:.0f} | - | 4 | 1 |" in out  # no ViT-B step result to compare with
     # a ViT-B step on the same device: the loader's img/s as a multiple of the fastest fastmae row
     step = {"benchmark": "step", "model": "mae_vit_base_patch16", "environment": data["environment"], "dtype": "bf16",
@@ -681,7 +683,7 @@ def test_results_table_shows_the_kernel_benchmark(tmp_path, capsys, charts):
         ("triton", [1500], ["1500"]), ("eager", [600], ["600"]), ("compiled", [None], ["failed"])]
     # with the chart beside the JSON, the README section shows it
     assert table.main(["--results_dir", str(tmp_path), "--include_cpu"]) == 0
-    assert "![kernels.png](benchmarks/results/kernels.png)" in capsys.readouterr().out
+    assert f"![kernels.png]({os.path.relpath(tmp_path, table.README_DIR)}/kernels.png)" in capsys.readouterr().out
 
 
 def test_bar_chart_rejects_what_it_cannot_draw(tmp_path):
@@ -956,3 +958,24 @@ def test_results_record_the_commit_named_by_the_environment(monkeypatch):
     monkeypatch.setenv(GIT_COMMIT_VARIABLE, "0123456789abcdef0123456789abcdef01234567")
     assert git_commit() == {"commit": "0123456789abcdef0123456789abcdef01234567", "dirty": None,
                             "source": GIT_COMMIT_VARIABLE}
+
+
+def test_results_tables_name_a_runs_non_default_settings_and_link_charts_where_they_are(tmp_path, capsys):
+    """Two runs of one model on one day, one with a 4-block decoder at mask ratio 0.5 on real data: the
+    table must not show both as the default configuration; charts are linked from where they lie."""
+    table = load_results_table_script()
+    env = {"device": "GPU X", "device_type": "cuda", "git": {"commit": "abcdef123", "dirty": False}}
+    config = dataclasses.asdict(model_config(MICRO, decoder_depth=4))
+    run = {"benchmark": "step", "model": MICRO, "config": config, "mask_ratio": 0.5, "data": "real (cpu loader, x)"}
+    assert table._model_with_settings(run) == f"{MICRO} (decoder depth 4, mask ratio 0.5, real data)"
+    default = {**run, "config": dataclasses.asdict(model_config(MICRO)), "mask_ratio": 0.75, "data": "synthetic"}
+    assert table._model_with_settings(default) == MICRO
+    results = tmp_path / "elsewhere"
+    results.mkdir()
+    row = {"name": "fastmae", "images_per_s": 10.0, "median_s": 0.1, "p10_s": 0.1, "p90_s": 0.1, "step_times_s": [0.1]}
+    (results / "step_x.json").write_text(json.dumps({**default, "environment": env, "dtype": "fp32", "batch_size": 1,
+                                                     "results": [row]}))
+    (results / "step_x.png").write_bytes(b"\x89PNG")
+    assert table.main(["--results_dir", str(results)]) == 0
+    link = os.path.relpath(results, table.README_DIR)
+    assert f"![step_x.png]({link}/step_x.png)" in capsys.readouterr().out
