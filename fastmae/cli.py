@@ -32,10 +32,12 @@ OUTPUT_FLAGS: dict[str, str] = {
 
 
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict[str, str]]:
+    """The parser (its ``command_parsers``: every command's own parser) and {the command that runs: its module}."""
     parser = argparse.ArgumentParser(prog="fastmae", description="Fast Masked Autoencoder pretraining.")
     top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     chosen: dict[str, str] = {}
+    parsers: dict[str, argparse.ArgumentParser] = {}
     for name, (module, help_text) in COMMANDS.items():
         words = name.split()
         if len(words) == 1:
@@ -48,16 +50,22 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict[str, st
             sub = groups[words[0]].add_parser(words[1], help=help_text, description=help_text)
             selected = argv[:2] == words
         sub.set_defaults(command_name=name)
+        parsers[name] = sub
         if selected:  # import only the command that runs, so start-up stays quick
             importlib.import_module(module).add_arguments(sub)
             chosen[name] = module
+    parser.command_parsers = parsers
     return parser, chosen
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, chosen = build_parser(argv)
-    args = parser.parse_args(argv)
+    # parse_args would report a subcommand's unknown flags with the top-level usage ("fastmae: error");
+    # the subcommand's own usage says which flags that command does take
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.command_parsers[args.command_name].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         for flag, kind in OUTPUT_FLAGS.items():
             if getattr(args, flag, None):
