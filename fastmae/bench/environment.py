@@ -9,6 +9,7 @@ import os
 import platform
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 import torch
@@ -110,3 +111,83 @@ def write_json(path: str | os.PathLike, result: dict) -> Path:
     """Replaces ``path`` whole: a run killed while writing (a time limit) leaves the previous version."""
     text = json.dumps(result, indent=2, default=str) + "\n"
     return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def settings_tag(*, decoder_depth: int | None = None, mask_ratio: float = 0.75, dtype: str = "auto",
+                 real_data: bool = False) -> str:
+    """A file-name part naming the settings other than the defaults, so that runs of other settings on
+    the same day are told apart by their names (``result_file`` keeps them apart in any case)."""
+    return ((f"_dec{decoder_depth}" if decoder_depth is not None else "")
+            + (f"_mask{mask_ratio:g}" if mask_ratio != 0.75 else "")
+            + (f"_{dtype}" if dtype != "auto" else "")
+            + ("_realdata" if real_data else ""))
+
+
+def numbered_paths(path: Path):
+    """``path``, then ``<stem>_2<suffix>``, ``<stem>_3<suffix>``, ..."""
+    yield path
+    number = 2
+    while True:
+        yield path.with_name(f"{path.stem}_{number}{path.suffix}")
+        number += 1
+
+
+def write_new_json(path: str | os.PathLike, result: dict) -> Path:
+    """Writes ``result`` to the first of ``numbered_paths(path)`` where neither the JSON nor its chart
+    (.png) exists, and returns that path: an earlier run's result, or a concurrent run's, is never
+    replaced. The name is taken with an exclusive create, so two runs cannot both take it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = (json.dumps(result, indent=2, default=str) + "\n").encode()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results are for others to read too
+        for candidate in numbered_paths(path):
+            if candidate.with_suffix(".png").exists():
+                continue
+            try:
+                os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            except FileExistsError:
+                continue
+            # the empty file only holds the name: the whole result replaces it at once
+            os.replace(tmp, candidate)
+            return candidate
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    raise AssertionError("numbered_paths is endless")
+
+
+class ResultFile:
+    """Where a benchmark writes its result (JSON, rewritten as the run goes on) and its chart (the same
+    stem, .png).
+
+    A path given with ``--json`` is the user's choice and is rewritten; a name made up in ``--out_dir``
+    is taken on the first write as ``write_new_json`` takes it, then rewritten by this run only."""
+
+    def __init__(self, json_flag: str | None, out_dir: str | None, filename: str):
+        if json_flag and Path(json_flag).suffix.lower() == ".png":
+            # the chart goes beside the JSON with the suffix .png: it would take the JSON's place
+            raise ValueError(f"--json {json_flag}: the JSON result cannot be a .png; the chart is written "
+                             f"beside it as .png (e.g. --json {Path(json_flag).with_suffix('.json')})")
+        self.requested = Path(json_flag) if json_flag else Path(out_dir) / filename if out_dir else None
+        self.named_by_user = bool(json_flag)
+        self.path: Path | None = None  # where the result is, once written
+
+    def __bool__(self) -> bool:
+        return self.requested is not None
+
+    def write(self, result: dict) -> Path:
+        if self.path is None and not self.named_by_user:
+            self.path = write_new_json(self.requested, result)
+        else:
+            self.path = write_json(self.path or self.requested, result)
+        return self.path
+
+    @property
+    def chart(self) -> Path:
+        return (self.path or self.requested).with_suffix(".png")

@@ -54,6 +54,11 @@ def default_batch_size(device: torch.device, cpu_batch: int) -> int:
     return 256 if device.type == "cuda" else cpu_batch
 
 
+def engine_tag(kernels: str, attn: str) -> str:
+    """A file-name part for engine settings other than the defaults (Triton kernels where they run, SDPA)."""
+    return ("" if kernels == "auto" else f"_kernels-{kernels}") + ("" if attn == "sdpa" else f"_attn-{attn}")
+
+
 def resolve_measurement(args: argparse.Namespace, cpu_batch: int) -> tuple[torch.device, torch.dtype, int, TimingPlan]:
     """Device, dtype, batch size and timing plan from the shared flags; fills in the per-device
     defaults of --warmup and --steps. Raises ValueError naming a bad flag."""

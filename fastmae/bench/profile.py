@@ -32,8 +32,8 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastmae.bench.charts import Panel, Series, write_bar_chart
-from fastmae.bench.environment import (dtype_name, environment_info, resolve_dtype, result_filename,
-                                       write_json)
+from fastmae.bench.environment import (ResultFile, dtype_name, environment_info, resolve_dtype, result_filename,
+                                       settings_tag)
 from fastmae.bench.kernel_time import device_busy_fraction, format_kernel_times, step_kernel_times
 from fastmae.bench.timing import SyntheticImages, synchronize
 from fastmae.device import device_from_flag
@@ -412,7 +412,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel_table", type=int, default=15, metavar="N",
                         help="device time of a step by kind of kernel and its N largest kernels (torch.profiler); 0: off")
     parser.add_argument("--json", default=None, help="write the whole profile here, and its chart beside it (.png)")
-    parser.add_argument("--out_dir", default=None, help="write profile_<model>_<device>_<date>.json and .png here")
+    parser.add_argument("--out_dir", default=None,
+                        help="write profile_<model>_<settings>_<device>_<date>.json and .png here; a name already "
+                             "taken gets _2, _3, ... (an earlier result is never replaced)")
 
 
 def measure_step(report: dict, model, args, device: torch.device, dtype: torch.dtype, batch: int, warmup: int,
@@ -464,6 +466,11 @@ def run(args) -> int:
         with torch.device("meta"):
             config = create_model(args.model, kernels="torch", **overrides).config
         flops = flop_table(config, args.mask_ratio)
+        batch_tag = "" if args.batch_size is None else f"_batch{batch}"
+        settings = ("_flops" if args.flops_only else batch_tag) + settings_tag(
+            decoder_depth=args.decoder_depth, mask_ratio=args.mask_ratio,
+            dtype="auto" if args.flops_only else args.dtype)
+        output = ResultFile(args.json, args.out_dir, result_filename(f"profile_{args.model}{settings}", device))
     except ValueError as err:
         print(f"fastmae profile: error: {err}", file=sys.stderr)
         return 2
@@ -493,8 +500,7 @@ def run(args) -> int:
                   file=sys.stderr)
             return 2
     print_report(report)
-    path = args.json or (Path(args.out_dir) / result_filename(f"profile_{args.model}", device) if args.out_dir else None)
-    if path:
-        print(f"\nwrote {write_json(path, report)}")
-        print(f"wrote {plot_profile(report, Path(path).with_suffix('.png'))}")
+    if output:
+        print(f"\nwrote {output.write(report)}")
+        print(f"wrote {plot_profile(report, output.chart)}")
     return 0 if report["flop_cross_check"]["passed"] else 1

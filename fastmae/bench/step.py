@@ -19,10 +19,11 @@ import torch
 from fastmae.bench.charts import Panel, Series, write_bar_chart
 from fastmae.bench.contenders import CONTENDER_NAMES, CUDA_GRAPH_CONTENDERS, build_contenders
 from fastmae.bench.environment import (
+    ResultFile,
     dtype_name,
     environment_info,
     result_filename,
-    write_json,
+    settings_tag,
 )
 from fastmae.bench.gemm_peak import measured_gemm_flops
 from fastmae.bench.hf_vitmae import transformers_available
@@ -33,6 +34,7 @@ from fastmae.bench.measure import (
     check_model_names,
     compile_config,
     default_batch_size,
+    engine_tag,
     format_row,
     measure_contender,
     model_config,
@@ -60,11 +62,6 @@ def speedups(rows: list[dict]) -> dict:
         if ours in by_name and theirs in by_name:
             out[f"{ours} / {theirs}"] = by_name[ours] / by_name[theirs]
     return out
-
-
-def engine_tag(kernels: str, attn: str) -> str:
-    """A file-name part for engine settings other than the defaults (Triton kernels where they run, SDPA)."""
-    return ("" if kernels == "auto" else f"_kernels-{kernels}") + ("" if attn == "sdpa" else f"_attn-{attn}")
 
 
 def plot_step(result: dict, path: Path) -> Path:
@@ -178,7 +175,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num_workers", type=int, default=None,
                         help="loader workers for --real_data (default: as pretrain, at most 10 and this machine's cores less one)")
     parser.add_argument("--json", default=None, help="write the result here (one model), and its chart beside it (.png)")
-    parser.add_argument("--out_dir", default=None, help="write step_<model>_<gpu>_<date>.json and .png here, one per model")
+    parser.add_argument("--out_dir", default=None,
+                        help="write step_<model>_<settings>_<gpu>_<date>.json and .png here, one per model; a name "
+                             "already taken gets _2, _3, ... (an earlier result is never replaced)")
 
 
 def run(args) -> int:
@@ -201,6 +200,13 @@ def run(args) -> int:
                 raise ValueError("hf-vitmae asked for, but transformers is not installed (pip install transformers)")
         else:
             names = default_contenders(device, args.compile, not args.no_hf)
+        # another batch than the default is another result: a file of its own beside the default's
+        batch_tag = "" if batch_size == default_batch_size(device, CPU_BATCH) else f"_batch{batch_size}"
+        settings = (f"{compiled.tag}{engine_tag(args.kernels, args.attn)}{batch_tag}"
+                    + settings_tag(decoder_depth=args.decoder_depth, mask_ratio=args.mask_ratio, dtype=args.dtype,
+                                   real_data=args.real_data))
+        outputs = {name: ResultFile(args.json, args.out_dir, result_filename(f"step_{name}{settings}", device))
+                   for name in models}
     except ValueError as err:
         print(f"fastmae bench step: error: {err}", file=sys.stderr)
         return 2
@@ -210,12 +216,9 @@ def run(args) -> int:
     gemm = measured_gemm_flops(device, dtype, args.gemm_size)
     print(f"measured {gemm['dtype']} GEMM ({gemm['size']}^3): {gemm['flops_per_s'] / 1e12:.2f} TFLOP/s", flush=True)
     status = 0
-    # another batch than the default is another result: a file of its own beside the default's
-    batch_tag = "" if batch_size == default_batch_size(device, CPU_BATCH) else f"_batch{batch_size}"
     for name in models:
-        what = f"step_{name}{compiled.tag}{engine_tag(args.kernels, args.attn)}{batch_tag}"
-        path = args.json or (Path(args.out_dir) / result_filename(what, device) if args.out_dir else None)
-        save = (lambda partial, path=path: write_json(path, {"environment": environment, **partial})) if path else None
+        output = outputs[name]
+        save = (lambda partial, output=output: output.write({"environment": environment, **partial})) if output else None
         batch = batch_size
         while True:
             print(f"{name}: batch {batch}, {', '.join(names)}", flush=True)
@@ -240,7 +243,7 @@ def run(args) -> int:
             status = 1
         for key, value in result["speedups"].items():
             print(f"  speedup {key}: {value:.2f}x")
-        if path:  # the JSON is complete since the last contender's save
-            print(f"  wrote {path}")
-            print(f"  wrote {plot_step(result, Path(path).with_suffix('.png'))}")
+        if output:  # the JSON is complete since the last contender's save
+            print(f"  wrote {output.path}")
+            print(f"  wrote {plot_step(result, output.chart)}")
     return status

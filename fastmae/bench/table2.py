@@ -18,7 +18,7 @@ from typing import Callable
 
 from fastmae.bench.charts import Panel, Series, write_bar_chart
 from fastmae.bench.contenders import Contender, fastmae_step
-from fastmae.bench.environment import dtype_name, environment_info, result_filename, write_json
+from fastmae.bench.environment import ResultFile, dtype_name, environment_info, result_filename, settings_tag
 from fastmae.bench.gemm_peak import measured_gemm_flops
 from fastmae.bench.measure import (
     BatchTooLarge,
@@ -26,6 +26,8 @@ from fastmae.bench.measure import (
     add_measurement_arguments,
     check_model_names,
     compile_config,
+    default_batch_size,
+    engine_tag,
     format_row,
     measure_contender,
     model_config,
@@ -131,7 +133,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuda_graph", action="store_true",
                         help="replay every row's eager step as one CUDA graph (CUDA only; not with --compile)")
     parser.add_argument("--json", default=None, help="write the result here (the PNG goes beside it)")
-    parser.add_argument("--out_dir", default=None, help="write table2_<gpu>_<date>.json and .png here")
+    parser.add_argument("--out_dir", default=None,
+                        help="write table2_<settings>_<gpu>_<date>.json and .png here; a name already taken gets "
+                             "_2, _3, ... (an earlier result is never replaced)")
 
 
 def run(args) -> int:
@@ -143,6 +147,12 @@ def run(args) -> int:
         if args.cuda_graph and (compiled or device.type != "cuda"):
             raise ValueError("--cuda_graph replays the eager step as a CUDA graph: it needs a CUDA device, and "
                              "not --compile (whose mode reduce-overhead is torch.compile's own CUDA graphs)")
+        what = ("table2" + ((compiled.tag or "_compile") if compiled else "") + ("_cudagraph" if args.cuda_graph else "")
+                + engine_tag(args.kernels, args.attn)
+                + ("" if batch_size == default_batch_size(device, 32) else f"_batch{batch_size}")
+                + settings_tag(mask_ratio=args.mask_ratio, dtype=args.dtype)
+                + ("_small" if args.small and not args.models else ""))
+        output = ResultFile(args.json, args.out_dir, result_filename(what, device))
     except ValueError as err:
         print(f"fastmae bench table2: error: {err}", file=sys.stderr)
         return 2
@@ -168,14 +178,12 @@ def run(args) -> int:
         "measured_gemm": gemm,
         "paper": "He et al. 2022, Table 2: wall-clock speed-up on 128 TPU-v3 cores, relative to w/ [M] with 8 blocks",
     }
-    what = "table2" + ((compiled.tag or "_compile") if compiled else "") + ("_cudagraph" if args.cuda_graph else "")
-    path = args.json or (Path(args.out_dir) / result_filename(what, device) if args.out_dir else None)
 
     def save(rows: list[dict]) -> None:  # after every row: a run stopped part-way keeps what it measured
-        if path:
+        if output:
             done = {row["label"] for row in rows}
             pending = [label for label in planned if label not in done]
-            write_json(path, {**result, "rows": rows, "complete": not pending, "pending": pending})
+            output.write({**result, "rows": rows, "complete": not pending, "pending": pending})
 
     rows: list[dict] = []
     for encoder in encoders:
@@ -194,7 +202,7 @@ def run(args) -> int:
                 print(f"  {err}; measuring {encoder}'s rows again at batch {batch // 2}", flush=True)
                 batch //= 2
     print_table(rows)
-    if path:
-        png = plot_table2(rows, Path(path).with_suffix(".png"), f"Table 2 on {environment['device']}, {dtype_name(dtype)}")
-        print(f"wrote {path} and {png}")
+    if output:
+        png = plot_table2(rows, output.chart, f"Table 2 on {environment['device']}, {dtype_name(dtype)}")
+        print(f"wrote {output.path} and {png}")
     return 0

@@ -1,0 +1,84 @@
+"""The benchmark commands' handling of what users give them: output files, bad flags, stops."""
+
+import json
+
+import pytest
+import torch
+
+from fastmae.bench.environment import ResultFile, write_new_json
+from fastmae.cli import main
+
+MICRO = "mae_vit_micro_patch4"
+QUICK_STEP = ["bench", "step", "--model", MICRO, "--impl", "fastmae", "--batch_size", "2", "--warmup", "0",
+              "--steps", "1", "--gemm_size", "64", "--no_progress"]
+QUICK_TABLE2 = ["bench", "table2", "--models", MICRO, "--batch_size", "2", "--warmup", "0", "--steps", "1",
+                "--no_progress"]
+QUICK_PROFILE = ["profile", "--model", MICRO, "--batch_size", "2", "--warmup", "0", "--steps", "1",
+                 "--kernel_table", "0"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Timing on a shared 2-core machine: two OpenMP threads fighting other jobs are much slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def names(folder) -> list[str]:
+    return sorted(f.name for f in folder.iterdir())
+
+
+# ---- 1. --out_dir never replaces an earlier result ----
+def test_write_new_json_takes_the_first_free_name(tmp_path):
+    first = write_new_json(tmp_path / "r.json", {"run": 1})
+    second = write_new_json(tmp_path / "r.json", {"run": 2})
+    (tmp_path / "r_3.png").write_bytes(b"an earlier run's chart")  # its JSON was deleted: the name is still taken
+    fourth = write_new_json(tmp_path / "r.json", {"run": 4})
+    assert (first.name, second.name, fourth.name) == ("r.json", "r_2.json", "r_4.json")
+    assert [json.loads((tmp_path / n).read_text())["run"] for n in ("r.json", "r_2.json", "r_4.json")] == [1, 2, 4]
+    assert names(tmp_path) == ["r.json", "r_2.json", "r_3.png", "r_4.json"]  # no temporary file left
+
+
+def test_result_file_takes_a_name_once_then_rewrites_it(tmp_path):
+    (tmp_path / "x.json").write_text("{}")
+    output = ResultFile(None, str(tmp_path), "x.json")
+    assert output.write({"rows": 1}).name == "x_2.json"
+    assert output.write({"rows": 2}).name == "x_2.json"  # the run's later saves: its own file
+    assert output.chart.name == "x_2.png"
+    assert json.loads((tmp_path / "x_2.json").read_text()) == {"rows": 2} and (tmp_path / "x.json").read_text() == "{}"
+    named = ResultFile(str(tmp_path / "x.json"), None, "unused")
+    assert named.write({"mine": True}).name == "x.json"  # --json: the user named the file to write
+    assert not ResultFile(None, None, "x.json")
+
+
+def test_bench_step_out_dir_keeps_every_run(tmp_path, capsys):
+    for _ in range(2):
+        assert main(QUICK_STEP + ["--out_dir", str(tmp_path)]) == 0
+    files = names(tmp_path)
+    assert len(files) == 4 and [f for f in files if f.endswith(".json")][1].endswith("_2.json")
+    assert capsys.readouterr().out.count("_2.json") == 1  # the second run says where it wrote
+    # settings other than the defaults are in the name
+    assert main(QUICK_STEP + ["--out_dir", str(tmp_path), "--decoder_depth", "2", "--mask_ratio", "0.5"]) == 0
+    assert any(f.startswith(f"step_{MICRO}_batch2_dec2_mask0.5_cpu_") for f in names(tmp_path))
+
+
+def test_bench_table2_and_profile_out_dir_keep_every_run(tmp_path):
+    for _ in range(2):
+        assert main(QUICK_TABLE2 + ["--out_dir", str(tmp_path / "t2")]) == 0
+        assert main(["profile", "--model", MICRO, "--flops_only", "--out_dir", str(tmp_path / "p")]) == 0
+    for folder in ("t2", "p"):
+        files = names(tmp_path / folder)
+        assert len(files) == 4 and sum(f.endswith("_2.json") or f.endswith("_2.png") for f in files) == 2
+        assert all(json.loads((tmp_path / folder / f).read_text()) for f in files if f.endswith(".json"))
+
+
+# ---- 2. the chart never takes the JSON's place ----
+@pytest.mark.parametrize("command", [QUICK_STEP, QUICK_TABLE2, QUICK_PROFILE])
+def test_a_json_path_ending_in_png_is_refused_up_front(tmp_path, capsys, command):
+    path = tmp_path / "result.PNG"
+    assert main(command + ["--json", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "--json" in err and ".png" in err and "Traceback" not in err
+    assert names(tmp_path) == []
