@@ -194,7 +194,8 @@ def test_evaluate_counts_top1_top5_and_the_mean_loss_over_uneven_batches():
 
 
 def test_train_loader_shuffles_and_drops_the_last_batch_val_loader_keeps_order(tiny_folder):  # noqa: F811
-    args = argparse.Namespace(data_path=str(tiny_folder), batch_size=5, accum_iter=1, num_workers=0, seed=0)
+    args = argparse.Namespace(data_path=str(tiny_folder), batch_size=5, accum_iter=1, num_workers=0, seed=0,
+                              pin_mem=True)
     _, _, train_loader, val_loader = datasets_and_loaders(args, 32, True)
     train_labels = [y.tolist() for _, y in train_loader]
     assert [len(y) for y in train_labels] == [5, 5]  # 12 images, batch 5: drop_last, as the reference

@@ -22,3 +22,163 @@ def test_an_unknown_flag_is_reported_with_the_subcommands_usage(argv, prog, caps
     assert err.startswith(f"usage: {prog} [-h]"), err
     assert f"{prog}: error: unrecognized arguments: --no_such_flag" in err
     assert "Traceback" not in err
+
+
+# ---- linprobe / finetune take the reference's flags ----
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from fastmae.checkpoint import save_checkpoint  # noqa: E402
+from fastmae.cli import build_parser  # noqa: E402
+from fastmae.models import create_model  # noqa: E402
+from fastmae.train import metrics as metrics_module  # noqa: E402
+from fastmae.train.schedule import lr_at  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def labeled_folder(tmp_path_factory):
+    """{train,val}/{cat,dog}/*.png: 6 + 4 images a class, bright cats, dark dogs."""
+    root = tmp_path_factory.mktemp("labeled")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("val", 4)):
+        for name, level in (("cat", 200), ("dog", 40)):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(rng.normal(level, 20, (36, 40, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def mae_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mae") / "mae.pth"
+    torch.manual_seed(1)
+    save_checkpoint(path, create_model("mae_vit_micro_patch4"), epoch=3, args={"model": "mae_vit_micro_patch4"})
+    return path
+
+
+class RecordingWriter:
+    """A stand-in for TensorBoard's SummaryWriter (the package is optional)."""
+
+    def __init__(self, log_dir):
+        self.log_dir, self.scalars, self.closed = Path(log_dir), [], False
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, step, value))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.fixture
+def tensorboard(monkeypatch):
+    writers = []
+
+    def open_writer(log_dir):
+        writers.append(RecordingWriter(log_dir))
+        return writers[-1]
+
+    monkeypatch.setattr(metrics_module, "_tensorboard_writer", open_writer)
+    return writers
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def downstream_flags(command, data, checkpoint, out, *extra):
+    return [command, "--finetune", str(checkpoint), "--data_path", str(data), "--output_dir", str(out),
+            "--num_workers", "0", "--batch_size", "4", "--warmup_epochs", "1", *extra]
+
+
+@pytest.mark.parametrize("command", ["linprobe", "finetune"])
+def test_a_reference_command_line_runs(command, labeled_folder, mae_checkpoint, tmp_path, tensorboard, capsys):
+    out, tb = tmp_path / "out", tmp_path / "tb"
+    # as the reference's README gives them (less torch.distributed.launch)
+    argv = downstream_flags(command, labeled_folder, mae_checkpoint, out, "--epochs", "3", "--start_epoch", "1",
+                            "--dist_eval", "--pin_mem", "--log_dir", str(tb), "--blr", "0.1")
+    assert main(argv) == 0, capsys.readouterr().err
+    epochs = [r for r in read_jsonl(out / "log.jsonl") if not r.get("final")]
+    assert [r["epoch"] for r in epochs] == [2, 3]  # epochs 1 and 2, counted from 0, as numbered in log.jsonl
+    # the schedule starts at epoch 1 too: 3 batches an epoch, the last lr of the first epoch trained
+    peak = 0.1 * 4 / 256
+    lr_of_last_step = lr_at(1 + 2 / 3, peak, 1e-6 if command == "finetune" else 0.0, 1, 3)
+    assert epochs[0]["lr"] == pytest.approx(lr_of_last_step)
+    (writer,) = tensorboard
+    assert writer.log_dir == tb and writer.closed
+    tags = {(tag, step) for tag, step, _ in writer.scalars}
+    assert tags == {(tag, epoch) for epoch in (1, 2) for tag in
+                    ("train/loss", "train/lr", "perf/test_acc1", "perf/test_acc5", "perf/test_loss")}
+    scalars = {(tag, step): value for tag, step, value in writer.scalars}
+    assert scalars["perf/test_acc1", 2] == epochs[1]["val_top1"] and scalars["perf/test_loss", 2] == epochs[1]["val_loss"]
+    assert scalars["train/loss", 1] == pytest.approx(epochs[0]["train_loss"])
+    # the epoch's average lr over its 3 batches
+    lrs = [lr_at(1 + i / 3, peak, 1e-6 if command == "finetune" else 0.0, 1, 3) for i in range(3)]
+    assert scalars["train/lr", 1] == pytest.approx(sum(lrs) / 3)
+
+
+@pytest.mark.parametrize("command", ["linprobe", "finetune"])
+def test_reference_flags_parse_with_the_references_defaults(command):
+    def parse(*flags):
+        argv = [command, "--data_path", "d", *flags]
+        parser, _ = build_parser(argv)
+        return parser.parse_args(argv)
+
+    args = parse()
+    assert (args.pin_mem, args.dist_eval, args.start_epoch, args.log_dir) == (True, False, 0, None)
+    assert parse("--no_pin_mem").pin_mem is False and parse("--pin_mem").pin_mem is True
+    assert parse("--dist_eval").dist_eval is True and parse("--start_epoch", "5").start_epoch == 5
+
+
+def test_dist_eval_help_says_why_it_changes_nothing(capsys):
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--dist_eval accepted for the reference's command lines, and meaningless here: in one process the " \
+           "evaluation already covers the whole val set" in text
+
+
+def test_pin_mem_pins_the_batches_on_their_way_to_a_gpu(labeled_folder):
+    from fastmae.downstream.classify import datasets_and_loaders
+
+    def pinned(pin_mem, device):
+        args = argparse.Namespace(data_path=str(labeled_folder), batch_size=4, accum_iter=1, num_workers=0, seed=0,
+                                  pin_mem=pin_mem)
+        _, _, train_loader, val_loader = datasets_and_loaders(args, 32, True, device=torch.device(device))
+        return train_loader.pin_memory, val_loader.pin_memory
+
+    assert pinned(True, "cuda") == (True, True)  # built, not iterated: no GPU needed
+    assert pinned(False, "cuda") == (False, False)
+    assert pinned(True, "cpu") == (False, False)  # no copy to a GPU to speed up
+
+
+@pytest.mark.parametrize("command", ["linprobe", "finetune"])
+def test_a_start_epoch_that_leaves_nothing_to_train_is_refused(command, labeled_folder, mae_checkpoint, tmp_path,
+                                                               capsys):
+    out = tmp_path / "out"
+    assert main(downstream_flags(command, labeled_folder, mae_checkpoint, out, "--epochs", "2",
+                                 "--start_epoch", "2")) == 2
+    err = capsys.readouterr().err
+    assert f"fastmae {command}: error: --start_epoch 2 leaves nothing to train: --epochs is 2" in err
+    assert main(downstream_flags(command, labeled_folder, mae_checkpoint, out, "--start_epoch", "-1")) == 2
+    assert "--start_epoch must be >= 0, got -1" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_log_dir_without_tensorboard_is_said(labeled_folder, mae_checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(metrics_module, "_tensorboard_writer", lambda log_dir: None)  # as when it is not installed
+    out = tmp_path / "out"
+    assert main(downstream_flags("linprobe", labeled_folder, mae_checkpoint, out, "--epochs", "1",
+                                 "--log_dir", str(tmp_path / "tb"))) == 0
+    assert (f"--log_dir {tmp_path / 'tb'}: no TensorBoard logs, tensorboard is not installed (pip install "
+            f"'fastmae[tensorboard]'); the metrics are in {out / 'log.jsonl'}") in capsys.readouterr().out

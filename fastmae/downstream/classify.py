@@ -49,14 +49,26 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int, ep
     parser.add_argument("--warmup_epochs", type=float, default=warmup_epochs)
     parser.add_argument("--weight_decay", type=float, default=weight_decay)
     parser.add_argument("--output_dir", default=None, help="checkpoints and log.jsonl go here")
+    parser.add_argument("--log_dir", default=None,
+                        help="TensorBoard folder: per epoch the train loss and lr, the val top-1, top-5 and loss "
+                             "(default: --output_dir, when the tensorboard package is installed)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--pin_mem", action="store_true", default=True,
+                        help="pin the batches' CPU memory for faster copies to the GPU (default; no effect on CPU)")
+    parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="do not pin CPU memory")
+    parser.add_argument("--dist_eval", action="store_true",
+                        help="accepted for the reference's command lines, and meaningless here: in one process the "
+                             "evaluation already covers the whole val set")
     parser.add_argument("--seed", type=seed_flag, default=0)
     parser.add_argument("--eval", action="store_true",
                         help="only evaluate --checkpoint (a classifier saved by this command) on val/")
     parser.add_argument("--resume", default=None,
                         help="continue a run after its last epoch saved: 'auto' (its checkpoint in --output_dir) "
                              "or that checkpoint's path")
+    parser.add_argument("--start_epoch", type=int, default=0,
+                        help="epoch the schedule and the epoch loop start at, when not resuming (a resumed run "
+                             "continues after its checkpoint's epoch)")
 
 
 @dataclass
@@ -113,7 +125,9 @@ def input_size_of(args, pretrained: Pretrained) -> int:
 
 
 def datasets_and_loaders(args, input_size: int, train_augment: bool, rand_augment: RandAugment | None = None,
-                         random_erasing: RandomErasing | None = None):
+                         random_erasing: RandomErasing | None = None, device: torch.device | None = None):
+    """``device``: where the batches go; --pin_mem pins them only on their way to a GPU (a CPU run has
+    no copy to speed up, and torch warns about pinning without one)."""
     train_set, val_set = build_datasets(args.data_path, input_size, train_augment,
                                         rand_augment=rand_augment, random_erasing=random_erasing)
     if args.batch_size < 1:
@@ -121,7 +135,9 @@ def datasets_and_loaders(args, input_size: int, train_augment: bool, rand_augmen
     if args.accum_iter < 1:
         raise ValueError(f"--accum_iter must be >= 1, got {args.accum_iter}")
     generator = torch.Generator().manual_seed(args.seed)
-    common = dict(batch_size=args.batch_size, num_workers=args.num_workers, persistent_workers=args.num_workers > 0)
+    pin = args.pin_mem and device is not None and device.type == "cuda"
+    common = dict(batch_size=args.batch_size, num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
+                  pin_memory=pin)
     train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, drop_last=len(train_set) > args.batch_size,
                                                generator=generator, **common)
     val_loader = torch.utils.data.DataLoader(val_set, shuffle=False, **common)
@@ -231,6 +247,48 @@ def append_jsonl(path: str | os.PathLike | None, record: dict) -> None:
         f.write(json.dumps({"time": time.time(), **record}) + "\n")
 
 
+def check_start_epoch(args, resumed: "Resumed | None") -> int:
+    """The first epoch to train: the resumed run's next one, else --start_epoch (ValueError when it leaves
+    nothing to train)."""
+    if args.start_epoch < 0:
+        raise ValueError(f"--start_epoch must be >= 0, got {args.start_epoch}")
+    if resumed is not None:
+        return resumed.next_epoch
+    if args.start_epoch >= args.epochs:
+        raise ValueError(f"--start_epoch {args.start_epoch} leaves nothing to train: --epochs is {args.epochs} "
+                         "(epochs are counted from 0)")
+    return args.start_epoch
+
+
+class EpochLogs:
+    """What a run writes once an epoch is evaluated, besides log.jsonl: TensorBoard scalars in --log_dir
+    (default --output_dir, when tensorboard is installed), with the reference's tags for the evaluation."""
+
+    def __init__(self, args):
+        from fastmae.train.metrics import no_tensorboard_message, open_tensorboard
+
+        folder = args.log_dir or args.output_dir
+        self.writer = open_tensorboard(folder) if folder else None
+        if self.writer is None and args.log_dir:
+            jsonl = Path(args.output_dir) / "log.jsonl" if args.output_dir else None
+            print(no_tensorboard_message(args.log_dir, jsonl))
+
+    def epoch(self, epoch: int, train_loss: float, train_lr: float, stats: dict) -> None:
+        """``epoch``: counted from 0, the reference's step; ``train_*``: the epoch's averages over its
+        batches; ``stats``: the evaluation after it (evaluate())."""
+        if self.writer is None:
+            return
+        scalars = {"train/loss": train_loss, "train/lr": train_lr, "perf/test_acc1": stats["top1"],
+                   "perf/test_acc5": stats["top5"], "perf/test_loss": stats["loss"]}
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, epoch)
+        self.writer.flush()  # a run stopped later keeps the epochs done
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 def progress(loader, desc: str):
     return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
 
@@ -251,7 +309,7 @@ def evaluate_saved(args, device: torch.device, build_model) -> dict:
     container = read_checkpoint(args.checkpoint)
     pretrained = describe_pretrained(args.checkpoint, args.model, False, container)
     size = input_size_of(args, pretrained)
-    _, val_set, _, val_loader = datasets_and_loaders(args, size, False)
+    _, val_set, _, val_loader = datasets_and_loaders(args, size, False, device=device)
     model = build_model(pretrained, size)
     load_weights(model, pretrained.state, strict=True)
     saved_classes = container.get("classes")

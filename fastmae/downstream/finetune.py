@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from fastmae.checkpoint import load_weights, save_checkpoint
 from fastmae.device import device_from_flag
 from fastmae.downstream.classify import (
-    add_common_arguments, append_jsonl, build_classifier, datasets_and_loaders, describe_pretrained,
-    evaluate, evaluate_saved, input_size_of, number_of_classes, peak_lr, progress, refuse_torchrun,
+    EpochLogs, add_common_arguments, append_jsonl, build_classifier, check_start_epoch, datasets_and_loaders,
+    describe_pretrained, evaluate, evaluate_saved, input_size_of, number_of_classes, peak_lr, progress, refuse_torchrun,
     resume_and_refuse_earlier_outputs, say_if_not_saved, show_rate,
 )
 from fastmae.downstream.lr_decay import param_groups_lrd
@@ -91,8 +91,9 @@ def _run(args) -> int:
     pretrained = (describe_pretrained(str(resumed.path), args.model, False, resumed.container) if resumed
                   else describe_pretrained(args.checkpoint, args.model, args.random_init))
     size = input_size_of(args, pretrained)
+    first_epoch = check_start_epoch(args, resumed)
     train_set, val_set, train_loader, val_loader = datasets_and_loaders(args, size, True, rand_augment,
-                                                                        random_erasing)
+                                                                        random_erasing, device)
     num_classes = number_of_classes(args, train_set)
     say_if_not_saved(args.output_dir)
     model, report = build_classifier(pretrained, num_classes, size, global_pool=args.global_pool,
@@ -106,11 +107,11 @@ def _run(args) -> int:
     lr = peak_lr(args)
     groups = param_groups_lrd(model, args.weight_decay, model.no_weight_decay(), args.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=lr)
-    start_epoch, best = 0, -1.0
+    best = -1.0
     if resumed is not None:
         load_weights(model, resumed.container["model"], strict=True)
         optimizer.load_state_dict(resumed.container["optimizer"])
-        start_epoch, best = resumed.next_epoch, resumed.best_top1
+        best = resumed.best_top1
         print(resumed.describe(args.epochs))
     mixup = None
     if args.mixup > 0 or args.cutmix > 0:
@@ -126,12 +127,28 @@ def _run(args) -> int:
           f"RandAugment {args.aa if rand_augment else 'off'}, random erasing "
           f"{f'{args.reprob} ({args.remode})' if random_erasing else 'off'}")
 
+    epoch_logs = EpochLogs(args)
+    try:
+        stats, best = _train(args, model, optimizer, train_loader, val_loader, train_set, mixup, autocast, device,
+                             lr, first_epoch, best, epoch_logs, out, log)
+    finally:
+        epoch_logs.close()
+    print(f"fine-tuned top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  (max {best:.2f}%) "
+          f"on {stats['n']} val images")
+    append_jsonl(log, {"final": True, "val_top1": stats["top1"], "val_top5": stats["top5"], "max_top1": best,
+                       "n": stats["n"]})
+    return 0
+
+
+def _train(args, model, optimizer, train_loader, val_loader, train_set, mixup, autocast, device, lr: float,
+           first_epoch: int, best: float, epoch_logs: EpochLogs, out: Path | None, log: Path | None):
+    """The epochs from ``first_epoch``; -> (the last evaluation, the best top-1)."""
     steps_per_epoch = len(train_loader)
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(first_epoch, args.epochs):
         model.train()
         train_loader.generator.manual_seed(args.seed + epoch)  # a resumed run sees the same order
         bar = progress(train_loader, f"finetune epoch {epoch + 1}/{args.epochs}")
-        start, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
+        start, seen, loss_sum, lr_sum = time.perf_counter(), 0, torch.zeros((), device=device), 0.0
         optimizer.zero_grad(set_to_none=True)  # a partial accumulation left by the last epoch is dropped, as in the reference
         for step, (imgs, labels) in enumerate(bar):
             if step % args.accum_iter == 0:  # the reference sets the lr at the first batch of each step
@@ -151,6 +168,7 @@ def _run(args) -> int:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
+            lr_sum += max(group["lr"] for group in optimizer.param_groups)  # the reference logs the top lr
             seen += labels.shape[0]
             if step % 10 == 0:
                 show_rate(bar, seen, start, loss.item(), optimizer.param_groups[-1]["lr"])
@@ -168,13 +186,10 @@ def _run(args) -> int:
                             max_top1=max(best, stats["top1"]), classes=train_set.classes)
         best = max(best, stats["top1"])
         append_jsonl(log, {**record, "max_top1": best})
+        epoch_logs.epoch(epoch, record["train_loss"], lr_sum / max(steps_per_epoch, 1), stats)
         print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val top-1 {stats['top1']:.2f}% "
               f"top-5 {stats['top5']:.2f}% (max {best:.2f}%)")
-    print(f"fine-tuned top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  (max {best:.2f}%) "
-          f"on {stats['n']} val images")
-    append_jsonl(log, {"final": True, "val_top1": stats["top1"], "val_top5": stats["top5"], "max_top1": best,
-                       "n": stats["n"]})
-    return 0
+    return stats, best
 
 
 def _evaluate_saved(args, device: torch.device) -> int:

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from fastmae.checkpoint import load_weights, save_checkpoint
 from fastmae.device import device_from_flag
 from fastmae.downstream.classify import (
-    add_common_arguments, append_jsonl, build_classifier, datasets_and_loaders, describe_pretrained,
-    Resumed, evaluate, evaluate_saved, input_size_of, number_of_classes, peak_lr, progress, refuse_torchrun,
+    EpochLogs, add_common_arguments, append_jsonl, build_classifier, check_start_epoch, datasets_and_loaders,
+    describe_pretrained, Resumed, evaluate, evaluate_saved, input_size_of, number_of_classes, peak_lr, progress, refuse_torchrun,
     resume_and_refuse_earlier_outputs, say_if_not_saved, show_rate,
 )
 from fastmae.downstream.lars import LARS
@@ -104,13 +104,15 @@ def head_optimizer(model: VisionTransformer, recipe: ProbeRecipe) -> torch.optim
 
 def fit_linear_probe(model: VisionTransformer, train_batches, steps_per_epoch: int, val_model: nn.Module, val_source,
                      recipe: ProbeRecipe, device: torch.device, log=None, verbose: bool = True,
-                     resumed: Resumed | None = None, epoch_done=None) -> dict:
+                     resumed: Resumed | None = None, epoch_done=None, start_epoch: int = 0,
+                     epoch_logs: EpochLogs | None = None) -> dict:
     """Train ``model.head`` on ``train_batches()`` (an iterator of (features [B, D], labels [B])) per epoch;
     evaluate ``val_model`` on ``val_source`` after each, then call ``epoch_done(epoch, stats, optimizer)``
     (stats with 'max_top1'). ``resumed``: continue that run after its last epoch (its head is loaded
-    already). -> final stats with 'max_top1' and the optimizer."""
+    already); else the schedule starts at ``start_epoch``. ``epoch_logs``: also told each epoch.
+    -> final stats with 'max_top1' and the optimizer."""
     optimizer = head_optimizer(model, recipe)
-    start_epoch, best = 0, 0.0
+    best = 0.0
     if resumed is not None:
         optimizer.load_state_dict(resumed.container["optimizer"])
         start_epoch, best = resumed.next_epoch, resumed.best_top1
@@ -119,7 +121,7 @@ def fit_linear_probe(model: VisionTransformer, train_batches, steps_per_epoch: i
     for epoch in range(start_epoch, recipe.epochs):
         model.head.train()
         bar = progress(train_batches(), f"linprobe epoch {epoch + 1}/{recipe.epochs}")
-        start, seen, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
+        start, seen, loss_sum, lr_sum = time.perf_counter(), 0, torch.zeros((), device=device), 0.0
         optimizer.zero_grad(set_to_none=True)  # a partial accumulation left by the last epoch is dropped, as in the reference
         for step, (feats, labels) in enumerate(bar):
             if step % recipe.accum_iter == 0:  # the reference sets the lr at the first batch of each step
@@ -131,6 +133,7 @@ def fit_linear_probe(model: VisionTransformer, train_batches, steps_per_epoch: i
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
+            lr_sum += optimizer.param_groups[0]["lr"]
             seen += labels.shape[0]
             if step % 20 == 0:
                 show_rate(bar, seen, start, loss.item(), optimizer.param_groups[0]["lr"])
@@ -140,6 +143,8 @@ def fit_linear_probe(model: VisionTransformer, train_batches, steps_per_epoch: i
                   "lr": optimizer.param_groups[0]["lr"], "val_top1": stats["top1"], "val_top5": stats["top5"],
                   "val_loss": stats["loss"], "max_top1": best}
         append_jsonl(log, record)
+        if epoch_logs is not None:
+            epoch_logs.epoch(epoch, record["train_loss"], lr_sum / max(steps_per_epoch, 1), stats)
         if epoch_done is not None:
             epoch_done(epoch, {**stats, "max_top1": best}, optimizer)
         if verbose and (epoch + 1 == recipe.epochs or (epoch + 1) % 10 == 0):
@@ -172,7 +177,9 @@ def _run(args) -> int:
     pretrained = (describe_pretrained(str(resumed.path), args.model, False, resumed.container) if resumed
                   else describe_pretrained(args.checkpoint, args.model, args.random_init))
     size = input_size_of(args, pretrained)
-    train_set, val_set, train_loader, val_loader = datasets_and_loaders(args, size, not args.cache_features)
+    first_epoch = check_start_epoch(args, resumed)
+    train_set, val_set, train_loader, val_loader = datasets_and_loaders(args, size, not args.cache_features,
+                                                                        device=device)
     num_classes = number_of_classes(args, train_set)
     say_if_not_saved(args.output_dir)
     model, report = build_classifier(pretrained, num_classes, size, global_pool=args.global_pool)
@@ -205,8 +212,13 @@ def _run(args) -> int:
         save_checkpoint(Path(args.output_dir) / CHECKPOINT_NAME, model, optimizer, epoch, args=args,
                         top1=stats["top1"], max_top1=stats["max_top1"], classes=train_set.classes)
 
-    stats = fit_linear_probe(model, train_batches, steps, val_model, val_source, recipe, device, log,
-                             resumed=resumed, epoch_done=save if args.output_dir else None)
+    epoch_logs = EpochLogs(args)
+    try:
+        stats = fit_linear_probe(model, train_batches, steps, val_model, val_source, recipe, device, log,
+                                 resumed=resumed, epoch_done=save if args.output_dir else None,
+                                 start_epoch=first_epoch, epoch_logs=epoch_logs)
+    finally:
+        epoch_logs.close()
     print(f"linear probe top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  on {stats['n']} val images")
     append_jsonl(log, {"final": True, "val_top1": stats["top1"], "val_top5": stats["top5"], "n": stats["n"]})
     return 0

@@ -33,6 +33,18 @@ def _tensorboard_writer(log_dir: Path):
     return SummaryWriter(log_dir=str(log_dir))
 
 
+def open_tensorboard(log_dir: str | Path):
+    """A TensorBoard SummaryWriter on ``log_dir``, or None when the tensorboard package is not installed."""
+    return _tensorboard_writer(Path(log_dir))
+
+
+def no_tensorboard_message(log_dir: str | Path, metrics_path: str | Path | None) -> str:
+    """What a run given --log_dir says when tensorboard is not installed (the flag is not silently ignored)."""
+    where = f"the metrics are in {metrics_path}" if metrics_path is not None else "the metrics are only printed"
+    return (f"--log_dir {log_dir}: no TensorBoard logs, tensorboard is not installed (pip install "
+            f"'fastmae[tensorboard]'); {where}")
+
+
 @dataclass
 class Span:
     """Logging windows added up: wall time, time waiting for the next batch, images (all ranks), steps."""

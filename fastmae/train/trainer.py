@@ -35,7 +35,7 @@ from fastmae.train.checkpoints import (TrainingPosition, earlier_run_outputs, la
 from fastmae.train.config import PretrainConfig, default_num_workers
 from fastmae.train.cuda_graph import GraphedTrainStep, check_cuda_graph_support
 from fastmae.train.distributed import DistributedContext
-from fastmae.train.metrics import MetricsLogger, RunTotals, peak_memory_gb, plot_loss_curve
+from fastmae.train.metrics import MetricsLogger, RunTotals, no_tensorboard_message, peak_memory_gb, plot_loss_curve
 from fastmae.train.optim import build_optimizer
 from fastmae.train.output_lock import OutputFolderInUse, OutputFolderLock
 from fastmae.train.schedule import base_batch_lr, lr_at, set_lr
@@ -189,8 +189,7 @@ class Pretrainer:
                                     self.position.step, enabled=ctx.is_main, progress_bar=cfg.progress_bar,
                                     append=self.last_checkpoint is not None)
         if cfg.log_dir is not None and ctx.is_main and self.logger.writer is None:
-            self.messages.append(f"--log_dir {cfg.log_dir}: no TensorBoard logs, tensorboard is not installed "
-                                 f"(pip install 'fastmae[tensorboard]'); the metrics are in {self.logger.path}")
+            self.messages.append(no_tensorboard_message(cfg.log_dir, self.logger.path))
         if ctx.is_main:
             self.messages.extend(self._disk_space_warnings())
         self._stop_signal: int | None = None
