@@ -28,6 +28,15 @@ from fastmae.pos_embed import sincos_2d
 from fastmae.vit import Block, PatchEmbed, forward_blocks, init_vit_weights
 
 
+def _check_sizes(**sizes) -> None:
+    """ValueError naming the first size out of range. A negative depth would build no blocks while the
+    FLOP counts (fastmae.flops) multiply by it; depth 0 (no blocks) is a model, a width of 0 is not."""
+    for name, value in sizes.items():
+        least = 0 if name in ("depth", "decoder_depth") else 1
+        if not value >= least:  # also refuses NaN for mlp_ratio
+            raise ValueError(f"{name} must be {'>= 0' if least == 0 else 'positive'}, got {value}")
+
+
 class MaskedAutoencoderViT(nn.Module):
     def __init__(
         self,
@@ -50,6 +59,9 @@ class MaskedAutoencoderViT(nn.Module):
         encoder_mask_tokens: bool = False,
     ):
         super().__init__()
+        _check_sizes(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
+                     num_heads=num_heads, decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,
+                     decoder_num_heads=decoder_num_heads, mlp_ratio=mlp_ratio)
         if norm_layer is not None:  # reference scripts pass partial(nn.LayerNorm, eps=1e-6)
             norm_eps = _layernorm_eps(norm_layer)
         self.config = MAEConfig(

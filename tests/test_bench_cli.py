@@ -82,3 +82,67 @@ def test_a_json_path_ending_in_png_is_refused_up_front(tmp_path, capsys, command
     err = capsys.readouterr().err
     assert "--json" in err and ".png" in err and "Traceback" not in err
     assert names(tmp_path) == []
+
+
+# ---- 3. --real_data's flags are checked before anything is measured ----
+@pytest.fixture
+def no_measuring(monkeypatch):
+    """Fails the test if the GEMM rate is measured: every check here must come before it."""
+    import fastmae.bench.step as step_cmd
+
+    def measured(*args, **kwargs):
+        raise AssertionError("measured before the flags were checked")
+
+    monkeypatch.setattr(step_cmd, "measured_gemm_flops", measured)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--real_data", "--data_path", "/nonexistent/images"], "--data_path /nonexistent/images does not exist"),
+    (["--real_data", "--num_workers", "-1"], "--num_workers must be >= 0, got -1"),
+    (["--real_data", "--data_loader", "dali"], "--data_loader dali reads image files: give --data_path"),
+    (["--data_path", "/tmp"], "--data_path given without --real_data"),
+    (["--num_workers", "2"], "--num_workers given without --real_data"),
+    (["--decoder_depth", "-1"], "--decoder_depth must be >= 0, got -1"),
+])
+def test_bench_step_refuses_bad_flags_before_measuring(capsys, no_measuring, flags, message):
+    assert main(QUICK_STEP + flags) == 2
+    err = capsys.readouterr().err
+    assert f"fastmae bench step: error: {message}" in err and "Traceback" not in err
+
+
+def test_bench_step_data_loader_choices(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(QUICK_STEP + ["--real_data", "--data_loader", "foo"])
+    assert stopped.value.code == 2
+    assert "--data_loader: invalid choice: 'foo'" in capsys.readouterr().err
+
+
+def test_bench_step_real_data_folder_without_images_is_a_clear_error(tmp_path, capsys):
+    assert main(QUICK_STEP + ["--real_data", "--data_path", str(tmp_path), "--num_workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "fastmae bench step: error: --real_data:" in err and "no image files" in err and "Traceback" not in err
+
+
+# ---- 4. depths and widths out of range ----
+def test_profile_refuses_a_negative_decoder_depth(tmp_path, capsys):
+    path = tmp_path / "p.json"
+    assert main(["profile", "--model", MICRO, "--flops_only", "--decoder_depth", "-1", "--json", str(path)]) == 2
+    assert "fastmae profile: error: --decoder_depth must be >= 0, got -1" in capsys.readouterr().err
+    assert not path.exists()
+    assert main(["profile", "--model", MICRO, "--flops_only", "--decoder_depth", "0", "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["flops_per_image"]["without_mask_tokens"]["forward"]["decoder_blocks"] == 0
+
+
+@pytest.mark.parametrize("size, value, message", [
+    ("decoder_depth", -1, "decoder_depth must be >= 0, got -1"),
+    ("depth", -3, "depth must be >= 0, got -3"),
+    ("embed_dim", 0, "embed_dim must be positive, got 0"),
+    ("decoder_num_heads", 0, "decoder_num_heads must be positive, got 0"),
+    ("patch_size", -4, "patch_size must be positive, got -4"),
+])
+def test_model_refuses_sizes_out_of_range(size, value, message):
+    from fastmae.models import create_model
+
+    with pytest.raises(ValueError, match=message):
+        create_model(MICRO, **{size: value})
+    assert len(create_model(MICRO, decoder_depth=0).decoder_blocks) == 0  # no decoder blocks is a model

@@ -462,6 +462,8 @@ def run(args) -> int:
             # batch 2 at least: the activation memory per image is a difference between two batch sizes
             raise ValueError(f"--batch_size must be >= 2, --warmup >= 0 and --steps >= 1; got --batch_size {batch} "
                              f"--warmup {warmup} --steps {steps}")
+        if args.decoder_depth is not None and args.decoder_depth < 0:
+            raise ValueError(f"--decoder_depth must be >= 0, got {args.decoder_depth}")
         overrides = {"decoder_depth": args.decoder_depth} if args.decoder_depth is not None else {}
         with torch.device("meta"):
             config = create_model(args.model, kernels="torch", **overrides).config

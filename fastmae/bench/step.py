@@ -43,6 +43,7 @@ from fastmae.bench.measure import (
 )
 from fastmae.bench.timing import EndlessLoader, SyntheticImages, TimingPlan
 from fastmae.compiling import CompileConfig
+from fastmae.data.loader import LOADER_CHOICES
 
 
 CPU_BATCH = 16  # on CPU the default batch is small: CI runs it
@@ -91,6 +92,33 @@ def image_source(args, config, batch_size: int, device: torch.device):
     return EndlessLoader(loader), f"real ({resolve_loader(data_cfg, device)} loader, {args.data_path or 'embedded photographs'})"
 
 
+class DataError(ValueError):
+    """The --real_data loader could not be built (a folder without images)."""
+
+
+def check_real_data_flags(args, device: torch.device) -> None:
+    """The data flags, before anything is measured: a bad one would otherwise stop the run only once the
+    first model's loader is built. ValueError naming the flag."""
+    if not args.real_data:
+        given = [flag for flag, value, default in (("--data_path", args.data_path, None),
+                                                    ("--data_loader", args.data_loader, "auto"),
+                                                    ("--num_workers", args.num_workers, None)) if value != default]
+        if given:  # without --real_data they would be ignored, and synthetic images measured instead
+            raise ValueError(f"{', '.join(given)} given without --real_data, which the benchmark would ignore "
+                             "(it feeds synthetic images); add --real_data to read them")
+        return
+    if args.num_workers is not None and args.num_workers < 0:
+        raise ValueError(f"--num_workers must be >= 0, got {args.num_workers}")
+    if args.data_path is not None and not Path(args.data_path).expanduser().exists():
+        raise ValueError(f"--data_path {args.data_path} does not exist")
+    if args.data_path is None and args.data_loader in ("dali", "torchvision"):
+        raise ValueError(f"--data_loader {args.data_loader} reads image files: give --data_path (the embedded "
+                         "photographs need --data_loader cpu or auto)")
+    from fastmae.data.loader import DataConfig, resolve_loader
+
+    resolve_loader(DataConfig(data_path=args.data_path, loader=args.data_loader), device)  # its package installed
+
+
 def bench_model(args, name: str, device: torch.device, dtype: torch.dtype, batch_size: int, gemm: dict,
                 names: tuple[str, ...], compiled: CompileConfig, save: Callable[[dict], object] | None = None) -> dict:
     """One model's result. ``save`` gets the result so far after every contender, marked
@@ -99,7 +127,10 @@ def bench_model(args, name: str, device: torch.device, dtype: torch.dtype, batch
     config = model_config(name, **overrides)
     plan = TimingPlan(args.warmup, args.steps)
     spec_peak = spec_peak_flops(device, dtype)
-    images, data = image_source(args, config, batch_size, device)
+    try:
+        images, data = image_source(args, config, batch_size, device)
+    except ValueError as err:  # what the flags' check cannot see before the loader lists the files
+        raise DataError(f"--real_data: {err}") from err
     contenders = build_contenders(config, device, dtype, args.mask_ratio, names, args.kernels, args.attn, compiled)
     result = {
         "benchmark": "step",
@@ -171,7 +202,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gemm_size", type=int, default=None, help="matrix size of the GEMM-rate measurement")
     parser.add_argument("--real_data", action="store_true", help="feed batches from the data loader")
     parser.add_argument("--data_path", default=None, help="image folder for --real_data (default: embedded photos)")
-    parser.add_argument("--data_loader", default="auto", help="auto | dali | torchvision | hybrid | cpu")
+    parser.add_argument("--data_loader", default="auto", choices=LOADER_CHOICES, help="the loader of --real_data")
     parser.add_argument("--num_workers", type=int, default=None,
                         help="loader workers for --real_data (default: as pretrain, at most 10 and this machine's cores less one)")
     parser.add_argument("--json", default=None, help="write the result here (one model), and its chart beside it (.png)")
@@ -187,6 +218,9 @@ def run(args) -> int:
         models = (args.model or ("mae_vit_base_patch16" if cuda else "mae_vit_demo_patch8")).split(",")
         check_model_names(models, args.mask_ratio)
         compiled = compile_config(args)
+        check_real_data_flags(args, device)
+        if args.decoder_depth is not None and args.decoder_depth < 0:
+            raise ValueError(f"--decoder_depth must be >= 0, got {args.decoder_depth}")
         if args.json and len(models) > 1:
             raise ValueError("--json takes one model; use --out_dir for several")
         if args.impl:
@@ -225,6 +259,9 @@ def run(args) -> int:
             try:
                 result = bench_model(args, name, device, dtype, batch, gemm, names, compiled, save)
                 break
+            except DataError as err:
+                print(f"fastmae bench step: error: {err}", file=sys.stderr)
+                return 2
             except BatchTooLarge as err:
                 if not args.oom_fallback or batch == 1:
                     print(f"fastmae bench step: error: {err} (try --oom_fallback or a smaller --batch_size)", file=sys.stderr)
