@@ -889,14 +889,16 @@ def test_gemm_rate_counts_two_flops_per_multiply_add(monkeypatch):
         torch.mm(torch.ones(size, size), torch.ones(size, size))
     per_matmul = counter.get_total_flops()
     clock = FakeClock()
-    real_mm = torch.mm
 
-    def one_second_mm(*args, **kwargs):
-        clock.advance(1.0)
-        return real_mm(*args, **kwargs)
+    def taking_one_second(matmul):
+        def one_second_matmul(*args, **kwargs):
+            clock.advance(1.0)
+            return matmul(*args, **kwargs)
+        return one_second_matmul
 
     monkeypatch.setattr(timing.time, "perf_counter", clock)
-    monkeypatch.setattr(torch, "mm", one_second_mm)
+    monkeypatch.setattr(torch, "mm", taking_one_second(torch.mm))
+    monkeypatch.setattr(torch.nn.functional, "linear", taking_one_second(torch.nn.functional.linear))
     gemm = measured_gemm_flops(CPU, torch.float32, size=size, repeats=2)
     assert gemm["flops_per_s"] == pytest.approx(per_matmul)
 

@@ -248,7 +248,8 @@ def run(args) -> int:
     environment = environment_info(device)
     print(f"device: {environment['device']}  torch {environment['torch']}  dtype {dtype_name(dtype)}", flush=True)
     gemm = measured_gemm_flops(device, dtype, args.gemm_size)
-    print(f"measured {gemm['dtype']} GEMM ({gemm['size']}^3): {gemm['flops_per_s'] / 1e12:.2f} TFLOP/s", flush=True)
+    print(f"measured {gemm['dtype']} GEMM ({gemm['size']}^3, fastest as {gemm['layout']}): "
+          f"{gemm['flops_per_s'] / 1e12:.3g} TFLOP/s", flush=True)
     status = 0
     for name in models:
         output = outputs[name]
