@@ -182,3 +182,117 @@ def test_a_log_dir_without_tensorboard_is_said(labeled_folder, mae_checkpoint, t
                                  "--log_dir", str(tmp_path / "tb"))) == 0
     assert (f"--log_dir {tmp_path / 'tb'}: no TensorBoard logs, tensorboard is not installed (pip install "
             f"'fastmae[tensorboard]'); the metrics are in {out / 'log.jsonl'}") in capsys.readouterr().out
+
+
+# ---- the reference's log.txt ----
+
+from fastmae.train.metrics import EpochLog, MetricsLogger  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """16 small PNGs: 4 batches of 4 per epoch."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    return root
+
+
+def pretrain_flags(data, out, *extra):
+    return ["pretrain", "--data_path", str(data), "--output_dir", str(out), "--model", "mae_vit_micro_patch4",
+            "--input_size", "32", "--batch_size", "4", "--num_workers", "0", "--epochs", "2",
+            "--warmup_epochs", "1", "--blr", "2e-3", "--log_every", "1", "--threads", "1", "--no_progress", *extra]
+
+
+def test_pretrain_writes_the_references_log_txt_one_line_an_epoch(image_folder, tmp_path):
+    out = tmp_path / "out"
+    assert main(pretrain_flags(image_folder, out)) == 0
+    steps = read_jsonl(out / "metrics.jsonl")  # every step logged: each step's loss and lr
+    lines = (out / "log.txt").read_text().splitlines()
+    assert len(lines) == 2 and all(list(json.loads(line)) == ["train_lr", "train_loss", "epoch"] for line in lines)
+    for epoch, line in enumerate(lines):
+        record = json.loads(line)
+        mine = steps[4 * epoch:4 * epoch + 4]  # 4 steps an epoch
+        assert record["epoch"] == epoch
+        assert record["train_loss"] == pytest.approx(np.mean([r["loss"] for r in mine]), rel=1e-6)
+        assert record["train_lr"] == pytest.approx(np.mean([r["lr"] for r in mine]), rel=1e-6)
+
+    # the same run logging rarely, with micro-batches: the epoch's averages do not depend on the logging
+    # steps, and are over iterations (micro-batches) as the reference's metric logger averages
+    rare = tmp_path / "rare"
+    assert main(pretrain_flags(image_folder, rare, "--log_every", "100", "--accum_iter", "2",
+                               "--batch_size", "2")) == 0
+    assert len(read_jsonl(rare / "metrics.jsonl")) == 1
+    epochs = read_jsonl(rare / "log.txt")
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    # 8 micro-batches of 2 an epoch, 4 optimizer steps; the lr of step s (of the epoch) is that of batch 2s
+    from fastmae.train.schedule import base_batch_lr
+    peak = base_batch_lr(2e-3, 4)
+    expected_lr = np.mean([lr_at(epochs[0]["epoch"] + 2 * (i // 2) / 8, peak, 0.0, 1, 2) for i in range(8)])
+    assert epochs[0]["train_lr"] == pytest.approx(expected_lr, rel=1e-9)
+    assert all(np.isfinite(r["train_loss"]) and r["train_loss"] > 0 for r in epochs)
+
+
+def test_a_resumed_pretraining_appends_to_log_txt(image_folder, tmp_path):
+    out = tmp_path / "out"
+    assert main(pretrain_flags(image_folder, out, "--max_steps", "6")) == 0  # stops inside epoch 1
+    first = (out / "log.txt").read_text()
+    assert [r["epoch"] for r in read_jsonl(out / "log.txt")] == [0]  # only whole epochs
+    assert main(pretrain_flags(image_folder, out, "--resume", "auto")) == 0
+    text = (out / "log.txt").read_text()
+    assert text.startswith(first) and [r["epoch"] for r in read_jsonl(out / "log.txt")] == [0, 1]
+    # epoch 1 averages the steps this process trained (7 and 8)
+    steps = [r for r in read_jsonl(out / "metrics.jsonl") if r["step"] in (7, 8)]
+    assert read_jsonl(out / "log.txt")[1]["train_loss"] == pytest.approx(np.mean([r["loss"] for r in steps]), rel=1e-6)
+
+
+def test_metrics_keep_the_significant_digits_of_a_small_lr(tmp_path):
+    logger = MetricsLogger(tmp_path, None, total_steps=1, start_step=0, progress_bar=False)
+    logger.log({"step": 1, "epoch": 0.25, "loss": 1.234567891, "lr": 1.1286e-08, "img_per_s": 123.456789})
+    logger.close()
+    (record,) = read_jsonl(tmp_path / "metrics.jsonl")
+    assert record["lr"] == 1.1286e-08  # 8 decimal places made it 1e-08
+    assert record["loss"] == pytest.approx(1.234567891, rel=1e-7)
+
+
+def test_log_txt_lines_the_disk_refuses_wait_and_go_in_later(tmp_path):
+    said = []
+    log = EpochLog(tmp_path, say=said.append)
+    (tmp_path / "log.txt").mkdir()  # nothing can be written there for now
+    log.append({"epoch": 0})
+    log.append({"epoch": 1})
+    assert len(said) == 1 and "could not write to" in said[0]
+    (tmp_path / "log.txt").rmdir()
+    log.append({"epoch": 2})
+    assert "is written again" in said[-1]
+    assert [r["epoch"] for r in read_jsonl(tmp_path / "log.txt")] == [0, 1, 2]
+    # a process killed mid-line: the next process's lines start on a line of their own
+    with open(tmp_path / "log.txt", "a") as file:
+        file.write('{"epoch": 3, "tra')
+    EpochLog(tmp_path).append({"epoch": 3})
+    assert (tmp_path / "log.txt").read_text().splitlines()[-1] == '{"epoch": 3}'
+
+
+@pytest.mark.parametrize("command", ["linprobe", "finetune"])
+def test_downstream_log_txt_is_the_references(command, labeled_folder, mae_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    assert main(downstream_flags(command, labeled_folder, mae_checkpoint, out, "--epochs", "1")) == 0
+    assert main(downstream_flags(command, labeled_folder, mae_checkpoint, out, "--epochs", "2",
+                                 "--resume", "auto")) == 0
+    lines = read_jsonl(out / "log.txt")  # the resumed run appended
+    assert all(list(r) == ["train_lr", "train_loss", "test_loss", "test_acc1", "test_acc5", "epoch", "n_parameters"]
+               for r in lines)
+    assert [r["epoch"] for r in lines] == [0, 1]
+    epochs = [r for r in read_jsonl(out / "log.jsonl") if not r.get("final")]
+    for line, epoch in zip(lines, epochs):
+        assert (line["test_acc1"], line["test_acc5"], line["test_loss"]) == (
+            epoch["val_top1"], epoch["val_top5"], epoch["val_loss"])
+        assert line["train_loss"] == epoch["train_loss"]
+    # trainable parameters: the head alone in a linear probe (micro: 64 wide, 2 classes), everything in fine-tuning
+    classifier = torch.load(out / ("checkpoint-linprobe.pth" if command == "linprobe" else "checkpoint-last.pth"),
+                            weights_only=True)["model"]
+    if command == "linprobe":
+        assert lines[0]["n_parameters"] == classifier["head.1.weight"].numel() + classifier["head.1.bias"].numel()
+    else:
+        assert lines[0]["n_parameters"] > 10 * classifier["head.weight"].numel()

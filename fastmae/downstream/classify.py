@@ -48,7 +48,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int, ep
     parser.add_argument("--min_lr", type=float, default=min_lr)
     parser.add_argument("--warmup_epochs", type=float, default=warmup_epochs)
     parser.add_argument("--weight_decay", type=float, default=weight_decay)
-    parser.add_argument("--output_dir", default=None, help="checkpoints and log.jsonl go here")
+    parser.add_argument("--output_dir", default=None, help="checkpoints, log.jsonl and the reference's log.txt go here")
     parser.add_argument("--log_dir", default=None,
                         help="TensorBoard folder: per epoch the train loss and lr, the val top-1, top-5 and loss "
                              "(default: --output_dir, when the tensorboard package is installed)")
@@ -261,12 +261,15 @@ def check_start_epoch(args, resumed: "Resumed | None") -> int:
 
 
 class EpochLogs:
-    """What a run writes once an epoch is evaluated, besides log.jsonl: TensorBoard scalars in --log_dir
-    (default --output_dir, when tensorboard is installed), with the reference's tags for the evaluation."""
+    """What a run writes once an epoch is evaluated, besides log.jsonl: the reference's log.txt in
+    --output_dir, and TensorBoard scalars in --log_dir (default --output_dir, when tensorboard is
+    installed), with the reference's tags for the evaluation."""
 
-    def __init__(self, args):
-        from fastmae.train.metrics import no_tensorboard_message, open_tensorboard
+    def __init__(self, args, model: nn.Module):
+        from fastmae.train.metrics import EpochLog, no_tensorboard_message, open_tensorboard
 
+        self.n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.log_txt = EpochLog(args.output_dir) if args.output_dir else None
         folder = args.log_dir or args.output_dir
         self.writer = open_tensorboard(folder) if folder else None
         if self.writer is None and args.log_dir:
@@ -276,6 +279,10 @@ class EpochLogs:
     def epoch(self, epoch: int, train_loss: float, train_lr: float, stats: dict) -> None:
         """``epoch``: counted from 0, the reference's step; ``train_*``: the epoch's averages over its
         batches; ``stats``: the evaluation after it (evaluate())."""
+        if self.log_txt is not None:  # main_finetune.py's / main_linprobe.py's keys, in their order
+            self.log_txt.append({"train_lr": train_lr, "train_loss": train_loss, "test_loss": stats["loss"],
+                                 "test_acc1": stats["top1"], "test_acc5": stats["top5"], "epoch": epoch,
+                                 "n_parameters": self.n_parameters})
         if self.writer is None:
             return
         scalars = {"train/loss": train_loss, "train/lr": train_lr, "perf/test_acc1": stats["top1"],
@@ -285,6 +292,8 @@ class EpochLogs:
         self.writer.flush()  # a run stopped later keeps the epochs done
 
     def close(self) -> None:
+        if self.log_txt is not None:
+            self.log_txt.close()
         if self.writer is not None:
             self.writer.close()
 

@@ -10,9 +10,9 @@ reference's defaults.
 
 Checkpoints (``checkpoint-best.pth``, ``checkpoint-last.pth``) hold the reference models_vit
 state_dict in the reference container ("epoch" is the index of the last epoch done, as the reference
-saves it), so its code loads them; top-1 per epoch goes to log.jsonl. ``--resume`` continues from
-``checkpoint-last.pth`` after its epoch: weights, optimizer, the best top-1 so far, and the data
-order of an uninterrupted run (each epoch's shuffle is seeded by the run's seed and the epoch).
+saves it), so its code loads them; top-1 per epoch goes to log.jsonl, and the reference's lines
+to log.txt. ``--resume`` continues from ``checkpoint-last.pth`` after its epoch: weights, optimizer,
+the best top-1 so far, and the data order of an uninterrupted run (each epoch's shuffle is seeded by the run's seed and the epoch).
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def _run(args) -> int:
           f"RandAugment {args.aa if rand_augment else 'off'}, random erasing "
           f"{f'{args.reprob} ({args.remode})' if random_erasing else 'off'}")
 
-    epoch_logs = EpochLogs(args)
+    epoch_logs = EpochLogs(args, model)
     try:
         stats, best = _train(args, model, optimizer, train_loader, val_loader, train_set, mixup, autocast, device,
                              lr, first_epoch, best, epoch_logs, out, log)

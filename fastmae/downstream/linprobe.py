@@ -143,10 +143,10 @@ def fit_linear_probe(model: VisionTransformer, train_batches, steps_per_epoch: i
                   "lr": optimizer.param_groups[0]["lr"], "val_top1": stats["top1"], "val_top5": stats["top5"],
                   "val_loss": stats["loss"], "max_top1": best}
         append_jsonl(log, record)
-        if epoch_logs is not None:
-            epoch_logs.epoch(epoch, record["train_loss"], lr_sum / max(steps_per_epoch, 1), stats)
         if epoch_done is not None:
             epoch_done(epoch, {**stats, "max_top1": best}, optimizer)
+        if epoch_logs is not None:  # after the save, as the reference: a resumed run does not log an epoch twice
+            epoch_logs.epoch(epoch, record["train_loss"], lr_sum / max(steps_per_epoch, 1), stats)
         if verbose and (epoch + 1 == recipe.epochs or (epoch + 1) % 10 == 0):
             print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val top-1 {stats['top1']:.2f}% "
                   f"top-5 {stats['top5']:.2f}% (max {best:.2f}%)")
@@ -212,7 +212,7 @@ def _run(args) -> int:
         save_checkpoint(Path(args.output_dir) / CHECKPOINT_NAME, model, optimizer, epoch, args=args,
                         top1=stats["top1"], max_top1=stats["max_top1"], classes=train_set.classes)
 
-    epoch_logs = EpochLogs(args)
+    epoch_logs = EpochLogs(args, model)
     try:
         stats = fit_linear_probe(model, train_batches, steps, val_model, val_source, recipe, device, log,
                                  resumed=resumed, epoch_done=save if args.output_dir else None,

@@ -1,5 +1,5 @@
 """What a run reports: a tqdm bar (loss, lr, img/s), ``metrics.jsonl`` (one JSON object per logging
-step), TensorBoard scalars when the ``tensorboard`` package is installed, and the run's totals
+step), the reference's ``log.txt`` (one JSON object per epoch), TensorBoard scalars when the ``tensorboard`` package is installed, and the run's totals
 (img/s, the share of time spent waiting for data) at the end. Only rank 0 reports."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import resource
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -102,8 +103,10 @@ class MetricsLogger:
         self.bar = None
         self.bar_settings = None
         self.writer = None
+        self.epoch_log = None
         if not enabled:
             return
+        self.epoch_log = EpochLog(output_dir, say=self.message)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # a resumed run continues the file; a fresh run starts it anew. Unbuffered: a write the disk
         # refuses must leave its bytes here, to try again, not half in a buffer
@@ -133,7 +136,7 @@ class MetricsLogger:
         """One logging step: ``record`` holds plain numbers (step, epoch, loss, lr, img_per_s, ...)."""
         if not self.enabled:
             return
-        record = {k: (round(v, 8) if isinstance(v, float) and math.isfinite(v) else v) for k, v in record.items()}
+        record = {k: _significant(v) for k, v in record.items()}
         self._write(json.dumps(record).encode() + b"\n")
         if self.writer is not None:
             for key, value in record.items():
@@ -142,6 +145,11 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                  img_s=f"{record['img_per_s']:.0f}", refresh=False)
+
+    def log_epoch(self, record: dict) -> None:
+        """An epoch done: the reference's log.txt line ({"train_lr", "train_loss", "epoch"})."""
+        if self.enabled:
+            self.epoch_log.append(record)
 
     def _write(self, data: bytes) -> None:
         """Append ``data`` after whatever the disk refused before. A full disk or a quota costs a long
@@ -174,12 +182,60 @@ class MetricsLogger:
         self.close_bar()
         if self.writer is not None:
             self.writer.close()
+        self.epoch_log.close()
         if self.unwritten:
             self._write(b"")  # a last try
         if self.unwritten:
             lost = len([line for line in self.unwritten.split(b"\n") if line])
             self.message(f"{lost} logging step(s) could not be written to {self.path}: {self.write_error}")
         self.file.close()
+
+
+def _significant(value, digits: int = 8):
+    """A float to ``digits`` significant digits, not decimal places: a warm-up lr of 1.1286e-08 stays
+    itself (8 decimal places made it 1e-08), and a loss near 1 keeps what 8 places kept of it."""
+    if isinstance(value, float) and math.isfinite(value):
+        return float(f"{value:.{digits}g}")
+    return value
+
+
+class EpochLog:
+    """The reference's ``log.txt`` in the output folder: one JSON object per epoch, appended as the
+    reference appends it (a resumed run continues the file; nothing an earlier run wrote is replaced),
+    for the scripts that read it. A line the disk refuses waits here for the next epoch's write."""
+
+    NAME = "log.txt"
+
+    def __init__(self, output_dir: str | Path, say: Callable[[str], None] = print):
+        self.path = Path(output_dir) / self.NAME
+        self.say = say
+        self.unwritten = b""
+        self.write_error: OSError | None = None
+        if self.path.is_file() and self.path.stat().st_size and not _ends_with_newline(self.path):
+            self.unwritten = b"\n"  # an earlier process stopped mid-line: the next record starts a line
+
+    def append(self, record: dict) -> None:
+        self.unwritten += json.dumps(record).encode() + b"\n"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # opened for each epoch, as the reference does: nothing stays open between epochs
+            with open(self.path, "ab", buffering=0) as file:
+                while self.unwritten:
+                    self.unwritten = self.unwritten[file.write(self.unwritten):]
+        except OSError as err:
+            if self.write_error is None:
+                self.say(f"could not write to {self.path}: {err}; training goes on, and the epochs' lines wait "
+                         "in memory until it can be written")
+            self.write_error = err
+            return
+        if self.write_error is not None:
+            self.say(f"{self.path} is written again, the epochs held back included")
+            self.write_error = None
+
+    def close(self) -> None:
+        lost = len([line for line in self.unwritten.split(b"\n") if line])
+        if lost:
+            self.say(f"{lost} epoch line(s) could not be written to {self.path}: {self.write_error}")
 
 
 def _ends_with_newline(path: Path) -> bool:

@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="linear warm-up, per iteration, before the half-cycle cosine")
     ref.add_argument("--data_path", default=None, action=_STORE,
                      help="image folder (train/<class>/*, <class>/* or flat); omitted: the embedded photographs")
-    ref.add_argument("--output_dir", default=d.output_dir, action=_STORE, help="checkpoints, metrics.jsonl, reconstruction.png")
+    ref.add_argument("--output_dir", default=d.output_dir, action=_STORE, help="checkpoints, metrics.jsonl, the reference's log.txt, reconstruction.png")
     ref.add_argument("--log_dir", default=d.log_dir, action=_STORE, help="TensorBoard folder (default: output_dir)")
     ref.add_argument("--device", default=d.device, action=_STORE, help="cuda or cpu (default: cuda when available)")
     ref.add_argument("--seed", type=int, default=d.seed, action=_STORE,

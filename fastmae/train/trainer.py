@@ -372,6 +372,7 @@ class Pretrainer:
     def _train(self) -> int:
         cfg, pos = self.cfg, self.position
         window = _LogWindow(self.device, time.perf_counter(), pos.step)
+        epoch_sums = _EpochSums(self.device)
         while not self._finished():
             epoch, n = pos.epoch, self.batches_per_epoch
             self.data.set_epoch(epoch, pos.batch)
@@ -380,7 +381,8 @@ class Pretrainer:
                 if self.ctx.any_rank(self._stop_signal is not None):
                     return self._stop_on_signal(window)
                 start, stop = pos.batch, min(pos.batch + cfg.accum_iter, n)
-                set_lr(self.optimizer, lr_at(epoch + start / n, self.peak_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs))
+                lr = lr_at(epoch + start / n, self.peak_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+                set_lr(self.optimizer, lr)
                 micro_batches = []
                 for micro in range(stop - start):
                     t0 = time.perf_counter()
@@ -393,9 +395,12 @@ class Pretrainer:
                     losses = train_step(self.train_model, self.optimizer, self.scaler, micro_batches,
                                         cfg.mask_ratio, self.autocast_dtype, self.compiled)
                 window.add(losses, sum(imgs.shape[0] for imgs, _ in micro_batches))
+                epoch_sums.add(losses, lr)
                 pos.step += 1
                 pos.epoch, pos.batch = (epoch + 1, 0) if stop == n else (epoch, stop)
                 self.logger.advance()
+                if stop == n:
+                    self._end_epoch(epoch, epoch_sums, window)
                 last = self._finished()
                 if pos.step % cfg.log_every == 0 or last:
                     self._log(window)
@@ -404,6 +409,15 @@ class Pretrainer:
         self._save(window)
         self._finish()
         return 0
+
+    def _end_epoch(self, epoch: int, sums: "_EpochSums", window: "_LogWindow") -> None:
+        """The reference's log.txt line of the epoch just done: its loss and lr averaged over its
+        iterations (micro-batches) on all ranks, as main_pretrain.py's metric logger does. An epoch this
+        process began part-way (resumed from a checkpoint inside it) averages the steps it trained."""
+        loss, lr = sums.reduce(self.ctx)
+        if not math.isfinite(loss):  # the same on every rank: all stop
+            raise NonFiniteLoss(self._nonfinite_message(window.first_step, self.position.step))
+        self.logger.log_epoch({"train_lr": lr, "train_loss": loss, "epoch": epoch})
 
     def _mask_noise(self, step: int, micro: int, batch: int) -> torch.Tensor:
         """Masking noise [B, L] keyed by (seed, step, micro-batch, rank), drawn on the device."""
@@ -594,6 +608,36 @@ class Pretrainer:
     def _restore_signal_handlers(previous: dict) -> None:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+class _EpochSums:
+    """An epoch's loss and lr summed over its iterations (micro-batches). The loss stays on the device
+    and is read back once, at the epoch's end: no step waits for it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        # float64: an epoch of ImageNet is thousands of iterations, whose float32 sum would drift
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.lr_sum = 0.0  # the lr is a host number (lr_at), whatever the optimizer holds
+        self.iterations = 0
+
+    def add(self, losses: torch.Tensor, lr: float) -> None:
+        """losses [M]: the micro-batch losses of one optimizer step, taken at ``lr``."""
+        self.loss_sum += losses.sum()
+        self.lr_sum += lr * losses.numel()
+        self.iterations += losses.numel()
+
+    def reduce(self, ctx: DistributedContext) -> tuple[float, float]:
+        """(mean loss over all ranks' iterations, mean lr), and start the next epoch's sums."""
+        values = torch.stack([self.loss_sum, torch.tensor(float(self.iterations), dtype=torch.float64,
+                                                          device=self.device)])
+        if ctx.enabled:
+            torch.distributed.all_reduce(values)
+        loss_sum, count = values.tolist()
+        lr = self.lr_sum / max(self.iterations, 1)
+        self.loss_sum.zero_()
+        self.lr_sum, self.iterations = 0.0, 0
+        return loss_sum / max(count, 1), lr
 
 
 class _LogWindow:
