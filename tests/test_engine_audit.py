@@ -268,7 +268,7 @@ def _pretrain_with_openmpi(tmp_path, monkeypatch, environment: dict, dist_on_itp
         monkeypatch.setenv(name, value)
     seen = []
 
-    def fake_init(requested_device, init_method="env://"):
+    def fake_init(requested_device, init_method="env://", world_size=1):
         seen.append({name: os.environ.get(name) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")})
         raise ValueError("stopped before joining a process group")
 

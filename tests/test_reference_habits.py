@@ -296,3 +296,95 @@ def test_downstream_log_txt_is_the_references(command, labeled_folder, mae_check
         assert lines[0]["n_parameters"] == classifier["head.1.weight"].numel() + classifier["head.1.bias"].numel()
     else:
         assert lines[0]["n_parameters"] > 10 * classifier["head.weight"].numel()
+
+
+# ---- Slurm launches (the reference's submitit_pretrain.py) ----
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from fastmae.train import distributed  # noqa: E402
+
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                    "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS")
+
+
+@pytest.fixture
+def launch_environment(monkeypatch):
+    """No launcher's variables, whatever runs the tests; set() sets some for one test."""
+    for name in LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+    def set_variables(**values):
+        for name, value in values.items():
+            monkeypatch.setenv(name, str(value))
+
+    return set_variables
+
+
+def test_slurm_tasks_take_their_ranks_from_slurm(launch_environment, monkeypatch):
+    launch_environment(SLURM_PROCID=5, SLURM_LOCALID=1, SLURM_NTASKS=8)
+    assert distributed.launched_ranks(8, "file:///shared/rendezvous") == (5, 8, 1)
+    assert distributed.launched_ranks(1, "env://") == (0, 1, 0)  # --world_size 1: one process, as before
+    monkeypatch.delenv("SLURM_LOCALID")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert distributed.launched_ranks(8, "tcp://node1:29500") == (5, 8, 1)  # the reference's rank % GPUs
+    launch_environment(MASTER_ADDR="node1", MASTER_PORT=29500)
+    assert distributed.launched_ranks(8, "env://") == (5, 8, 1)
+    # torchrun inside a Slurm job: torchrun's variables decide
+    launch_environment(RANK=3, WORLD_SIZE=16, LOCAL_RANK=3)
+    assert distributed.launched_ranks(8, "env://") == (3, 16, 3)
+
+
+@pytest.mark.parametrize("variables, world_size, dist_url, message", [
+    (dict(SLURM_PROCID=0), 2, "env://", "--dist_url env:// under Slurm needs MASTER_ADDR and MASTER_PORT"),
+    (dict(SLURM_PROCID=2), 2, "file:///x", "Slurm task SLURM_PROCID 2 is not below --world_size 2"),
+    (dict(SLURM_PROCID=0, SLURM_NTASKS=4), 2, "file:///x", "--world_size 2, but this Slurm job has 4 tasks"),
+    (dict(), 0, "env://", "--world_size must be >= 1, got 0"),
+])
+def test_a_slurm_launch_that_cannot_meet_is_a_clear_error(variables, world_size, dist_url, message, launch_environment,
+                                                          tmp_path, capsys):
+    launch_environment(**variables)
+    out = tmp_path / "out"
+    argv = ["pretrain", "--output_dir", str(out), "--max_steps", "1", "--no_progress", "--world_size",
+            str(world_size), "--dist_url", dist_url, "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"fastmae pretrain: error: {message}" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_world_size_without_a_launcher_is_said(launch_environment, image_folder, tmp_path, capsys):
+    assert main(pretrain_flags(image_folder, tmp_path / "out", "--max_steps", "1", "--world_size", "2")) == 0
+    printed = capsys.readouterr().out
+    assert ("--world_size 2: neither torchrun nor Slurm (SLURM_PROCID) started this process; training with 1 "
+            "process(es)") in printed and "cpu x 1 rank(s)" in printed
+
+
+def test_two_slurm_tasks_train_one_model(image_folder, tmp_path):
+    """submitit_pretrain.py's launch on CPU: two tasks, SLURM_PROCID 0 and 1, --world_size 2, a shared file
+    to meet at; rank 0 alone writes, every rank reads its half of the images."""
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "fastmae", *pretrain_flags(image_folder, out), "--device", "cpu",
+            "--world_size", "2", "--dist_url", f"file://{tmp_path / 'rendezvous'}"]
+    base = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES and not k.startswith("SLURM_")}
+    tasks = [subprocess.Popen(argv, env={**base, "OMP_NUM_THREADS": "1", "SLURM_PROCID": str(rank),
+                                         "SLURM_LOCALID": str(rank), "SLURM_NTASKS": "2"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    try:
+        outputs = [task.communicate(timeout=240)[0] for task in tasks]
+    finally:
+        for task in tasks:
+            task.kill()
+    assert [task.returncode for task in tasks] == [0, 0], outputs
+    assert "cpu x 2 rank(s)" in outputs[0] and "effective batch 8 = 4 x accum 1 x 2" in outputs[0], outputs[0]
+    assert "2 batches of 4 per epoch per rank" in outputs[0]  # each rank reads its half of the 16 images
+    steps = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]  # rank 0 alone logs
+    epochs = read_jsonl(out / "log.txt")
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    for epoch, record in enumerate(epochs):  # both ranks' losses: what the logging steps averaged too
+        mine = steps[2 * epoch:2 * epoch + 2]
+        assert record["train_loss"] == pytest.approx(np.mean([r["loss"] for r in mine]), rel=1e-6)
+    assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == ["checkpoint-step00000004.pth"]

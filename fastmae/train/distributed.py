@@ -1,4 +1,6 @@
-"""Process-group set-up from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+"""Process-group set-up from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT),
+or, as the reference's util/misc.py init_distributed_mode, from Slurm's (SLURM_PROCID, SLURM_LOCALID)
+with --world_size and --dist_url (submitit_pretrain.py's launch: a task per GPU, a shared file to meet at).
 
 NCCL on GPU, gloo on CPU. A second, gloo group carries host-side flags (stop requested, non-finite
 loss) so that agreeing on them never makes the host wait for the GPU.
@@ -54,11 +56,50 @@ def resolve_device(requested: str | None, local_rank: int = 0) -> torch.device:
     return device
 
 
-def init_distributed(requested_device: str | None, init_method: str = "env://") -> DistributedContext:
-    """The context of this process; joins the process group when launched by torchrun."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+def _environment_int(name: str) -> int:
+    try:
+        return int(os.environ[name])
+    except ValueError:
+        raise ValueError(f"the environment variable {name} is {os.environ[name]!r}, not an integer") from None
+
+
+def launched_ranks(world_size: int = 1, init_method: str = "env://") -> tuple[int, int, int]:
+    """(rank, world size, local rank) of this process. torchrun's variables first; else, when Slurm
+    started it (SLURM_PROCID) and ``world_size`` (--world_size) is above 1, Slurm's task numbers, as
+    the reference reads them; else one process. ValueError for a launch that cannot meet."""
+    if world_size < 1:
+        raise ValueError(f"--world_size must be >= 1, got {world_size}")
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:  # torchrun's word wins, as in the reference
+        return tuple(_environment_int(name) if name in os.environ else default
+                     for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" not in os.environ or world_size <= 1:
+        # a Slurm job of one task per node running torchrun, or one process: as without Slurm
+        return 0, 1, 0
+    rank = _environment_int("SLURM_PROCID")
+    if rank >= world_size:
+        raise ValueError(f"Slurm task SLURM_PROCID {rank} is not below --world_size {world_size}: give --world_size "
+                         "the job's number of tasks (nodes x tasks per node)")
+    tasks = os.environ.get("SLURM_NTASKS")
+    if tasks is not None and tasks.isdigit() and int(tasks) != world_size:
+        # the ranks would wait for each other forever
+        raise ValueError(f"--world_size {world_size}, but this Slurm job has {tasks} tasks (SLURM_NTASKS): the "
+                         "process group needs one task per rank")
+    if init_method == "env://" and not {"MASTER_ADDR", "MASTER_PORT"} <= os.environ.keys():
+        raise ValueError("--dist_url env:// under Slurm needs MASTER_ADDR and MASTER_PORT in the environment, and "
+                         "they are not set: give --dist_url file:///a/shared/path (a file every task can reach, "
+                         "as submitit_pretrain.py does) or tcp://FIRST_NODE:PORT")
+    if "SLURM_LOCALID" in os.environ:
+        local_rank = _environment_int("SLURM_LOCALID")
+    else:  # the reference's rank % device count
+        local_rank = rank % max(torch.cuda.device_count(), 1)
+    return rank, world_size, local_rank
+
+
+def init_distributed(requested_device: str | None, init_method: str = "env://",
+                     world_size: int = 1) -> DistributedContext:
+    """The context of this process; joins the process group when launched by torchrun, or by Slurm
+    with ``world_size`` (--world_size) above 1 (see launched_ranks)."""
+    rank, world_size, local_rank = launched_ranks(world_size, init_method)
     device = resolve_device(requested_device, local_rank)
     if world_size == 1:
         return DistributedContext(device=device)

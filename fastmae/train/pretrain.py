@@ -2,6 +2,7 @@
 
 Single process:   fastmae pretrain --data_path /data/imagenet --model mae_vit_base_patch16
 Multi-GPU (DDP):  torchrun --nproc_per_node 8 -m fastmae pretrain --data_path ...
+Slurm, a task per GPU (as submitit_pretrain.py):  srun ... fastmae pretrain --world_size N --dist_url file:///shared/f
 Without --data_path it trains a small model on photographs embedded in scikit-image (the demo
 settings of ``config.DEMO_SETTINGS`` replace every flag you did not set).
 """
@@ -86,11 +87,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ref.add_argument("--pin_mem", default=d.pin_mem, action=_STORE_TRUE, help="pin CPU memory for faster host-to-GPU copies")
     ref.add_argument("--no_pin_mem", dest="pin_mem", default=argparse.SUPPRESS, action=_STORE_FALSE,
                      help="do not pin CPU memory")
-    # reference distributed flags, accepted so existing scripts run; torchrun's environment decides
-    ref.add_argument("--world_size", type=int, default=None, help="ignored: torchrun sets WORLD_SIZE")
+    # reference distributed flags: torchrun's environment decides where it is set; Slurm launches (the
+    # reference's submitit_pretrain.py) take the world size and meeting point from these flags
+    ref.add_argument("--world_size", type=int, default=1,
+                     help="number of processes when Slurm starts one per GPU without torchrun (SLURM_PROCID set): "
+                          "each takes its rank from SLURM_PROCID and its GPU from SLURM_LOCALID; under torchrun "
+                          "its WORLD_SIZE decides")
     ref.add_argument("--local_rank", "--local-rank", type=int, default=None, help="ignored: torchrun sets LOCAL_RANK")
     ref.add_argument("--dist_on_itp", action="store_true", help="take ranks from OpenMPI's OMPI_COMM_WORLD_* variables")
-    ref.add_argument("--dist_url", default="env://", help="process-group init method")
+    ref.add_argument("--dist_url", default="env://",
+                     help="process-group init method: env:// (MASTER_ADDR/MASTER_PORT, as torchrun sets them), "
+                          "or under Slurm a shared file:///path or tcp://FIRST_NODE:PORT")
 
     ours = parser.add_argument_group("fastmae")
     ours.add_argument("--max_steps", type=int, default=None, action=_STORE,
@@ -145,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         cfg, demo_settings = PretrainConfig.from_args(args, getattr(args, EXPLICIT_FLAGS_ATTR, set()))
         if getattr(args, "dist_on_itp", False):
             _ranks_from_openmpi()
-        ctx = init_distributed(cfg.device, getattr(args, "dist_url", "env://"))
+        ctx = init_distributed(cfg.device, args.dist_url, world_size=args.world_size)
     except ValueError as err:
         print(f"fastmae pretrain: error: {err}", file=sys.stderr)
         return 2
@@ -153,6 +160,10 @@ def run(args: argparse.Namespace) -> int:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
+        if args.world_size not in (1, ctx.world_size) and ctx.is_main:  # said, not silently dropped
+            launcher = ("torchrun's WORLD_SIZE decides" if "WORLD_SIZE" in os.environ
+                        else "neither torchrun nor Slurm (SLURM_PROCID) started this process")
+            print(f"--world_size {args.world_size}: {launcher}; training with {ctx.world_size} process(es)", flush=True)
         if demo_settings and ctx.is_main:
             settings = " ".join(f"--{k} {v}" for k, v in demo_settings.items())
             print(f"no --data_path: pretraining on the photographs embedded in scikit-image with the demo settings "
