@@ -388,3 +388,20 @@ def test_two_slurm_tasks_train_one_model(image_folder, tmp_path):
         mine = steps[2 * epoch:2 * epoch + 2]
         assert record["train_loss"] == pytest.approx(np.mean([r["loss"] for r in mine]), rel=1e-6)
     assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == ["checkpoint-step00000004.pth"]
+
+
+# ---- --data_loader's help says what auto picks ----
+
+def test_data_loader_help_names_what_auto_picks(monkeypatch, capsys):
+    from fastmae.data import loader
+
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "auto: DALI if installed and on CUDA, else hybrid on CUDA" in text and "torchvision GPU decode" not in text
+    # what the code picks on CUDA without DALI
+    monkeypatch.setattr(loader, "_importable", lambda module: False)
+    cfg = loader.DataConfig(data_path="/data", input_size=32, batch_size=4, num_workers=0, pin_mem=False, seed=0,
+                            loader="auto")
+    assert loader.resolve_loader(cfg, torch.device("cuda")) == "hybrid"
+    assert loader.resolve_loader(cfg, torch.device("cpu")) == "cpu"
