@@ -175,3 +175,175 @@ def test_gemm_rate_is_at_least_what_the_models_matmul_reaches(dtype):
     assert set(gemm["per_layout_flops_per_s"]) == set(GEMM_LAYOUTS)
     assert gemm["flops_per_s"] == max(gemm["per_layout_flops_per_s"].values())
     assert gemm["layout"] in GEMM_LAYOUTS
+
+
+# ---- 6. the profile's kernel table is printed once ----
+def test_profile_prints_the_kernel_table_once(tmp_path, capsys):
+    path = tmp_path / "p.json"
+    assert main(QUICK_PROFILE[:-1] + ["3", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("Device time by kind") == 1 and path.with_suffix(".png").exists()
+
+
+# ---- 7. user mistakes and stops end in a message, not a traceback ----
+def test_profile_triton_kernels_on_cpu_without_the_interpreter_is_a_clear_error(capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert main(QUICK_PROFILE + ["--kernels", "triton"]) == 2
+    err = capsys.readouterr().err
+    assert "fastmae profile: error: --kernels triton:" in err and "TRITON_INTERPRET=1" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gemm_size", "0"], "--gemm_size must be positive, got 0"),
+    (["--attn", "xformers"], "--attn xformers:"),
+])
+def test_bench_step_refuses_engine_and_gemm_flags_before_measuring(capsys, no_measuring, flags, message):
+    import importlib.util
+
+    if flags[0] == "--attn" and importlib.util.find_spec("xformers") is not None:
+        pytest.skip("xformers is installed here")
+    assert main(QUICK_STEP + flags) == 2
+    assert f"fastmae bench step: error: {message}" in capsys.readouterr().err
+
+
+def test_bench_table2_refuses_a_missing_attention_backend(tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("xformers") is not None:
+        pytest.skip("xformers is installed here")
+    assert main(["bench", "table2", "--small", "--attn", "xformers", "--json", str(tmp_path / "t.json")]) == 2
+    assert "fastmae bench table2: error: --attn xformers: attention backend 'xformers'" in capsys.readouterr().err
+    assert names(tmp_path) == []
+
+
+def failing_at(label_part: str, error: Exception, measure):
+    """``measure`` that raises ``error`` for the rows whose label contains ``label_part``."""
+    def measure_or_fail(contender, *args, **kwargs):
+        if label_part in contender.name:
+            raise error
+        return measure(contender, *args, **kwargs)
+
+    return measure_or_fail
+
+
+def test_table2_keeps_the_rows_measured_before_a_failing_row(tmp_path, capsys, monkeypatch):
+    import fastmae.bench.table2 as table2_cmd
+    from fastmae.bench.table2 import table2_rows
+
+    monkeypatch.setattr(table2_cmd, "measure_contender",
+                        failing_at("decoder depth 1", RuntimeError("no kernel for this shape"), table2_cmd.measure_contender))
+    path = tmp_path / "t2.json"
+    assert main(QUICK_TABLE2 + ["--json", str(path)]) == 1
+    out, err = capsys.readouterr()
+    rows = table2_rows((MICRO,))
+    result = json.loads(path.read_text())
+    assert [r["label"] for r in result["rows"]] == [rows[0].label, rows[1].label]
+    assert result["errors"] == [{"encoder": MICRO, "row": rows[2].label, "batch_size": 2,
+                                 "error": "RuntimeError: no kernel for this shape"}]
+    assert result["complete"] is False and result["pending"] == [rows[2].label]
+    assert rows[1].label in out and path.with_suffix(".png").exists()  # the table and chart of what was measured
+    assert f"fastmae bench table2: error: {rows[2].label}: RuntimeError: no kernel for this shape" in err
+    assert "Traceback" not in err
+
+
+def test_bench_step_stopped_says_where_its_partial_result_is(tmp_path, capsys, monkeypatch):
+    import fastmae.bench.step as step_cmd
+
+    calls = []
+
+    def measure_then_stop(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return measure(*args, **kwargs)
+
+    measure = step_cmd.measure_contender
+    monkeypatch.setattr(step_cmd, "measure_contender", measure_then_stop)
+    path = tmp_path / "s.json"
+    command = QUICK_STEP[:QUICK_STEP.index("--impl") + 1] + ["fastmae,naive w/[M]"] + QUICK_STEP[QUICK_STEP.index("--impl") + 2:]
+    assert main(command + ["--json", str(path)]) == 130
+    out, err = capsys.readouterr()
+    assert f"fastmae bench step: stopped while measuring {MICRO}; what it measured is in {path} (complete: false)" in err
+    assert f"wrote {path.with_suffix('.png')}" in out and path.with_suffix(".png").exists()
+    assert json.loads(path.read_text())["pending"] == ["fastmae"] and "Traceback" not in err
+    calls.append(1)  # stopped at the first contender: nothing to keep
+    assert main(command + ["--out_dir", str(tmp_path / "d")]) == 130
+    assert "stopped while measuring" in capsys.readouterr().err and not (tmp_path / "d").exists()
+
+
+def test_bench_data_stopped_keeps_what_it_measured(tmp_path, capsys, monkeypatch):
+    import fastmae.data.bench as data_bench
+    from fastmae.data.synthetic import write_jpeg_folder
+
+    write_jpeg_folder(tmp_path / "jpegs", 12, num_classes=2)
+    measure = data_bench.measure
+    calls = []
+
+    def measure_then_stop(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(data_bench, "measure", measure_then_stop)
+    path, chart = tmp_path / "data.json", tmp_path / "data.png"
+    assert main(["bench", "data", "--data_path", str(tmp_path / "jpegs"), "--loaders", "cpu", "--batch_size", "4",
+                 "--input_size", "32", "--num_threads", "1", "--warmup", "1", "--json", str(path),
+                 "--plot", str(chart)]) == 130
+    out, err = capsys.readouterr()
+    report = json.loads(path.read_text())
+    assert report["complete"] is False and [(r["loader"], r["mode"]) for r in report["results"]] == [("cpu", "decode")]
+    assert f"fastmae bench data: stopped; the measurements made are in {path} (complete: false)" in err
+    assert chart.read_bytes()[:4] == b"\x89PNG" and "Traceback" not in err and "cpu" in out
+
+
+# ---- 8. table2 on out-of-memory: the batch is halved by default; otherwise what was measured is shown ----
+def test_table2_halves_the_batch_on_out_of_memory_by_default(tmp_path, capsys, monkeypatch):
+    import fastmae.bench.table2 as table2_cmd
+    from fastmae.bench.measure import BatchTooLarge
+
+    measure = table2_cmd.measure_contender
+
+    def memory_for_two(contender, images, plan, device, batch_size, *args, **kwargs):
+        if batch_size > 2:
+            raise BatchTooLarge(f"{contender.name}: out of memory at batch {batch_size}")
+        return measure(contender, images, plan, device, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(table2_cmd, "measure_contender", memory_for_two)
+    path = tmp_path / "t2.json"
+    assert main(QUICK_TABLE2[:QUICK_TABLE2.index("--batch_size")] + ["--batch_size", "8"]
+                + QUICK_TABLE2[QUICK_TABLE2.index("--batch_size") + 2:] + ["--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["batch_size_requested"] == 8 and result["oom_fallback"] is True and result["complete"] is True
+    assert [r["batch_size"] for r in result["rows"]] == [2, 2, 2]
+    assert "again at batch 4" in capsys.readouterr().out
+
+
+def test_table2_without_oom_fallback_still_shows_what_it_measured(tmp_path, capsys, monkeypatch):
+    import fastmae.bench.table2 as table2_cmd
+    from fastmae.bench.measure import BatchTooLarge
+    from fastmae.bench.table2 import table2_rows
+
+    out_of_memory = BatchTooLarge("out of memory at batch 2")
+    monkeypatch.setattr(table2_cmd, "measure_contender",
+                        failing_at("decoder depth 1", out_of_memory, table2_cmd.measure_contender))
+    path = tmp_path / "t2.json"
+    assert main(QUICK_TABLE2 + ["--no_oom_fallback", "--json", str(path)]) == 1
+    out, err = capsys.readouterr()
+    rows = table2_rows((MICRO,))
+    assert rows[0].label in out and rows[1].label in out and path.with_suffix(".png").exists()
+    assert "out of memory at batch 2 (try a smaller --batch_size, or leave out --no_oom_fallback)" in err
+    result = json.loads(path.read_text())
+    assert [r["label"] for r in result["rows"]] == [rows[0].label, rows[1].label] and result["oom_fallback"] is False
+    with pytest.raises(SystemExit):  # one or the other
+        main(QUICK_TABLE2 + ["--oom_fallback", "--no_oom_fallback"])
+
+
+@pytest.mark.parametrize("json_name, plot_name, message", [
+    ("d.png", "d.png", "--plot and --json name the same file"),
+    ("d.json", "d.json", "--plot {plot}: the chart is a PNG; name it .png"),
+])
+def test_bench_data_chart_never_takes_the_results_place(tmp_path, capsys, json_name, plot_name, message):
+    path, plot = tmp_path / json_name, tmp_path / plot_name
+    assert main(["bench", "data", "--json", str(path), "--plot", str(plot)]) == 2
+    assert message.format(plot=plot) in capsys.readouterr().err and names(tmp_path) == []

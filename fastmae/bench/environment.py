@@ -113,13 +113,14 @@ def write_json(path: str | os.PathLike, result: dict) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def settings_tag(*, decoder_depth: int | None = None, mask_ratio: float = 0.75, dtype: str = "auto",
-                 real_data: bool = False) -> str:
-    """A file-name part naming the settings other than the defaults, so that runs of other settings on
-    the same day are told apart by their names (``result_file`` keeps them apart in any case)."""
+def settings_tag(device: torch.device, *, decoder_depth: int | None = None, mask_ratio: float = 0.75,
+                 dtype: torch.dtype | None = None, real_data: bool = False) -> str:
+    """A file-name part naming the settings other than the defaults (dtype: other than the device's
+    ``auto``), so that runs of other settings on the same day are told apart by their names
+    (``ResultFile`` keeps them apart in any case)."""
     return ((f"_dec{decoder_depth}" if decoder_depth is not None else "")
             + (f"_mask{mask_ratio:g}" if mask_ratio != 0.75 else "")
-            + (f"_{dtype}" if dtype != "auto" else "")
+            + (f"_{dtype_name(dtype)}" if dtype is not None and dtype != resolve_dtype("auto", device) else "")
             + ("_realdata" if real_data else ""))
 
 
@@ -177,11 +178,13 @@ class ResultFile:
         self.requested = Path(json_flag) if json_flag else Path(out_dir) / filename if out_dir else None
         self.named_by_user = bool(json_flag)
         self.path: Path | None = None  # where the result is, once written
+        self.written: dict | None = None  # the result last written: what a stopped run draws its chart of
 
     def __bool__(self) -> bool:
         return self.requested is not None
 
     def write(self, result: dict) -> Path:
+        self.written = result
         if self.path is None and not self.named_by_user:
             self.path = write_new_json(self.requested, result)
         else:

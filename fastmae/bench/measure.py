@@ -9,20 +9,28 @@ import math
 
 import torch
 
+from fastmae.attention import check_attention_backend
 from fastmae.bench.contenders import Contender
 from fastmae.bench.environment import resolve_dtype
 from fastmae.bench.timing import TimingPlan, synchronize, time_steps
 from fastmae.compiling import COMPILE_MODES, COMPILE_SCOPES, CompileConfig
 from fastmae.device import device_from_flag
 from fastmae.flops import device_peak_flops, token_counts
+from fastmae.kernels import resolve_kernels
 from fastmae.models import MODEL_ARCHS, create_model
 
 
-def add_measurement_arguments(parser: argparse.ArgumentParser, cpu_batch: int) -> None:
-    """The flags every step-timing command shares (bench step, bench table2)."""
+def add_measurement_arguments(parser: argparse.ArgumentParser, cpu_batch: int, oom_fallback: bool = False) -> None:
+    """The flags every step-timing command shares (bench step, bench table2). ``oom_fallback``: whether
+    halving the batch on out-of-memory is the default (then --no_oom_fallback turns it off)."""
     parser.add_argument("--batch_size", type=int, default=None, help=f"default: 256 on CUDA, {cpu_batch} on CPU")
-    parser.add_argument("--oom_fallback", action="store_true",
-                        help="on out-of-memory halve the batch and measure again")
+    fallback = parser.add_mutually_exclusive_group()
+    fallback.add_argument("--oom_fallback", action="store_true", default=oom_fallback,
+                          help="on out-of-memory halve the batch and measure again (the batch is recorded per result)"
+                               + (" (the default)" if oom_fallback else ""))
+    if oom_fallback:
+        fallback.add_argument("--no_oom_fallback", dest="oom_fallback", action="store_false",
+                              help="on out-of-memory stop with an error instead of halving the batch")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--mask_ratio", type=float, default=0.75)
@@ -70,7 +78,21 @@ def resolve_measurement(args: argparse.Namespace, cpu_batch: int) -> tuple[torch
         raise ValueError(f"--batch_size must be positive, got {batch_size}")
     args.warmup = (10 if cuda else 2) if args.warmup is None else args.warmup
     args.steps = (30 if cuda else 5) if args.steps is None else args.steps
+    check_engine_flags(args.kernels, args.attn, device)
     return device, dtype, batch_size, TimingPlan(args.warmup, args.steps)
+
+
+def check_engine_flags(kernels: str, attn: str, device: torch.device) -> None:
+    """--kernels and --attn can run here (Triton on CPU needs its interpreter; xformers must be
+    installed): found out before anything is measured, not as every row's failure."""
+    try:
+        resolve_kernels(kernels, device)
+    except ValueError as err:
+        raise ValueError(f"--kernels {kernels}: {err}") from None
+    try:
+        check_attention_backend(attn)
+    except ValueError as err:
+        raise ValueError(f"--attn {attn}: {err}") from None
 
 
 def check_model_names(names, mask_ratio: float) -> None:

@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastmae.bench.charts import Panel, Series, write_bar_chart
 from fastmae.bench.environment import (ResultFile, dtype_name, environment_info, resolve_dtype, result_filename,
                                        settings_tag)
+from fastmae.bench.measure import check_engine_flags
 from fastmae.bench.kernel_time import device_busy_fraction, format_kernel_times, step_kernel_times
 from fastmae.bench.timing import SyntheticImages, synchronize
 from fastmae.device import device_from_flag
@@ -384,8 +385,6 @@ def plot_profile(report: dict, path: Path) -> Path:
                                        ("w/ [M] (encoder sees all patches)", "with_mask_tokens", "#7f7f7f")]]
     labels = [c.replace("_", "\n", 1) for c in COMPONENTS]
     panels = [Panel(labels, series, f"training {unit} per image", value_format="{:.3g}")]
-    if "kernel_time" in report:
-        print("\n" + format_kernel_times(report["kernel_time"]))
     if "time" in report:
         t = report["time"]
         phases = list(t["median_s"])
@@ -464,14 +463,15 @@ def run(args) -> int:
                              f"--warmup {warmup} --steps {steps}")
         if args.decoder_depth is not None and args.decoder_depth < 0:
             raise ValueError(f"--decoder_depth must be >= 0, got {args.decoder_depth}")
+        check_engine_flags(args.kernels, "sdpa", device)
         overrides = {"decoder_depth": args.decoder_depth} if args.decoder_depth is not None else {}
         with torch.device("meta"):
             config = create_model(args.model, kernels="torch", **overrides).config
         flops = flop_table(config, args.mask_ratio)
         batch_tag = "" if args.batch_size is None else f"_batch{batch}"
         settings = ("_flops" if args.flops_only else batch_tag) + settings_tag(
-            decoder_depth=args.decoder_depth, mask_ratio=args.mask_ratio,
-            dtype="auto" if args.flops_only else args.dtype)
+            device, decoder_depth=args.decoder_depth, mask_ratio=args.mask_ratio,
+            dtype=None if args.flops_only else dtype)
         output = ResultFile(args.json, args.out_dir, result_filename(f"profile_{args.model}{settings}", device))
     except ValueError as err:
         print(f"fastmae profile: error: {err}", file=sys.stderr)
@@ -493,10 +493,18 @@ def run(args) -> int:
         with torch.device("meta"):
             report["parameters"] = parameter_split(create_model(args.model, kernels="torch", **overrides))
     else:
-        model = create_model(args.model, kernels=args.kernels, **overrides).to(device)
+        try:
+            model = create_model(args.model, kernels=args.kernels, **overrides).to(device)
+        except ValueError as err:  # the flags' checks above are meant to leave nothing for here
+            print(f"fastmae profile: error: {err}", file=sys.stderr)
+            return 2
         report["parameters"] = parameter_split(model)
         try:
             measure_step(report, model, args, device, dtype, batch, warmup, steps)
+        except KeyboardInterrupt:
+            print("fastmae profile: stopped while measuring; nothing written (the FLOP counts alone: --flops_only)",
+                  file=sys.stderr)
+            return 130
         except torch.OutOfMemoryError:
             print(f"fastmae profile: error: out of {device} memory at batch {batch}; try --batch_size {batch // 2}",
                   file=sys.stderr)

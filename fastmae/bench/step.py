@@ -219,6 +219,8 @@ def run(args) -> int:
         check_model_names(models, args.mask_ratio)
         compiled = compile_config(args)
         check_real_data_flags(args, device)
+        if args.gemm_size is not None and args.gemm_size < 1:
+            raise ValueError(f"--gemm_size must be positive, got {args.gemm_size}")
         if args.decoder_depth is not None and args.decoder_depth < 0:
             raise ValueError(f"--decoder_depth must be >= 0, got {args.decoder_depth}")
         if args.json and len(models) > 1:
@@ -237,7 +239,7 @@ def run(args) -> int:
         # another batch than the default is another result: a file of its own beside the default's
         batch_tag = "" if batch_size == default_batch_size(device, CPU_BATCH) else f"_batch{batch_size}"
         settings = (f"{compiled.tag}{engine_tag(args.kernels, args.attn)}{batch_tag}"
-                    + settings_tag(decoder_depth=args.decoder_depth, mask_ratio=args.mask_ratio, dtype=args.dtype,
+                    + settings_tag(device, decoder_depth=args.decoder_depth, mask_ratio=args.mask_ratio, dtype=dtype,
                                    real_data=args.real_data))
         outputs = {name: ResultFile(args.json, args.out_dir, result_filename(f"step_{name}{settings}", device))
                    for name in models}
@@ -247,41 +249,59 @@ def run(args) -> int:
 
     environment = environment_info(device)
     print(f"device: {environment['device']}  torch {environment['torch']}  dtype {dtype_name(dtype)}", flush=True)
-    gemm = measured_gemm_flops(device, dtype, args.gemm_size)
-    print(f"measured {gemm['dtype']} GEMM ({gemm['size']}^3, fastest as {gemm['layout']}): "
-          f"{gemm['flops_per_s'] / 1e12:.3g} TFLOP/s", flush=True)
+    measuring = None  # the model being measured
+    try:
+        gemm = measured_gemm_flops(device, dtype, args.gemm_size)
+        print(f"measured {gemm['dtype']} GEMM ({gemm['size']}^3, fastest as {gemm['layout']}): "
+              f"{gemm['flops_per_s'] / 1e12:.3g} TFLOP/s", flush=True)
+        status = 0
+        for name in models:
+            measuring = name
+            status = max(status, measure_model(args, name, device, dtype, batch_size, gemm, names, compiled,
+                                               environment, outputs[name]))
+        return status
+    except DataError as err:  # every model reads the same data: the run ends here
+        print(f"fastmae bench step: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        output = outputs.get(measuring)
+        if output is None or output.written is None:
+            print("fastmae bench step: stopped" + (f" while measuring {measuring}" if measuring else "")
+                  + "; nothing of it written", file=sys.stderr)
+        else:
+            print(f"fastmae bench step: stopped while measuring {measuring}; what it measured is in {output.path} "
+                  f"(complete: false)", file=sys.stderr)
+            if output.written["results"]:
+                print(f"  wrote {plot_step(output.written, output.chart)}")
+        return 130
+
+
+def measure_model(args, name: str, device: torch.device, dtype: torch.dtype, batch_size: int, gemm: dict,
+                  names: tuple[str, ...], compiled: CompileConfig, environment: dict, output: ResultFile) -> int:
+    """One model's result, written and reported; the exit status it calls for."""
+    save = (lambda partial: output.write({"environment": environment, **partial})) if output else None
+    batch = batch_size
+    while True:
+        print(f"{name}: batch {batch}, {', '.join(names)}", flush=True)
+        try:
+            result = bench_model(args, name, device, dtype, batch, gemm, names, compiled, save)
+            break
+        except BatchTooLarge as err:
+            if not args.oom_fallback or batch == 1:
+                print(f"fastmae bench step: error: {err} (try --oom_fallback or a smaller --batch_size)", file=sys.stderr)
+                return 1
+            print(f"  {err}; retrying every contender at batch {batch // 2}", flush=True)
+            batch //= 2
+    result = {"environment": environment, **result}
     status = 0
-    for name in models:
-        output = outputs[name]
-        save = (lambda partial, output=output: output.write({"environment": environment, **partial})) if output else None
-        batch = batch_size
-        while True:
-            print(f"{name}: batch {batch}, {', '.join(names)}", flush=True)
-            try:
-                result = bench_model(args, name, device, dtype, batch, gemm, names, compiled, save)
-                break
-            except DataError as err:
-                print(f"fastmae bench step: error: {err}", file=sys.stderr)
-                return 2
-            except BatchTooLarge as err:
-                if not args.oom_fallback or batch == 1:
-                    print(f"fastmae bench step: error: {err} (try --oom_fallback or a smaller --batch_size)", file=sys.stderr)
-                    status = 1
-                    result = None
-                    break
-                print(f"  {err}; retrying every contender at batch {batch // 2}", flush=True)
-                batch //= 2
-        if result is None:
-            continue
-        result = {"environment": environment, **result}
-        failed = [r["name"] for r in result["results"] if "error" in r]
-        if failed:
-            print(f"fastmae bench step: error: {name}: {', '.join(failed)} failed (recorded in the results)",
-                  file=sys.stderr)
-            status = 1
-        for key, value in result["speedups"].items():
-            print(f"  speedup {key}: {value:.2f}x")
-        if output:  # the JSON is complete since the last contender's save
-            print(f"  wrote {output.path}")
-            print(f"  wrote {plot_step(result, output.chart)}")
+    failed = [r["name"] for r in result["results"] if "error" in r]
+    if failed:
+        print(f"fastmae bench step: error: {name}: {', '.join(failed)} failed (recorded in the results)",
+              file=sys.stderr)
+        status = 1
+    for key, value in result["speedups"].items():
+        print(f"  speedup {key}: {value:.2f}x")
+    if output:  # the JSON is complete since the last contender's save
+        print(f"  wrote {output.path}")
+        print(f"  wrote {plot_step(result, output.chart)}")
     return status

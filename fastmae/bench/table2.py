@@ -93,7 +93,7 @@ def _measure_encoder(rows: list[Table2Row], args, device, dtype, batch_size, gem
                                      progress=not args.no_progress)
         print(format_row(measured), flush=True)
         result = {**dataclasses.asdict(row), "label": row.label, "config": dataclasses.asdict(config),
-                  "batch_size": batch_size, **measured}
+                  "batch_size": batch_size, **measured}  # the encoder's batch: halved after running out of memory
         if baseline is None:
             baseline = result
         result["measured_speedup"] = baseline["mean_s"] / result["mean_s"]  # sustained img/s over the baseline's
@@ -115,10 +115,10 @@ def plot_table2(rows: list[dict], path: Path, title: str) -> Path:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'row':<52} {'step ms':>9} {'img/s':>9} {'measured':>9} {'paper':>7} {'FLOP limit':>10}")
+    print(f"{'row':<52} {'batch':>6} {'step ms':>9} {'img/s':>9} {'measured':>9} {'paper':>7} {'FLOP limit':>10}")
     for r in rows:
         paper = f"{r['paper_speedup']:.1f}x" if r["paper_speedup"] is not None else "-"
-        print(f"{r['label']:<52} {1e3 * r['median_s']:9.2f} {r['images_per_s']:9.1f} "
+        print(f"{r['label']:<52} {r['batch_size']:>6} {1e3 * r['median_s']:9.2f} {r['images_per_s']:9.1f} "
               f"{r['measured_speedup']:8.2f}x {paper:>7} {r['flop_limit_speedup']:9.2f}x")
 
 
@@ -127,7 +127,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"encoders, comma separated (default: {','.join(PAPER_ENCODERS)}; "
                              f"with --small: {','.join(SMALL_ENCODERS)})")
     parser.add_argument("--small", action="store_true", help="small encoders that run on CPU (CI)")
-    add_measurement_arguments(parser, cpu_batch=32)
+    # ViT-H at the default batch 256 does not fit an 80 GB GPU: its rows are measured at 128 by default
+    add_measurement_arguments(parser, cpu_batch=32, oom_fallback=True)
     parser.add_argument("--compile", action="store_true", help="run every row under torch.compile")
     add_compile_arguments(parser, "--compile")
     parser.add_argument("--cuda_graph", action="store_true",
@@ -150,7 +151,7 @@ def run(args) -> int:
         what = ("table2" + ((compiled.tag or "_compile") if compiled else "") + ("_cudagraph" if args.cuda_graph else "")
                 + engine_tag(args.kernels, args.attn)
                 + ("" if batch_size == default_batch_size(device, 32) else f"_batch{batch_size}")
-                + settings_tag(mask_ratio=args.mask_ratio, dtype=args.dtype)
+                + settings_tag(device, mask_ratio=args.mask_ratio, dtype=dtype)
                 + ("_small" if args.small and not args.models else ""))
         output = ResultFile(args.json, args.out_dir, result_filename(what, device))
     except ValueError as err:
@@ -159,7 +160,11 @@ def run(args) -> int:
 
     environment = environment_info(device)
     print(f"device: {environment['device']}  torch {environment['torch']}  dtype {dtype_name(dtype)}", flush=True)
-    gemm = measured_gemm_flops(device, dtype)
+    try:
+        gemm = measured_gemm_flops(device, dtype)
+    except KeyboardInterrupt:
+        print("fastmae bench table2: stopped before any row was measured; nothing written", file=sys.stderr)
+        return 130
     spec_peak = spec_peak_flops(device, dtype)
     planned = [row.label for row in table2_rows(encoders)]
     result = {
@@ -174,35 +179,71 @@ def run(args) -> int:
         "data": "synthetic (on device)",
         "warmup_steps": plan.warmup_steps,
         "timed_steps": plan.timed_steps,
+        "batch_size_requested": batch_size,
+        "oom_fallback": args.oom_fallback,
         "spec_peak_flops_per_s": spec_peak,
         "measured_gemm": gemm,
         "paper": "He et al. 2022, Table 2: wall-clock speed-up on 128 TPU-v3 cores, relative to w/ [M] with 8 blocks",
     }
+    rows: list[dict] = []
+    errors: list[dict] = []  # an encoder's first failing row; its later rows are not measured
 
     def save(rows: list[dict]) -> None:  # after every row: a run stopped part-way keeps what it measured
         if output:
             done = {row["label"] for row in rows}
             pending = [label for label in planned if label not in done]
-            output.write({**result, "rows": rows, "complete": not pending, "pending": pending})
+            output.write({**result, "rows": rows, "errors": errors, "complete": not pending, "pending": pending})
 
-    rows: list[dict] = []
-    for encoder in encoders:
-        batch = batch_size
-        while True:
-            try:
-                rows += _measure_encoder(table2_rows((encoder,)), args, device, dtype, batch, gemm, spec_peak,
-                                         compiled, lambda encoder_rows, done=list(rows): save(done + encoder_rows),
-                                         args.cuda_graph)
+    def finish() -> None:
+        """The table and the chart of the rows measured, whether or not every row was."""
+        print_table(rows)
+        if output and output.path and any(not row["encoder_mask_tokens"] for row in rows):
+            png = plot_table2(rows, output.chart, f"Table 2 on {environment['device']}, {dtype_name(dtype)}")
+            print(f"wrote {output.path} and {png}")
+        elif output and output.path:
+            print(f"wrote {output.path} (no chart: no row without mask tokens was measured)")
+
+    encoder_rows: list[dict] = []  # the rows of the encoder being measured, as it goes
+    try:
+        for encoder in encoders:
+            batch = batch_size
+            while True:
+                encoder_rows = []
+
+                def save_encoder(measured: list[dict], done=list(rows)) -> None:
+                    encoder_rows[:] = measured
+                    save(done + measured)
+
+                try:
+                    _measure_encoder(table2_rows((encoder,)), args, device, dtype, batch, gemm, spec_peak, compiled,
+                                     save_encoder, args.cuda_graph)
+                    break
+                except BatchTooLarge as err:
+                    if args.oom_fallback and batch > 1:
+                        print(f"  {err}; measuring {encoder}'s rows again at batch {batch // 2}", flush=True)
+                        batch //= 2
+                        continue
+                    hint = "a smaller --batch_size" + ("" if args.oom_fallback else ", or leave out --no_oom_fallback")
+                    failure = f"{err} (try {hint})"
+                except OSError:  # writing the result (a full disk): the command's error, not a row's
+                    raise
+                except Exception as err:  # noqa: BLE001 - one encoder failing (a compiler error, a kernel) is
+                    # reported and recorded; the rows measured so far and the other encoders are kept
+                    failure = f"{type(err).__name__}: {err}"
+                done = {row["label"] for row in encoder_rows}
+                row = next((r.label for r in table2_rows((encoder,)) if r.label not in done), encoder)
+                errors.append({"encoder": encoder, "row": row, "batch_size": batch, "error": failure})
+                print(f"  {row} failed: {failure}", flush=True)
                 break
-            except BatchTooLarge as err:
-                if not args.oom_fallback or batch == 1:
-                    print(f"fastmae bench table2: error: {err} (try --oom_fallback or a smaller --batch_size)",
-                          file=sys.stderr)
-                    return 1
-                print(f"  {err}; measuring {encoder}'s rows again at batch {batch // 2}", flush=True)
-                batch //= 2
-    print_table(rows)
-    if output:
-        png = plot_table2(rows, output.chart, f"Table 2 on {environment['device']}, {dtype_name(dtype)}")
-        print(f"wrote {output.path} and {png}")
-    return 0
+            rows, encoder_rows = rows + encoder_rows, []
+            save(rows)
+    except KeyboardInterrupt:
+        rows += encoder_rows
+        finish()
+        where = f"the rows measured are in {output.path} (complete: false)" if output.path else "nothing written"
+        print(f"fastmae bench table2: stopped; {where}", file=sys.stderr)
+        return 130
+    finish()
+    for error in errors:
+        print(f"fastmae bench table2: error: {error['row']}: {error['error']}", file=sys.stderr)
+    return 1 if errors else 0

@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -58,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"fastmae bench data: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before any loader was measured (those stops are reported by _run)
+        print("fastmae bench data: stopped before any loader was measured; nothing written", file=sys.stderr)
+        return 130
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -68,6 +72,10 @@ def _run(args: argparse.Namespace) -> int:
         args.num_images = max(512, args.batch_size * rounds_needed)
     if args.batch_size <= 0 or args.num_threads <= 0 or args.num_images <= 0:
         raise ValueError("--batch_size, --num_threads and --num_images must be positive")
+    if args.plot and Path(args.plot).suffix.lower() != ".png":
+        raise ValueError(f"--plot {args.plot}: the chart is a PNG; name it .png")
+    if args.plot and args.json and Path(args.plot).resolve() == Path(args.json).resolve():
+        raise ValueError(f"--plot and --json name the same file {args.json}: the chart would replace the results")
     with tempfile.TemporaryDirectory(prefix="fastmae-bench-data-") as scratch:
         data_path = args.data_path
         if data_path is None:
@@ -83,25 +91,17 @@ def _run(args: argparse.Namespace) -> int:
                   "data_path": args.data_path or f"generated: {args.num_images} x ~{IMAGENET_LIKE_SIZE} q{IMAGENET_LIKE_QUALITY}",
                   "num_images": len(source), "batch_size": args.batch_size, "input_size": args.input_size,
                   "warmup_batches": args.warmup, "results": results, "complete": False}
-        for loader_name in args.loaders:
-            why_not = unavailable(loader_name, device)
-            if why_not:
-                print(f"{loader_name}: skipped ({why_not})")
-                continue
-            for mode in args.modes:
-                if loader_name == "hybrid" and mode == "decode":
-                    continue  # its workers decode as the cpu loader's do: the same measurement
-                loads = args.hw_decoder_load if loader_name == "dali" and device.type == "cuda" and args.hw_decoder_load else [None]
-                for hw_load in loads:
-                    loader = make_loader(loader_name, mode, cfg, device, source, args.num_threads, hw_load)
-                    label = f"{loader_name} {mode}" + (f" hw_decoder_load={hw_load}" if hw_load is not None else "")
-                    # the CPU loaders' worker processes each make a whole batch: num_threads at once
-                    parallel = max(1, args.num_threads) if loader_name in WORKER_LOADERS else 1
-                    results.append({"loader": loader_name, "mode": mode, "hw_decoder_load": hw_load,
-                                    **measure(loader, label, device, args.warmup, args.batches, args.batch_size,
-                                              parallel)})
-                    if args.json:  # after each measurement: a run stopped part-way keeps what it measured
-                        write_json(args.json, report)
+        try:
+            measure_loaders(args, device, cfg, source, report)
+        except KeyboardInterrupt:
+            print_table(results, args.num_threads, device)
+            where = (f"the measurements made are in {args.json} (complete: false)" if args.json and results
+                     else "nothing written")
+            print(f"fastmae bench data: stopped; {where}", file=sys.stderr)
+            if args.plot and results:
+                plot(results, args.num_threads, device, args.plot)
+                print(f"wrote {args.plot}")
+            return 130
     print_table(results, args.num_threads, device)
     if args.json:
         report["complete"] = True
@@ -110,6 +110,31 @@ def _run(args: argparse.Namespace) -> int:
         plot(results, args.num_threads, device, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def measure_loaders(args: argparse.Namespace, device: torch.device, cfg: DataConfig, source: ImageSource,
+                    report: dict) -> None:
+    """Every loader and mode asked for, each measurement added to report["results"] (and written to
+    --json) as it is made: a run stopped part-way keeps what it measured."""
+    for loader_name in args.loaders:
+        why_not = unavailable(loader_name, device)
+        if why_not:
+            print(f"{loader_name}: skipped ({why_not})")
+            continue
+        for mode in args.modes:
+            if loader_name == "hybrid" and mode == "decode":
+                continue  # its workers decode as the cpu loader's do: the same measurement
+            loads = args.hw_decoder_load if loader_name == "dali" and device.type == "cuda" and args.hw_decoder_load else [None]
+            for hw_load in loads:
+                loader = make_loader(loader_name, mode, cfg, device, source, args.num_threads, hw_load)
+                label = f"{loader_name} {mode}" + (f" hw_decoder_load={hw_load}" if hw_load is not None else "")
+                # the CPU loaders' worker processes each make a whole batch: num_threads at once
+                parallel = max(1, args.num_threads) if loader_name in WORKER_LOADERS else 1
+                report["results"].append({"loader": loader_name, "mode": mode, "hw_decoder_load": hw_load,
+                                          **measure(loader, label, device, args.warmup, args.batches, args.batch_size,
+                                                    parallel)})
+                if args.json:
+                    write_json(args.json, report)
 
 
 def unavailable(loader_name: str, device: torch.device) -> str | None:
