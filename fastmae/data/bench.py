@@ -29,6 +29,8 @@ from fastmae.data.synthetic import IMAGENET_LIKE_QUALITY, IMAGENET_LIKE_SIZE, wr
 
 LOADERS = ("cpu", "hybrid", "dali", "torchvision")
 WORKER_LOADERS = ("cpu", "hybrid")  # a batch per worker process at a time
+# Enough batches for a steady rate, few enough that a large --data_path is not decoded whole each time.
+DEFAULT_TIMED_BATCHES = 50
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads / worker processes each loader may use (default: all cores)")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--input_size", type=int, default=224)
-    parser.add_argument("--batches", type=int, default=0, help="timed batches per measurement (0: one epoch)")
+    parser.add_argument("--batches", type=int, default=DEFAULT_TIMED_BATCHES,
+                        help=f"timed batches per measurement (default: {DEFAULT_TIMED_BATCHES}; 0: one whole epoch, "
+                             "which on ImageNet decodes 1.28M images per loader and mode)")
     parser.add_argument("--warmup", type=int, default=2, help="batches run before the clock starts")
     parser.add_argument("--hw_decoder_load", type=float, nargs="+", default=None,
                         help="DALI on a GPU: hardware decoder shares to sweep (default: the loader's)")
@@ -72,6 +76,9 @@ def _run(args: argparse.Namespace) -> int:
         args.num_images = max(512, args.batch_size * rounds_needed)
     if args.batch_size <= 0 or args.num_threads <= 0 or args.num_images <= 0:
         raise ValueError("--batch_size, --num_threads and --num_images must be positive")
+    if args.batches < 0 or args.warmup < 0:
+        raise ValueError(f"--batches and --warmup must be >= 0 (--batches 0: one epoch), got --batches {args.batches} "
+                         f"--warmup {args.warmup}")
     if args.plot and Path(args.plot).suffix.lower() != ".png":
         raise ValueError(f"--plot {args.plot}: the chart is a PNG; name it .png")
     if args.plot and args.json and Path(args.plot).resolve() == Path(args.json).resolve():
@@ -90,7 +97,8 @@ def _run(args: argparse.Namespace) -> int:
         report = {"benchmark": "data", "environment": environment(device), "num_threads": args.num_threads,
                   "data_path": args.data_path or f"generated: {args.num_images} x ~{IMAGENET_LIKE_SIZE} q{IMAGENET_LIKE_QUALITY}",
                   "num_images": len(source), "batch_size": args.batch_size, "input_size": args.input_size,
-                  "warmup_batches": args.warmup, "results": results, "complete": False}
+                  "warmup_batches": args.warmup, "timed_batches_asked": args.batches, "results": results,
+                  "complete": False}
         try:
             measure_loaders(args, device, cfg, source, report)
         except KeyboardInterrupt:
