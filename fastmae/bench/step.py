@@ -265,12 +265,13 @@ def run(args) -> int:
         return 2
     except KeyboardInterrupt:
         output = outputs.get(measuring)
-        if output is None or output.written is None:
-            print("fastmae bench step: stopped" + (f" while measuring {measuring}" if measuring else "")
-                  + "; nothing of it written", file=sys.stderr)
+        if measuring is None:
+            print("fastmae bench step: stopped before any model was measured; nothing written", file=sys.stderr)
+        elif output is None or output.written is None:
+            print(f"fastmae bench step: stopped while measuring {measuring}; nothing of it written", file=sys.stderr)
         else:
             print(f"fastmae bench step: stopped while measuring {measuring}; what it measured is in {output.path} "
-                  f"(complete: false)", file=sys.stderr)
+                  f"(complete: {str(output.written['complete']).lower()})", file=sys.stderr)
             if output.written["results"]:
                 print(f"  wrote {plot_step(output.written, output.chart)}")
         return 130
