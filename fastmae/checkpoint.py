@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -149,7 +150,8 @@ def load_weights(model: nn.Module, source, strict: bool = False, replaceable: tu
     """
     if isinstance(source, (str, os.PathLike)):
         source = read_checkpoint(source)
-    state = state_dict_of(source)
+    state = without_wrapper_prefixes(state_dict_of(source))
+    model = unwrap_model(model)  # DDP's and torch.compile's keys carry their prefix; the weights are the model's
     own = model.state_dict()
     report = LoadReport()
 
@@ -186,6 +188,18 @@ def load_weights(model: nn.Module, source, strict: bool = False, replaceable: tu
     return report
 
 
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP's, torch.compile's
+
+
+def without_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state_dict saved from a DDP or compiled model (every key ``module.``/``_orig_mod.``-prefixed,
+    in any nesting), with the keys of the model inside."""
+    while state and any(all(key.startswith(prefix) for key in state) for prefix in WRAPPER_PREFIXES):
+        prefix = next(p for p in WRAPPER_PREFIXES if all(key.startswith(p) for key in state))
+        state = {key[len(prefix):]: value for key, value in state.items()}
+    return state
+
+
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """torch.save, replacing ``path`` whole: a kill mid-save leaves the previous file."""
     atomic_write(path, lambda f: torch.save(obj, f))
@@ -201,7 +215,20 @@ def plain_args(args) -> dict | None:
         import dataclasses
 
         args = dataclasses.asdict(args)
-    return {k: (v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else str(v)) for k, v in args.items()}
+    return {k: plain_value(v) for k, v in args.items()}
+
+
+def plain_value(value):
+    """A value as weights-only loading reads it back: numpy and 0-d tensor scalars as Python numbers
+    (np.float64 is a float subclass that torch.load refuses; np.bool_(False) as a string would read as
+    true), lists and tuples element by element, anything else as its text."""
+    if isinstance(value, (np.generic, torch.Tensor)) and getattr(value, "ndim", 0) == 0:
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_value(v) for v in value)
+    if value is None or type(value) in (int, float, str, bool):
+        return value
+    return str(value)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -231,7 +258,7 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, epoch: int | None = 
     if optimizer is not None:
         container["optimizer"] = optimizer_state(optimizer)
     if epoch is not None:
-        container["epoch"] = epoch
+        container["epoch"] = int(epoch)  # np.int64 would make the file unreadable weights-only
     if scaler is not None and scaler.is_enabled():
         # a disabled scaler's state is {}, which the reference's GradScaler refuses to load; without the
         # key, its load_model keeps its own scaler

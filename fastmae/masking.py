@@ -12,6 +12,7 @@ kernel.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -30,9 +31,14 @@ class Masking:
 
 
 def num_visible_patches(num_patches: int, mask_ratio: float) -> int:
-    """len_keep of the reference, with a clear error where no patch would stay visible."""
-    if not isinstance(mask_ratio, (int, float)) or not 0.0 <= mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio!r}")
+    """len_keep of the reference, with a clear error where no patch would stay visible. mask_ratio: a
+    Python or numpy number, or a 0-d tensor (read once, on the host)."""
+    if isinstance(mask_ratio, torch.Tensor) and mask_ratio.ndim == 0 and mask_ratio.is_floating_point():
+        mask_ratio = float(mask_ratio)
+    elif isinstance(mask_ratio, numbers.Real) and not isinstance(mask_ratio, bool):
+        mask_ratio = float(mask_ratio)
+    if not isinstance(mask_ratio, float) or not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
     len_keep = int(num_patches * (1 - mask_ratio))
     if len_keep < 1:
         raise ValueError(

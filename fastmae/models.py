@@ -28,6 +28,19 @@ from fastmae.pos_embed import sincos_2d
 from fastmae.vit import Block, PatchEmbed, forward_blocks, init_vit_weights
 
 
+REFERENCE_DEFAULT_NORM_EPS = 1e-5  # MaskedAutoencoderViT(norm_layer=nn.LayerNorm) in models_mae.py
+
+
+def _square_size(name: str, value) -> int:
+    """timm's img_size/patch_size may be an int or an (h, w) pair; the MAE grid is square."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"{name} must be an int or a square (h, w) pair: the MAE's sin-cos position "
+                             f"embeddings are for a square grid, got {value!r}")
+        return value[0]
+    return value
+
+
 def _check_sizes(**sizes) -> None:
     """ValueError naming the first size out of range. A negative depth would build no blocks while the
     FLOP counts (fastmae.flops) multiply by it; depth 0 (no blocks) is a model, a width of 0 is not."""
@@ -53,17 +66,20 @@ class MaskedAutoencoderViT(nn.Module):
         norm_layer=None,
         norm_pix_loss: bool = False,
         *,
-        norm_eps: float = 1e-6,
+        norm_eps: float | None = None,
         attn: str = "sdpa",
         kernels: str = "auto",
         encoder_mask_tokens: bool = False,
     ):
         super().__init__()
+        img_size, patch_size = _square_size("img_size", img_size), _square_size("patch_size", patch_size)
         _check_sizes(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
                      num_heads=num_heads, decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,
                      decoder_num_heads=decoder_num_heads, mlp_ratio=mlp_ratio)
         if norm_layer is not None:  # reference scripts pass partial(nn.LayerNorm, eps=1e-6)
             norm_eps = _layernorm_eps(norm_layer)
+        elif norm_eps is None:  # the reference's default norm_layer, nn.LayerNorm: eps 1e-5 (named models: 1e-6)
+            norm_eps = REFERENCE_DEFAULT_NORM_EPS
         self.config = MAEConfig(
             img_size, patch_size, in_chans, embed_dim, depth, num_heads, decoder_embed_dim,
             decoder_depth, decoder_num_heads, mlp_ratio, norm_pix_loss, norm_eps,
@@ -139,11 +155,21 @@ class MaskedAutoencoderViT(nn.Module):
     def random_masking_ids(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None) -> Masking:
         return random_masking(imgs.shape[0], self.num_patches, mask_ratio, imgs.device, noise)
 
+    def random_masking(self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+        """Reference API: tokens x [N, L, D] -> (x_masked [N, K, D], mask [N, L], ids_restore [N, L])."""
+        masking = random_masking(x.shape[0], x.shape[1], mask_ratio, x.device, noise)
+        x_masked = torch.gather(x, 1, masking.ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return x_masked, masking.mask, masking.ids_restore
+
+    def _overrides(self, method: str) -> bool:
+        """A subclass replaced this reference-API method (research code changes the loss or the masking so)."""
+        return getattr(type(self), method) is not getattr(MaskedAutoencoderViT, method)
+
     # ---- encoder ----
     def encode(self, imgs: torch.Tensor, masking: Masking) -> torch.Tensor:
         """imgs [N, C, H, W] -> latent [N, 1+K, D] (naive baseline: [N, 1+L, D])."""
-        path = ops.resolve_kernels(self.kernels, imgs.device)
         w, b = self.patch_embed.proj.weight, self.patch_embed.proj.bias
+        path = ops.resolve_kernels(self.kernels, imgs.device, w.dtype)
         if self.encoder_mask_tokens:
             x = ops.visible_patch_embed(imgs, None, w, b, self.pos_embed, self.cls_token, self.patch_size, path)
             removed = masking.mask.bool().unsqueeze(-1)
@@ -158,8 +184,20 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
         """Reference API: -> (latent [N, 1+K, D], mask [N, L], ids_restore [N, L])."""
         self.check_images(imgs)
+        if self._overrides("random_masking"):
+            return self._encoder_through_random_masking(imgs, mask_ratio, noise)
         masking = self.random_masking_ids(imgs, mask_ratio, noise)
         return self.encode(imgs, masking), masking.mask, masking.ids_restore
+
+    def _encoder_through_random_masking(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None):
+        """The reference's encoder, for a subclass's own random_masking: every patch embedded, then masked."""
+        if self.encoder_mask_tokens:
+            raise ValueError("an overridden random_masking drops tokens, which the naive baseline "
+                             "(encoder_mask_tokens=True) keeps as mask tokens")
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+        x, mask, ids_restore = self.random_masking(x, mask_ratio, *(() if noise is None else (noise,)))
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        return forward_blocks(self.blocks, torch.cat([cls, x], dim=1), self.norm), mask, ids_restore
 
     # ---- decoder ----
     def decode(self, latent: torch.Tensor, masking: Masking, full_pred: bool = True) -> torch.Tensor:
@@ -168,7 +206,7 @@ class MaskedAutoencoderViT(nn.Module):
         if self.encoder_mask_tokens:
             x = x + self.decoder_pos_embed
         else:
-            path = ops.resolve_kernels(self.kernels, latent.device)
+            path = ops.resolve_kernels(self.kernels, latent.device, x.dtype)
             x = ops.decoder_unshuffle(x, self.mask_token, masking.ids_restore, self.decoder_pos_embed, path)
         # decoder_norm stays outside the chain: in training it normalises only the gathered removed patches
         x = forward_blocks(self.decoder_blocks, x)[:, 1:, :]
@@ -179,6 +217,7 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Reference API: latent [N, 1+K, Dd-input], ids_restore [N, L] -> pred [N, L, p*p*C]."""
         len_keep = latent.shape[1] - 1
+        ids_restore = ids_restore.to(torch.int64).contiguous()  # the kernels index with int64
         ids_shuffle = torch.argsort(ids_restore, dim=1)
         masking = Masking(ids_shuffle[:, :len_keep], ids_shuffle[:, len_keep:], ids_restore,
                           (ids_restore >= len_keep).to(torch.float32))
@@ -186,25 +225,36 @@ class MaskedAutoencoderViT(nn.Module):
 
     # ---- loss ----
     def loss(self, imgs: torch.Tensor, pred: torch.Tensor, masking: Masking, full_pred: bool = True) -> torch.Tensor:
-        path = ops.resolve_kernels(self.kernels, imgs.device)
+        path = ops.resolve_kernels(self.kernels, imgs.device, pred.dtype)
         if full_pred:
             return ops.masked_patch_loss(pred, imgs, self.patch_size, self.norm_pix_loss, None, masking.mask, path)
         return ops.masked_patch_loss(pred, imgs, self.patch_size, self.norm_pix_loss, masking.ids_masked, None, path)
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Reference API: full pred [N, L, p*p*C] and mask [N, L] -> loss."""
-        path = ops.resolve_kernels(self.kernels, imgs.device)
-        return ops.masked_patch_loss(pred, imgs, self.patch_size, self.norm_pix_loss, None, mask, path)
+        """Reference API: full pred [N, L, p*p*C] and mask [N, L] (any dtype, 1 = removed) -> loss."""
+        path = ops.resolve_kernels(self.kernels, imgs.device, pred.dtype)
+        mask = mask if mask.is_floating_point() else mask.to(torch.float32)
+        return ops.masked_patch_loss(pred.contiguous(), imgs, self.patch_size, self.norm_pix_loss, None, mask, path)
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None,
                 full_pred: bool = True):
         """-> (loss, pred, mask). pred is [N, L, p*p*C]; with full_pred=False (training) the head runs
-        on the removed patches only and pred is [N, L-K, p*p*C] in the order of ``ids_masked``."""
+        on the removed patches only and pred is [N, L-K, p*p*C] in the order of ``ids_masked``.
+
+        A subclass that overrides the reference's forward_encoder, forward_decoder, forward_loss or
+        random_masking gets the reference's forward, through its methods (pred of all L patches)."""
+        if any(self._overrides(method) for method in REFERENCE_STEPS):
+            latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, *(() if noise is None else (noise,)))
+            pred = self.forward_decoder(latent, ids_restore)
+            return self.forward_loss(imgs, pred, mask), pred, mask
         self.check_images(imgs)
         masking = self.random_masking_ids(imgs, mask_ratio, noise)
         latent = self.encode(imgs, masking)
         pred = self.decode(latent, masking, full_pred)
         return self.loss(imgs, pred, masking, full_pred), pred, masking.mask
+
+
+REFERENCE_STEPS = ("forward_encoder", "forward_decoder", "forward_loss", "random_masking")
 
 
 def _layernorm_eps(norm_layer) -> float:
@@ -248,6 +298,7 @@ MODEL_ARCHS: dict[str, dict] = {
                                  decoder_embed_dim=48, decoder_depth=1, decoder_num_heads=4),
 }
 _PAPER_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+NAMED_MODEL_NORM_EPS = 1e-6  # the reference's named constructors pass partial(nn.LayerNorm, eps=1e-6)
 
 
 _MODEL_ALIASES = {  # the reference's long names
@@ -263,7 +314,7 @@ def model_arch(name: str) -> dict:
     name = _MODEL_ALIASES.get(name, name)
     if name not in MODEL_ARCHS:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(MODEL_ARCHS)}")
-    return {**_PAPER_DECODER, "mlp_ratio": 4.0, **MODEL_ARCHS[name]}
+    return {**_PAPER_DECODER, "mlp_ratio": 4.0, "norm_eps": NAMED_MODEL_NORM_EPS, **MODEL_ARCHS[name]}
 
 
 def create_model(name: str, **overrides) -> MaskedAutoencoderViT:

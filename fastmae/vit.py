@@ -99,7 +99,7 @@ class Block(nn.Module):
             return False
         if _global_call_hooks() or any(_call_hooks(m) for m in (self, self.norm1, self.norm2)):
             return False
-        return ops.resolve_kernels(self.kernels, x.device) == "triton"
+        return ops.resolve_kernels(self.kernels, x.device, self.norm1.weight.dtype) == "triton"
 
     def fused_body(self, x: torch.Tensor, h: torch.Tensor, norm_dtype: torch.dtype | None):
         """The block after its first norm (h = norm1(x)) -> (x + attn branch, mlp branch not yet added)."""
@@ -138,6 +138,7 @@ def _fused_chain(blocks, x: torch.Tensor, norm: nn.LayerNorm | None) -> torch.Te
     # Under autocast the norms' consumers (qkv, fc1) cast to the autocast dtype: write it directly.
     device = x.device.type
     norm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    x = x.contiguous()  # the kernels read rows of the residual stream; a caller's view may not be laid out so
     branch = None
     for blk in blocks:
         n1 = blk.norm1

@@ -81,10 +81,20 @@ def check_kernels_choice(choice: str) -> str:
     return choice
 
 
-def resolve_kernels(choice: str, device: torch.device) -> str:
-    """The path ("triton" or "torch") that ``choice`` takes for tensors on ``device``."""
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def resolve_kernels(choice: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The path ("triton" or "torch") that ``choice`` takes for tensors on ``device`` of ``dtype`` (the
+    model's parameters'; None: a kernel dtype). The kernels compute in fp32/bf16/fp16: a float64 model
+    (the reference comparisons) takes the PyTorch path under "auto"."""
     check_kernels_choice(choice)
     if choice == "torch":
+        return "torch"
+    if dtype is not None and dtype not in TRITON_DTYPES:
+        if choice == "triton":
+            raise ValueError(f"kernels='triton' computes in float32, bfloat16 or float16, the model is in {dtype}: "
+                             "use kernels='auto' or 'torch'")
         return "torch"
     if device.type == "cuda":
         return "triton" if triton_available() else "torch"

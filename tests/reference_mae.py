@@ -86,7 +86,7 @@ class Block(nn.Module):
 class ReferenceMAE(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0,
-                 norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=False):
+                 norm_layer=nn.LayerNorm, norm_pix_loss=False):  # the official default: eps 1e-5
         super().__init__()
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches

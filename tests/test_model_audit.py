@@ -159,7 +159,10 @@ def test_strict_load_fails_on_missing_keys_alone_and_on_unexpected_keys_alone():
 
 
 class FakeScaler:
-    """The part of a loss scaler that the reference's checkpointing uses."""
+    """The part of a loss scaler that the reference's checkpointing uses (a scaler in use: fp16)."""
+
+    def is_enabled(self):
+        return True
 
     def state_dict(self):
         return {"scale": 1024.0, "_growth_tracker": 3}

@@ -83,8 +83,8 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs [N, C, H, W] -> feature [N, D] (pooled patch tokens + fc_norm, or normed cls token)."""
-        path = ops.resolve_kernels("auto", imgs.device)
         w, b = self.patch_embed.proj.weight, self.patch_embed.proj.bias
+        path = ops.resolve_kernels("auto", imgs.device, w.dtype)
         # ids_keep=None: every patch, in order; cls + pos row 0 prepended (the reference's embedding)
         x = ops.visible_patch_embed(imgs, None, w, b, self.pos_embed, self.cls_token, self.patch_size, path)
         if self.global_pool:

@@ -1,0 +1,135 @@
+"""The model as research code uses it through the reference's Python API: subclasses that override its
+methods, other number types, wrapped models, the constructor's defaults, and the Triton path fed what
+the reference accepts."""
+
+import numpy as np
+import pytest
+import torch
+
+from fastmae.checkpoint import load_weights, read_checkpoint, save_checkpoint
+from fastmae.kernels import resolve_kernels
+from fastmae.models import MaskedAutoencoderViT, create_model
+from reference_mae import ReferenceMAE
+
+SMALL = dict(img_size=32, patch_size=4, in_chans=3, embed_dim=64, depth=2, num_heads=4,
+             decoder_embed_dim=48, decoder_depth=2, decoder_num_heads=4, mlp_ratio=4.0)
+CPU = torch.device("cpu")
+
+
+def data(seed=0, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, 32, 32, generator=g, dtype=torch.float64), torch.rand(batch, 64, generator=g,
+                                                                                     dtype=torch.float64)
+
+
+def test_overridden_reference_methods_are_what_forward_runs():
+    """Changing the loss or the masking by overriding forward_loss / random_masking, the reference's way."""
+    class ConstantLoss(MaskedAutoencoderViT):
+        def forward_loss(self, imgs, pred, mask):
+            return super().forward_loss(imgs, pred, mask) * 0 + 123.0
+
+    imgs, noise = data()
+    loss, pred, mask = ConstantLoss(**SMALL, kernels="torch").double()(imgs, 0.75, noise)
+    assert loss.item() == 123.0 and pred.shape == (2, 64, 48) and mask.sum() == 2 * 48
+
+    def keep_first(x, mask_ratio):  # a deterministic masking: the first K patches stay visible
+        N, L, D = x.shape
+        keep = int(L * (1 - mask_ratio))
+        mask = torch.ones(N, L, dtype=x.dtype)
+        mask[:, :keep] = 0
+        return x[:, :keep], mask, torch.arange(L).expand(N, L)
+
+    class Ours(MaskedAutoencoderViT):
+        def random_masking(self, x, mask_ratio, noise=None):
+            return keep_first(x, mask_ratio)
+
+    class Theirs(ReferenceMAE):
+        def random_masking(self, x, mask_ratio, noise=None):
+            return keep_first(x, mask_ratio)
+
+    torch.manual_seed(0)
+    ours = Ours(**SMALL, kernels="torch").double()
+    theirs = Theirs(**SMALL).double()
+    theirs.load_state_dict(ours.state_dict())
+    imgs, noise = data()
+    for a, b in zip(ours(imgs, 0.75), theirs(imgs, 0.75, noise)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert ours(imgs, 0.75)[2][:, :16].sum() == 0  # its masking, not the noise's
+    x = torch.randn(2, 64, 8)
+    x_masked, mask, ids_restore = MaskedAutoencoderViT(**SMALL, kernels="torch").random_masking(x, 0.75, torch.rand(2, 64))
+    assert x_masked.shape == (2, 16, 8) and mask.sum() == 2 * 48
+    assert torch.equal(torch.gather(x, 1, ids_restore.argsort(1)[:, :16, None].expand(-1, -1, 8)), x_masked)
+
+
+def test_the_constructors_layer_norm_eps_is_the_references():
+    """MaskedAutoencoderViT(...) without norm_layer is the reference's nn.LayerNorm, eps 1e-5; the named
+    models pass eps 1e-6, as the reference's constructors do."""
+    assert MaskedAutoencoderViT(**SMALL).norm.eps == 1e-5 == ReferenceMAE(**SMALL).norm.eps
+    assert create_model("mae_vit_micro_patch4").blocks[0].norm1.eps == 1e-6
+    assert MaskedAutoencoderViT(**SMALL, norm_eps=1e-6).decoder_norm.eps == 1e-6
+
+
+def test_other_number_types_and_square_size_pairs():
+    model = MaskedAutoencoderViT(**{**SMALL, "img_size": (32, 32), "patch_size": (4, 4)}, kernels="torch").double()
+    imgs, noise = data()
+    want = model(imgs, 0.75, noise)[0]
+    for ratio in (np.float32(0.75), np.float64(0.75), torch.tensor(0.75)):
+        assert torch.equal(model(imgs, ratio, noise)[0], want)
+    with pytest.raises(ValueError, match="square"):
+        MaskedAutoencoderViT(**{**SMALL, "img_size": (32, 48)})
+    with pytest.raises(ValueError, match="mask_ratio must be a number"):
+        model(imgs, "0.75")
+
+
+def test_checkpoints_take_numpy_values_and_load_into_wrapped_models(tmp_path):
+    model = create_model("mae_vit_micro_patch4", kernels="torch")
+    path = tmp_path / "c.pth"
+    save_checkpoint(path, model, epoch=np.int64(3), args={"lr": np.float64(1e-3), "blr": np.float32(1.5e-4),
+                                                          "norm_pix_loss": np.bool_(False), "sizes": [np.int64(2)]})
+    saved = read_checkpoint(path)  # weights-only: numpy scalars would be refused
+    assert saved["epoch"] == 3 and type(saved["epoch"]) is int
+    assert saved["args"]["lr"] == 1e-3 and saved["args"]["norm_pix_loss"] is False and saved["args"]["sizes"] == [2]
+    assert saved["args"]["blr"] == pytest.approx(1.5e-4)
+    other = create_model("mae_vit_micro_patch4", kernels="torch")
+    compiled_keys = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
+    ddp_keys = {f"module.{k}": v for k, v in model.state_dict().items()}
+    for source in (compiled_keys, ddp_keys, {"model": ddp_keys}):
+        fresh = create_model("mae_vit_micro_patch4", kernels="torch")
+        load_weights(fresh, source, strict=True)
+        assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+    wrapped = torch.compile(other)  # not run: only its weights are loaded
+    load_weights(wrapped, path, strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values()))
+
+
+def test_a_float64_model_takes_the_pytorch_path_under_auto():
+    """The kernels compute in fp32/bf16/fp16; the reference comparisons run the model in float64."""
+    cuda = torch.device("cuda")  # resolve_kernels only looks at the device's type
+    if resolve_kernels("auto", cuda) == "triton":
+        assert resolve_kernels("auto", cuda, torch.float64) == "torch"
+        assert resolve_kernels("auto", cuda, torch.bfloat16) == "triton"
+        with pytest.raises(ValueError, match="kernels='triton' computes in float32, bfloat16 or float16"):
+            resolve_kernels("triton", cuda, torch.float64)
+    assert resolve_kernels("torch", CPU, torch.float64) == "torch"
+
+
+@pytest.mark.skipif(not __import__("fastmae.kernels", fromlist=["x"]).triton_interpreter_on(),
+                    reason="the Triton path on CPU needs TRITON_INTERPRET=1")
+def test_the_triton_path_takes_what_the_reference_api_accepts():
+    torch.manual_seed(0)
+    fused = create_model("mae_vit_micro_patch4", kernels="triton")
+    plain = create_model("mae_vit_micro_patch4", kernels="torch")
+    plain.load_state_dict(fused.state_dict())
+    imgs = torch.randn(2, 3, 32, 32)
+    latent, mask, ids_restore = plain.forward_encoder(imgs, 0.75, torch.rand(2, 64))
+    pred = plain.forward_decoder(latent, ids_restore)
+    for model in (fused, plain):
+        want = plain.forward_loss(imgs, pred, mask)
+        wide = torch.cat([pred, pred], dim=-1)[..., :pred.shape[-1]]  # not contiguous
+        for m in (mask.bool(), mask.long()):
+            torch.testing.assert_close(model.forward_loss(imgs, wide, m), want)
+        torch.testing.assert_close(model.forward_decoder(latent, ids_restore.int()), pred, rtol=1e-5, atol=1e-5)
+        x = torch.randn(2, 17, 128)[..., ::2]  # a non-contiguous residual stream
+        torch.testing.assert_close(model.blocks[0](x), plain.blocks[0](x.contiguous()), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="must hold all L = 64 patches"):
+        fused.forward_loss(imgs, wide[:, :10], mask)
