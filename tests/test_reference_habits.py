@@ -307,7 +307,7 @@ import sys  # noqa: E402
 from fastmae.train import distributed  # noqa: E402
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                    "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS")
+                    "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
 
 
 @pytest.fixture
@@ -405,3 +405,16 @@ def test_data_loader_help_names_what_auto_picks(monkeypatch, capsys):
                             loader="auto")
     assert loader.resolve_loader(cfg, torch.device("cuda")) == "hybrid"
     assert loader.resolve_loader(cfg, torch.device("cpu")) == "cpu"
+
+
+def test_loader_workers_share_a_node_among_its_slurm_tasks(launch_environment):
+    """Eight Slurm tasks on one node each took up to 10 workers: the cores are shared by the node's tasks."""
+    single = distributed.DistributedContext()
+    launched = distributed.DistributedContext(rank=3, world_size=16, local_rank=3)
+    assert single.ranks_on_this_machine() == 1 == launched.ranks_on_this_machine()
+    launch_environment(SLURM_PROCID=3, SLURM_TASKS_PER_NODE="8(x2)")
+    assert launched.ranks_on_this_machine() == 8 and single.ranks_on_this_machine() == 1
+    launch_environment(SLURM_NTASKS_PER_NODE=4)
+    assert launched.ranks_on_this_machine() == 4
+    launch_environment(LOCAL_WORLD_SIZE=2)  # torchrun's word wins
+    assert launched.ranks_on_this_machine() == 2

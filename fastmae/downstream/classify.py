@@ -43,7 +43,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int, ep
     parser.add_argument("--accum_iter", type=int, default=1,
                         help="batches whose gradients make one optimizer step (effective batch = batch_size x accum_iter)")
     parser.add_argument("--epochs", type=int, default=epochs)
-    parser.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * batch_size / 256)")
+    parser.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * batch_size * accum_iter / 256)")
     parser.add_argument("--blr", type=float, default=blr)
     parser.add_argument("--min_lr", type=float, default=min_lr)
     parser.add_argument("--warmup_epochs", type=float, default=warmup_epochs)

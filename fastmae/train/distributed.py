@@ -9,6 +9,7 @@ loss) so that agreeing on them never makes the host wait for the GPU.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,19 @@ class DistributedContext:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    def ranks_on_this_machine(self) -> int:
+        """Processes sharing this machine's cores: torchrun's LOCAL_WORLD_SIZE; under a Slurm launch (a
+        task per GPU, no torchrun) this node's tasks (SLURM_NTASKS_PER_NODE, else the first count of
+        SLURM_TASKS_PER_NODE: "4", "4(x2)"); else 1."""
+        if "LOCAL_WORLD_SIZE" in os.environ:
+            return int(os.environ["LOCAL_WORLD_SIZE"])
+        if self.enabled and "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
+            for name in ("SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+                count = re.match(r"\d+", os.environ.get(name, ""))
+                if count:
+                    return int(count.group())
+        return 1
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is True on any rank (a host-side all-reduce)."""

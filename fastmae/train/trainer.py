@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import shutil
 import signal
 import sys
@@ -203,8 +202,7 @@ class Pretrainer:
     def _num_workers(self) -> int:
         if self.cfg.num_workers is not None:
             return self.cfg.num_workers
-        # torchrun says how many ranks share this machine's cores
-        return default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        return default_num_workers(self.ctx.ranks_on_this_machine())
 
     def _check_mask_ratio(self) -> None:
         """Both visible and removed patches, said now rather than at the first step (the encoder needs
