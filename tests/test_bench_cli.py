@@ -7,6 +7,7 @@ import torch
 
 from fastmae.bench.environment import ResultFile, write_new_json
 from fastmae.cli import main
+from test_bench import one_thread  # noqa: F401  (autouse: timing on a shared 2-core machine, one thread)
 
 MICRO = "mae_vit_micro_patch4"
 QUICK_STEP = ["bench", "step", "--model", MICRO, "--impl", "fastmae", "--batch_size", "2", "--warmup", "0",
@@ -17,13 +18,6 @@ QUICK_PROFILE = ["profile", "--model", MICRO, "--batch_size", "2", "--warmup", "
                  "--kernel_table", "0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Timing on a shared 2-core machine: two OpenMP threads fighting other jobs are much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def names(folder) -> list[str]:
@@ -246,19 +240,22 @@ def test_table2_keeps_the_rows_measured_before_a_failing_row(tmp_path, capsys, m
     assert "Traceback" not in err
 
 
-def test_bench_step_stopped_says_where_its_partial_result_is(tmp_path, capsys, monkeypatch):
-    import fastmae.bench.step as step_cmd
-
-    calls = []
-
+def stopped_after_one_call(real, calls: list):
+    """``real`` for its first call, then a Ctrl-C (KeyboardInterrupt); ``calls`` holds one entry per call made."""
     def measure_then_stop(*args, **kwargs):
         if calls:
             raise KeyboardInterrupt
         calls.append(1)
-        return measure(*args, **kwargs)
+        return real(*args, **kwargs)
 
-    measure = step_cmd.measure_contender
-    monkeypatch.setattr(step_cmd, "measure_contender", measure_then_stop)
+    return measure_then_stop
+
+
+def test_bench_step_stopped_says_where_its_partial_result_is(tmp_path, capsys, monkeypatch):
+    import fastmae.bench.step as step_cmd
+
+    calls = []
+    monkeypatch.setattr(step_cmd, "measure_contender", stopped_after_one_call(step_cmd.measure_contender, calls))
     path = tmp_path / "s.json"
     command = QUICK_STEP[:QUICK_STEP.index("--impl") + 1] + ["fastmae,naive w/[M]"] + QUICK_STEP[QUICK_STEP.index("--impl") + 2:]
     assert main(command + ["--json", str(path)]) == 130
@@ -276,16 +273,8 @@ def test_bench_data_stopped_keeps_what_it_measured(tmp_path, capsys, monkeypatch
     from fastmae.data.synthetic import write_jpeg_folder
 
     write_jpeg_folder(tmp_path / "jpegs", 12, num_classes=2)
-    measure = data_bench.measure
     calls = []
-
-    def measure_then_stop(*args, **kwargs):
-        if calls:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return measure(*args, **kwargs)
-
-    monkeypatch.setattr(data_bench, "measure", measure_then_stop)
+    monkeypatch.setattr(data_bench, "measure", stopped_after_one_call(data_bench.measure, calls))
     path, chart = tmp_path / "data.json", tmp_path / "data.png"
     assert main(["bench", "data", "--data_path", str(tmp_path / "jpegs"), "--loaders", "cpu", "--batch_size", "4",
                  "--input_size", "32", "--num_threads", "1", "--warmup", "1", "--json", str(path),

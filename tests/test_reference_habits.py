@@ -34,34 +34,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from fastmae.checkpoint import save_checkpoint  # noqa: E402
 from fastmae.cli import build_parser  # noqa: E402
-from fastmae.models import create_model  # noqa: E402
 from fastmae.train import metrics as metrics_module  # noqa: E402
 from fastmae.train.schedule import lr_at  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def labeled_folder(tmp_path_factory):
-    """{train,val}/{cat,dog}/*.png: 6 + 4 images a class, bright cats, dark dogs."""
-    root = tmp_path_factory.mktemp("labeled")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 6), ("val", 4)):
-        for name, level in (("cat", 200), ("dog", 40)):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = np.clip(rng.normal(level, 20, (36, 40, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def mae_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mae") / "mae.pth"
-    torch.manual_seed(1)
-    save_checkpoint(path, create_model("mae_vit_micro_patch4"), epoch=3, args={"model": "mae_vit_micro_patch4"})
-    return path
+from test_downstream import mae_checkpoint, tiny_folder  # noqa: E402,F401  (fixtures)
 
 
 class RecordingWriter:
@@ -102,10 +78,10 @@ def downstream_flags(command, data, checkpoint, out, *extra):
 
 
 @pytest.mark.parametrize("command", ["linprobe", "finetune"])
-def test_a_reference_command_line_runs(command, labeled_folder, mae_checkpoint, tmp_path, tensorboard, capsys):
+def test_a_reference_command_line_runs(command, tiny_folder, mae_checkpoint, tmp_path, tensorboard, capsys):
     out, tb = tmp_path / "out", tmp_path / "tb"
     # as the reference's README gives them (less torch.distributed.launch)
-    argv = downstream_flags(command, labeled_folder, mae_checkpoint, out, "--epochs", "3", "--start_epoch", "1",
+    argv = downstream_flags(command, tiny_folder, mae_checkpoint, out, "--epochs", "3", "--start_epoch", "1",
                             "--dist_eval", "--pin_mem", "--log_dir", str(tb), "--blr", "0.1")
     assert main(argv) == 0, capsys.readouterr().err
     epochs = [r for r in read_jsonl(out / "log.jsonl") if not r.get("final")]
@@ -148,11 +124,11 @@ def test_dist_eval_help_says_why_it_changes_nothing(capsys):
            "evaluation already covers the whole val set" in text
 
 
-def test_pin_mem_pins_the_batches_on_their_way_to_a_gpu(labeled_folder):
+def test_pin_mem_pins_the_batches_on_their_way_to_a_gpu(tiny_folder):
     from fastmae.downstream.classify import datasets_and_loaders
 
     def pinned(pin_mem, device):
-        args = argparse.Namespace(data_path=str(labeled_folder), batch_size=4, accum_iter=1, num_workers=0, seed=0,
+        args = argparse.Namespace(data_path=str(tiny_folder), batch_size=4, accum_iter=1, num_workers=0, seed=0,
                                   pin_mem=pin_mem)
         _, _, train_loader, val_loader = datasets_and_loaders(args, 32, True, device=torch.device(device))
         return train_loader.pin_memory, val_loader.pin_memory
@@ -163,22 +139,22 @@ def test_pin_mem_pins_the_batches_on_their_way_to_a_gpu(labeled_folder):
 
 
 @pytest.mark.parametrize("command", ["linprobe", "finetune"])
-def test_a_start_epoch_that_leaves_nothing_to_train_is_refused(command, labeled_folder, mae_checkpoint, tmp_path,
+def test_a_start_epoch_that_leaves_nothing_to_train_is_refused(command, tiny_folder, mae_checkpoint, tmp_path,
                                                                capsys):
     out = tmp_path / "out"
-    assert main(downstream_flags(command, labeled_folder, mae_checkpoint, out, "--epochs", "2",
+    assert main(downstream_flags(command, tiny_folder, mae_checkpoint, out, "--epochs", "2",
                                  "--start_epoch", "2")) == 2
     err = capsys.readouterr().err
     assert f"fastmae {command}: error: --start_epoch 2 leaves nothing to train: --epochs is 2" in err
-    assert main(downstream_flags(command, labeled_folder, mae_checkpoint, out, "--start_epoch", "-1")) == 2
+    assert main(downstream_flags(command, tiny_folder, mae_checkpoint, out, "--start_epoch", "-1")) == 2
     assert "--start_epoch must be >= 0, got -1" in capsys.readouterr().err
     assert not out.exists()
 
 
-def test_a_log_dir_without_tensorboard_is_said(labeled_folder, mae_checkpoint, tmp_path, monkeypatch, capsys):
+def test_a_log_dir_without_tensorboard_is_said(tiny_folder, mae_checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(metrics_module, "_tensorboard_writer", lambda log_dir: None)  # as when it is not installed
     out = tmp_path / "out"
-    assert main(downstream_flags("linprobe", labeled_folder, mae_checkpoint, out, "--epochs", "1",
+    assert main(downstream_flags("linprobe", tiny_folder, mae_checkpoint, out, "--epochs", "1",
                                  "--log_dir", str(tmp_path / "tb"))) == 0
     assert (f"--log_dir {tmp_path / 'tb'}: no TensorBoard logs, tensorboard is not installed (pip install "
             f"'fastmae[tensorboard]'); the metrics are in {out / 'log.jsonl'}") in capsys.readouterr().out
@@ -275,10 +251,10 @@ def test_log_txt_lines_the_disk_refuses_wait_and_go_in_later(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["linprobe", "finetune"])
-def test_downstream_log_txt_is_the_references(command, labeled_folder, mae_checkpoint, tmp_path):
+def test_downstream_log_txt_is_the_references(command, tiny_folder, mae_checkpoint, tmp_path):
     out = tmp_path / "out"
-    assert main(downstream_flags(command, labeled_folder, mae_checkpoint, out, "--epochs", "1")) == 0
-    assert main(downstream_flags(command, labeled_folder, mae_checkpoint, out, "--epochs", "2",
+    assert main(downstream_flags(command, tiny_folder, mae_checkpoint, out, "--epochs", "1")) == 0
+    assert main(downstream_flags(command, tiny_folder, mae_checkpoint, out, "--epochs", "2",
                                  "--resume", "auto")) == 0
     lines = read_jsonl(out / "log.txt")  # the resumed run appended
     assert all(list(r) == ["train_lr", "train_loss", "test_loss", "test_acc1", "test_acc5", "epoch", "n_parameters"]

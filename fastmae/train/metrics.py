@@ -111,10 +111,8 @@ class MetricsLogger:
         # a resumed run continues the file; a fresh run starts it anew. Unbuffered: a write the disk
         # refuses must leave its bytes here, to try again, not half in a buffer
         self.file = open(self.path, "ab" if append else "wb", buffering=0)
-        self.unwritten = b""
-        self.write_error: OSError | None = None  # why ``unwritten`` is not in the file yet
-        if append and self.path.stat().st_size and not _ends_with_newline(self.path):
-            self.unwritten = b"\n"  # an earlier process stopped mid-line: the next record starts a line
+        self.pending = HeldBack(self.path, self.message, "the logging steps", "logging step(s)",
+                                continues_a_line=append and self.path.stat().st_size and not _ends_with_newline(self.path))
         if log_dir is not None:
             self.writer = _tensorboard_writer(Path(log_dir))
         self.bar_settings = dict(total=total_steps, initial=start_step) if progress_bar else None
@@ -152,21 +150,7 @@ class MetricsLogger:
             self.epoch_log.append(record)
 
     def _write(self, data: bytes) -> None:
-        """Append ``data`` after whatever the disk refused before. A full disk or a quota costs a long
-        run its metrics file, not the run: the records wait here and go in once there is room."""
-        self.unwritten += data
-        try:
-            while self.unwritten:
-                self.unwritten = self.unwritten[self.file.write(self.unwritten):]
-        except OSError as err:
-            if self.write_error is None:
-                self.message(f"could not write to {self.path}: {err}; training goes on, and the logging steps "
-                             "wait in memory until it can be written")
-            self.write_error = err
-            return
-        if self.write_error is not None:
-            self.message(f"{self.path} is written again, the logging steps held back included")
-            self.write_error = None
+        self.pending.write(data, self.file.write)
 
     def message(self, text: str) -> None:
         if not self.enabled:
@@ -183,11 +167,7 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.close()
         self.epoch_log.close()
-        if self.unwritten:
-            self._write(b"")  # a last try
-        if self.unwritten:
-            lost = len([line for line in self.unwritten.split(b"\n") if line])
-            self.message(f"{lost} logging step(s) could not be written to {self.path}: {self.write_error}")
+        self.pending.close(self.file.write)
         self.file.close()
 
 
@@ -208,34 +188,55 @@ class EpochLog:
 
     def __init__(self, output_dir: str | Path, say: Callable[[str], None] = print):
         self.path = Path(output_dir) / self.NAME
-        self.say = say
-        self.unwritten = b""
-        self.write_error: OSError | None = None
-        if self.path.is_file() and self.path.stat().st_size and not _ends_with_newline(self.path):
-            self.unwritten = b"\n"  # an earlier process stopped mid-line: the next record starts a line
+        self.pending = HeldBack(self.path, say, "the epochs' lines", "epoch line(s)",
+                                continues_a_line=self.path.is_file() and self.path.stat().st_size
+                                and not _ends_with_newline(self.path))
+
+    def _append(self, data: bytes) -> int:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # opened for each epoch, as the reference does: nothing stays open between epochs
+        with open(self.path, "ab", buffering=0) as file:
+            return file.write(data)
 
     def append(self, record: dict) -> None:
-        self.unwritten += json.dumps(record).encode() + b"\n"
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # opened for each epoch, as the reference does: nothing stays open between epochs
-            with open(self.path, "ab", buffering=0) as file:
-                while self.unwritten:
-                    self.unwritten = self.unwritten[file.write(self.unwritten):]
-        except OSError as err:
-            if self.write_error is None:
-                self.say(f"could not write to {self.path}: {err}; training goes on, and the epochs' lines wait "
-                         "in memory until it can be written")
-            self.write_error = err
-            return
-        if self.write_error is not None:
-            self.say(f"{self.path} is written again, the epochs held back included")
-            self.write_error = None
+        self.pending.write(json.dumps(record).encode() + b"\n", self._append)
 
     def close(self) -> None:
+        self.pending.close(self._append)
+
+
+class HeldBack:
+    """What a log file has yet to receive. A full disk or a quota costs a long run its log lines for a
+    while, not the run: the lines the disk refuses wait here and go in, in order, once there is room."""
+
+    def __init__(self, path: Path, say: Callable[[str], None], held: str, lines: str, continues_a_line: bool):
+        self.path, self.say, self.held, self.lines = path, say, held, lines
+        # an earlier process stopped mid-line: the next record starts a line
+        self.unwritten = b"\n" if continues_a_line else b""
+        self.error: OSError | None = None  # why ``unwritten`` is not in the file yet
+
+    def write(self, data: bytes, write: Callable[[bytes], int]) -> None:
+        """Append ``data`` after whatever the disk refused before, through ``write`` (bytes -> bytes written)."""
+        self.unwritten += data
+        try:
+            while self.unwritten:
+                self.unwritten = self.unwritten[write(self.unwritten):]
+        except OSError as err:
+            if self.error is None:
+                self.say(f"could not write to {self.path}: {err}; training goes on, and {self.held} wait in "
+                         "memory until it can be written")
+            self.error = err
+            return
+        if self.error is not None:
+            self.say(f"{self.path} is written again, {self.held} held back included")
+            self.error = None
+
+    def close(self, write: Callable[[bytes], int]) -> None:
+        if self.unwritten:
+            self.write(b"", write)  # a last try
         lost = len([line for line in self.unwritten.split(b"\n") if line])
         if lost:
-            self.say(f"{lost} epoch line(s) could not be written to {self.path}: {self.write_error}")
+            self.say(f"{lost} {self.lines} could not be written to {self.path}: {self.error}")
 
 
 def _ends_with_newline(path: Path) -> bool:
