@@ -5,6 +5,7 @@ import argparse
 import errno
 import json
 import os
+import shutil
 import re
 import signal
 import subprocess
@@ -425,7 +426,7 @@ def test_a_periodic_checkpoint_the_disk_refuses_is_reported_and_training_goes_on
     assert ("could not save the checkpoint of step 4 as " in printed and "No space left on device" in printed
             and f"the last checkpoint saved is {step_checkpoint_path(out, 2)}" in printed
             and "training goes on and tries again at step 6" in printed), printed
-    assert [p.name for p in sorted(out.glob("checkpoint-*.pth"))] == [
+    assert [p.name for p in sorted(out.glob("checkpoint-step*.pth"))] == [
         "checkpoint-step00000006.pth", "checkpoint-step00000008.pth"]
     assert not list(out.glob(".*tmp")) and logged(out)[-1]["step"] == 8
 
@@ -643,7 +644,7 @@ def test_keeps_only_the_newest_checkpoints(tmp_path, image_folder):
     out = tmp_path / "out"
     assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "5", "--save_every", "1",
                                     "--keep_checkpoints", "2", "--log_every", "5")) == 0
-    assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == ["checkpoint-step00000004.pth", "checkpoint-step00000005.pth"]
+    assert sorted(p.name for p in out.glob("checkpoint-step*.pth")) == ["checkpoint-step00000004.pth", "checkpoint-step00000005.pth"]
     assert not list(out.glob(".*tmp"))
 
 
@@ -1007,3 +1008,30 @@ def test_our_checkpoint_resumes_the_references_way_and_an_earlier_grouping_resum
     for name, param in again_model.named_parameters():
         if param.requires_grad:
             assert torch.equal(again.state[param]["exp_avg_sq"], by_name[name]["exp_avg_sq"]), name
+
+
+def test_the_references_epoch_checkpoints_are_kept_and_resume_exactly(tmp_path, image_folder, capsys):
+    """Scripts look for main_pretrain.py's checkpoint-{epoch}.pth (every 20 epochs and the last)."""
+    from fastmae.train.checkpoints import epoch_checkpoints
+
+    out = tmp_path / "out"
+    assert fastmae_main(micro_flags(image_folder, out, "--save_epochs", "2")) == 0  # 3 epochs: 0, and 2 (the last)
+    assert [p.name for p in epoch_checkpoints(out)] == ["checkpoint-0.pth", "checkpoint-2.pth"]
+    first = torch.load(out / "checkpoint-0.pth", weights_only=True)
+    assert first["epoch"] == 0 and {"model", "optimizer", "args"} <= set(first)
+    assert f"epoch 0 done: {out / 'checkpoint-0.pth'}" in capsys.readouterr().out
+    straight = logged(out)
+    again = tmp_path / "again"  # from the end of epoch 0, the uninterrupted run's losses
+    assert fastmae_main(micro_flags(image_folder, again, "--save_epochs", "2", "--resume",
+                                    str(out / "checkpoint-0.pth"))) == 0
+    resumed = logged(again)
+    assert resumed and [r["loss"] for r in resumed] == [r["loss"] for r in straight[-len(resumed):]]
+    assert resumed[0]["step"] == first["fastmae_resume"]["step"] + 1
+    # a fresh run does not write over an earlier run's epoch checkpoints
+    only_epochs = tmp_path / "only_epochs"
+    only_epochs.mkdir()
+    shutil.copy(out / "checkpoint-2.pth", only_epochs)
+    assert fastmae_main(micro_flags(image_folder, only_epochs)) == 2
+    assert "checkpoint-2.pth" in capsys.readouterr().err
+    assert fastmae_main(micro_flags(image_folder, tmp_path / "none", "--save_epochs", "0")) == 0
+    assert epoch_checkpoints(tmp_path / "none") == []

@@ -26,6 +26,7 @@ RESUME_KEY = "fastmae_resume"
 RUN_SETTINGS = ("model", "input_size", "mask_ratio", "norm_pix_loss", "data_path", "batch_size", "accum_iter",
                 "epochs", "warmup_epochs", "blr", "lr", "min_lr", "weight_decay", "precision", "seed")
 _STEP_FILE = re.compile(r"checkpoint-step(\d+)\.pth$")
+_EPOCH_FILE = re.compile(r"^checkpoint-(\d+)\.pth$")
 
 
 @dataclass
@@ -38,6 +39,32 @@ class TrainingPosition:
 
 def step_checkpoint_path(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / f"checkpoint-step{step:08d}.pth"
+
+
+def epoch_checkpoint_path(output_dir: str | Path, epoch: int) -> Path:
+    """The reference's name: main_pretrain.py saves checkpoint-{epoch}.pth every 20 epochs and at the last."""
+    return Path(output_dir) / f"checkpoint-{epoch}.pth"
+
+
+def epoch_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The reference-named epoch checkpoints in ``output_dir``, oldest first."""
+    found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*.pth") if (m := _EPOCH_FILE.search(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_epoch_checkpoint(output_dir: str | Path, model, optimizer, scaler, position: TrainingPosition,
+                          args) -> Path:
+    """The reference's checkpoint-{epoch}.pth of the epoch just done (``position``: the start of the next),
+    kept (never rotated away), with what exact resumption needs."""
+    path = epoch_checkpoint_path(output_dir, position.epoch - 1)
+    save_checkpoint(path, model, optimizer, epoch=position.epoch - 1, scaler=scaler, args=args,
+                    **{RESUME_KEY: _resume_state(position)})
+    return path
+
+
+def _resume_state(position: TrainingPosition) -> dict:
+    return {"step": position.step, "epoch": position.epoch, "batch": position.batch,
+            "images_per_batch": position.images_per_batch, "rng": rng_states()}
 
 
 def step_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -78,9 +105,8 @@ def save_training_checkpoint(output_dir: str | Path, model, optimizer, scaler, p
     """Save ``position`` and delete the step checkpoints but the newest ``keep`` (all of them this
     run's: ``earlier_run_outputs`` keeps a run out of a folder holding another's)."""
     path = step_checkpoint_path(output_dir, position.step)
-    resume = {"step": position.step, "epoch": position.epoch, "batch": position.batch,
-              "images_per_batch": position.images_per_batch, "rng": rng_states()}
-    save_checkpoint(path, model, optimizer, epoch=position.epoch - 1, scaler=scaler, args=args, **{RESUME_KEY: resume})
+    save_checkpoint(path, model, optimizer, epoch=position.epoch - 1, scaler=scaler, args=args,
+                    **{RESUME_KEY: _resume_state(position)})
     for old in step_checkpoints(output_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
@@ -97,7 +123,7 @@ def earlier_run_outputs(output_dir: str | Path, resume: str) -> list[Path]:
     output_dir = Path(output_dir)
     if resume == "auto":
         return []
-    checkpoints = step_checkpoints(output_dir)
+    checkpoints = step_checkpoints(output_dir) + epoch_checkpoints(output_dir)
     if resume:
         inside = Path(resume).resolve().parent == output_dir.resolve()
         return [] if inside else checkpoints

@@ -90,6 +90,7 @@ class PretrainConfig:
     save_every: int = 1000  # optimizer steps between checkpoints (also saved at the end and on SIGTERM)
     log_every: int = 20  # optimizer steps between logging steps (the only host-device syncs)
     keep_checkpoints: int = 2  # newest step checkpoints kept in output_dir
+    save_epochs: int = 20  # the reference's checkpoint-{epoch}.pth every this many epochs and at the last; 0: none
     samples_per_epoch: int | None = None  # embedded photographs only: random crops per epoch
     threads: int | None = None  # CPU threads for the model's math (torch.set_num_threads); None = torch's choice
     progress_bar: bool = True
@@ -109,7 +110,7 @@ class PretrainConfig:
             raise ValueError(f"--input_size {self.input_size} is not a multiple of {self.model}'s patch size "
                              f"{patch_size}")
         non_negative = dict(warmup_epochs=self.warmup_epochs, weight_decay=self.weight_decay, min_lr=self.min_lr,
-                            start_epoch=self.start_epoch, num_workers=self.num_workers)
+                            start_epoch=self.start_epoch, num_workers=self.num_workers, save_epochs=self.save_epochs)
         for name, value in non_negative.items():
             if value is not None and value < 0:
                 raise ValueError(f"--{name} must be >= 0, got {value}")

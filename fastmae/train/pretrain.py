@@ -129,6 +129,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="optimizer steps between logging steps (the only host-device syncs)")
     ours.add_argument("--keep_checkpoints", type=int, default=d.keep_checkpoints, action=_STORE,
                       help="how many of the newest step checkpoints to keep")
+    ours.add_argument("--save_epochs", type=int, default=d.save_epochs, action=_STORE,
+                      help="also save the reference's checkpoint-{epoch}.pth after every this many epochs (from "
+                           "epoch 0) and after the last, kept, as main_pretrain.py does every 20; 0: none")
     ours.add_argument("--samples_per_epoch", type=int, default=d.samples_per_epoch, action=_STORE,
                       help="embedded photographs only: random crops per epoch")
     ours.add_argument("--threads", type=int, default=d.threads, action=_STORE,

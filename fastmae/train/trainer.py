@@ -30,7 +30,8 @@ from fastmae.kernels import resolve_kernels
 from fastmae.masking import num_visible_patches
 from fastmae.models import create_model
 from fastmae.train.checkpoints import (TrainingPosition, earlier_run_outputs, latest_checkpoint, resume_from,
-                                      save_training_checkpoint, step_checkpoint_path, step_checkpoints)
+                                      save_epoch_checkpoint, save_training_checkpoint, step_checkpoint_path,
+                                      step_checkpoints)
 from fastmae.train.config import PretrainConfig, default_num_workers
 from fastmae.train.cuda_graph import GraphedTrainStep, check_cuda_graph_support
 from fastmae.train.distributed import DistributedContext
@@ -416,6 +417,20 @@ class Pretrainer:
         if not math.isfinite(loss):  # the same on every rank: all stop
             raise NonFiniteLoss(self._nonfinite_message(window.first_step, self.position.step))
         self.logger.log_epoch({"train_lr": lr, "train_loss": loss, "epoch": epoch})
+        every = self.cfg.save_epochs
+        if every and (epoch % every == 0 or epoch + 1 == self.cfg.epochs) and self.ctx.is_main:
+            self._save_epoch_checkpoint(epoch)
+
+    def _save_epoch_checkpoint(self, epoch: int) -> None:
+        """The reference's checkpoint-{epoch}.pth, for the scripts that look for it. A file system that
+        refuses it is said, and training goes on: the step checkpoints are what resuming needs."""
+        try:
+            path = save_epoch_checkpoint(self.output_dir, self.model, self.optimizer, self.scaler, self.position,
+                                         self.args_to_save)
+        except OSError as err:
+            self.logger.message(f"could not save checkpoint-{epoch}.pth in {self.output_dir}: {err}; training goes on")
+            return
+        self.logger.message(f"epoch {epoch} done: {path}")
 
     def _mask_noise(self, step: int, micro: int, batch: int) -> torch.Tensor:
         """Masking noise [B, L] keyed by (seed, step, micro-batch, rank), drawn on the device."""
