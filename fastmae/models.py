@@ -121,7 +121,11 @@ class MaskedAutoencoderViT(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
         if self.encoder_mask_tokens:
             nn.init.normal_(self.encoder_mask_token, std=0.02)
-        self.apply(init_vit_weights)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        """Reference API: xavier-uniform Linear weights, zero biases, unit LayerNorms."""
+        init_vit_weights(m)
 
     @property
     def patch_size(self) -> int:
@@ -232,6 +236,13 @@ class MaskedAutoencoderViT(nn.Module):
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Reference API: full pred [N, L, p*p*C] and mask [N, L] (any dtype, 1 = removed) -> loss."""
+        if self._overrides("patchify"):  # a subclass's own target: the reference's arithmetic, on it
+            target = self.patchify(imgs)
+            if self.norm_pix_loss:
+                mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+                target = (target - mean) / (var + 1.0e-6) ** 0.5
+            loss = ((pred - target) ** 2).mean(dim=-1)
+            return (loss * mask).sum() / mask.sum()
         path = ops.resolve_kernels(self.kernels, imgs.device, pred.dtype)
         mask = mask if mask.is_floating_point() else mask.to(torch.float32)
         return ops.masked_patch_loss(pred.contiguous(), imgs, self.patch_size, self.norm_pix_loss, None, mask, path)
@@ -241,8 +252,9 @@ class MaskedAutoencoderViT(nn.Module):
         """-> (loss, pred, mask). pred is [N, L, p*p*C]; with full_pred=False (training) the head runs
         on the removed patches only and pred is [N, L-K, p*p*C] in the order of ``ids_masked``.
 
-        A subclass that overrides the reference's forward_encoder, forward_decoder, forward_loss or
-        random_masking gets the reference's forward, through its methods (pred of all L patches)."""
+        A subclass that overrides the reference's forward_encoder, forward_decoder, forward_loss,
+        random_masking or patchify gets the reference's forward, through its methods (pred of all L
+        patches)."""
         if any(self._overrides(method) for method in REFERENCE_STEPS):
             latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, *(() if noise is None else (noise,)))
             pred = self.forward_decoder(latent, ids_restore)
@@ -254,7 +266,7 @@ class MaskedAutoencoderViT(nn.Module):
         return self.loss(imgs, pred, masking, full_pred), pred, masking.mask
 
 
-REFERENCE_STEPS = ("forward_encoder", "forward_decoder", "forward_loss", "random_masking")
+REFERENCE_STEPS = ("forward_encoder", "forward_decoder", "forward_loss", "random_masking", "patchify")
 
 
 def _layernorm_eps(norm_layer) -> float:

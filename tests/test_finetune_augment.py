@@ -163,3 +163,16 @@ def test_each_operation_equals_timms(name, monkeypatch):
             continue  # recent Pillow refuses 0 bits in timm's call; ours is black, as Pillow was (test above)
         expected = auto_augment.NAME_TO_OP[name](img, *args, fillcolor=ra.IMAGENET_MEAN_UINT8, resample=Image.BICUBIC)
         assert np.array_equal(np.asarray(ra.OPERATIONS[name](img, *ours)), np.asarray(expected)), (name, magnitude)
+
+
+def test_the_eval_view_above_224_px_is_not_cropped_as_at_224():
+    """util/datasets.py: crop_pct 224/256 up to 224 px, 1.0 above (the 448 px fine-tuning of ViT-H)."""
+    from fastmae.data.augment import normalize, resize_center_crop
+
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    for size, resized in ((224, 256), (256, 256), (112, 128)):
+        pixels = resize_center_crop(img, resized)
+        top = (pixels.shape[0] - size) // 2
+        want = normalize(torch.from_numpy(np.ascontiguousarray(pixels[top:top + size, top:top + size]))
+                         .permute(2, 0, 1).unsqueeze(0))[0]
+        assert torch.equal(ClassificationTransform(size, train=False)(img), want), size

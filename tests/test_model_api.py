@@ -133,3 +133,20 @@ def test_the_triton_path_takes_what_the_reference_api_accepts():
         torch.testing.assert_close(model.blocks[0](x), plain.blocks[0](x.contiguous()), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="must hold all L = 64 patches"):
         fused.forward_loss(imgs, wide[:, :10], mask)
+
+
+def test_a_subclass_patchify_and_init_weights_are_used():
+    class NoTarget(MaskedAutoencoderViT):
+        def patchify(self, imgs):
+            return torch.zeros_like(super().patchify(imgs))
+
+    class ZeroLinears(MaskedAutoencoderViT):
+        def _init_weights(self, m):
+            if isinstance(m, torch.nn.Linear):
+                torch.nn.init.zeros_(m.weight)
+
+    imgs, noise = data()
+    model = NoTarget(**SMALL, kernels="torch").double()
+    loss, pred, mask = model(imgs, 0.75, noise)
+    torch.testing.assert_close(loss, ((pred ** 2).mean(-1) * mask).sum() / mask.sum())
+    assert all(not blk.attn.qkv.weight.any() for blk in ZeroLinears(**SMALL).blocks)

@@ -283,7 +283,8 @@ import sys  # noqa: E402
 from fastmae.train import distributed  # noqa: E402
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                    "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
+                    "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE",
+                    "SLURM_STEP_NUM_TASKS")
 
 
 @pytest.fixture
@@ -363,7 +364,9 @@ def test_two_slurm_tasks_train_one_model(image_folder, tmp_path):
     for epoch, record in enumerate(epochs):  # both ranks' losses: what the logging steps averaged too
         mine = steps[2 * epoch:2 * epoch + 2]
         assert record["train_loss"] == pytest.approx(np.mean([r["loss"] for r in mine]), rel=1e-6)
-    assert sorted(p.name for p in out.glob("checkpoint-step*.pth")) == ["checkpoint-step00000004.pth"]
+    # the epochs' checkpoints (0 and the last, 1), rank 0 alone writing them
+    assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == [
+        "checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-step00000002.pth", "checkpoint-step00000004.pth"]
 
 
 # ---- --data_loader's help says what auto picks ----
@@ -394,3 +397,13 @@ def test_loader_workers_share_a_node_among_its_slurm_tasks(launch_environment):
     assert launched.ranks_on_this_machine() == 4
     launch_environment(LOCAL_WORLD_SIZE=2)  # torchrun's word wins
     assert launched.ranks_on_this_machine() == 2
+
+
+def test_srun_tasks_without_world_size_are_refused_not_trained_as_copies(launch_environment):
+    launch_environment(SLURM_PROCID=1, SLURM_STEP_NUM_TASKS=2)
+    with pytest.raises(ValueError, match=r"task 1 of the 2 that srun started .* --world_size is 1: give --world_size 2"):
+        distributed.launched_ranks(1, "env://")
+    launch_environment(SLURM_STEP_NUM_TASKS=1)  # one task (srun -n 1, or the batch script): one process
+    assert distributed.launched_ranks(1, "env://") == (0, 1, 0)
+    launch_environment(SLURM_STEP_NUM_TASKS=2, RANK=1, WORLD_SIZE=2)  # torchrun inside srun: torchrun's ranks
+    assert distributed.launched_ranks(1, "env://") == (1, 2, 0)

@@ -1035,3 +1035,30 @@ def test_the_references_epoch_checkpoints_are_kept_and_resume_exactly(tmp_path, 
     assert "checkpoint-2.pth" in capsys.readouterr().err
     assert fastmae_main(micro_flags(image_folder, tmp_path / "none", "--save_epochs", "0")) == 0
     assert epoch_checkpoints(tmp_path / "none") == []
+    # the last epoch's checkpoint is the final step checkpoint, kept under both names (one file on disk)
+    assert (out / "checkpoint-2.pth").samefile(latest_checkpoint(out))
+
+
+def test_resume_auto_continues_from_epoch_checkpoints_and_a_fresh_restart_starts_log_txt_anew(
+        tmp_path, image_folder, capsys):
+    """A folder holding checkpoint-{epoch}.pth alone (copied, or a run killed before its first step
+    checkpoint) is continued by --resume auto, not restarted over them."""
+    out = tmp_path / "out"
+    assert fastmae_main(micro_flags(image_folder, out, "--save_epochs", "1")) == 0
+    straight = logged(out)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(out / "checkpoint-1.pth", alone)
+    capsys.readouterr()
+    assert fastmae_main(micro_flags(image_folder, alone, "--save_epochs", "1", "--resume", "auto")) == 0
+    assert f"resumed from {alone / 'checkpoint-1.pth'}" in capsys.readouterr().out
+    resumed = logged(alone)
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight[-len(resumed):]]
+    assert [json.loads(line)["epoch"] for line in (alone / "log.txt").read_text().splitlines()] == [2]
+    # killed before any checkpoint: --resume auto starts afresh, and log.txt with it, as metrics.jsonl
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (killed / "log.txt").write_text('{"train_lr": 0.1, "train_loss": 1.0, "epoch": 0}\n')
+    assert fastmae_main(micro_flags(image_folder, killed, "--resume", "auto")) == 0
+    assert [json.loads(line)["epoch"] for line in (killed / "log.txt").read_text().splitlines()] == [0, 1, 2]

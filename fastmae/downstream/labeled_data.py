@@ -5,7 +5,8 @@ reference's transforms, with PIL only (no torchvision).
 
 Train: RandomResizedCrop(input_size, scale=(0.08, 1), ratio=(3/4, 4/3), bicubic) + horizontal flip
 (``fastmae.data.augment``, the pretraining loader's crop, with the classification scale range).
-Eval: resize the shorter side to input_size / 0.875 (bicubic), centre crop input_size. Images are
+Eval: resize the shorter side to input_size / 0.875 (bicubic; above 224 px to input_size, the
+reference's crop_pct 1.0), centre crop input_size. Images are
 read as RGB (grey ones replicated) and normalised with the ImageNet mean/std. The reference's
 linear probe uses exactly these; its fine-tuning adds RandAugment after the flip and random erasing
 after the normalisation (``rand_augment``, ``random_erasing``), in timm's order.
@@ -30,7 +31,11 @@ from fastmae.downstream.rand_augment import RandAugment
 from fastmae.downstream.random_erasing import RandomErasing
 
 CLASSIFY_CROP_SCALE = (0.08, 1.0)  # torchvision's default, used by the reference's linprobe/finetune
-EVAL_CROP_FRACTION = 0.875  # 224 / 256, the reference's crop_pct
+EVAL_CROP_FRACTION = 0.875  # 224 / 256, the reference's crop_pct up to 224 px (util/datasets.py); 1.0 above
+
+
+def eval_crop_fraction(input_size: int) -> float:
+    return EVAL_CROP_FRACTION if input_size <= 224 else 1.0
 
 
 def list_labeled_images(root: str | os.PathLike) -> tuple[list[tuple[Path, int]], list[str]]:
@@ -78,7 +83,7 @@ class ClassificationTransform:
             if self.rand_augment is not None:
                 pixels = np.array(self.rand_augment(Image.fromarray(pixels), self.rng()), dtype=np.uint8)  # writable
         else:
-            resized = resize_center_crop(img, int(size / EVAL_CROP_FRACTION))  # [S', S', 3], S' >= size
+            resized = resize_center_crop(img, int(size / eval_crop_fraction(size)))  # [S', S', 3], S' >= size
             top = (resized.shape[0] - size) // 2
             pixels = np.ascontiguousarray(resized[top:top + size, top:top + size])
         x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # uint8 [1, 3, S, S]

@@ -9,8 +9,10 @@ of our files (it starts at ``epoch + 1``) repeats at most the part of an epoch w
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,14 +54,22 @@ def epoch_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_epoch_checkpoint(output_dir: str | Path, model, optimizer, scaler, position: TrainingPosition,
-                          args) -> Path:
-    """The reference's checkpoint-{epoch}.pth of the epoch just done (``position``: the start of the next),
-    kept (never rotated away), with what exact resumption needs."""
-    path = epoch_checkpoint_path(output_dir, position.epoch - 1)
-    save_checkpoint(path, model, optimizer, epoch=position.epoch - 1, scaler=scaler, args=args,
-                    **{RESUME_KEY: _resume_state(position)})
-    return path
+def keep_as_epoch_checkpoint(step_checkpoint: Path, epoch: int) -> Path:
+    """The step checkpoint saved at the end of ``epoch``, kept under the reference's name as well: a hard
+    link where the file system has them (no second copy on disk, and rotating the step file away leaves
+    it), else a copy; atomically, so a stop leaves no half file under the name."""
+    target = epoch_checkpoint_path(step_checkpoint.parent, epoch)
+    staged = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    staged.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(step_checkpoint, staged)
+        except OSError:  # no hard links here (some network and FUSE file systems)
+            shutil.copyfile(step_checkpoint, staged)
+        os.replace(staged, target)
+    finally:
+        staged.unlink(missing_ok=True)
+    return target
 
 
 def _resume_state(position: TrainingPosition) -> dict:
@@ -74,7 +84,10 @@ def step_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    checkpoints = step_checkpoints(output_dir)
+    """What --resume auto continues: the newest step checkpoint (one is saved with every epoch checkpoint,
+    so none is older than an epoch checkpoint of the same run), else the newest checkpoint-{epoch}.pth
+    (a folder holding those alone)."""
+    checkpoints = step_checkpoints(output_dir) or epoch_checkpoints(output_dir)
     return checkpoints[-1] if checkpoints else None
 
 

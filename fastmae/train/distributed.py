@@ -87,6 +87,13 @@ def launched_ranks(world_size: int = 1, init_method: str = "env://") -> tuple[in
         return tuple(_environment_int(name) if name in os.environ else default
                      for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     if "SLURM_PROCID" not in os.environ or world_size <= 1:
+        step_tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "")
+        if "SLURM_PROCID" in os.environ and step_tasks.isdigit() and int(step_tasks) > 1:
+            # srun started several tasks of this command: each would train alone, as a copy of the others
+            raise ValueError(f"this is Slurm task {os.environ['SLURM_PROCID']} of the {step_tasks} that srun started "
+                             f"(SLURM_STEP_NUM_TASKS), but --world_size is {world_size}: give --world_size {step_tasks} "
+                             "and a --dist_url every task can reach (file:///a/shared/path), or start one task "
+                             "per node running torchrun")
         # a Slurm job of one task per node running torchrun, or one process: as without Slurm
         return 0, 1, 0
     rank = _environment_int("SLURM_PROCID")

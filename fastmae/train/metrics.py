@@ -106,7 +106,7 @@ class MetricsLogger:
         self.epoch_log = None
         if not enabled:
             return
-        self.epoch_log = EpochLog(output_dir, say=self.message)
+        self.epoch_log = EpochLog(output_dir, say=self.message, append=append)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # a resumed run continues the file; a fresh run starts it anew. Unbuffered: a write the disk
         # refuses must leave its bytes here, to try again, not half in a buffer
@@ -181,13 +181,18 @@ def _significant(value, digits: int = 8):
 
 class EpochLog:
     """The reference's ``log.txt`` in the output folder: one JSON object per epoch, appended as the
-    reference appends it (a resumed run continues the file; nothing an earlier run wrote is replaced),
-    for the scripts that read it. A line the disk refuses waits here for the next epoch's write."""
+    reference appends it (a resumed run continues the file), for the scripts that read it. ``append``
+    False: a run that starts afresh starts it anew, as metrics.jsonl (the commands refuse a fresh run in
+    a folder holding an earlier run's outputs; --resume auto with no checkpoint to continue restarts
+    over what a run stopped before its first checkpoint left). A line the disk refuses waits here for
+    the next epoch's write."""
 
     NAME = "log.txt"
 
-    def __init__(self, output_dir: str | Path, say: Callable[[str], None] = print):
+    def __init__(self, output_dir: str | Path, say: Callable[[str], None] = print, append: bool = True):
         self.path = Path(output_dir) / self.NAME
+        if not append and self.path.is_file():
+            self.path.write_bytes(b"")
         self.pending = HeldBack(self.path, say, "the epochs' lines", "epoch line(s)",
                                 continues_a_line=self.path.is_file() and self.path.stat().st_size
                                 and not _ends_with_newline(self.path))

@@ -30,7 +30,7 @@ from fastmae.kernels import resolve_kernels
 from fastmae.masking import num_visible_patches
 from fastmae.models import create_model
 from fastmae.train.checkpoints import (TrainingPosition, earlier_run_outputs, latest_checkpoint, resume_from,
-                                      save_epoch_checkpoint, save_training_checkpoint, step_checkpoint_path,
+                                      keep_as_epoch_checkpoint, save_training_checkpoint, step_checkpoint_path,
                                       step_checkpoints)
 from fastmae.train.config import PretrainConfig, default_num_workers
 from fastmae.train.cuda_graph import GraphedTrainStep, check_cuda_graph_support
@@ -399,7 +399,7 @@ class Pretrainer:
                 pos.epoch, pos.batch = (epoch + 1, 0) if stop == n else (epoch, stop)
                 self.logger.advance()
                 if stop == n:
-                    self._end_epoch(epoch, epoch_sums, window)
+                    self._end_epoch(epoch, epoch_sums, window)  # may save a checkpoint: after the step count
                 last = self._finished()
                 if pos.step % cfg.log_every == 0 or last:
                     self._log(window)
@@ -418,19 +418,22 @@ class Pretrainer:
             raise NonFiniteLoss(self._nonfinite_message(window.first_step, self.position.step))
         self.logger.log_epoch({"train_lr": lr, "train_loss": loss, "epoch": epoch})
         every = self.cfg.save_epochs
-        if every and (epoch % every == 0 or epoch + 1 == self.cfg.epochs) and self.ctx.is_main:
-            self._save_epoch_checkpoint(epoch)
+        if every and (epoch % every == 0 or epoch + 1 == self.cfg.epochs):
+            self._save_epoch_checkpoint(epoch, window)
 
-    def _save_epoch_checkpoint(self, epoch: int) -> None:
-        """The reference's checkpoint-{epoch}.pth, for the scripts that look for it. A file system that
-        refuses it is said, and training goes on: the step checkpoints are what resuming needs."""
+    def _save_epoch_checkpoint(self, epoch: int, window: "_LogWindow") -> None:
+        """The reference's checkpoint-{epoch}.pth, for the scripts that look for it: the step checkpoint of
+        this step (so --resume auto, which reads step checkpoints, is never behind it), kept under that
+        name too. A file system that refuses it is said, and training goes on."""
+        path = self._save(window, periodic=True)
+        if not self.ctx.is_main or path != step_checkpoint_path(self.output_dir, self.position.step):
+            return  # not saved: _save said why
         try:
-            path = save_epoch_checkpoint(self.output_dir, self.model, self.optimizer, self.scaler, self.position,
-                                         self.args_to_save)
+            kept = keep_as_epoch_checkpoint(path, epoch)
         except OSError as err:
-            self.logger.message(f"could not save checkpoint-{epoch}.pth in {self.output_dir}: {err}; training goes on")
+            self.logger.message(f"could not keep {path.name} as checkpoint-{epoch}.pth: {err}; training goes on")
             return
-        self.logger.message(f"epoch {epoch} done: {path}")
+        self.logger.message(f"epoch {epoch} done: {kept}")
 
     def _mask_noise(self, step: int, micro: int, batch: int) -> torch.Tensor:
         """Masking noise [B, L] keyed by (seed, step, micro-batch, rank), drawn on the device."""
