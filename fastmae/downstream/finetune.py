@@ -119,7 +119,8 @@ def _run(args) -> int:
                       args.smoothing, seed=args.seed)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
-    print(f"fine-tuning {pretrained.model_name} ({'random init' if args.random_init else args.checkpoint}): "
+    origin = f"resumed from {resumed.path}" if resumed else "random init" if args.random_init else args.checkpoint
+    print(f"fine-tuning {pretrained.model_name} ({origin}): "
           f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes, lr {lr:.3g} "
           f"(effective batch {args.batch_size * args.accum_iter}), "
           f"layer decay {args.layer_decay}, drop path {args.drop_path}, "

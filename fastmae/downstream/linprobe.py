@@ -192,7 +192,8 @@ def _run(args) -> int:
         print(resumed.describe(args.epochs))
     recipe = ProbeRecipe(args.epochs, peak_lr(args), args.warmup_epochs, args.min_lr, args.weight_decay,
                          args.optimizer, args.momentum, args.accum_iter)
-    print(f"linear probe of {pretrained.model_name} ({'random init' if args.random_init else args.checkpoint}): "
+    origin = f"resumed from {resumed.path}" if resumed else "random init" if args.random_init else args.checkpoint
+    print(f"linear probe of {pretrained.model_name} ({origin}): "
           f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes, "
           f"{'global pool' if args.global_pool else 'cls token'}, {args.optimizer} lr {recipe.lr:.3g} "
           f"(effective batch {args.batch_size * args.accum_iter})")
