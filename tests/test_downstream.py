@@ -299,6 +299,15 @@ def test_finetune_resumes_after_the_last_epoch_saved(tiny_folder, mae_checkpoint
     assert "has done all 3 epochs" in capsys.readouterr().out
     assert fastmae_main(["finetune", *common, "--resume", str(out / "checkpoint-best.pth")]) == 2
     assert "holds no optimizer state" in capsys.readouterr().err
+    # a pretraining checkpoint given as --resume (it has an optimizer): named, with the flag it needs
+    pretraining = tmp_path / "pretraining.pth"
+    torch.manual_seed(0)
+    model = create_model("mae_vit_micro_patch4")
+    save_checkpoint(pretraining, model, torch.optim.AdamW(model.parameters()), epoch=3,
+                    args={"model": "mae_vit_micro_patch4"})
+    assert fastmae_main(["finetune", *common, "--output_dir", str(tmp_path / "fresh"), "--resume", str(pretraining)]) == 2
+    assert f"is a pretraining (MAE) checkpoint: fine-tune or probe from it with --checkpoint {pretraining}" in \
+        capsys.readouterr().err
 
 
 def test_finetune_command(tiny_folder, mae_checkpoint, tmp_path, capsys):

@@ -222,6 +222,10 @@ def resume_and_refuse_earlier_outputs(resume: str | None, output_dir: str | None
     if path is None:
         return None
     container = read_checkpoint(path)
+    if "decoder_embed.weight" in state_dict_of(container):  # an MAE's decoder: pretraining's, not a classifier's
+        raise ValueError(f"--resume {path} is a pretraining (MAE) checkpoint: fine-tune or probe from it with "
+                         f"--checkpoint {path} (the reference's --finetune); --resume continues an earlier run of "
+                         f"this command from its {checkpoint_name}")
     if "optimizer" not in container or "epoch" not in container:
         raise ValueError(f"--resume {path} holds no optimizer state: give the {checkpoint_name} of an earlier run "
                          "of this command (a pretrained MAE or a best-only checkpoint starts a run: --checkpoint)")
