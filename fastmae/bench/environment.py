@@ -9,7 +9,6 @@ import os
 import platform
 import re
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
@@ -136,30 +135,22 @@ def numbered_paths(path: Path):
 def write_new_json(path: str | os.PathLike, result: dict) -> Path:
     """Writes ``result`` to the first of ``numbered_paths(path)`` where neither the JSON nor its chart
     (.png) exists, and returns that path: an earlier run's result, or a concurrent run's, is never
-    replaced. The name is taken with an exclusive create, so two runs cannot both take it."""
+    replaced. The name is taken with an exclusive create, so two runs cannot both take it; the result
+    then replaces the empty file whole (``write_json``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = (json.dumps(result, indent=2, default=str) + "\n").encode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results are for others to read too
-        for candidate in numbered_paths(path):
-            if candidate.with_suffix(".png").exists():
-                continue
-            try:
-                os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-            except FileExistsError:
-                continue
-            # the empty file only holds the name: the whole result replaces it at once
-            os.replace(tmp, candidate)
-            return candidate
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    for candidate in numbered_paths(path):
+        if candidate.with_suffix(".png").exists():
+            continue
+        try:
+            os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            continue
+        try:
+            return write_json(candidate, result)
+        except BaseException:
+            candidate.unlink(missing_ok=True)  # the name taken for a result that was not written
+            raise
     raise AssertionError("numbered_paths is endless")
 
 
