@@ -81,7 +81,7 @@ def check_kernels_choice(choice: str) -> str:
     return choice
 
 
-TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the Triton kernels compute in
 
 
 def resolve_kernels(choice: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
@@ -91,7 +91,7 @@ def resolve_kernels(choice: str, device: torch.device, dtype: torch.dtype | None
     check_kernels_choice(choice)
     if choice == "torch":
         return "torch"
-    if dtype is not None and dtype not in TRITON_DTYPES:
+    if dtype is not None and dtype not in KERNEL_DTYPES:
         if choice == "triton":
             raise ValueError(f"kernels='triton' computes in float32, bfloat16 or float16, the model is in {dtype}: "
                              "use kernels='auto' or 'torch'")

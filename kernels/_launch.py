@@ -15,11 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae.kernels import check_interpreter_versions
+from fastmae.kernels import KERNEL_DTYPES, check_interpreter_versions
 from fastmae.kernels.cross_compile import active_compile_only_driver
-
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, at import: later changes do not apply.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
