@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from fastmae import kernels as ops  # not `kernels`: that is the constructor argument's name
+from fastmae.kernels.reference import patch_target_loss
 from fastmae.attention import check_attention_backend
 from fastmae.masking import Masking, random_masking
 from fastmae.patches import patchify, unpatchify
@@ -237,12 +238,7 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Reference API: full pred [N, L, p*p*C] and mask [N, L] (any dtype, 1 = removed) -> loss."""
         if self._overrides("patchify"):  # a subclass's own target: the reference's arithmetic, on it
-            target = self.patchify(imgs)
-            if self.norm_pix_loss:
-                mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-                target = (target - mean) / (var + 1.0e-6) ** 0.5
-            loss = ((pred - target) ** 2).mean(dim=-1)
-            return (loss * mask).sum() / mask.sum()
+            return patch_target_loss(pred, self.patchify(imgs), self.norm_pix_loss, mask)
         path = ops.resolve_kernels(self.kernels, imgs.device, pred.dtype)
         mask = mask if mask.is_floating_point() else mask.to(torch.float32)
         return ops.masked_patch_loss(pred.contiguous(), imgs, self.patch_size, self.norm_pix_loss, None, mask, path)

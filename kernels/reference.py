@@ -68,6 +68,16 @@ def masked_patch_loss_reference(
     target = patchify(imgs, patch_size)
     if patch_ids is not None:
         target = torch.gather(target, 1, patch_ids.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
+    return patch_target_loss(pred, target, norm_pix_loss, weight)
+
+
+def patch_target_loss(
+    pred: torch.Tensor,  # [N, M, P]
+    target: torch.Tensor,  # [N, M, P], the patches' pixels
+    norm_pix_loss: bool,
+    weight: torch.Tensor | None = None,  # [N, M], or None: every patch weighs 1
+) -> torch.Tensor:  # scalar
+    """The loss against patches already taken from the images (the reference's forward_loss after its patchify)."""
     if norm_pix_loss:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
