@@ -64,7 +64,7 @@ def tensorboard(monkeypatch):
         writers.append(RecordingWriter(log_dir))
         return writers[-1]
 
-    monkeypatch.setattr(metrics_module, "_tensorboard_writer", open_writer)
+    monkeypatch.setattr(metrics_module, "open_tensorboard", open_writer)
     return writers
 
 
@@ -152,7 +152,7 @@ def test_a_start_epoch_that_leaves_nothing_to_train_is_refused(command, tiny_fol
 
 
 def test_a_log_dir_without_tensorboard_is_said(tiny_folder, mae_checkpoint, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(metrics_module, "_tensorboard_writer", lambda log_dir: None)  # as when it is not installed
+    monkeypatch.setattr(metrics_module, "open_tensorboard", lambda log_dir: None)  # as when it is not installed
     out = tmp_path / "out"
     assert main(downstream_flags("linprobe", tiny_folder, mae_checkpoint, out, "--epochs", "1",
                                  "--log_dir", str(tmp_path / "tb"))) == 0

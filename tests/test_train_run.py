@@ -336,7 +336,7 @@ def test_a_non_finite_loss_after_a_resume_names_the_steps_of_this_run(tmp_path, 
 def test_a_log_dir_without_tensorboard_is_said_not_ignored(tmp_path, image_folder, monkeypatch, capsys):
     import fastmae.train.metrics as metrics_module
 
-    monkeypatch.setattr(metrics_module, "_tensorboard_writer", lambda log_dir: None)  # as when it is not installed
+    monkeypatch.setattr(metrics_module, "open_tensorboard", lambda log_dir: None)  # as when it is not installed
     out = tmp_path / "out"
     assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "1", "--log_dir", str(tmp_path / "tb"))) == 0
     assert (f"--log_dir {tmp_path / 'tb'}: no TensorBoard logs, tensorboard is not installed (pip install "

@@ -26,17 +26,13 @@ def peak_memory_gb(device: torch.device) -> float:
     return kilobytes / 2**20
 
 
-def _tensorboard_writer(log_dir: Path):
+def open_tensorboard(log_dir: str | Path):
+    """A TensorBoard SummaryWriter on ``log_dir``, or None when the tensorboard package is not installed."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
         return None
     return SummaryWriter(log_dir=str(log_dir))
-
-
-def open_tensorboard(log_dir: str | Path):
-    """A TensorBoard SummaryWriter on ``log_dir``, or None when the tensorboard package is not installed."""
-    return _tensorboard_writer(Path(log_dir))
 
 
 def no_tensorboard_message(log_dir: str | Path, metrics_path: str | Path | None) -> str:
@@ -114,7 +110,7 @@ class MetricsLogger:
         self.pending = HeldBack(self.path, self.message, "the logging steps", "logging step(s)",
                                 continues_a_line=append and self.path.stat().st_size and not _ends_with_newline(self.path))
         if log_dir is not None:
-            self.writer = _tensorboard_writer(Path(log_dir))
+            self.writer = open_tensorboard(log_dir)
         self.bar_settings = dict(total=total_steps, initial=start_step) if progress_bar else None
 
     def advance(self, steps: int = 1) -> None:
