@@ -108,14 +108,14 @@ def fit_linear_probe(model: VisionTransformer, train_batches, steps_per_epoch: i
                      epoch_logs: EpochLogs | None = None) -> dict:
     """Train ``model.head`` on ``train_batches()`` (an iterator of (features [B, D], labels [B])) per epoch;
     evaluate ``val_model`` on ``val_source`` after each, then call ``epoch_done(epoch, stats, optimizer)``
-    (stats with 'max_top1'). ``resumed``: continue that run after its last epoch (its head is loaded
-    already); else the schedule starts at ``start_epoch``. ``epoch_logs``: also told each epoch.
-    -> final stats with 'max_top1' and the optimizer."""
+    (stats with 'max_top1'). The epochs run from ``start_epoch`` (check_start_epoch: a resumed run's next
+    one). ``resumed``: the run continued, whose optimizer state and best top-1 carry on (its head is
+    loaded already). ``epoch_logs``: also told each epoch. -> final stats with 'max_top1' and the optimizer."""
     optimizer = head_optimizer(model, recipe)
     best = 0.0
     if resumed is not None:
         optimizer.load_state_dict(resumed.container["optimizer"])
-        start_epoch, best = resumed.next_epoch, resumed.best_top1
+        best = resumed.best_top1
     if start_epoch >= recipe.epochs:
         raise ValueError(f"nothing to train: the run has done {start_epoch} of {recipe.epochs} epochs")
     for epoch in range(start_epoch, recipe.epochs):
