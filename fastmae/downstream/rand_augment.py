@@ -145,6 +145,17 @@ class RandAugment:
         return img
 
 
+# timm's config sections: key -> (RandAugment field, the value read from the text after the key)
+CONFIG_SECTIONS = {
+    "m": ("magnitude", lambda text: float(int(text))),
+    "n": ("num_ops", int),
+    "mstd": ("magnitude_std", lambda text: math.inf if float(text) > 100 else float(text)),  # > 100: uniform
+    "mmax": ("magnitude_max", lambda text: float(int(text))),
+    "inc": ("increasing", lambda text: int(text) != 0),
+    "p": ("prob", float),
+}
+
+
 def parse_rand_augment(config: str | None) -> RandAugment | None:
     """``--aa`` -> RandAugment, or None for '' / 'none'; a ValueError that names what is wrong otherwise."""
     if config is None or config.strip().lower() in NO_AUGMENT:
@@ -156,26 +167,13 @@ def parse_rand_augment(config: str | None) -> RandAugment | None:
     settings = {}
     for section in sections[1:]:
         key, value = re.match(r"([a-z]*)(.*)", section).groups()
+        if key not in CONFIG_SECTIONS:
+            raise ValueError(f"--aa {config!r}: unknown section {section!r} (known: m<int>, n<int>, "
+                             f"mstd<float>, mmax<int>, inc<0|1>, p<float>; timm's op weights 'w' are not supported)")
+        setting, read = CONFIG_SECTIONS[key]
         try:
-            if key == "m":
-                settings["magnitude"] = float(int(value))
-            elif key == "n":
-                settings["num_ops"] = int(value)
-            elif key == "mstd":
-                std = float(value)
-                settings["magnitude_std"] = math.inf if std > 100 else std
-            elif key == "mmax":
-                settings["magnitude_max"] = float(int(value))
-            elif key == "inc":
-                settings["increasing"] = int(value) != 0
-            elif key == "p":
-                settings["prob"] = float(value)
-            else:
-                raise ValueError(f"--aa {config!r}: unknown section {section!r} (known: m<int>, n<int>, "
-                                 f"mstd<float>, mmax<int>, inc<0|1>, p<float>; timm's op weights 'w' are not supported)")
-        except ValueError as err:
-            if str(err).startswith("--aa"):
-                raise
+            settings[setting] = read(value)
+        except ValueError:
             raise ValueError(f"--aa {config!r}: section {section!r} needs a number after {key!r}") from None
     augment = RandAugment(**settings)
     if augment.num_ops < 1 or not 0.0 <= augment.prob <= 1.0 or augment.magnitude < 0 or augment.magnitude_std < 0:
