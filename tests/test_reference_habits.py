@@ -116,21 +116,23 @@ def test_reference_flags_parse_with_the_references_defaults(command):
     assert parse("--dist_eval").dist_eval is True and parse("--start_epoch", "5").start_epoch == 5
 
 
-def test_dist_eval_help_says_why_it_changes_nothing(capsys):
+def test_dist_eval_help_says_the_evaluation_is_always_split(capsys):
     with pytest.raises(SystemExit):
         main(["finetune", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--dist_eval accepted for the reference's command lines, and meaningless here: in one process the " \
-           "evaluation already covers the whole val set" in text
+    assert "--dist_eval accepted for the reference's command lines: under torchrun or Slurm the evaluation is " \
+           "always split among the processes, each val image counted once" in text
 
 
 def test_pin_mem_pins_the_batches_on_their_way_to_a_gpu(tiny_folder):
     from fastmae.downstream.classify import datasets_and_loaders
+    from fastmae.train.distributed import DistributedContext
 
     def pinned(pin_mem, device):
         args = argparse.Namespace(data_path=str(tiny_folder), batch_size=4, accum_iter=1, num_workers=0, seed=0,
                                   pin_mem=pin_mem)
-        _, _, train_loader, val_loader = datasets_and_loaders(args, 32, True, device=torch.device(device))
+        ctx = DistributedContext(device=torch.device(device))
+        _, _, train_loader, val_loader = datasets_and_loaders(args, 32, True, ctx=ctx)
         return train_loader.pin_memory, val_loader.pin_memory
 
     assert pinned(True, "cuda") == (True, True)  # built, not iterated: no GPU needed

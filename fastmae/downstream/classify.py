@@ -22,8 +22,10 @@ from fastmae.checkpoint import LoadReport, check_resume_file, load_weights, read
 from fastmae.downstream.labeled_data import build_datasets
 from fastmae.downstream.rand_augment import RandAugment
 from fastmae.downstream.random_erasing import RandomErasing
+from fastmae.downstream.sharding import InOrderShard, TrainKeys, sum_across_ranks
 from fastmae.downstream.vit_classifier import VisionTransformer, create_classifier
 from fastmae.train.config import seed_flag
+from fastmae.train.distributed import DistributedContext, init_distributed, ranks_from_openmpi
 from fastmae.train.schedule import base_batch_lr
 
 
@@ -58,8 +60,16 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int, ep
                         help="pin the batches' CPU memory for faster copies to the GPU (default; no effect on CPU)")
     parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="do not pin CPU memory")
     parser.add_argument("--dist_eval", action="store_true",
-                        help="accepted for the reference's command lines, and meaningless here: in one process the "
-                             "evaluation already covers the whole val set")
+                        help="accepted for the reference's command lines: under torchrun or Slurm the evaluation is "
+                             "always split among the processes, each val image counted once")
+    parser.add_argument("--world_size", type=int, default=1,
+                        help="number of processes when Slurm starts one per GPU without torchrun (SLURM_PROCID "
+                             "set); under torchrun its WORLD_SIZE decides")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="ignored: torchrun sets LOCAL_RANK")
+    parser.add_argument("--dist_on_itp", action="store_true", help="take ranks from OpenMPI's OMPI_COMM_WORLD_* variables")
+    parser.add_argument("--dist_url", default="env://",
+                        help="process-group init method: env:// (as torchrun sets it), or under Slurm a shared "
+                             "file:///path or tcp://FIRST_NODE:PORT")
     parser.add_argument("--seed", type=seed_flag, default=0)
     parser.add_argument("--eval", action="store_true",
                         help="only evaluate --checkpoint (a classifier saved by this command) on val/")
@@ -125,28 +135,33 @@ def input_size_of(args, pretrained: Pretrained) -> int:
 
 
 def datasets_and_loaders(args, input_size: int, train_augment: bool, rand_augment: RandAugment | None = None,
-                         random_erasing: RandomErasing | None = None, device: torch.device | None = None):
-    """``device``: where the batches go; --pin_mem pins them only on their way to a GPU (a CPU run has
-    no copy to speed up, and torch warns about pinning without one)."""
+                         random_erasing: RandomErasing | None = None, ctx: DistributedContext | None = None):
+    """This process's loaders (``ctx``: its rank and device; one process on the CPU by default). The train
+    loader's sampler is a ``TrainKeys``: ``train_loader.sampler.set_epoch(epoch)`` before each epoch.
+    --pin_mem pins the batches only on their way to a GPU (a CPU run has no copy to speed up, and torch
+    warns about pinning without one)."""
+    ctx = ctx if ctx is not None else DistributedContext()
     train_set, val_set = build_datasets(args.data_path, input_size, train_augment,
-                                        rand_augment=rand_augment, random_erasing=random_erasing)
+                                        rand_augment=rand_augment, random_erasing=random_erasing, seed=args.seed)
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.accum_iter < 1:
         raise ValueError(f"--accum_iter must be >= 1, got {args.accum_iter}")
-    generator = torch.Generator().manual_seed(args.seed)
-    pin = args.pin_mem and device is not None and device.type == "cuda"
+    pin = args.pin_mem and ctx.device.type == "cuda"
+    # the workers' seeds from a generator of their own: the global one, which drop path draws from, is
+    # left as a resumed run finds it (the augmentation is keyed by the sampler, not by the worker)
     common = dict(batch_size=args.batch_size, num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
-                  pin_memory=pin)
-    train_loader = torch.utils.data.DataLoader(train_set, shuffle=True, drop_last=len(train_set) > args.batch_size,
-                                               generator=generator, **common)
-    val_loader = torch.utils.data.DataLoader(val_set, shuffle=False, **common)
+                  pin_memory=pin, generator=torch.Generator().manual_seed(args.seed))
+    keys = TrainKeys(len(train_set), args.seed, ctx.rank, ctx.world_size)
+    train_loader = torch.utils.data.DataLoader(train_set, sampler=keys, drop_last=len(keys) > args.batch_size, **common)
+    val_loader = torch.utils.data.DataLoader(val_set, sampler=InOrderShard(len(val_set), ctx.rank, ctx.world_size),
+                                             **common)
     return train_set, val_set, train_loader, val_loader
 
 
-def peak_lr(args) -> float:
-    """--lr, or the reference's blr x effective batch / 256 (one process: batch_size x accum_iter)."""
-    return args.lr if args.lr is not None else base_batch_lr(args.blr, args.batch_size * args.accum_iter)
+def peak_lr(args, world_size: int = 1) -> float:
+    """--lr, or the reference's blr x effective batch / 256 (batch_size x accum_iter x processes)."""
+    return args.lr if args.lr is not None else base_batch_lr(args.blr, args.batch_size * args.accum_iter * world_size)
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
@@ -158,19 +173,22 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, desc: str = "eval") -> dict:
-    """-> {'top1', 'top5' (percent), 'loss' (cross-entropy), 'n'}."""
+def evaluate(model: nn.Module, loader, device: torch.device, desc: str = "eval", bar: bool = True) -> dict:
+    """-> {'top1', 'top5' (percent), 'loss' (cross-entropy), 'n'}, over the batches of every process
+    (each process gives its own share of the val set)."""
     was_training = model.training
     model.eval()
     n = correct1 = correct5 = 0
     loss_sum = 0.0
-    for imgs, labels in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    for imgs, labels in progress(loader, desc, bar):
         imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         logits = model(imgs).float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         c1, c5 = topk_correct(logits, labels)
         correct1, correct5, n = correct1 + c1, correct5 + c5, n + labels.shape[0]
     model.train(was_training)
+    n, correct1, correct5, loss_sum = sum_across_ranks([n, correct1, correct5, loss_sum], device)
+    n = int(n)
     return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n, "n": n}
 
 
@@ -201,10 +219,10 @@ class Resumed:
 
 
 def resume_and_refuse_earlier_outputs(resume: str | None, output_dir: str | None, checkpoint_name: str,
-                                      checkpoint_names: tuple[str, ...]) -> Resumed | None:
+                                      checkpoint_names: tuple[str, ...], say=print) -> Resumed | None:
     """``--resume``: None, "auto" (``output_dir/checkpoint_name`` if it is there) or a file -> the run to
     continue, or None. Unless the run continues from its own ``output_dir``, an earlier run's checkpoints
-    there are not overwritten (ValueError)."""
+    there are not overwritten (ValueError). ``say``: where messages go (``speaker``)."""
     out = Path(output_dir) if output_dir else None
     path = None
     if resume == "auto":
@@ -212,7 +230,7 @@ def resume_and_refuse_earlier_outputs(resume: str | None, output_dir: str | None
             raise ValueError("--resume auto looks in --output_dir: give --output_dir")
         path = out / checkpoint_name
         if not path.is_file():
-            print(f"--resume auto: no {checkpoint_name} in {out}, starting from scratch")
+            say(f"--resume auto: no {checkpoint_name} in {out}, starting from scratch")
             path = None
     elif resume:
         path = Path(resume)
@@ -269,14 +287,15 @@ class EpochLogs:
     --output_dir, and TensorBoard scalars in --log_dir (default --output_dir, when tensorboard is
     installed), with the reference's tags for the evaluation."""
 
-    def __init__(self, args, model: nn.Module):
+    def __init__(self, args, model: nn.Module, main: bool = True):
+        """``main``: False in all processes but the first, which alone writes."""
         from fastmae.train.metrics import EpochLog, no_tensorboard_message, open_tensorboard
 
         self.n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.log_txt = EpochLog(args.output_dir) if args.output_dir else None
-        folder = args.log_dir or args.output_dir
+        self.log_txt = EpochLog(args.output_dir) if args.output_dir and main else None
+        folder = (args.log_dir or args.output_dir) if main else None
         self.writer = open_tensorboard(folder) if folder else None
-        if self.writer is None and args.log_dir:
+        if self.writer is None and args.log_dir and main:
             jsonl = Path(args.output_dir) / "log.jsonl" if args.output_dir else None
             print(no_tensorboard_message(args.log_dir, jsonl))
 
@@ -302,8 +321,9 @@ class EpochLogs:
             self.writer.close()
 
 
-def progress(loader, desc: str):
-    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+def progress(loader, desc: str, shown: bool = True):
+    """``shown``: False in all processes but the first, which alone draws the bar."""
+    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not shown)
 
 
 def show_rate(bar, seen: int, start: float, loss: float, lr: float) -> None:
@@ -311,7 +331,7 @@ def show_rate(bar, seen: int, start: float, loss: float, lr: float) -> None:
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{seen / max(time.perf_counter() - start, 1e-9):.0f}")
 
 
-def evaluate_saved(args, device: torch.device, build_model) -> dict:
+def evaluate_saved(args, ctx: DistributedContext, build_model) -> dict:
     """--eval: a classifier checkpoint saved by linprobe/finetune, on val/. ``build_model(pretrained,
     input_size)`` returns the empty classifier matching the state (or raises ValueError); loading is strict.
     The checkpoint is --checkpoint, or --resume FILE as the reference's ``--eval --resume`` gives it."""
@@ -322,7 +342,7 @@ def evaluate_saved(args, device: torch.device, build_model) -> dict:
     container = read_checkpoint(args.checkpoint)
     pretrained = describe_pretrained(args.checkpoint, args.model, False, container)
     size = input_size_of(args, pretrained)
-    _, val_set, _, val_loader = datasets_and_loaders(args, size, False, device=device)
+    _, val_set, _, val_loader = datasets_and_loaders(args, size, False, ctx=ctx)
     model = build_model(pretrained, size)
     load_weights(model, pretrained.state, strict=True)
     saved_classes = container.get("classes")
@@ -332,7 +352,7 @@ def evaluate_saved(args, device: torch.device, build_model) -> dict:
     head_size = next(v.shape[0] for k, v in pretrained.state.items() if k in ("head.weight", "head.1.weight"))
     if head_size < len(val_set.classes):
         raise ValueError(f"{args.checkpoint} classifies {head_size} classes, val/ has {len(val_set.classes)} class folders")
-    return evaluate(model.to(device), val_loader, device)
+    return evaluate(model.to(ctx.device), val_loader, ctx.device, bar=ctx.is_main)
 
 
 def _few(names: list[str]) -> str:
@@ -348,16 +368,23 @@ def number_of_classes(args, train_set) -> int:
     return args.nb_classes or folders
 
 
-def refuse_torchrun(command: str) -> None:
-    """finetune and linprobe train in one process; under torchrun every process would train the same model
-    and write the same files."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1:
-        raise ValueError(f"fastmae {command} trains in one process: under torchrun (WORLD_SIZE {world_size}) each "
-                         "process would train the same model on all the data and write the same files; run it "
-                         "without torchrun")
+def start_processes(args) -> DistributedContext:
+    """This process's rank and device: under torchrun, a Slurm launch with --world_size or OpenMPI's
+    --dist_on_itp, as pretraining reads them (``fastmae.train.distributed``); else one process."""
+    if args.dist_on_itp:
+        ranks_from_openmpi()
+    return init_distributed(args.device, args.dist_url, args.world_size)
 
 
-def say_if_not_saved(output_dir: str | None) -> None:
+def say_if_not_saved(output_dir: str | None, say=print) -> None:
     if not output_dir:
-        print("no --output_dir: the trained classifier is not saved (give --output_dir to keep it)")
+        say("no --output_dir: the trained classifier is not saved (give --output_dir to keep it)")
+
+
+def speaker(ctx: DistributedContext):
+    """print in the first process, nothing in the others: a run's messages are said once."""
+    return print if ctx.is_main else _silent
+
+
+def _silent(*args, **kwargs) -> None:
+    pass

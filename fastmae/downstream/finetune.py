@@ -12,7 +12,12 @@ Checkpoints (``checkpoint-best.pth``, ``checkpoint-last.pth``) hold the referenc
 state_dict in the reference container ("epoch" is the index of the last epoch done, as the reference
 saves it), so its code loads them; top-1 per epoch goes to log.jsonl, and the reference's lines
 to log.txt. ``--resume`` continues from ``checkpoint-last.pth`` after its epoch: weights, optimizer,
-the best top-1 so far, and the data order of an uninterrupted run (each epoch's shuffle is seeded by the run's seed and the epoch).
+the best top-1 so far, and the epochs of an uninterrupted run (each epoch's order, augmentation, drop
+path and mixup are drawn from the run's seed and the epoch alone).
+
+Under torchrun (or Slurm with --world_size, or --dist_on_itp) each process trains a
+DistributedDataParallel replica on its share of every epoch (``fastmae.downstream.sharding``); the
+effective batch is batch_size x accum_iter x processes, and the first process alone writes.
 """
 
 from __future__ import annotations
@@ -23,16 +28,19 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from fastmae.checkpoint import load_weights, save_checkpoint
-from fastmae.device import device_from_flag
 from fastmae.downstream.classify import (
     EpochLogs, add_common_arguments, append_jsonl, build_classifier, check_start_epoch, datasets_and_loaders,
-    describe_pretrained, evaluate, evaluate_saved, input_size_of, number_of_classes, peak_lr, progress, refuse_torchrun,
-    resume_and_refuse_earlier_outputs, say_if_not_saved, show_rate,
+    describe_pretrained, evaluate, evaluate_saved, input_size_of, number_of_classes, peak_lr, progress,
+    resume_and_refuse_earlier_outputs, say_if_not_saved, show_rate, speaker, start_processes,
 )
+from fastmae.downstream.sharding import sum_across_ranks
+from fastmae.train.distributed import DistributedContext, shutdown_distributed
 from fastmae.downstream.lr_decay import param_groups_lrd
 from fastmae.train.schedule import lr_at, set_lr
 from fastmae.downstream.mixup import Mixup, soft_target_cross_entropy
@@ -65,23 +73,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     try:
-        return _run(args)
+        ctx = start_processes(args)
+    except ValueError as err:
+        print(f"fastmae finetune: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, ctx)
     except (ValueError, FileNotFoundError) as err:
         print(f"fastmae finetune: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        shutdown_distributed(ctx)
 
 
-def _run(args) -> int:
-    refuse_torchrun("finetune")
-    torch.manual_seed(args.seed)
-    device = device_from_flag(args.device)
-    out = Path(args.output_dir) if args.output_dir else None
+def _run(args, ctx: DistributedContext) -> int:
+    torch.manual_seed(args.seed)  # the same head init in every process
+    device, say = ctx.device, speaker(ctx)
+    out = Path(args.output_dir) if args.output_dir and ctx.is_main else None  # the first process writes
     log = out / "log.jsonl" if out else None
     if args.eval:
-        return _evaluate_saved(args, device)
-    resumed = resume_and_refuse_earlier_outputs(args.resume, args.output_dir, CHECKPOINT_NAMES[0], CHECKPOINT_NAMES)
+        return _evaluate_saved(args, ctx)
+    resumed = resume_and_refuse_earlier_outputs(args.resume, args.output_dir, CHECKPOINT_NAMES[0], CHECKPOINT_NAMES,
+                                                say)
     if resumed is not None and (done := resumed.all_done(args.epochs)):
-        print(done)
+        say(done)
         return 0
 
     rand_augment = parse_rand_augment(args.aa)
@@ -93,18 +108,18 @@ def _run(args) -> int:
     size = input_size_of(args, pretrained)
     first_epoch = check_start_epoch(args, resumed)
     train_set, val_set, train_loader, val_loader = datasets_and_loaders(args, size, True, rand_augment,
-                                                                        random_erasing, device)
+                                                                        random_erasing, ctx)
     num_classes = number_of_classes(args, train_set)
-    say_if_not_saved(args.output_dir)
+    say_if_not_saved(args.output_dir, say)
     model, report = build_classifier(pretrained, num_classes, size, global_pool=args.global_pool,
                                      drop_path_rate=args.drop_path)
     if report is not None and resumed is None:
-        print(f"loaded {args.checkpoint}:\n{report}")
+        say(f"loaded {args.checkpoint}:\n{report}")
     args.model = pretrained.model_name  # saved with the checkpoints, so --eval finds the architecture
     init_head(model, std=2e-5)
     model.to(device)
 
-    lr = peak_lr(args)
+    lr = peak_lr(args, ctx.world_size)
     groups = param_groups_lrd(model, args.weight_decay, model.no_weight_decay(), args.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=lr)
     best = -1.0
@@ -112,7 +127,7 @@ def _run(args) -> int:
         load_weights(model, resumed.container["model"], strict=True)
         optimizer.load_state_dict(resumed.container["optimizer"])
         best = resumed.best_top1
-        print(resumed.describe(args.epochs))
+        say(resumed.describe(args.epochs))
     mixup = None
     if args.mixup > 0 or args.cutmix > 0:
         mixup = Mixup(num_classes, args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob,
@@ -120,35 +135,51 @@ def _run(args) -> int:
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     origin = f"resumed from {resumed.path}" if resumed else "random init" if args.random_init else args.checkpoint
-    print(f"fine-tuning {pretrained.model_name} ({origin}): "
-          f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes, lr {lr:.3g} "
-          f"(effective batch {args.batch_size * args.accum_iter}), "
-          f"layer decay {args.layer_decay}, drop path {args.drop_path}, "
-          f"{'mixup/cutmix' if mixup else f'label smoothing {args.smoothing}'}, "
-          f"RandAugment {args.aa if rand_augment else 'off'}, random erasing "
-          f"{f'{args.reprob} ({args.remode})' if random_erasing else 'off'}")
+    processes = f" over {ctx.world_size} processes" if ctx.enabled else ""
+    say(f"fine-tuning {pretrained.model_name} ({origin}): "
+        f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes, lr {lr:.3g} "
+        f"(effective batch {args.batch_size * args.accum_iter * ctx.world_size}{processes}), "
+        f"layer decay {args.layer_decay}, drop path {args.drop_path}, "
+        f"{'mixup/cutmix' if mixup else f'label smoothing {args.smoothing}'}, "
+        f"RandAugment {args.aa if rand_augment else 'off'}, random erasing "
+        f"{f'{args.reprob} ({args.remode})' if random_erasing else 'off'}")
 
-    epoch_logs = EpochLogs(args, model)
+    epoch_logs = EpochLogs(args, model, main=ctx.is_main)
+    # the replicas' gradients averaged in the backward; the first process's weights are broadcast first
+    trained = (DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+               if ctx.enabled else model)
     try:
-        stats, best = _train(args, model, optimizer, train_loader, val_loader, train_set, mixup, autocast, device,
-                             lr, first_epoch, best, epoch_logs, out, log)
+        stats, best = _train(args, ctx, model, trained, optimizer, train_loader, val_loader, train_set, mixup,
+                             autocast, lr, first_epoch, best, epoch_logs, out, log)
     finally:
         epoch_logs.close()
-    print(f"fine-tuned top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  (max {best:.2f}%) "
-          f"on {stats['n']} val images")
+    say(f"fine-tuned top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  (max {best:.2f}%) "
+        f"on {stats['n']} val images")
     append_jsonl(log, {"final": True, "val_top1": stats["top1"], "val_top5": stats["top5"], "max_top1": best,
                        "n": stats["n"]})
     return 0
 
 
-def _train(args, model, optimizer, train_loader, val_loader, train_set, mixup, autocast, device, lr: float,
-           first_epoch: int, best: float, epoch_logs: EpochLogs, out: Path | None, log: Path | None):
-    """The epochs from ``first_epoch``; -> (the last evaluation, the best top-1)."""
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The global torch seed of an epoch in one process (drop path draws from it): a resumed run's
+    epochs draw what an uninterrupted run's drew, and the processes draw differently."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def _train(args, ctx: DistributedContext, model, trained, optimizer, train_loader, val_loader, train_set, mixup,
+           autocast, lr: float, first_epoch: int, best: float, epoch_logs: EpochLogs, out: Path | None,
+           log: Path | None):
+    """The epochs from ``first_epoch``; ``trained``: ``model``, or its DistributedDataParallel wrapper
+    that the steps run through. -> (the last evaluation, the best top-1)."""
+    device, say = ctx.device, speaker(ctx)
     steps_per_epoch = len(train_loader)
     for epoch in range(first_epoch, args.epochs):
         model.train()
-        train_loader.generator.manual_seed(args.seed + epoch)  # a resumed run sees the same order
-        bar = progress(train_loader, f"finetune epoch {epoch + 1}/{args.epochs}")
+        train_loader.sampler.set_epoch(epoch)
+        torch.manual_seed(epoch_seed(args.seed, epoch, ctx.rank))
+        if mixup is not None:
+            mixup.reseed(args.seed, epoch, ctx.rank)
+        bar = progress(train_loader, f"finetune epoch {epoch + 1}/{args.epochs}", ctx.is_main)
         start, seen, loss_sum, lr_sum = time.perf_counter(), 0, torch.zeros((), device=device), 0.0
         optimizer.zero_grad(set_to_none=True)  # a partial accumulation left by the last epoch is dropped, as in the reference
         for step, (imgs, labels) in enumerate(bar):
@@ -156,14 +187,18 @@ def _train(args, model, optimizer, train_loader, val_loader, train_set, mixup, a
                 set_lr(optimizer, lr_at(epoch + step / steps_per_epoch, lr, args.min_lr, args.warmup_epochs,
                                         args.epochs))
             imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with autocast:
-                if mixup is not None:
-                    imgs, soft = mixup(imgs, labels)
-                    loss = soft_target_cross_entropy(model(imgs).float(), soft)
-                else:
-                    loss = F.cross_entropy(model(imgs).float(), labels, label_smoothing=args.smoothing)
-            (loss / args.accum_iter).backward()
-            if (step + 1) % args.accum_iter == 0:
+            steps_now = (step + 1) % args.accum_iter == 0
+            # the gradients are averaged across the processes once per optimizer step, not per batch
+            local = trained.no_sync() if trained is not model and not steps_now else contextlib.nullcontext()
+            with local:
+                with autocast:
+                    if mixup is not None:
+                        imgs, soft = mixup(imgs, labels)
+                        loss = soft_target_cross_entropy(trained(imgs).float(), soft)
+                    else:
+                        loss = F.cross_entropy(trained(imgs).float(), labels, label_smoothing=args.smoothing)
+                (loss / args.accum_iter).backward()
+            if steps_now:
                 if args.clip_grad is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
                 optimizer.step()
@@ -172,10 +207,12 @@ def _train(args, model, optimizer, train_loader, val_loader, train_set, mixup, a
             lr_sum += max(group["lr"] for group in optimizer.param_groups)  # the reference logs the top lr
             seen += labels.shape[0]
             if step % 10 == 0:
-                show_rate(bar, seen, start, loss.item(), optimizer.param_groups[-1]["lr"])
+                show_rate(bar, seen * ctx.world_size, start, loss.item(), optimizer.param_groups[-1]["lr"])
         with autocast:
-            stats = evaluate(model, val_loader, device)
-        record = {"epoch": epoch + 1, "train_loss": (loss_sum / max(steps_per_epoch, 1)).item(),
+            stats = evaluate(model, val_loader, device, bar=ctx.is_main)
+        # the reference's epoch loss: every process's batches
+        train_loss = sum_across_ranks([loss_sum.item()], device)[0] / ctx.world_size / max(steps_per_epoch, 1)
+        record = {"epoch": epoch + 1, "train_loss": train_loss,
                   "lr": optimizer.param_groups[-1]["lr"], "val_top1": stats["top1"], "val_top5": stats["top5"],
                   "val_loss": stats["loss"]}
         if out:
@@ -188,18 +225,18 @@ def _train(args, model, optimizer, train_loader, val_loader, train_set, mixup, a
         best = max(best, stats["top1"])
         append_jsonl(log, {**record, "max_top1": best})
         epoch_logs.epoch(epoch, record["train_loss"], lr_sum / max(steps_per_epoch, 1), stats)
-        print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val top-1 {stats['top1']:.2f}% "
-              f"top-5 {stats['top5']:.2f}% (max {best:.2f}%)")
+        say(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val top-1 {stats['top1']:.2f}% "
+            f"top-5 {stats['top5']:.2f}% (max {best:.2f}%)")
     return stats, best
 
 
-def _evaluate_saved(args, device: torch.device) -> int:
+def _evaluate_saved(args, ctx: DistributedContext) -> int:
     def build(pretrained, size):
         if "head.weight" not in pretrained.state:
             raise ValueError(f"{args.checkpoint} is not a fine-tuned classifier (no head.weight)")
         return create_classifier(pretrained.model_name, pretrained.state["head.weight"].shape[0], img_size=size,
                                  global_pool="fc_norm.weight" in pretrained.state)
 
-    stats = evaluate_saved(args, device, build)
-    print(f"fine-tuned top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  on {stats['n']} val images")
+    stats = evaluate_saved(args, ctx, build)
+    speaker(ctx)(f"fine-tuned top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  on {stats['n']} val images")
     return 0

@@ -70,18 +70,20 @@ class ClassificationTransform:
             raise ValueError(f"input_size must be positive, got {self.input_size}")
 
     def rng(self) -> np.random.Generator:
-        # one generator per DataLoader worker, seeded from the worker's torch seed: reproducible, distinct
+        # called without a sample's own generator: one per DataLoader worker, seeded from the worker's torch seed
         seed = torch.initial_seed()
         if self._rng is None or self._rng_seed != seed:
             self._rng, self._rng_seed = np.random.default_rng(seed), seed
         return self._rng
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
+    def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
+        """``rng``: the sample's own generator (see ``LabeledImageFolder``); default: this worker's."""
         size = self.input_size
+        rng = rng if rng is not None else self.rng() if self.train else None
         if self.train:
-            pixels = random_resized_crop_flip(img, size, self.rng(), scale=CLASSIFY_CROP_SCALE)
+            pixels = random_resized_crop_flip(img, size, rng, scale=CLASSIFY_CROP_SCALE)
             if self.rand_augment is not None:
-                pixels = np.array(self.rand_augment(Image.fromarray(pixels), self.rng()), dtype=np.uint8)  # writable
+                pixels = np.array(self.rand_augment(Image.fromarray(pixels), rng), dtype=np.uint8)  # writable
         else:
             resized = resize_center_crop(img, int(size / eval_crop_fraction(size)))  # [S', S', 3], S' >= size
             top = (resized.shape[0] - size) // 2
@@ -89,16 +91,21 @@ class ClassificationTransform:
         x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # uint8 [1, 3, S, S]
         x = normalize(x, self.mean, self.std)[0]
         if self.train and self.random_erasing is not None:
-            x = self.random_erasing(x, self.rng())
+            x = self.random_erasing(x, rng)
         return x
 
 
 class LabeledImageFolder(torch.utils.data.Dataset):
-    """(image tensor [3, S, S], class index) pairs from ``root/<class>/<images>``."""
+    """(image tensor [3, S, S], class index) pairs from ``root/<class>/<images>``.
+
+    Indexed by the item, or by a sampler's key (item, epoch, position; ``fastmae.downstream.sharding``):
+    then the augmentation is drawn from (seed, epoch, position) alone, whichever worker or process
+    loads it."""
 
     def __init__(self, root: str | os.PathLike, transform: ClassificationTransform,
-                 classes: Sequence[str] | None = None):
+                 classes: Sequence[str] | None = None, seed: int = 0):
         self.root = Path(root)
+        self.seed = seed
         self.samples, found = list_labeled_images(root)
         if classes is not None and list(found) != list(classes):
             raise ValueError(f"{root} has classes {found}, expected {list(classes)} (as in the train folder)")
@@ -108,20 +115,25 @@ class LabeledImageFolder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int, int]) -> tuple[torch.Tensor, int]:
         """A file that cannot be read is replaced by the next one (with its label) and named, as in
         pretraining: one broken file does not end a run after hours."""
-        sample, unreadable = load_or_next(self._load, lambda item: str(self.samples[item][0]), index, len(self))
+        index, rng = key, None
+        if isinstance(key, tuple):
+            index, epoch, position = key
+            rng = np.random.default_rng([self.seed, epoch, position])
+        sample, unreadable = load_or_next(lambda item: self._load(item, rng), lambda item: str(self.samples[item][0]),
+                                          index, len(self))
         for skipped in unreadable:
             warnings.warn(f"skipped unreadable image, replaced by the next one: {skipped}", stacklevel=2)
         if sample is None:
             raise ValueError(str(UnreadableData(unreadable)))
         return sample
 
-    def _load(self, index: int) -> tuple[torch.Tensor, int]:
+    def _load(self, index: int, rng: np.random.Generator | None) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
         with Image.open(path) as img:
-            return self.transform(img), label
+            return self.transform(img, rng), label
 
 
 def train_val_folders(data_path: str | os.PathLike) -> tuple[Path, Path]:
@@ -136,10 +148,12 @@ def train_val_folders(data_path: str | os.PathLike) -> tuple[Path, Path]:
 
 def build_datasets(data_path, input_size: int, train_augment: bool = True,
                    mean=IMAGENET_MEAN, std=IMAGENET_STD, rand_augment: RandAugment | None = None,
-                   random_erasing: RandomErasing | None = None) -> tuple[LabeledImageFolder, LabeledImageFolder]:
-    """Train (augmented unless train_augment is False) and val datasets with the same classes."""
+                   random_erasing: RandomErasing | None = None,
+                   seed: int = 0) -> tuple[LabeledImageFolder, LabeledImageFolder]:
+    """Train (augmented unless train_augment is False; ``seed`` for keyed items) and val datasets with
+    the same classes."""
     train_dir, val_dir = train_val_folders(data_path)
     train = LabeledImageFolder(train_dir, ClassificationTransform(input_size, train_augment, mean, std,
-                                                                  rand_augment, random_erasing))
+                                                                  rand_augment, random_erasing), seed=seed)
     val = LabeledImageFolder(val_dir, ClassificationTransform(input_size, False, mean, std), train.classes)
     return train, val

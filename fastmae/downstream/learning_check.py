@@ -116,7 +116,7 @@ def probe_top1(mae_state: dict, data: DigitTensors, cfg: LearningCheckConfig, im
     val_x, val_y = extract_features(model, loader(data.val_x, data.val_y), device, "features val")
     batches = FeatureBatches(train_x, train_y, cfg.probe_batch_size, cfg.seed)
     val = FeatureBatches(val_x, val_y, cfg.probe_batch_size, None)
-    stats = fit_linear_probe(model, batches.__iter__, len(batches), model.head, val, cfg.probe, device, verbose=False)
+    stats = fit_linear_probe(model, batches.for_epoch, len(batches), model.head, val, cfg.probe, device, verbose=False)
     return stats["top1"]
 
 

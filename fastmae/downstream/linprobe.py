@@ -12,12 +12,19 @@ trains the head on those: the same model, far cheaper on a CPU, a little weaker 
 augmentation.
 
 The saved classifier has the reference's linear-probe keys (``head.0`` BatchNorm, ``head.1`` Linear);
-it is saved after every epoch, with the optimizer, and ``--resume`` continues after its epoch.
+it is saved after every epoch, with the optimizer, and ``--resume`` continues after its epoch, with
+the epochs an uninterrupted run would have had (order and augmentation drawn from the seed and the epoch).
+
+Under torchrun (or Slurm with --world_size, or --dist_on_itp) each process trains the head as a
+DistributedDataParallel replica on its share of every epoch; the BatchNorm normalises each process's
+batch, and keeps the first process's running statistics, as the reference's. With
+--cache_features every process computes the features of its share and gathers the others'.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 import time
@@ -27,15 +34,18 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from fastmae.checkpoint import load_weights, save_checkpoint
-from fastmae.device import device_from_flag
+from fastmae.data.sources import shard_indices
 from fastmae.downstream.classify import (
     EpochLogs, add_common_arguments, append_jsonl, build_classifier, check_start_epoch, datasets_and_loaders,
-    describe_pretrained, Resumed, evaluate, evaluate_saved, input_size_of, number_of_classes, peak_lr, progress, refuse_torchrun,
-    resume_and_refuse_earlier_outputs, say_if_not_saved, show_rate,
+    describe_pretrained, Resumed, evaluate, evaluate_saved, input_size_of, number_of_classes, peak_lr, progress,
+    resume_and_refuse_earlier_outputs, say_if_not_saved, show_rate, speaker, start_processes,
 )
 from fastmae.downstream.lars import LARS
+from fastmae.downstream.sharding import InOrderShard, gather_shards, sum_across_ranks
+from fastmae.train.distributed import DistributedContext, shutdown_distributed
 from fastmae.downstream.vit_classifier import VisionTransformer, create_classifier, init_head
 from fastmae.train.schedule import lr_at, set_lr
 
@@ -63,11 +73,11 @@ def make_linear_probe(model: VisionTransformer) -> VisionTransformer:
 
 
 @torch.no_grad()
-def extract_features(model: VisionTransformer, loader, device: torch.device, desc: str):
+def extract_features(model: VisionTransformer, loader, device: torch.device, desc: str, bar: bool = True):
     """-> features [N, D] (float32, on device), labels [N]."""
     model.eval()
     feats, labels = [], []
-    for imgs, y in progress(loader, desc):
+    for imgs, y in progress(loader, desc, bar):
         feats.append(model.forward_features(imgs.to(device)).float())
         labels.append(y.to(device))
     return torch.cat(feats), torch.cat(labels)
@@ -105,12 +115,18 @@ def head_optimizer(model: VisionTransformer, recipe: ProbeRecipe) -> torch.optim
 def fit_linear_probe(model: VisionTransformer, train_batches, steps_per_epoch: int, val_model: nn.Module, val_source,
                      recipe: ProbeRecipe, device: torch.device, log=None, verbose: bool = True,
                      resumed: Resumed | None = None, epoch_done=None, start_epoch: int = 0,
-                     epoch_logs: EpochLogs | None = None) -> dict:
-    """Train ``model.head`` on ``train_batches()`` (an iterator of (features [B, D], labels [B])) per epoch;
-    evaluate ``val_model`` on ``val_source`` after each, then call ``epoch_done(epoch, stats, optimizer)``
-    (stats with 'max_top1'). The epochs run from ``start_epoch`` (check_start_epoch: a resumed run's next
-    one). ``resumed``: the run continued, whose optimizer state and best top-1 carry on (its head is
-    loaded already). ``epoch_logs``: also told each epoch. -> final stats with 'max_top1' and the optimizer."""
+                     epoch_logs: EpochLogs | None = None, head: nn.Module | None = None,
+                     ctx: DistributedContext | None = None) -> dict:
+    """Train ``model.head`` on ``train_batches(epoch)`` (an iterable of (features [B, D], labels [B])) per
+    epoch; evaluate ``val_model`` on ``val_source`` after each, then call ``epoch_done(epoch, stats,
+    optimizer)`` (stats with 'max_top1'). The epochs run from ``start_epoch`` (check_start_epoch: a resumed
+    run's next one). ``resumed``: the run continued, whose optimizer state and best top-1 carry on (its
+    head is loaded already). ``epoch_logs``: also told each epoch. ``head``: what the steps run through
+    (``model.head``, or its DistributedDataParallel wrapper; ``ctx``: then the processes). -> final stats
+    with 'max_top1' and the optimizer."""
+    head = head if head is not None else model.head
+    ctx = ctx if ctx is not None else DistributedContext(device=device)
+    verbose = verbose and ctx.is_main
     optimizer = head_optimizer(model, recipe)
     best = 0.0
     if resumed is not None:
@@ -120,26 +136,31 @@ def fit_linear_probe(model: VisionTransformer, train_batches, steps_per_epoch: i
         raise ValueError(f"nothing to train: the run has done {start_epoch} of {recipe.epochs} epochs")
     for epoch in range(start_epoch, recipe.epochs):
         model.head.train()
-        bar = progress(train_batches(), f"linprobe epoch {epoch + 1}/{recipe.epochs}")
+        bar = progress(train_batches(epoch), f"linprobe epoch {epoch + 1}/{recipe.epochs}", ctx.is_main)
         start, seen, loss_sum, lr_sum = time.perf_counter(), 0, torch.zeros((), device=device), 0.0
         optimizer.zero_grad(set_to_none=True)  # a partial accumulation left by the last epoch is dropped, as in the reference
         for step, (feats, labels) in enumerate(bar):
             if step % recipe.accum_iter == 0:  # the reference sets the lr at the first batch of each step
                 set_lr(optimizer, lr_at(epoch + step / steps_per_epoch, recipe.lr, recipe.min_lr,
                                         recipe.warmup_epochs, recipe.epochs))
-            loss = F.cross_entropy(model.head(feats), labels)
-            (loss / recipe.accum_iter).backward()
-            if (step + 1) % recipe.accum_iter == 0:
+            steps_now = (step + 1) % recipe.accum_iter == 0
+            # the gradients are averaged across the processes once per optimizer step, not per batch
+            with head.no_sync() if head is not model.head and not steps_now else contextlib.nullcontext():
+                loss = F.cross_entropy(head(feats), labels)
+                (loss / recipe.accum_iter).backward()
+            if steps_now:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
             lr_sum += optimizer.param_groups[0]["lr"]
             seen += labels.shape[0]
             if step % 20 == 0:
-                show_rate(bar, seen, start, loss.item(), optimizer.param_groups[0]["lr"])
-        stats = evaluate(val_model, val_source, device)
+                show_rate(bar, seen * ctx.world_size, start, loss.item(), optimizer.param_groups[0]["lr"])
+        stats = evaluate(val_model, val_source, device, bar=ctx.is_main)
         best = max(best, stats["top1"])
-        record = {"epoch": epoch + 1, "train_loss": (loss_sum / max(steps_per_epoch, 1)).item(),
+        # the reference's epoch loss: every process's batches
+        train_loss = sum_across_ranks([loss_sum.item()], device)[0] / ctx.world_size / max(steps_per_epoch, 1)
+        record = {"epoch": epoch + 1, "train_loss": train_loss,
                   "lr": optimizer.param_groups[0]["lr"], "val_top1": stats["top1"], "val_top5": stats["top5"],
                   "val_loss": stats["loss"], "max_top1": best}
         append_jsonl(log, record)
@@ -155,22 +176,28 @@ def fit_linear_probe(model: VisionTransformer, train_batches, steps_per_epoch: i
 
 def run(args) -> int:
     try:
-        return _run(args)
+        ctx = start_processes(args)
+    except ValueError as err:
+        print(f"fastmae linprobe: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, ctx)
     except (ValueError, FileNotFoundError) as err:
         print(f"fastmae linprobe: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        shutdown_distributed(ctx)
 
 
-def _run(args) -> int:
-    refuse_torchrun("linprobe")
-    torch.manual_seed(args.seed)
-    device = device_from_flag(args.device)
-    log = Path(args.output_dir) / "log.jsonl" if args.output_dir else None
+def _run(args, ctx: DistributedContext) -> int:
+    torch.manual_seed(args.seed)  # the same head init in every process
+    device, say = ctx.device, speaker(ctx)
+    log = Path(args.output_dir) / "log.jsonl" if args.output_dir and ctx.is_main else None  # the first process writes
     if args.eval:
-        return _evaluate_saved(args, device)
-    resumed = resume_and_refuse_earlier_outputs(args.resume, args.output_dir, CHECKPOINT_NAME, (CHECKPOINT_NAME,))
+        return _evaluate_saved(args, ctx)
+    resumed = resume_and_refuse_earlier_outputs(args.resume, args.output_dir, CHECKPOINT_NAME, (CHECKPOINT_NAME,), say)
     if resumed is not None and (done := resumed.all_done(args.epochs)):
-        print(done)
+        say(done)
         return 0
 
     # resuming, the architecture and the frozen encoder are the resumed run's
@@ -178,49 +205,60 @@ def _run(args) -> int:
                   else describe_pretrained(args.checkpoint, args.model, args.random_init))
     size = input_size_of(args, pretrained)
     first_epoch = check_start_epoch(args, resumed)
-    train_set, val_set, train_loader, val_loader = datasets_and_loaders(args, size, not args.cache_features,
-                                                                        device=device)
+    train_set, val_set, train_loader, val_loader = datasets_and_loaders(args, size, not args.cache_features, ctx=ctx)
     num_classes = number_of_classes(args, train_set)
-    say_if_not_saved(args.output_dir)
+    say_if_not_saved(args.output_dir, say)
     model, report = build_classifier(pretrained, num_classes, size, global_pool=args.global_pool)
     if report is not None and resumed is None:
-        print(f"loaded {args.checkpoint}:\n{report}")
+        say(f"loaded {args.checkpoint}:\n{report}")
     args.model = pretrained.model_name  # saved with the checkpoint, so --eval finds the architecture
     model = make_linear_probe(model).to(device)
     if resumed is not None:
         load_weights(model, resumed.container["model"], strict=True)
-        print(resumed.describe(args.epochs))
-    recipe = ProbeRecipe(args.epochs, peak_lr(args), args.warmup_epochs, args.min_lr, args.weight_decay,
-                         args.optimizer, args.momentum, args.accum_iter)
+        say(resumed.describe(args.epochs))
+    recipe = ProbeRecipe(args.epochs, peak_lr(args, ctx.world_size), args.warmup_epochs, args.min_lr,
+                         args.weight_decay, args.optimizer, args.momentum, args.accum_iter)
     origin = f"resumed from {resumed.path}" if resumed else "random init" if args.random_init else args.checkpoint
-    print(f"linear probe of {pretrained.model_name} ({origin}): "
-          f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes, "
-          f"{'global pool' if args.global_pool else 'cls token'}, {args.optimizer} lr {recipe.lr:.3g} "
-          f"(effective batch {args.batch_size * args.accum_iter})")
+    processes = f" over {ctx.world_size} processes" if ctx.enabled else ""
+    say(f"linear probe of {pretrained.model_name} ({origin}): "
+        f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes, "
+        f"{'global pool' if args.global_pool else 'cls token'}, {args.optimizer} lr {recipe.lr:.3g} "
+        f"(effective batch {args.batch_size * args.accum_iter * ctx.world_size}{processes})")
 
     if args.cache_features:
-        train_x, train_y = extract_features(model, train_loader, device, "features train")
-        val_x, val_y = extract_features(model, val_loader, device, "features val")
-        cached = FeatureBatches(train_x, train_y, args.batch_size, args.seed)
-        train_batches, steps = cached.__iter__, len(cached)
-        val_source, val_model = FeatureBatches(val_x, val_y, args.batch_size, None), model.head
+        # every process computes its share of the train features and gathers the others'; the val
+        # features stay where they were computed, and evaluate() sums the counts
+        share = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, num_workers=args.num_workers,
+                                            sampler=InOrderShard(len(train_set), ctx.rank, ctx.world_size, pad=True))
+        train_x, train_y = extract_features(model, share, device, "features train", ctx.is_main)
+        train_x, train_y = gather_shards(train_x, len(train_set)), gather_shards(train_y, len(train_set))
+        val_x, val_y = extract_features(model, val_loader, device, "features val", ctx.is_main)
+        cached = FeatureBatches(train_x, train_y, args.batch_size, args.seed, ctx.rank, ctx.world_size)
+        train_batches, steps = cached.for_epoch, len(cached)
+        val_source, val_model = FeatureBatches(val_x, val_y, args.batch_size), model.head
     else:
-        train_batches, steps = (lambda: _encode(model, train_loader, device)), len(train_loader)
-        val_source, val_model = val_loader, model
+        def train_batches(epoch: int):
+            train_loader.sampler.set_epoch(epoch)
+            return _encode(model, train_loader, device)
+
+        steps, val_source, val_model = len(train_loader), val_loader, model
 
     def save(epoch: int, stats: dict, optimizer: torch.optim.Optimizer) -> None:
         # after every epoch, for --resume; "epoch": the index of the epoch done, as the reference saves it
         save_checkpoint(Path(args.output_dir) / CHECKPOINT_NAME, model, optimizer, epoch, args=args,
                         top1=stats["top1"], max_top1=stats["max_top1"], classes=train_set.classes)
 
-    epoch_logs = EpochLogs(args, model)
+    # the head's replicas' gradients averaged in the backward; the first process's head is broadcast first
+    head = (DistributedDataParallel(model.head, device_ids=[device] if device.type == "cuda" else None)
+            if ctx.enabled else model.head)
+    epoch_logs = EpochLogs(args, model, main=ctx.is_main)
     try:
         stats = fit_linear_probe(model, train_batches, steps, val_model, val_source, recipe, device, log,
-                                 resumed=resumed, epoch_done=save if args.output_dir else None,
-                                 start_epoch=first_epoch, epoch_logs=epoch_logs)
+                                 resumed=resumed, epoch_done=save if args.output_dir and ctx.is_main else None,
+                                 start_epoch=first_epoch, epoch_logs=epoch_logs, head=head, ctx=ctx)
     finally:
         epoch_logs.close()
-    print(f"linear probe top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  on {stats['n']} val images")
+    say(f"linear probe top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  on {stats['n']} val images")
     append_jsonl(log, {"final": True, "val_top1": stats["top1"], "val_top5": stats["top5"], "n": stats["n"]})
     return 0
 
@@ -235,26 +273,34 @@ def _encode(model: VisionTransformer, loader, device: torch.device):
 
 
 class FeatureBatches:
-    """Shuffled (drop_last) or ordered batches of cached features; a re-iterable with a length."""
+    """Batches of cached features [N, D] with their labels [N]. With a ``seed``: ``for_epoch(epoch)`` gives
+    this process's share of the epoch, shuffled as the image loader's (``TrainKeys``: from the seed and
+    the epoch), without the last partial batch when there are more; without one: every row, in order."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int | None):
-        self.x, self.y, self.batch_size = x, y, batch_size
-        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        self.drop_last = seed is not None and len(x) > batch_size
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int | None = None, rank: int = 0,
+                 world_size: int = 1):
+        self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.rows = len(x) if seed is None else -(-len(x) // world_size)
+        self.drop_last = seed is not None and self.rows > batch_size
 
     def __len__(self) -> int:
-        n = len(self.x) / self.batch_size
+        n = self.rows / self.batch_size
         return math.floor(n) if self.drop_last else math.ceil(n)
 
-    def __iter__(self):
-        order = (torch.randperm(len(self.x), generator=self.generator) if self.generator is not None
-                 else torch.arange(len(self.x))).to(self.x.device)
+    def for_epoch(self, epoch: int):
+        order = (torch.arange(len(self.x)) if self.seed is None else
+                 torch.from_numpy(shard_indices(len(self.x), epoch, self.seed, self.rank, self.world_size)))
+        order = order.to(self.x.device)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             yield self.x[idx], self.y[idx]
 
+    def __iter__(self):
+        return self.for_epoch(0)
 
-def _evaluate_saved(args, device: torch.device) -> int:
+
+def _evaluate_saved(args, ctx: DistributedContext) -> int:
     def build(pretrained, size):
         if "head.1.weight" not in pretrained.state:
             raise ValueError(f"{args.checkpoint} is not a linear-probe classifier (no head.1.weight)")
@@ -262,6 +308,6 @@ def _evaluate_saved(args, device: torch.device) -> int:
                                   global_pool="fc_norm.weight" in pretrained.state)
         return make_linear_probe(model)
 
-    stats = evaluate_saved(args, device, build)
-    print(f"linear probe top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  on {stats['n']} val images")
+    stats = evaluate_saved(args, ctx, build)
+    speaker(ctx)(f"linear probe top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  on {stats['n']} val images")
     return 0

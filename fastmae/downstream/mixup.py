@@ -58,6 +58,10 @@ class Mixup:
                              f"label_smoothing={self.label_smoothing}")
         self.rng = np.random.default_rng(self.seed)
 
+    def reseed(self, *key: int) -> None:
+        """Draw from now on from a generator of ``key`` (e.g. seed, epoch, rank)."""
+        self.rng = np.random.default_rng(list(key))
+
     def _draw(self) -> tuple[float, bool]:
         """-> (lam, use_cutmix)."""
         if self.rng.random() >= self.prob:

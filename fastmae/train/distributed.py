@@ -116,6 +116,15 @@ def launched_ranks(world_size: int = 1, init_method: str = "env://") -> tuple[in
     return rank, world_size, local_rank
 
 
+def ranks_from_openmpi() -> None:
+    """--dist_on_itp: the reference's OpenMPI launch; map its variables to torchrun's."""
+    for ours, theirs in (("RANK", "OMPI_COMM_WORLD_RANK"), ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"),
+                         ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK")):
+        if theirs not in os.environ:
+            raise ValueError(f"--dist_on_itp needs the OpenMPI variable {theirs}")
+        os.environ[ours] = os.environ[theirs]
+
+
 def init_distributed(requested_device: str | None, init_method: str = "env://",
                      world_size: int = 1) -> DistributedContext:
     """The context of this process; joins the process group when launched by torchrun, or by Slurm

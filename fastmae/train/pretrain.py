@@ -140,23 +140,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="no progress bar (metrics.jsonl and messages still written)")
 
 
-def _ranks_from_openmpi() -> None:
-    """--dist_on_itp: the reference's OpenMPI launch; map its variables to torchrun's."""
-    for ours, theirs in (("RANK", "OMPI_COMM_WORLD_RANK"), ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"),
-                         ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK")):
-        if theirs not in os.environ:
-            raise ValueError(f"--dist_on_itp needs the OpenMPI variable {theirs}")
-        os.environ[ours] = os.environ[theirs]
-
-
 def run(args: argparse.Namespace) -> int:
-    from fastmae.train.distributed import init_distributed, shutdown_distributed
+    from fastmae.train.distributed import init_distributed, ranks_from_openmpi, shutdown_distributed
     from fastmae.train.trainer import Pretrainer
 
     try:
         cfg, demo_settings = PretrainConfig.from_args(args, getattr(args, EXPLICIT_FLAGS_ATTR, set()))
         if getattr(args, "dist_on_itp", False):
-            _ranks_from_openmpi()
+            ranks_from_openmpi()
         ctx = init_distributed(cfg.device, args.dist_url, world_size=args.world_size)
     except ValueError as err:
         print(f"fastmae pretrain: error: {err}", file=sys.stderr)
