@@ -197,12 +197,13 @@ def _pretrain_worker(rank: int, world_size: int, init_file: str, flags: list[str
 
 def test_pretrain_with_cuda_graph_on_two_ranks_trains_as_ddp_does(tmp_path):
     """``fastmae pretrain --cuda_graph`` in two processes: the graphed step, not DDP, averages the
-    gradients, through the epoch's last step of fewer micro-batches (stand-in runner on CPU)."""
+    gradients, epoch after epoch, the batch left after each epoch's last whole step skipped by both
+    (stand-in runner on CPU)."""
     from fastmae.data.synthetic import write_jpeg_folder
     from fastmae.train.checkpoints import latest_checkpoint
 
     jpegs = tmp_path / "jpegs"
-    write_jpeg_folder(jpegs, 20, size=(48, 40), num_classes=2)  # 5 batches of 2 per rank: steps of 2, 2 and 1
+    write_jpeg_folder(jpegs, 20, size=(48, 40), num_classes=2)  # 5 batches of 2 per rank: 2 steps of 2 an epoch
     runs = {}
     for name, extra in (("ddp", []), ("graphed", ["--cuda_graph"])):
         out = tmp_path / name
@@ -216,7 +217,7 @@ def test_pretrain_with_cuda_graph_on_two_ranks_trains_as_ddp_does(tmp_path):
                       json.loads((out / "summary.json").read_text()))
     (ddp_records, ddp_weights, _), (records, weights, summary) = runs["ddp"], runs["graphed"]
     assert summary["cuda_graph"] and summary["world_size"] == 2
-    assert [r["step"] for r in records] == list(range(1, 7)) and records[-1]["epoch"] == 2  # 2 epochs of 3 steps
+    assert [r["step"] for r in records] == list(range(1, 7)) and records[-1]["epoch"] == 3  # 3 epochs of 2 steps
     torch.testing.assert_close([r["loss"] for r in records], [r["loss"] for r in ddp_records], rtol=1e-5, atol=0)
     for name, value in ddp_weights.items():
         # the lr as an fp32 tensor in the graphed step's AdamW, a float in DDP's: round-off apart

@@ -801,14 +801,32 @@ def test_logged_lr_is_the_per_iteration_schedule_of_the_scaled_peak(tmp_path, im
     assert records[1]["lr"] == pytest.approx(peak / 2, abs=1e-8)  # half-way through the warm-up epoch
 
 
-def test_an_epoch_that_accum_iter_does_not_divide_ends_with_a_shorter_step(tmp_path):
-    data = write_noise_images(tmp_path / "images", 12)  # 3 micro-batches of 4 per epoch
+def test_the_batches_left_after_an_epochs_last_whole_step_make_no_step(tmp_path, monkeypatch, capsys):
+    """engine_pretrain.py steps after every accum_iter batches and zeroes the gradients of the rest
+    when the next epoch starts: 5 batches at --accum_iter 2 make 2 steps an epoch, of 2 batches each."""
+    data = write_noise_images(tmp_path / "images", 20)  # 5 micro-batches of 4 per epoch
     out = tmp_path / "out"
-    assert fastmae_main(micro_flags(data, out, "--epochs", "2", "--accum_iter", "2")) == 0
+    steps = []
+    real_train_step = trainer_module.train_step
+
+    def counted(model, optimizer, scaler, micro_batches, *args, **kwargs):
+        steps.append(len(micro_batches))
+        return real_train_step(model, optimizer, scaler, micro_batches, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "train_step", counted)
+    assert fastmae_main(micro_flags(data, out, "--epochs", "2", "--accum_iter", "2", "--min_lr", "1e-5")) == 0
+    assert steps == [2, 2, 2, 2]
     records = logged(out)
-    # steps of 2 and then 1 micro-batch; no micro-batch is carried into the next epoch
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    assert [r["epoch"] for r in records] == pytest.approx([2 / 3, 1.0, 5 / 3, 2.0], abs=1e-4)
+    assert [r["epoch"] for r in records] == pytest.approx([2 / 5, 1.0, 7 / 5, 2.0], abs=1e-4)
+    # the lr of each step is set at its first batch, at epoch + batch / 5, as lr_sched.adjust_learning_rate
+    from fastmae.train.schedule import lr_at
+
+    peak = 2e-3 * 4 * 2 / 256
+    expected = [lr_at(e, peak, 1e-5, 1, 2) for e in (0, 2 / 5, 1, 7 / 5)]
+    assert [r["lr"] for r in records] == pytest.approx(expected, rel=0, abs=1e-8)
+    assert fastmae_main(micro_flags(data, tmp_path / "none", "--accum_iter", "6")) == 2
+    assert "an epoch has 5 batch(es) of 4 per rank, fewer than --accum_iter 6" in capsys.readouterr().err
 
 
 def test_resume_with_another_batch_size_starts_on_an_optimizer_step_boundary(tmp_path, image_folder, capsys):

@@ -21,8 +21,8 @@ A replay repeats exactly the captured kernels, so what it cannot change is check
 the captured shape and dtype (the loaders drop the last partial batch), no GradScaler (its
 skip-on-overflow reads the device), no torch.compile (``--compile_mode reduce-overhead`` is its own
 CUDA-graph route). What changes from step to step reaches the replays through device tensors filled
-in place: the learning rate (``set_lr``) and the scale of each micro-batch's loss (the last step of an
-epoch may accumulate fewer micro-batches).
+in place: the learning rate (``set_lr``) and the scale of each micro-batch's loss (a step may be given
+fewer micro-batches than ``accum_iter``; the trainer's steps are always whole, as the reference's).
 
 Several processes: the model is not wrapped in DDP, whose gradient hooks would run inside the capture.
 The gradients are views into one flat buffer (``FlatGradients``) that is averaged across the ranks

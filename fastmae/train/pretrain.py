@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ref.add_argument("--norm_pix_loss", default=d.norm_pix_loss, action=_STORE_TRUE,
                      help="per-patch normalised pixels as the target (better representations)")
     ref.add_argument("--weight_decay", type=float, default=d.weight_decay, action=_STORE,
-                     help="AdamW weight decay (not on biases, norms, tokens)")
+                     help="AdamW weight decay (not on biases or norms: the reference's groups)")
     ref.add_argument("--lr", type=float, default=d.lr, action=_STORE, help="absolute lr (default: blr x effective batch / 256)")
     ref.add_argument("--blr", type=float, default=d.blr, action=_STORE, help="base lr: absolute lr = blr x effective batch / 256")
     ref.add_argument("--min_lr", type=float, default=d.min_lr, action=_STORE, help="lower bound of the cosine schedule")

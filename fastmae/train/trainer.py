@@ -135,7 +135,13 @@ class Pretrainer:
         )
         self.data = build_loader(self.data_cfg, ctx.rank, ctx.world_size, self.device)
         self.batches_per_epoch = len(self.data)
-        self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.accum_iter)
+        # as engine_pretrain.py: the optimizer steps after every accum_iter batches, and the batches left
+        # at the end of an epoch make no step (the reference zeroes their gradients at the next epoch)
+        self.steps_per_epoch = self.batches_per_epoch // cfg.accum_iter
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"an epoch has {self.batches_per_epoch} batch(es) of {cfg.batch_size} per rank, fewer than "
+                             f"--accum_iter {cfg.accum_iter}: no optimizer step would be taken; lower --accum_iter or "
+                             "--batch_size")
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = create_model(cfg.model, img_size=cfg.input_size, norm_pix_loss=cfg.norm_pix_loss,
@@ -263,6 +269,9 @@ class Pretrainer:
             if position.batch > self.batches_per_epoch:
                 raise ValueError(f"{path} stopped at batch {position.batch} of an epoch, but an epoch now has "
                                  f"{self.batches_per_epoch} batches: resume with the same data and batch size")
+            if position.batch >= self.steps_per_epoch * self.cfg.accum_iter:
+                # an earlier fastmae's checkpoint, saved after a step on an epoch's left-over batches
+                position.epoch, position.batch = position.epoch + 1, 0
             self.position = position
             self.last_checkpoint = path
 
@@ -374,12 +383,13 @@ class Pretrainer:
         epoch_sums = _EpochSums(self.device)
         while not self._finished():
             epoch, n = pos.epoch, self.batches_per_epoch
+            stepped = self.steps_per_epoch * cfg.accum_iter  # the epoch's batches that make steps
             self.data.set_epoch(epoch, pos.batch)
             batches = iter(self.data)
             while pos.epoch == epoch and not self._finished():
                 if self.ctx.any_rank(self._stop_signal is not None):
                     return self._stop_on_signal(window)
-                start, stop = pos.batch, min(pos.batch + cfg.accum_iter, n)
+                start, stop = pos.batch, pos.batch + cfg.accum_iter
                 lr = lr_at(epoch + start / n, self.peak_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
                 set_lr(self.optimizer, lr)
                 micro_batches = []
@@ -396,9 +406,11 @@ class Pretrainer:
                 window.add(losses, sum(imgs.shape[0] for imgs, _ in micro_batches))
                 epoch_sums.add(losses, lr)
                 pos.step += 1
-                pos.epoch, pos.batch = (epoch + 1, 0) if stop == n else (epoch, stop)
+                pos.epoch, pos.batch = (epoch + 1, 0) if stop == stepped else (epoch, stop)
                 self.logger.advance()
-                if stop == n:
+                if stop == stepped:
+                    for _ in range(n - stepped):  # read, so that the loader ends its epoch as it began it
+                        next(batches)
                     self._end_epoch(epoch, epoch_sums, window)  # may save a checkpoint: after the step count
                 last = self._finished()
                 if pos.step % cfg.log_every == 0 or last:
