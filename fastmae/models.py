@@ -47,8 +47,16 @@ def _check_sizes(**sizes) -> None:
     FLOP counts (fastmae.flops) multiply by it; depth 0 (no blocks) is a model, a width of 0 is not."""
     for name, value in sizes.items():
         least = 0 if name in ("depth", "decoder_depth") else 1
-        if not value >= least:  # also refuses NaN for mlp_ratio
+        if not value >= least:
             raise ValueError(f"{name} must be {'>= 0' if least == 0 else 'positive'}, got {value}")
+
+
+def _check_mlp_ratio(mlp_ratio: float, *widths: int) -> None:
+    """Any ratio that leaves every MLP a hidden unit, as timm's Mlp(dim, int(dim * mlp_ratio)) builds
+    (below 1 too: a narrow MLP)."""
+    if not mlp_ratio > 0 or int(min(widths) * mlp_ratio) < 1:  # `not >` also refuses NaN
+        raise ValueError(f"mlp_ratio {mlp_ratio} leaves an MLP of width {min(widths)} no hidden unit "
+                         f"(int(width x mlp_ratio) must be >= 1)")
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -76,7 +84,8 @@ class MaskedAutoencoderViT(nn.Module):
         img_size, patch_size = _square_size("img_size", img_size), _square_size("patch_size", patch_size)
         _check_sizes(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
                      num_heads=num_heads, decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,
-                     decoder_num_heads=decoder_num_heads, mlp_ratio=mlp_ratio)
+                     decoder_num_heads=decoder_num_heads)
+        _check_mlp_ratio(mlp_ratio, embed_dim, decoder_embed_dim)
         if norm_layer is not None:  # reference scripts pass partial(nn.LayerNorm, eps=1e-6)
             norm_eps = _layernorm_eps(norm_layer)
         elif norm_eps is None:  # the reference's default norm_layer, nn.LayerNorm: eps 1e-5 (named models: 1e-6)
@@ -266,7 +275,14 @@ REFERENCE_STEPS = ("forward_encoder", "forward_decoder", "forward_loss", "random
 
 
 def _layernorm_eps(norm_layer) -> float:
+    """The eps of ``norm_layer``; any other setting would change the model (the fused kernels and the
+    reference's keys assume an affine LayerNorm with a bias), so it is refused, not dropped."""
     if isinstance(norm_layer, functools.partial) and norm_layer.func is nn.LayerNorm:
+        others = sorted(set(norm_layer.keywords) - {"eps"})
+        if norm_layer.args or others:
+            given = [repr(a) for a in norm_layer.args] + [f"{k}={norm_layer.keywords[k]!r}" for k in others]
+            raise ValueError(f"norm_layer: only eps may be set on nn.LayerNorm (an affine LayerNorm with a bias, as "
+                             f"the reference models'), got {', '.join(given)}")
         return norm_layer.keywords.get("eps", 1e-5)
     if norm_layer is nn.LayerNorm:
         return 1e-5

@@ -15,6 +15,7 @@ per-program partial sums and one small torch sum (deterministic).
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
@@ -201,6 +202,7 @@ class DecoderUnshuffle(torch.autograd.Function):
         ctx.num_visible = x.shape[1] - 1
 
     @staticmethod
+    @once_differentiable  # a second derivative through the kernels raises rather than coming out wrong
     def backward(ctx, grad_out):
         (ids_restore,) = ctx.saved_tensors
         x_dtype, mask_token_dtype, pos_dtype = ctx.dtypes

@@ -25,6 +25,7 @@ import contextlib
 import contextvars
 
 import torch
+from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 import triton
 import triton.language as tl
@@ -397,6 +398,7 @@ class VisiblePatchEmbed(torch.autograd.Function):
         ctx.patch_size = patch_size
 
     @staticmethod
+    @once_differentiable  # a second derivative through the kernels raises rather than coming out wrong
     def backward(ctx, grad_out, _grad_of_rows):
         imgs, ids_keep, weight, bias, pos_embed, cls_token, rows = ctx.saved_tensors
         N, T, D = grad_out.shape

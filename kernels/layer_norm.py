@@ -18,6 +18,7 @@ Math is fp32, one rounding per stored value.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
@@ -265,6 +266,7 @@ class AddLayerNorm(torch.autograd.Function):
         ctx.dtypes = (x.dtype, None if branch is None else branch.dtype)
 
     @staticmethod
+    @once_differentiable  # a second derivative through the kernels raises rather than coming out wrong
     def backward(ctx, grad_residual, grad_out, _grad_of_mean, _grad_of_rstd):
         z, weight, mean, rstd = ctx.saved_tensors
         x_dtype, branch_dtype = ctx.dtypes

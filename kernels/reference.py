@@ -48,6 +48,8 @@ def decoder_unshuffle_reference(
 ) -> torch.Tensor:  # [N, 1+L, Dd]
     N, T, D = x.shape
     L = ids_restore.shape[1]
+    if not 1 <= T <= L + 1:  # expand(N, -1, D) would keep one mask token and drop a token without a word
+        raise ValueError(f"x shape {list(x.shape)}: expected [N, 1+K, D] with 0 <= K <= L = {L}")
     mask_tokens = mask_token.expand(N, L + 1 - T, D)
     x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
     x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).expand(-1, -1, D))

@@ -150,3 +150,54 @@ def test_a_subclass_patchify_and_init_weights_are_used():
     loss, pred, mask = model(imgs, 0.75, noise)
     torch.testing.assert_close(loss, ((pred ** 2).mean(-1) * mask).sum() / mask.sum())
     assert all(not blk.attn.qkv.weight.any() for blk in ZeroLinears(**SMALL).blocks)
+
+
+def test_a_narrow_mlp_builds_as_the_reference_and_one_without_hidden_units_is_refused():
+    torch.manual_seed(0)
+    narrow = {**SMALL, "mlp_ratio": 0.5}
+    ours, theirs = MaskedAutoencoderViT(**narrow, kernels="torch").double(), ReferenceMAE(**narrow).double()
+    theirs.load_state_dict(ours.state_dict())  # the same keys and shapes: fc1 64 -> 32
+    assert ours.blocks[0].mlp.fc1.out_features == 32
+    imgs, noise = data()
+    for a, b in zip(ours(imgs, 0.75, noise), theirs(imgs, 0.75, noise)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for ratio in (0.01, 0.0, float("nan")):
+        with pytest.raises(ValueError, match=f"mlp_ratio {ratio} leaves an MLP of width 48 no hidden unit"):
+            MaskedAutoencoderViT(**{**SMALL, "mlp_ratio": ratio})
+
+
+def test_a_norm_layer_setting_other_than_eps_is_refused_not_dropped():
+    from functools import partial
+
+    for norm_layer, named in ((partial(torch.nn.LayerNorm, eps=1e-6, elementwise_affine=False),
+                               "elementwise_affine=False"), (partial(torch.nn.LayerNorm, bias=False), "bias=False")):
+        with pytest.raises(ValueError, match=f"only eps may be set on nn.LayerNorm .*got {named}"):
+            MaskedAutoencoderViT(**SMALL, norm_layer=norm_layer)
+    assert MaskedAutoencoderViT(**SMALL, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)).norm.eps == 1e-6
+
+
+def test_a_second_derivative_through_the_triton_kernels_raises_instead_of_coming_out_wrong():
+    """A gradient penalty (create_graph=True) differentiates the backward; the kernels' backward is not
+    differentiable, so it must say so (the PyTorch path gives the reference's second derivative)."""
+    torch.manual_seed(0)
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
+    for kernels in ("torch", "triton"):
+        model = MaskedAutoencoderViT(**SMALL, kernels=kernels, attn="math")  # CPU SDPA has no double backward
+        loss, _, _ = model(imgs, 0.75, noise)
+        grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], create_graph=True)
+        penalty = sum((g ** 2).sum() for g in grads)
+        if kernels == "torch":
+            penalty.backward()
+            assert model.decoder_pred.weight.grad.norm() > 0
+        else:
+            with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with "
+                                                   "@once_differentiable"):
+                penalty.backward()
+
+
+def test_the_pytorch_decoder_refuses_more_tokens_than_patches():
+    model = MaskedAutoencoderViT(**SMALL, kernels="torch")
+    ids_restore = torch.rand(2, 64).argsort(1)
+    assert model.forward_decoder(torch.randn(2, 65, 64), ids_restore).shape == (2, 64, 48)  # every patch kept
+    with pytest.raises(ValueError, match=r"x shape \[2, 66, 48\]: expected \[N, 1\+K, D\] with 0 <= K <= L = 64"):
+        model.forward_decoder(torch.randn(2, 66, 64), ids_restore)
