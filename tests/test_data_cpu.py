@@ -288,3 +288,16 @@ def test_batches_per_epoch_match_the_reference_distributed_sampler(num_items, wo
         assert len(shard_indices(num_items, 0, 0, rank, world_size)) == len(reference)  # padded, not dropped
         # the reference DataLoader(drop_last=True): only full batches
         assert len(EpochBatchSampler(num_items, cfg, rank, world_size)) == len(reference) // batch_size
+
+
+def test_an_empty_data_path_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch, capsys):
+    from fastmae.cli import main
+    from fastmae.data.synthetic import write_jpeg_folder
+    from fastmae.downstream.labeled_data import build_datasets
+
+    monkeypatch.chdir(tmp_path)  # a folder with images below it: "" would have trained on them
+    write_jpeg_folder(tmp_path / "photos", 8, size=(40, 40))
+    assert main(["pretrain", "--data_path", "", "--output_dir", str(tmp_path / "out"), "--max_steps", "1"]) == 2
+    assert "--data_path is empty (''; an unset variable in a script?)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--data_path is empty"):
+        build_datasets(" ", 32)

@@ -18,6 +18,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD, crop_table, resized_crops, sample_resized_crop
 from fastmae.data.encoded_batches import EncodedBatchReader
@@ -100,6 +101,25 @@ def test_read_header_sizes_and_rejects_bad_files():
     assert read_header(files["png_named.jpg"]).format == "png"
     header = read_header(encode_jpeg(np.zeros((37, 53, 3), np.uint8)))
     assert (header.format, header.width, header.height, header.channels) == ("jpeg", 53, 37, 3)
+
+
+def test_read_header_refuses_what_pil_refuses_as_a_decompression_bomb(monkeypatch):
+    """PIL raises DecompressionBombError (not an OSError) above twice Image.MAX_IMAGE_PIXELS: the GPU
+    loaders' header check passes over the same files as the CPU loaders, and never lets it escape."""
+    bmp = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(bmp, format="BMP")
+    huge = bytearray(bmp.getvalue())
+    huge[18:26] = (100_000).to_bytes(4, "little") * 2  # a damaged BMP header: 100000 x 100000
+    with pytest.raises(BadImageError, match="decompression bomb"):
+        read_header(bytes(huge))
+    jpeg = encode_jpeg(np.zeros((40, 30, 3), np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 1200 pixels: more than twice 500
+    with pytest.raises(BadImageError, match="jpeg of 30x40 = 1200 pixels, more than twice PIL's decompression-bomb"):
+        read_header(jpeg)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(jpeg)).load()  # what the CPU loaders meet
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600)
+    assert read_header(jpeg).width == 30
 
 
 # --- same pixels as the CPU loader ---------------------------------------------------------------
@@ -374,6 +394,24 @@ def test_dali_recovers_from_a_file_that_fails_inside_the_decoder(tmp_path):
     assert loader.pipeline_builds == 2  # the first build and one recovery
 
 
+@needs_dali
+def test_dali_replaces_more_undecodable_files_in_an_epoch_than_any_fixed_count(tmp_path, monkeypatch):
+    """Every recovery replaces a file; only a run of recoveries without a batch coming out ends the epoch."""
+    import fastmae.data.dali as dali
+
+    monkeypatch.setattr(dali, "MAX_REBUILDS_IN_A_ROW", 2)
+    files = bad_image_bytes()
+    write_jpeg_folder(tmp_path, 24, size=(64, 48))
+    for index in (2, 7, 12, 17, 22, 23):
+        (tmp_path / f"img_{index:06d}_corrupt.jpg").write_bytes(files["bad_corrupt_scan.jpg"])
+    loader = dali_loader(config(tmp_path, batch_size=5))
+    loader.set_epoch(0)
+    with pytest.warns(UserWarning, match="DALI could not decode"):
+        batches = list(loader)
+    assert len(batches) == 6 and all(torch.isfinite(b).all() for b in batches)
+    assert loader.pipeline_builds - 1 > dali.MAX_REBUILDS_IN_A_ROW  # recoveries in the epoch, none 3 in a row
+
+
 def test_only_bad_files_and_empty_sources_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="holds no image files"):
         build_loader(config(tmp_path), 0, 1, torch.device("cpu"))
@@ -466,6 +504,13 @@ def test_tar_header_scan_agrees_with_tarfile(tmp_path, tar_format):
     shards = TarShards([path])
     assert [shards.name(i).split(":")[-1] for i in range(len(shards))] == [names[0], names[2], names[3]]
     assert shards.read_bytes(1) == bytes([2]) * 1405
+
+
+def test_a_file_that_is_not_a_tar_is_named(tmp_path):
+    page = tmp_path / "shard-000.tar"  # a download that saved the server's error page
+    page.write_bytes(b"<html><head><title>404 Not Found</title></head><body>" + b" " * 600 + b"</body></html>")
+    with pytest.raises(ValueError, match=r"shard-000.tar is not an uncompressed tar file \(bad header at byte 0\)"):
+        scan_tar_members(page)
 
 
 # --- GPU -----------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 
 from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from fastmae.data.encoded_batches import EncodedBatch, EncodedBatchReader, ReaderBackedBatches
-from fastmae.data.loader import DataConfig
+from fastmae.data.loader import MAX_CONSECUTIVE_UNREADABLE, DataConfig
 from fastmae.data.sources import open_source
 
 # The hardware decoder's share of the JPEGs; the rest go to the CUDA (hybrid) decoder at the same
@@ -33,7 +33,9 @@ from fastmae.data.sources import open_source
 DEFAULT_HW_DECODER_LOAD = 0.65
 # Largest ImageNet image: lets the hardware decoder allocate once (NVIDIA's RN50 example values).
 PREALLOCATE_WIDTH, PREALLOCATE_HEIGHT = 5980, 6430
-MAX_PIPELINE_REBUILDS_PER_EPOCH = 16
+# Rebuilds for one batch without a batch coming out: each replaces at least one undecodable file, so
+# only a run of them as long as the unreadable run that stops the CPU loaders is a dead end.
+MAX_REBUILDS_IN_A_ROW = MAX_CONSECUTIVE_UNREADABLE
 
 
 def build_dali_loader(cfg: DataConfig, rank: int, world_size: int, device: torch.device, **options) -> "DALILoader":
@@ -112,7 +114,7 @@ class DALILoader(ReaderBackedBatches):
             self._rebuild()
         feed.batches = iter(self.reader)
         feed.error = None
-        rebuilds_this_epoch = 0
+        rebuilds_in_a_row = 0
         finished = False
         try:
             while True:
@@ -124,11 +126,14 @@ class DALILoader(ReaderBackedBatches):
                 except RuntimeError as error:
                     if feed.error is not None:  # the reader failed (e.g. only unreadable files), not DALI
                         raise feed.error from error
-                    rebuilds_this_epoch += 1
-                    if rebuilds_this_epoch > MAX_PIPELINE_REBUILDS_PER_EPOCH:
-                        raise RuntimeError(f"DALI failed {rebuilds_this_epoch} times this epoch; last error: {error}") from error
+                    rebuilds_in_a_row += 1
+                    if rebuilds_in_a_row > MAX_REBUILDS_IN_A_ROW:
+                        raise RuntimeError(f"DALI failed {rebuilds_in_a_row} times in a row without a batch coming out, "
+                                           f"each time after replacing the files it could not decode; last error: "
+                                           f"{error}") from error
                     self._recover(error)
                     continue
+                rebuilds_in_a_row = 0
                 batch = feed.in_flight.popleft()
                 self.reader.report(batch)
                 yield self._to_torch(images)

@@ -5,7 +5,8 @@ The GPU loaders need each image's size before decoding (to draw its crop box wit
 batch on one bad file (DALI, nvJPEG). ``read_header`` walks JPEG markers by hand (PIL's lazy open
 costs ~40 us per file, too slow for thousands of images per second on one Python thread) and
 falls back to PIL for the other formats. It rejects: empty and non-image files, files whose
-header is cut short, and JPEGs with no end-of-image marker (truncated downloads). Damage inside
+header is cut short, JPEGs with no end-of-image marker (truncated downloads), and images PIL would
+refuse as decompression bombs (more than twice ``Image.MAX_IMAGE_PIXELS``). Damage inside
 the compressed data passes this check; the loaders handle that when decoding.
 """
 
@@ -52,6 +53,8 @@ def read_header(data: bytes | memoryview) -> ImageHeader:
     try:
         with Image.open(io.BytesIO(data)) as image:
             return _checked(ImageHeader(image.format.lower(), image.width, image.height, len(image.getbands())))
+    except Image.DecompressionBombError as error:  # an Exception, not an OSError
+        raise BadImageError(str(error)) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise BadImageError(f"not an image file (starts with {data[:8]!r})") from None
 
@@ -89,4 +92,9 @@ def _read_jpeg_header(data: bytes) -> ImageHeader:
 def _checked(header: ImageHeader) -> ImageHeader:
     if header.width <= 0 or header.height <= 0:
         raise BadImageError(f"{header.format} of size {header.width}x{header.height}")
+    # the size at which PIL, and so the CPU loaders, refuse to decode: every loader passes over the same files
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and header.width * header.height > 2 * limit:
+        raise BadImageError(f"{header.format} of {header.width}x{header.height} = {header.width * header.height} "
+                            f"pixels, more than twice PIL's decompression-bomb limit of {limit}")
     return header

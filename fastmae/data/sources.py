@@ -96,12 +96,20 @@ class ImageFiles:
         return str(self.paths[index])
 
 
+def refuse_empty_data_path(data_path: str | os.PathLike) -> None:
+    """``--data_path ""`` (a script's unset variable) would be the current folder: every image below it."""
+    if isinstance(data_path, str) and not data_path.strip():
+        raise ValueError(f"--data_path is empty ({data_path!r}; an unset variable in a script?): give the image "
+                         "folder, or leave --data_path out to pretrain on the embedded photographs")
+
+
 def open_source(data_path: str | os.PathLike | None, samples_per_epoch: int | None = None) -> ImageSource:
     """The source for ``--data_path``; None means the embedded photographs."""
     if data_path is None:
         from fastmae.data.embedded import EmbeddedPhotos
 
         return EmbeddedPhotos(samples_per_epoch=samples_per_epoch)
+    refuse_empty_data_path(data_path)
     # Other source kinds (e.g. tar shards) are recognised here, before the folder listing.
     # --- tar shards (fastmae.data.tar_shards): one .tar, or a folder of .tar files ---
     from fastmae.data.tar_shards import TarShards, list_tar_shards

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tarfile  # writing shards only; reading scans headers directly
 from pathlib import Path
 
@@ -53,8 +54,9 @@ def scan_tar_members(path: str | os.PathLike) -> list[tuple[int, int, str]]:
             if header.count(0) == TAR_BLOCK:  # end-of-archive blocks
                 break
             stored_checksum = header[148:156].split(b"\x00")[0].strip()
-            # the checksum counts its own 8 bytes as spaces
-            if not stored_checksum or int(stored_checksum, 8) != sum(header) - sum(header[148:156]) + 8 * 32:
+            # the checksum counts its own 8 bytes as spaces; one that is not octal digits is no tar's
+            if (not re.fullmatch(rb"[0-7]+", stored_checksum)
+                    or int(stored_checksum, 8) != sum(header) - sum(header[148:156]) + 8 * 32):
                 raise ValueError(f"{path} is not an uncompressed tar file (bad header at byte {offset})")
             size = _tar_number(header[124:136])
             kind = header[156:157]

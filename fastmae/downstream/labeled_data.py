@@ -26,7 +26,7 @@ from PIL import Image
 
 from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, random_resized_crop_flip, resize_center_crop
 from fastmae.data.loader import UnreadableData, load_or_next
-from fastmae.data.sources import list_image_files
+from fastmae.data.sources import list_image_files, refuse_empty_data_path
 from fastmae.downstream.rand_augment import RandAugment
 from fastmae.downstream.random_erasing import RandomErasing
 
@@ -138,6 +138,7 @@ class LabeledImageFolder(torch.utils.data.Dataset):
 
 def train_val_folders(data_path: str | os.PathLike) -> tuple[Path, Path]:
     """The reference layout: data_path/train and data_path/val."""
+    refuse_empty_data_path(data_path)
     data_path = Path(data_path)
     train, val = data_path / "train", data_path / "val"
     for folder in (train, val):
