@@ -135,6 +135,7 @@ def test_a_cuda_device_the_machine_does_not_have_is_named(monkeypatch):
     (["--mask_ratio", "0.99"], "--mask_ratio 0.99: mask_ratio 0.99 leaves no visible patch out of 64"),
     (["--mask_ratio", "1e-17"], "--mask_ratio 1e-17 removes none of the 64 patches of an image"),
     (["--blr", "-1"], "--blr must be positive, got -1.0"),
+    (["--output_dir", ""], "--output_dir is empty (''): main_pretrain.py then saves nothing"),
     (["--weight_decay", "-0.5"], "--weight_decay must be >= 0, got -0.5"),
     (["--device", "mps"], "--device mps: fastmae runs on cpu or cuda, not mps"),
     (["--device", "cuda:x"], "--device cuda:x: not a device; give cpu, cuda or cuda:N"),
@@ -1057,10 +1058,11 @@ def test_the_references_epoch_checkpoints_are_kept_and_resume_exactly(tmp_path, 
     assert (out / "checkpoint-2.pth").samefile(latest_checkpoint(out))
 
 
-def test_resume_auto_continues_from_epoch_checkpoints_and_a_fresh_restart_starts_log_txt_anew(
+def test_resume_auto_continues_from_epoch_checkpoints_and_a_fresh_restart_keeps_the_earlier_logs(
         tmp_path, image_folder, capsys):
     """A folder holding checkpoint-{epoch}.pth alone (copied, or a run killed before its first step
-    checkpoint) is continued by --resume auto, not restarted over them."""
+    checkpoint) is continued by --resume auto, not restarted over them; a folder with an earlier run's
+    logs and no checkpoint is started afresh, its logs set aside."""
     out = tmp_path / "out"
     assert fastmae_main(micro_flags(image_folder, out, "--save_epochs", "1")) == 0
     straight = logged(out)
@@ -1073,10 +1075,20 @@ def test_resume_auto_continues_from_epoch_checkpoints_and_a_fresh_restart_starts
     resumed = logged(alone)
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight[-len(resumed):]]
     assert [json.loads(line)["epoch"] for line in (alone / "log.txt").read_text().splitlines()] == [2]
-    # killed before any checkpoint: --resume auto starts afresh, and log.txt with it, as metrics.jsonl
+    # killed before any checkpoint: refused without --resume, and the message says what --resume auto does
     killed = tmp_path / "killed"
     killed.mkdir()
-    (killed / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
-    (killed / "log.txt").write_text('{"train_lr": 0.1, "train_loss": 1.0, "epoch": 0}\n')
+    earlier_metrics, earlier_log = '{"step": 1, "loss": 1.0}\n', '{"train_lr": 0.1, "train_loss": 1.0, "epoch": 0}\n'
+    (killed / "metrics.jsonl").write_text(earlier_metrics)
+    (killed / "log.txt").write_text(earlier_log)
+    capsys.readouterr()
+    assert fastmae_main(micro_flags(image_folder, killed)) == 2
+    assert "no checkpoint of it to continue: give another --output_dir, or --resume auto to start afresh there" in \
+        capsys.readouterr().err
+    # --resume auto starts afresh, the new logs beside the earlier ones (nothing written before is lost)
     assert fastmae_main(micro_flags(image_folder, killed, "--resume", "auto")) == 0
+    assert "the earlier run's metrics.jsonl is kept as metrics.restarted.jsonl" in capsys.readouterr().out
     assert [json.loads(line)["epoch"] for line in (killed / "log.txt").read_text().splitlines()] == [0, 1, 2]
+    assert (killed / "metrics.restarted.jsonl").read_text() == earlier_metrics
+    assert (killed / "log.restarted.txt").read_text() == earlier_log
+    assert logged(killed)[0]["step"] == 1 and len(logged(killed)) > 1

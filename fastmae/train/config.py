@@ -126,6 +126,10 @@ class PretrainConfig:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.threads is not None and self.threads <= 0:
             raise ValueError(f"--threads must be positive, got {self.threads}")
+        if not str(self.output_dir).strip():
+            # main_pretrain.py's "empty for no saving"; read as a path it would be the current folder
+            raise ValueError(f"--output_dir is empty ({self.output_dir!r}): main_pretrain.py then saves nothing, and "
+                             "a fastmae run always keeps checkpoints to resume from: give a folder")
         if self.seed not in SEEDS:
             raise ValueError(f"--seed must be an integer in [0, 2**63), got {self.seed}")
         if (self.compile_scope, self.compile_mode) != ("model", "default") and not self.compile:

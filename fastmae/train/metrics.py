@@ -91,6 +91,23 @@ class RunTotals:
         return text
 
 
+def set_aside_earlier_logs(output_dir: str | Path) -> list[str]:
+    """A run that starts afresh where an earlier one logged but saved no checkpoint (--resume auto with
+    nothing to continue) keeps that run's metrics.jsonl and log.txt under other names, rather than
+    writing over them: metrics.restarted.jsonl, then metrics.restarted_2.jsonl, ... -> what was moved."""
+    moved = []
+    for path in (Path(output_dir) / "metrics.jsonl", Path(output_dir) / EpochLog.NAME):
+        if not path.is_file() or path.stat().st_size == 0:
+            continue
+        target, n = path.with_name(f"{path.stem}.restarted{path.suffix}"), 1
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{path.stem}.restarted_{n}{path.suffix}")
+        path.rename(target)
+        moved.append(f"the earlier run's {path.name} is kept as {target.name}")
+    return moved
+
+
 class MetricsLogger:
     def __init__(self, output_dir: str | Path, log_dir: str | Path | None, total_steps: int, start_step: int,
                  enabled: bool = True, progress_bar: bool = True, append: bool = False):
@@ -179,9 +196,9 @@ class EpochLog:
     """The reference's ``log.txt`` in the output folder: one JSON object per epoch, appended as the
     reference appends it (a resumed run continues the file), for the scripts that read it. ``append``
     False: a run that starts afresh starts it anew, as metrics.jsonl (the commands refuse a fresh run in
-    a folder holding an earlier run's outputs; --resume auto with no checkpoint to continue restarts
-    over what a run stopped before its first checkpoint left). A line the disk refuses waits here for
-    the next epoch's write."""
+    a folder holding an earlier run's outputs; what a run stopped before its first checkpoint logged is
+    set aside first, ``set_aside_earlier_logs``). A line the disk refuses waits here for the next
+    epoch's write."""
 
     NAME = "log.txt"
 

@@ -122,7 +122,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ours.add_argument("--data_loader", choices=LOADER_CHOICES, default=d.data_loader, action=_STORE,
                       help="auto: DALI if installed and on CUDA, else hybrid on CUDA (PIL decode and crop in the "
                            "workers, resize, flip and normalisation on the GPU), else the CPU loader (PIL workers); "
-                           "the embedded photographs always take the CPU loader")
+                           "the embedded photographs take the CPU loader under auto, or hybrid (dali and torchvision "
+                           "read files)")
     ours.add_argument("--save_every", type=int, default=d.save_every, action=_STORE,
                       help="optimizer steps between checkpoints (also at the end and on SIGTERM/SIGINT)")
     ours.add_argument("--log_every", type=int, default=d.log_every, action=_STORE,

@@ -35,7 +35,9 @@ from fastmae.train.checkpoints import (TrainingPosition, earlier_run_outputs, la
 from fastmae.train.config import PretrainConfig, default_num_workers
 from fastmae.train.cuda_graph import GraphedTrainStep, check_cuda_graph_support
 from fastmae.train.distributed import DistributedContext
-from fastmae.train.metrics import MetricsLogger, RunTotals, no_tensorboard_message, peak_memory_gb, plot_loss_curve
+from fastmae.train.metrics import (
+    MetricsLogger, RunTotals, no_tensorboard_message, peak_memory_gb, plot_loss_curve, set_aside_earlier_logs,
+)
 from fastmae.train.optim import build_optimizer
 from fastmae.train.output_lock import OutputFolderInUse, OutputFolderLock
 from fastmae.train.schedule import base_batch_lr, lr_at, set_lr
@@ -191,6 +193,8 @@ class Pretrainer:
                 refused = f"--output_dir {self.output_dir}: nothing can be written there: {err}"
         if ctx.any_rank(refused is not None):
             raise ValueError(refused or "--output_dir is in use or cannot be written (seen by the first rank)")
+        if ctx.is_main and self.last_checkpoint is None:
+            self.messages.extend(set_aside_earlier_logs(self.output_dir))
         self.logger = MetricsLogger(self.output_dir, cfg.log_dir or self.output_dir, self.total_steps,
                                     self.position.step, enabled=ctx.is_main, progress_bar=cfg.progress_bar,
                                     append=self.last_checkpoint is not None)
@@ -241,6 +245,10 @@ class Pretrainer:
             return (f"--output_dir {self.output_dir} holds another run's checkpoints ({names}); resuming from "
                     f"{self.cfg.resume} there would mix the two runs' checkpoints: give another --output_dir "
                     "(or move those files away)")
+        if all(p.name == "metrics.jsonl" for p in earlier):
+            return (f"--output_dir {self.output_dir} holds an earlier run's metrics.jsonl, and no checkpoint of it to "
+                    "continue: give another --output_dir, or --resume auto to start afresh there (the earlier run's "
+                    "metrics.jsonl and log.txt are then kept as metrics.restarted.jsonl and log.restarted.txt)")
         return (f"--output_dir {self.output_dir} holds an earlier run ({names}), which a fresh run would replace: "
                 "continue it with --resume auto, or give another --output_dir (or move those files away)")
 
