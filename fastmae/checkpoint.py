@@ -111,12 +111,15 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     interpolated: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # the model's own fixed sin-cos table for its grid
     replaced: list[str] = field(default_factory=list)  # of another shape in the file, left as initialised
 
     def __str__(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors"]
         if self.interpolated:
             lines.append("interpolated to the model's grid: " + ", ".join(self.interpolated))
+        if self.kept:
+            lines.append("another grid in the checkpoint (the model's own sin-cos table kept): " + ", ".join(self.kept))
         if self.replaced:
             lines.append("another shape in the checkpoint (left as initialised): " + ", ".join(self.replaced))
         if self.missing:
@@ -145,7 +148,8 @@ def load_weights(model: nn.Module, source, strict: bool = False, replaceable: tu
 
     Shapes must match (a different architecture is a ValueError naming the tensor), except for the
     ``replaceable`` keys, which are then left as initialised (a classifier head for another number of
-    classes); position embeddings of another image size are interpolated; an encoder-only file loads
+    classes); learned position embeddings of another image size are interpolated, the MAE's fixed sin-cos
+    tables kept as the model made them for its grid; an encoder-only file loads
     with the decoder reported as missing. ``strict=True`` makes any missing or unexpected key an error.
     """
     if isinstance(source, (str, os.PathLike)):
@@ -167,7 +171,10 @@ def load_weights(model: nn.Module, source, strict: bool = False, replaceable: tu
             report.unexpected.append(key)
             continue
         if key in POS_EMBED_KEYS and value.shape != own[key].shape and value.shape[-1] == own[key].shape[-1]:
-            value = interpolate_pos_embed(value, own[key].shape[-2] - 1)
+            if key in getattr(model, "FIXED_POS_EMBED_KEYS", ()):
+                report.kept.append(key)
+                continue
+            value = interpolate_pos_embed(value, own[key].shape[-2] - 1)  # a learned table (a classifier's)
             report.interpolated.append(key)
         if value.shape != own[key].shape and key in replaceable:
             report.replaced.append(key)
@@ -180,9 +187,9 @@ def load_weights(model: nn.Module, source, strict: bool = False, replaceable: tu
         to_load[key] = value
     if not to_load:
         raise ValueError("no tensor of the checkpoint matches the model: wrong file or wrong model")
-    report.missing = [k for k in own if k not in to_load and k not in report.replaced]
+    report.missing = [k for k in own if k not in to_load and k not in report.replaced and k not in report.kept]
     report.loaded = list(to_load)
-    if strict and (report.missing or report.unexpected or report.replaced):
+    if strict and (report.missing or report.unexpected or report.replaced or report.kept):
         raise ValueError("strict load failed:\n" + str(report))
     model.load_state_dict(to_load, strict=False)
     return report

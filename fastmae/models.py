@@ -60,6 +60,10 @@ def _check_mlp_ratio(mlp_ratio: float, *widths: int) -> None:
 
 
 class MaskedAutoencoderViT(nn.Module):
+    # fixed sin-cos tables of the patch grid, never trained: a checkpoint of another image size loads
+    # with the model's own tables (exact for its grid) rather than its tables interpolated
+    FIXED_POS_EMBED_KEYS = ("pos_embed", "decoder_pos_embed")
+
     def __init__(
         self,
         img_size: int = 224,

@@ -95,14 +95,31 @@ def test_different_architecture_is_a_clear_error(tmp_path):
         load_weights(MaskedAutoencoderViT(**SMALL), {"model": {"fc.weight": torch.zeros(3)}})
 
 
-def test_position_embeddings_interpolated_for_another_image_size(tmp_path):
+def test_another_image_size_keeps_the_maes_sin_cos_tables_and_interpolates_a_classifiers(tmp_path):
+    """The MAE's position embeddings are fixed sin-cos tables of the grid: the model's own are exact for
+    its grid, and the checkpoint's interpolated would differ from them. A classifier's are learned, and
+    interpolated as the reference's interpolate_pos_embed does."""
+    from fastmae.downstream.vit_classifier import create_classifier
+    from fastmae.models import create_model
+    from fastmae.pos_embed import sincos_2d
+
     ref = ReferenceMAE(**SMALL)  # 8x8 grid
     bigger = MaskedAutoencoderViT(**{**SMALL, "img_size": 48})  # 12x12 grid
     report = load_weights(bigger, {"model": ref.state_dict()})
-    assert sorted(report.interpolated) == ["decoder_pos_embed", "pos_embed"]
-    assert bigger.pos_embed.shape == (1, 145, 64)
-    torch.testing.assert_close(bigger.pos_embed, interpolate_pos_embed(ref.pos_embed.data, 144))
+    assert sorted(report.kept) == ["decoder_pos_embed", "pos_embed"] and not report.interpolated
+    assert "pos_embed" not in report.missing and "the model's own sin-cos table kept" in str(report)
+    torch.testing.assert_close(bigger.pos_embed[0], sincos_2d(64, 12).float())
+    assert (bigger.pos_embed - interpolate_pos_embed(ref.pos_embed.data, 144)).abs().max() > 0.1
     torch.testing.assert_close(bigger.blocks[0].attn.qkv.weight, ref.blocks[0].attn.qkv.weight)
+    with pytest.raises(ValueError, match="strict load failed"):  # strict: a tensor of the file not loaded
+        load_weights(MaskedAutoencoderViT(**{**SMALL, "img_size": 48}), {"model": ref.state_dict()}, strict=True)
+
+    classifier = create_classifier("vit_micro_patch4", 10, img_size=48)
+    learned = create_model("mae_vit_micro_patch4").state_dict()
+    learned["pos_embed"] = torch.randn_like(learned["pos_embed"])  # as fine-tuning leaves it
+    report = load_weights(classifier, learned)
+    assert report.interpolated == ["pos_embed"] and not report.kept
+    torch.testing.assert_close(classifier.pos_embed, interpolate_pos_embed(learned["pos_embed"], 144))
 
 
 class NotAWeight:
