@@ -39,14 +39,14 @@ from fastmae.downstream.classify import (
     describe_pretrained, evaluate, evaluate_saved, input_size_of, number_of_classes, peak_lr, progress,
     resume_and_refuse_earlier_outputs, say_if_not_saved, show_rate, speaker, start_processes,
 )
-from fastmae.downstream.sharding import sum_across_ranks
-from fastmae.train.distributed import DistributedContext, shutdown_distributed
 from fastmae.downstream.lr_decay import param_groups_lrd
-from fastmae.train.schedule import lr_at, set_lr
 from fastmae.downstream.mixup import Mixup, soft_target_cross_entropy
 from fastmae.downstream.rand_augment import REFERENCE_CONFIG, parse_rand_augment
 from fastmae.downstream.random_erasing import MODES as ERASE_MODES, RandomErasing
+from fastmae.downstream.sharding import averaged_at_step_end, sum_across_ranks
 from fastmae.downstream.vit_classifier import create_classifier, init_head
+from fastmae.train.distributed import DistributedContext, shutdown_distributed
+from fastmae.train.schedule import lr_at, set_lr
 
 CHECKPOINT_NAMES = ("checkpoint-last.pth", "checkpoint-best.pth")  # in --output_dir
 
@@ -188,9 +188,7 @@ def _train(args, ctx: DistributedContext, model, trained, optimizer, train_loade
                                         args.epochs))
             imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             steps_now = (step + 1) % args.accum_iter == 0
-            # the gradients are averaged across the processes once per optimizer step, not per batch
-            local = trained.no_sync() if trained is not model and not steps_now else contextlib.nullcontext()
-            with local:
+            with averaged_at_step_end(trained, steps_now):
                 with autocast:
                     if mixup is not None:
                         imgs, soft = mixup(imgs, labels)

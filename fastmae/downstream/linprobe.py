@@ -24,7 +24,6 @@ batch, and keeps the first process's running statistics, as the reference's. Wit
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import sys
 import time
@@ -44,9 +43,9 @@ from fastmae.downstream.classify import (
     resume_and_refuse_earlier_outputs, say_if_not_saved, show_rate, speaker, start_processes,
 )
 from fastmae.downstream.lars import LARS
-from fastmae.downstream.sharding import InOrderShard, gather_shards, sum_across_ranks
-from fastmae.train.distributed import DistributedContext, shutdown_distributed
+from fastmae.downstream.sharding import InOrderShard, averaged_at_step_end, gather_shards, sum_across_ranks
 from fastmae.downstream.vit_classifier import VisionTransformer, create_classifier, init_head
+from fastmae.train.distributed import DistributedContext, shutdown_distributed
 from fastmae.train.schedule import lr_at, set_lr
 
 CHECKPOINT_NAME = "checkpoint-linprobe.pth"  # in --output_dir
@@ -144,8 +143,7 @@ def fit_linear_probe(model: VisionTransformer, train_batches, steps_per_epoch: i
                 set_lr(optimizer, lr_at(epoch + step / steps_per_epoch, recipe.lr, recipe.min_lr,
                                         recipe.warmup_epochs, recipe.epochs))
             steps_now = (step + 1) % recipe.accum_iter == 0
-            # the gradients are averaged across the processes once per optimizer step, not per batch
-            with head.no_sync() if head is not model.head and not steps_now else contextlib.nullcontext():
+            with averaged_at_step_end(head, steps_now):
                 loss = F.cross_entropy(head(feats), labels)
                 (loss / recipe.accum_iter).backward()
             if steps_now:

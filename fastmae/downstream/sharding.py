@@ -15,8 +15,11 @@ repeats; without it every process evaluates the whole set).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from fastmae.data.sources import shard_indices
 
@@ -75,3 +78,12 @@ def gather_shards(shard: torch.Tensor, num_items: int) -> torch.Tensor:
     dist.all_gather(parts, shard.contiguous())
     # rank r held items r, r + W, ...: interleave the ranks' rows back into item order
     return torch.stack(parts, dim=1).flatten(0, 1)[:num_items]
+
+
+def averaged_at_step_end(module: torch.nn.Module, ends_a_step: bool):
+    """The context of a batch's forward and backward: under DistributedDataParallel, a batch that does
+    not end an optimizer step keeps its gradients local (no_sync), so the replicas average them once
+    per step, not once per batch of the accumulation."""
+    if isinstance(module, DistributedDataParallel) and not ends_a_step:
+        return module.no_sync()
+    return contextlib.nullcontext()
