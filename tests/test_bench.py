@@ -394,7 +394,7 @@ def test_results_table(tmp_path, capsys):
     assert main(["bench", "step", "--model", MICRO, "--impl", "fastmae,reference-style", "--kernels", "torch",
                  "--gemm_size", "64", "--out_dir", str(tmp_path), *quick]) == 0
     assert len(list(tmp_path.glob("step_*.json"))) == 2 and list(tmp_path.glob("step_*_kernels-torch_*.json"))
-    assert len(list(tmp_path.glob("step_*_batch2_cpu_*.json"))) == 2  # not the default batch: named by it
+    assert len(list(tmp_path.glob("step_*_batch2_impl-*_cpu_*.json"))) == 2  # batch and contenders in the name
     assert table.main(["--results_dir", str(tmp_path), "--include_cpu"]) == 0
     out = capsys.readouterr().out
     assert "| fastmae (kernels torch) |" in out and "| reference-style |" in out and "| fastmae |" in out

@@ -55,7 +55,16 @@ def test_bench_step_out_dir_keeps_every_run(tmp_path, capsys):
     assert capsys.readouterr().out.count("_2.json") == 1  # the second run says where it wrote
     # settings other than the defaults are in the name
     assert main(QUICK_STEP + ["--out_dir", str(tmp_path), "--decoder_depth", "2", "--mask_ratio", "0.5"]) == 0
-    assert any(f.startswith(f"step_{MICRO}_batch2_dec2_mask0.5_cpu_") for f in names(tmp_path))
+    assert any(f.startswith(f"step_{MICRO}_batch2_impl-fastmae_dec2_mask0.5_cpu_") for f in names(tmp_path))
+
+
+def test_bench_step_names_a_run_of_other_contenders():
+    from fastmae.bench.step import contenders_tag
+
+    default = ("fastmae", "naive w/[M]", "reference-style", "hf-vitmae")
+    assert contenders_tag(default, default) == ""
+    assert contenders_tag(default[:3], default) == "_nohf"
+    assert contenders_tag(("fastmae", "naive w/[M]+compile"), default) == "_impl-fastmae_naive-w-M-compile"
 
 
 def test_bench_table2_and_profile_out_dir_keep_every_run(tmp_path):

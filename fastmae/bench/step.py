@@ -9,6 +9,7 @@ on the device measure the model; ``--real_data`` feeds batches from ``fastmae.da
 from __future__ import annotations
 
 import argparse
+import re
 import dataclasses
 import sys
 from pathlib import Path
@@ -187,6 +188,17 @@ def default_contenders(device: torch.device, compile_choice: str, hf: bool) -> t
     return tuple(n for n in CONTENDER_NAMES if n in names)
 
 
+def contenders_tag(names: tuple[str, ...], default: tuple[str, ...]) -> str:
+    """The file-name part of a run that measured other contenders than the default ones: "" for those,
+    "_nohf" without HF's, else "_impl-" and each contender's name ("naive w/[M]+compile" -> naive-w-M-compile)."""
+    if names == default:
+        return ""
+    if names == tuple(n for n in default if n != "hf-vitmae"):
+        return "_nohf"
+    slugs = ("-".join(re.findall(r"[A-Za-z0-9]+", name)) for name in names)
+    return "_impl-" + "_".join(slugs)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="architecture(s), comma separated (default: mae_vit_base_patch16 on CUDA, "
@@ -239,6 +251,7 @@ def run(args) -> int:
         # another batch than the default is another result: a file of its own beside the default's
         batch_tag = "" if batch_size == default_batch_size(device, CPU_BATCH) else f"_batch{batch_size}"
         settings = (f"{compiled.tag}{engine_tag(args.kernels, args.attn)}{batch_tag}"
+                    + contenders_tag(names, default_contenders(device, args.compile, True))
                     + settings_tag(device, decoder_depth=args.decoder_depth, mask_ratio=args.mask_ratio, dtype=dtype,
                                    real_data=args.real_data))
         outputs = {name: ResultFile(args.json, args.out_dir, result_filename(f"step_{name}{settings}", device))
