@@ -282,7 +282,8 @@ def _layernorm_eps(norm_layer) -> float:
     """The eps of ``norm_layer``; any other setting would change the model (the fused kernels and the
     reference's keys assume an affine LayerNorm with a bias), so it is refused, not dropped."""
     if isinstance(norm_layer, functools.partial) and norm_layer.func is nn.LayerNorm:
-        others = sorted(set(norm_layer.keywords) - {"eps"})
+        defaults = {"elementwise_affine": True, "bias": True}  # restating them changes nothing
+        others = sorted(k for k, v in norm_layer.keywords.items() if k != "eps" and not (k in defaults and v is True))
         if norm_layer.args or others:
             given = [repr(a) for a in norm_layer.args] + [f"{k}={norm_layer.keywords[k]!r}" for k in others]
             raise ValueError(f"norm_layer: only eps may be set on nn.LayerNorm (an affine LayerNorm with a bias, as "

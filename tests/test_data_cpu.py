@@ -298,6 +298,10 @@ def test_an_empty_data_path_is_refused_not_read_as_the_current_folder(tmp_path, 
     monkeypatch.chdir(tmp_path)  # a folder with images below it: "" would have trained on them
     write_jpeg_folder(tmp_path / "photos", 8, size=(40, 40))
     assert main(["pretrain", "--data_path", "", "--output_dir", str(tmp_path / "out"), "--max_steps", "1"]) == 2
-    assert "--data_path is empty (''; an unset variable in a script?)" in capsys.readouterr().err
+    assert "--data_path is empty (''; an unset variable in a script?): give the image folder" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--data_path is empty"):
         build_datasets(" ", 32)
+    from fastmae.downstream.visualize import image_paths
+
+    with pytest.raises(ValueError, match=r"--images is empty \(''; an unset variable in a script\?\): give the image folder"):
+        image_paths(["photos", ""])

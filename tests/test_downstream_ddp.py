@@ -82,20 +82,50 @@ def test_finetune_on_two_processes_trains_as_one_process_with_their_batches_toge
     assert len((tmp_path / "two" / "log.txt").read_text().splitlines()) == 2  # one process writes
 
 
-def test_linprobe_on_two_processes_with_cached_features(tiny_folder, mae_checkpoint, tmp_path, capsys):
-    """Each process computes half the features and gathers the rest; the evaluation split between the
-    processes gives what one process evaluating the saved probe gives."""
+def evaluate_saved_probe(path, data_path) -> dict:
+    """The saved probe's val top-1 and loss, in this process."""
+    import argparse
+
+    from fastmae.downstream.classify import datasets_and_loaders, evaluate
+    from fastmae.downstream.linprobe import make_linear_probe
+    from fastmae.downstream.vit_classifier import create_classifier
+
+    model = make_linear_probe(create_classifier("vit_micro_patch4", 2, img_size=32))
+    model.load_state_dict(weights(path))
+    args = argparse.Namespace(data_path=str(data_path), batch_size=4, accum_iter=1, num_workers=0, seed=0,
+                              pin_mem=False)
+    return evaluate(model, datasets_and_loaders(args, 32, False)[3], torch.device("cpu"))
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_linprobe_on_two_processes_logs_what_the_saved_probe_scores(cache, tiny_folder, mae_checkpoint, tmp_path):
+    """Each process computes half the features and gathers the rest (--cache_features). The evaluation
+    split between the processes is the saved probe's: the first process's BatchNorm statistics, which
+    DDP leaves behind in the others after an epoch's last batch."""
     out = tmp_path / "probe"
-    common = ["--data_path", str(tiny_folder), "--num_workers", "0", "--batch_size", "2", "--device", "cpu"]
     run_on_ranks(["linprobe", "--checkpoint", str(mae_checkpoint), "--epochs", "2", "--warmup_epochs", "1",
-                  "--cache_features", "--output_dir", str(out), *common], 2, tmp_path, "linprobe")
+                  "--data_path", str(tiny_folder), "--num_workers", "0", "--batch_size", "2", "--device", "cpu",
+                  "--output_dir", str(out), *(["--cache_features"] if cache else [])], 2, tmp_path, "linprobe")
     log = read_jsonl(out / "log.jsonl")
     assert [r["epoch"] for r in log[:2]] == [1, 2] and log[-1]["final"] and log[-1]["n"] == 8
     saved = torch.load(out / "checkpoint-linprobe.pth", weights_only=True)
-    assert saved["model"]["head.0.num_batches_tracked"] == 2 * 3  # 2 epochs of 6 cached features per process
-    capsys.readouterr()
-    assert fastmae_main(["linprobe", "--eval", "--checkpoint", str(out / "checkpoint-linprobe.pth"), *common]) == 0
-    assert f"top-1 {log[-1]['val_top1']:.2f}%" in capsys.readouterr().out
+    assert saved["model"]["head.0.num_batches_tracked"] == 2 * 3  # 2 epochs of 6 images per process
+    stats = evaluate_saved_probe(out / "checkpoint-linprobe.pth", tiny_folder)
+    assert stats["top1"] == log[1]["val_top1"] and stats["loss"] == pytest.approx(log[1]["val_loss"], rel=1e-6)
+
+
+def test_linprobe_on_more_processes_than_val_images(tiny_folder, mae_checkpoint, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_folder / "train", data / "train")
+    for name in ("cat", "dog"):  # 2 val images: the third process's share is empty
+        (data / "val" / name).mkdir(parents=True)
+        shutil.copy(tiny_folder / "val" / name / "0.png", data / "val" / name)
+    run_on_ranks(["linprobe", "--checkpoint", str(mae_checkpoint), "--epochs", "1", "--warmup_epochs", "1",
+                  "--data_path", str(data), "--num_workers", "0", "--batch_size", "2", "--device", "cpu",
+                  "--cache_features", "--output_dir", str(tmp_path / "probe")], 3, tmp_path, "two_val")
+    assert read_jsonl(tmp_path / "probe" / "log.jsonl")[-1]["n"] == 2
 
 
 @pytest.mark.parametrize("command,flags", [
@@ -135,3 +165,46 @@ def test_a_resumed_run_repeats_the_epochs_of_a_run_never_stopped(command, flags,
     losses = [[r["train_loss"] for r in read_jsonl(tmp_path / run_name / "log.jsonl") if not r.get("final")]
               for run_name in ("straight", "stopped")]
     assert losses[0] == losses[1]
+
+
+def test_a_requeued_finetune_stopped_before_its_first_last_checkpoint_starts_afresh(tiny_folder, mae_checkpoint,
+                                                                                   tmp_path, monkeypatch, capsys):
+    """Stopped between epoch 0's checkpoint-best.pth and checkpoint-last.pth: --resume auto (the same
+    command, requeued) has nothing to continue, so it starts afresh; what the stopped start wrote is
+    kept aside, not refused forever nor written over."""
+    import fastmae.downstream.finetune as finetune
+
+    out = tmp_path / "ft"
+    argv = ["finetune", "--checkpoint", str(mae_checkpoint), "--data_path", str(tiny_folder), "--num_workers", "0",
+            "--batch_size", "4", "--epochs", "2", "--warmup_epochs", "1", "--device", "cpu", "--output_dir", str(out),
+            "--resume", "auto"]
+
+    class Stopped(Exception):
+        pass
+
+    saved = finetune.save_checkpoint
+
+    def stop_at_the_first_last(path, *args, **kwargs):
+        if path.name == "checkpoint-last.pth":
+            raise Stopped
+        return saved(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(finetune, "save_checkpoint", stop_at_the_first_last)
+        with pytest.raises(Stopped):
+            fastmae_main(argv)
+    best = (out / "checkpoint-best.pth").read_bytes()
+    capsys.readouterr()
+    assert fastmae_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "no checkpoint-last.pth in" in printed and "checkpoint-best.pth is kept as checkpoint-best.restarted.pth" in printed
+    assert (out / "checkpoint-best.restarted.pth").read_bytes() == best
+    assert [r["epoch"] for r in read_jsonl(out / "log.jsonl") if not r.get("final")] == [1, 2]
+
+
+def test_a_linear_probe_batch_of_one_image_is_refused_up_front(tiny_folder, mae_checkpoint, capsys):
+    argv = ["linprobe", "--checkpoint", str(mae_checkpoint), "--data_path", str(tiny_folder), "--num_workers", "0",
+            "--epochs", "1", "--device", "cpu", "--batch_size", "1"]
+    assert fastmae_main(argv) == 2
+    assert ("the probe's BatchNorm needs at least 2 images in a batch, and a batch here holds 1 (12 train images "
+            "over 1 process(es), --batch_size 1)") in capsys.readouterr().err

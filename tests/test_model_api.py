@@ -174,6 +174,8 @@ def test_a_norm_layer_setting_other_than_eps_is_refused_not_dropped():
         with pytest.raises(ValueError, match=f"only eps may be set on nn.LayerNorm .*got {named}"):
             MaskedAutoencoderViT(**SMALL, norm_layer=norm_layer)
     assert MaskedAutoencoderViT(**SMALL, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)).norm.eps == 1e-6
+    restated = partial(torch.nn.LayerNorm, eps=1e-6, elementwise_affine=True, bias=True)  # the defaults, said
+    assert MaskedAutoencoderViT(**SMALL, norm_layer=restated).norm.eps == 1e-6
 
 
 def test_a_second_derivative_through_the_triton_kernels_raises_instead_of_coming_out_wrong():

@@ -830,6 +830,28 @@ def test_the_batches_left_after_an_epochs_last_whole_step_make_no_step(tmp_path,
     assert "an epoch has 5 batch(es) of 4 per rank, fewer than --accum_iter 6" in capsys.readouterr().err
 
 
+def test_a_resumed_position_among_an_epochs_left_over_batches(tmp_path, capsys):
+    """Another batch size may convert the position to one past the epoch's last whole step: the run
+    goes back to that step, and the epoch ends as any other (its log.txt line). A smaller --accum_iter's
+    checkpoint there: the epoch's steps are done, and the run says so."""
+    data = write_noise_images(tmp_path / "images", 40)  # 10 batches of 4, 5 of 8
+    out = tmp_path / "out"
+    assert fastmae_main(micro_flags(data, out, "--accum_iter", "2", "--max_steps", "4")) == 0  # at batch 8 of 10
+    capsys.readouterr()
+    assert fastmae_main(micro_flags(data, out, "--resume", "auto", "--batch_size", "8", "--accum_iter", "2",
+                                    "--epochs", "1")) == 0
+    # batch 8 of 4 images is batch 4 of 8, among the left-over 5th: back to batch 2, the epoch's last step
+    assert "continuing at batch 2 of epoch 0" in capsys.readouterr().out
+    assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0]
+    other = tmp_path / "other"
+    assert fastmae_main(micro_flags(data, other, "--max_steps", "9")) == 0  # accum 1: at batch 9 of 10
+    capsys.readouterr()
+    assert fastmae_main(micro_flags(data, other, "--resume", "auto", "--accum_iter", "3", "--epochs", "2")) == 0
+    assert ("stopped at batch 9 of epoch 0, after its last whole step of --accum_iter 3 (the 1 left-over batch(es) "
+            "make no step): continuing at epoch 1") in capsys.readouterr().out
+    assert logged(other)[-1]["epoch"] == 2.0
+
+
 def test_resume_with_another_batch_size_starts_on_an_optimizer_step_boundary(tmp_path, image_folder, capsys):
     out = tmp_path / "out"
     assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "3")) == 0  # 12 of the 16 images of epoch 0

@@ -96,11 +96,10 @@ class ImageFiles:
         return str(self.paths[index])
 
 
-def refuse_empty_data_path(data_path: str | os.PathLike) -> None:
+def refuse_empty_data_path(data_path: str | os.PathLike, flag: str = "--data_path") -> None:
     """``--data_path ""`` (a script's unset variable) would be the current folder: every image below it."""
     if isinstance(data_path, str) and not data_path.strip():
-        raise ValueError(f"--data_path is empty ({data_path!r}; an unset variable in a script?): give the image "
-                         "folder, or leave --data_path out to pretrain on the embedded photographs")
+        raise ValueError(f"{flag} is empty ({data_path!r}; an unset variable in a script?): give the image folder")
 
 
 def open_source(data_path: str | os.PathLike | None, samples_per_epoch: int | None = None) -> ImageSource:

@@ -26,6 +26,7 @@ from fastmae.downstream.sharding import InOrderShard, TrainKeys, sum_across_rank
 from fastmae.downstream.vit_classifier import VisionTransformer, create_classifier
 from fastmae.train.config import seed_flag
 from fastmae.train.distributed import DistributedContext, init_distributed, ranks_from_openmpi
+from fastmae.train.metrics import set_aside_earlier_outputs
 from fastmae.train.schedule import base_batch_lr
 
 
@@ -219,10 +220,12 @@ class Resumed:
 
 
 def resume_and_refuse_earlier_outputs(resume: str | None, output_dir: str | None, checkpoint_name: str,
-                                      checkpoint_names: tuple[str, ...], say=print) -> Resumed | None:
+                                      checkpoint_names: tuple[str, ...], say=print, main: bool = True) -> Resumed | None:
     """``--resume``: None, "auto" (``output_dir/checkpoint_name`` if it is there) or a file -> the run to
     continue, or None. Unless the run continues from its own ``output_dir``, an earlier run's checkpoints
-    there are not overwritten (ValueError). ``say``: where messages go (``speaker``)."""
+    there are not overwritten (ValueError); --resume auto with nothing to continue (a run stopped before
+    its first ``checkpoint_name``: the same command, requeued) starts afresh and sets the earlier files
+    aside. ``say``: where messages go (``speaker``); ``main``: the process that moves files."""
     out = Path(output_dir) if output_dir else None
     path = None
     if resume == "auto":
@@ -231,7 +234,10 @@ def resume_and_refuse_earlier_outputs(resume: str | None, output_dir: str | None
         path = out / checkpoint_name
         if not path.is_file():
             say(f"--resume auto: no {checkpoint_name} in {out}, starting from scratch")
-            path = None
+            if main:
+                for moved in set_aside_earlier_outputs(out, ("log.jsonl", "log.txt", *checkpoint_names)):
+                    say(moved)
+            return None
     elif resume:
         path = Path(resume)
         check_resume_file(path)

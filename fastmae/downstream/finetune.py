@@ -49,6 +49,8 @@ from fastmae.train.distributed import DistributedContext, shutdown_distributed
 from fastmae.train.schedule import lr_at, set_lr
 
 CHECKPOINT_NAMES = ("checkpoint-last.pth", "checkpoint-best.pth")  # in --output_dir
+# a 4th key number: mixup's stream apart from the samples' augmentation, keyed (seed, epoch, position)
+MIXUP_STREAM = 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,7 +96,7 @@ def _run(args, ctx: DistributedContext) -> int:
     if args.eval:
         return _evaluate_saved(args, ctx)
     resumed = resume_and_refuse_earlier_outputs(args.resume, args.output_dir, CHECKPOINT_NAMES[0], CHECKPOINT_NAMES,
-                                                say)
+                                                say, ctx.is_main)
     if resumed is not None and (done := resumed.all_done(args.epochs)):
         say(done)
         return 0
@@ -178,7 +180,7 @@ def _train(args, ctx: DistributedContext, model, trained, optimizer, train_loade
         train_loader.sampler.set_epoch(epoch)
         torch.manual_seed(epoch_seed(args.seed, epoch, ctx.rank))
         if mixup is not None:
-            mixup.reseed(args.seed, epoch, ctx.rank)
+            mixup.reseed(args.seed, epoch, ctx.rank, MIXUP_STREAM)
         bar = progress(train_loader, f"finetune epoch {epoch + 1}/{args.epochs}", ctx.is_main)
         start, seen, loss_sum, lr_sum = time.perf_counter(), 0, torch.zeros((), device=device), 0.0
         optimizer.zero_grad(set_to_none=True)  # a partial accumulation left by the last epoch is dropped, as in the reference

@@ -43,7 +43,9 @@ from fastmae.downstream.classify import (
     resume_and_refuse_earlier_outputs, say_if_not_saved, show_rate, speaker, start_processes,
 )
 from fastmae.downstream.lars import LARS
-from fastmae.downstream.sharding import InOrderShard, averaged_at_step_end, gather_shards, sum_across_ranks
+from fastmae.downstream.sharding import (
+    InOrderShard, averaged_at_step_end, gather_shards, sum_across_ranks, take_first_process_buffers,
+)
 from fastmae.downstream.vit_classifier import VisionTransformer, create_classifier, init_head
 from fastmae.train.distributed import DistributedContext, shutdown_distributed
 from fastmae.train.schedule import lr_at, set_lr
@@ -79,6 +81,8 @@ def extract_features(model: VisionTransformer, loader, device: torch.device, des
     for imgs, y in progress(loader, desc, bar):
         feats.append(model.forward_features(imgs.to(device)).float())
         labels.append(y.to(device))
+    if not feats:  # a process whose share of a small val set is empty
+        return torch.empty(0, model.embed_dim, device=device), torch.empty(0, dtype=torch.long, device=device)
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -154,6 +158,7 @@ def fit_linear_probe(model: VisionTransformer, train_batches, steps_per_epoch: i
             seen += labels.shape[0]
             if step % 20 == 0:
                 show_rate(bar, seen * ctx.world_size, start, loss.item(), optimizer.param_groups[0]["lr"])
+        take_first_process_buffers(model.head)  # the statistics of the head that is saved
         stats = evaluate(val_model, val_source, device, bar=ctx.is_main)
         best = max(best, stats["top1"])
         # the reference's epoch loss: every process's batches
@@ -161,10 +166,11 @@ def fit_linear_probe(model: VisionTransformer, train_batches, steps_per_epoch: i
         record = {"epoch": epoch + 1, "train_loss": train_loss,
                   "lr": optimizer.param_groups[0]["lr"], "val_top1": stats["top1"], "val_top5": stats["top5"],
                   "val_loss": stats["loss"], "max_top1": best}
-        append_jsonl(log, record)
         if epoch_done is not None:
             epoch_done(epoch, {**stats, "max_top1": best}, optimizer)
-        if epoch_logs is not None:  # after the save, as the reference: a resumed run does not log an epoch twice
+        # after the save: a run stopped between the two and resumed does not log the epoch twice
+        append_jsonl(log, record)
+        if epoch_logs is not None:
             epoch_logs.epoch(epoch, record["train_loss"], lr_sum / max(steps_per_epoch, 1), stats)
         if verbose and (epoch + 1 == recipe.epochs or (epoch + 1) % 10 == 0):
             print(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f}, val top-1 {stats['top1']:.2f}% "
@@ -193,7 +199,8 @@ def _run(args, ctx: DistributedContext) -> int:
     log = Path(args.output_dir) / "log.jsonl" if args.output_dir and ctx.is_main else None  # the first process writes
     if args.eval:
         return _evaluate_saved(args, ctx)
-    resumed = resume_and_refuse_earlier_outputs(args.resume, args.output_dir, CHECKPOINT_NAME, (CHECKPOINT_NAME,), say)
+    resumed = resume_and_refuse_earlier_outputs(args.resume, args.output_dir, CHECKPOINT_NAME, (CHECKPOINT_NAME,), say,
+                                                ctx.is_main)
     if resumed is not None and (done := resumed.all_done(args.epochs)):
         say(done)
         return 0
@@ -205,6 +212,11 @@ def _run(args, ctx: DistributedContext) -> int:
     first_epoch = check_start_epoch(args, resumed)
     train_set, val_set, train_loader, val_loader = datasets_and_loaders(args, size, not args.cache_features, ctx=ctx)
     num_classes = number_of_classes(args, train_set)
+    smallest_batch = min(args.batch_size, len(train_loader.sampler))  # drop_last leaves no smaller one
+    if smallest_batch < 2:
+        raise ValueError(f"the probe's BatchNorm needs at least 2 images in a batch, and a batch here holds "
+                         f"{smallest_batch} ({len(train_set)} train images over {ctx.world_size} process(es), "
+                         f"--batch_size {args.batch_size}): raise --batch_size or add train images")
     say_if_not_saved(args.output_dir, say)
     model, report = build_classifier(pretrained, num_classes, size, global_pool=args.global_pool)
     if report is not None and resumed is None:

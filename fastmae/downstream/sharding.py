@@ -87,3 +87,12 @@ def averaged_at_step_end(module: torch.nn.Module, ends_a_step: bool):
     if isinstance(module, DistributedDataParallel) and not ends_a_step:
         return module.no_sync()
     return contextlib.nullcontext()
+
+
+def take_first_process_buffers(module: torch.nn.Module) -> None:
+    """Every process's buffers (a BatchNorm's running statistics) made the first process's: DDP copies
+    them at each forward, so after an epoch's last batch each process holds its own, and an evaluation
+    split among the processes would score the saved (first) model with others' statistics."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)

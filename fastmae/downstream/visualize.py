@@ -19,7 +19,7 @@ from PIL import Image
 
 from fastmae.checkpoint import load_weights, read_checkpoint, saved_args, state_dict_of
 from fastmae.data.augment import normalize, resize_center_crop
-from fastmae.data.sources import IMAGE_EXTENSIONS, list_image_files
+from fastmae.data.sources import IMAGE_EXTENSIONS, list_image_files, refuse_empty_data_path
 from fastmae.device import device_from_flag
 from fastmae.models import create_model
 from fastmae.reconstruction import save_reconstructions
@@ -42,6 +42,7 @@ def image_paths(inputs: list[str]) -> list[tuple[Path, bool]]:
     """-> (path, named on the command line) for each image file of ``inputs``, in order."""
     paths: list[tuple[Path, bool]] = []
     for item in inputs:
+        refuse_empty_data_path(item, "--images")
         path = Path(item)
         if path.is_dir():
             try:

@@ -91,12 +91,13 @@ class RunTotals:
         return text
 
 
-def set_aside_earlier_logs(output_dir: str | Path) -> list[str]:
-    """A run that starts afresh where an earlier one logged but saved no checkpoint (--resume auto with
-    nothing to continue) keeps that run's metrics.jsonl and log.txt under other names, rather than
-    writing over them: metrics.restarted.jsonl, then metrics.restarted_2.jsonl, ... -> what was moved."""
+def set_aside_earlier_outputs(output_dir: str | Path, names: tuple[str, ...] = ("metrics.jsonl", "log.txt")) -> list[str]:
+    """A run that starts afresh where an earlier one wrote but left no checkpoint to continue (--resume
+    auto with nothing to continue) keeps that run's files ``names`` under other names, rather than
+    writing over or after them: metrics.restarted.jsonl, then metrics.restarted_2.jsonl, ... -> what
+    was moved."""
     moved = []
-    for path in (Path(output_dir) / "metrics.jsonl", Path(output_dir) / EpochLog.NAME):
+    for path in (Path(output_dir) / name for name in names):
         if not path.is_file() or path.stat().st_size == 0:
             continue
         target, n = path.with_name(f"{path.stem}.restarted{path.suffix}"), 1
@@ -197,7 +198,7 @@ class EpochLog:
     reference appends it (a resumed run continues the file), for the scripts that read it. ``append``
     False: a run that starts afresh starts it anew, as metrics.jsonl (the commands refuse a fresh run in
     a folder holding an earlier run's outputs; what a run stopped before its first checkpoint logged is
-    set aside first, ``set_aside_earlier_logs``). A line the disk refuses waits here for the next
+    set aside first, ``set_aside_earlier_outputs``). A line the disk refuses waits here for the next
     epoch's write."""
 
     NAME = "log.txt"

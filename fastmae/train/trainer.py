@@ -36,7 +36,7 @@ from fastmae.train.config import PretrainConfig, default_num_workers
 from fastmae.train.cuda_graph import GraphedTrainStep, check_cuda_graph_support
 from fastmae.train.distributed import DistributedContext
 from fastmae.train.metrics import (
-    MetricsLogger, RunTotals, no_tensorboard_message, peak_memory_gb, plot_loss_curve, set_aside_earlier_logs,
+    MetricsLogger, RunTotals, no_tensorboard_message, peak_memory_gb, plot_loss_curve, set_aside_earlier_outputs,
 )
 from fastmae.train.optim import build_optimizer
 from fastmae.train.output_lock import OutputFolderInUse, OutputFolderLock
@@ -194,7 +194,7 @@ class Pretrainer:
         if ctx.any_rank(refused is not None):
             raise ValueError(refused or "--output_dir is in use or cannot be written (seen by the first rank)")
         if ctx.is_main and self.last_checkpoint is None:
-            self.messages.extend(set_aside_earlier_logs(self.output_dir))
+            self.messages.extend(set_aside_earlier_outputs(self.output_dir))
         self.logger = MetricsLogger(self.output_dir, cfg.log_dir or self.output_dir, self.total_steps,
                                     self.position.step, enabled=ctx.is_main, progress_bar=cfg.progress_bar,
                                     append=self.last_checkpoint is not None)
@@ -278,7 +278,12 @@ class Pretrainer:
                 raise ValueError(f"{path} stopped at batch {position.batch} of an epoch, but an epoch now has "
                                  f"{self.batches_per_epoch} batches: resume with the same data and batch size")
             if position.batch >= self.steps_per_epoch * self.cfg.accum_iter:
-                # an earlier fastmae's checkpoint, saved after a step on an epoch's left-over batches
+                # a run with a smaller --accum_iter, or an earlier fastmae (which stepped on an epoch's left-over
+                # batches), stopped there: the epoch's steps are done (its log.txt line was that run's to write)
+                self.messages.append(
+                    f"{path.name} stopped at batch {position.batch} of epoch {position.epoch}, after its last whole "
+                    f"step of --accum_iter {self.cfg.accum_iter} (the {self.batches_per_epoch - position.batch} "
+                    f"left-over batch(es) make no step): continuing at epoch {position.epoch + 1}")
                 position.epoch, position.batch = position.epoch + 1, 0
             self.position = position
             self.last_checkpoint = path
@@ -290,6 +295,8 @@ class Pretrainer:
         if saved != now and position.batch:
             batch = position.batch * saved // now
             batch -= batch % self.cfg.accum_iter  # start on an optimizer-step boundary
+            # not among the epoch's left-over batches, which make no step: the epoch's last step is taken here
+            batch = min(batch, (self.steps_per_epoch - 1) * self.cfg.accum_iter)
             self.messages.append(
                 f"the checkpoint's micro-batches held {saved} images over all ranks, this run's hold {now}: "
                 f"continuing at batch {batch} of epoch {position.epoch} (the same images seen, but the data "
