@@ -109,7 +109,8 @@ def test_bench_step_records_how_it_compiled(tmp_path, capsys):
                          "--impl", "fastmae+compile", "--compile_backend", "aot_eager", "--compile_scope", "blocks",
                          "--gemm_size", "64", "--no_progress", "--out_dir", str(tmp_path)])
     assert code == 0
-    (path,) = tmp_path.glob(f"step_{MICRO}_compile-blocks-default_batch4_cpu_*.json")  # beside, not over, the default's
+    # beside the default's, not over it
+    (path,) = tmp_path.glob(f"step_{MICRO}_compile-blocks-default_batch4_impl-fastmae-compile_cpu_*.json")
     result = json.loads(path.read_text())
     assert result["compile"] == {"scope": "blocks", "mode": "default", "backend": "aot_eager"}
     assert "torch.compile blocks" in result["results"][0]["description"]

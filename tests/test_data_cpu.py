@@ -303,5 +303,5 @@ def test_an_empty_data_path_is_refused_not_read_as_the_current_folder(tmp_path, 
         build_datasets(" ", 32)
     from fastmae.downstream.visualize import image_paths
 
-    with pytest.raises(ValueError, match=r"--images is empty \(''; an unset variable in a script\?\): give the image folder"):
+    with pytest.raises(ValueError, match=r"--images is empty \(''; an unset variable in a script\?\): give the image"):
         image_paths(["photos", ""])

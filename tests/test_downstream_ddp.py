@@ -73,7 +73,8 @@ def test_finetune_on_two_processes_trains_as_one_process_with_their_batches_toge
     assert not torch.equal(two["blocks.0.attn.qkv.weight"], start["blocks.0.attn.qkv.weight"])  # it trained
     for name, value in one.items():
         torch.testing.assert_close(two[name], value, rtol=1e-4, atol=1e-6, msg=name)
-    logs = {name: [r for r in read_jsonl(tmp_path / name / "log.jsonl") if not r.get("final")] for name in ("one", "two")}
+    logs = {name: [r for r in read_jsonl(tmp_path / name / "log.jsonl") if not r.get("final")]
+            for name in ("one", "two")}
     for a, b in zip(logs["one"], logs["two"]):
         assert a["val_top1"] == b["val_top1"] and a["lr"] == pytest.approx(b["lr"])
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)  # both processes' batches
@@ -197,7 +198,8 @@ def test_a_requeued_finetune_stopped_before_its_first_last_checkpoint_starts_afr
     capsys.readouterr()
     assert fastmae_main(argv) == 0
     printed = capsys.readouterr().out
-    assert "no checkpoint-last.pth in" in printed and "checkpoint-best.pth is kept as checkpoint-best.restarted.pth" in printed
+    assert "no checkpoint-last.pth in" in printed
+    assert "checkpoint-best.pth is kept as checkpoint-best.restarted.pth" in printed
     assert (out / "checkpoint-best.restarted.pth").read_bytes() == best
     assert [r["epoch"] for r in read_jsonl(out / "log.jsonl") if not r.get("final")] == [1, 2]
 

@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from fastmae.downstream.random_erasing import RandomErasing
 from fastmae.downstream.sharding import InOrderShard, TrainKeys, sum_across_ranks
 from fastmae.downstream.vit_classifier import VisionTransformer, create_classifier
 from fastmae.train.config import seed_flag
-from fastmae.train.distributed import DistributedContext, init_distributed, ranks_from_openmpi
+from fastmae.train.distributed import DistributedContext, init_distributed, ranks_from_openmpi, shutdown_distributed
 from fastmae.train.metrics import set_aside_earlier_outputs
 from fastmae.train.schedule import base_batch_lr
 
@@ -374,12 +375,28 @@ def number_of_classes(args, train_set) -> int:
     return args.nb_classes or folders
 
 
-def start_processes(args) -> DistributedContext:
-    """This process's rank and device: under torchrun, a Slurm launch with --world_size or OpenMPI's
-    --dist_on_itp, as pretraining reads them (``fastmae.train.distributed``); else one process."""
-    if args.dist_on_itp:
-        ranks_from_openmpi()
-    return init_distributed(args.device, args.dist_url, args.world_size)
+def run_in_processes(command: str, body, args) -> int:
+    """``body(args, ctx)`` in this process's place of the launch: under torchrun, a Slurm launch with
+    --world_size or OpenMPI's --dist_on_itp, as pretraining reads them (``fastmae.train.distributed``);
+    else one process. Bad input is a message and exit status 2."""
+    try:
+        if args.dist_on_itp:
+            ranks_from_openmpi()
+        ctx = init_distributed(args.device, args.dist_url, args.world_size)
+    except ValueError as err:
+        print(f"fastmae {command}: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        status = body(args, ctx)
+        # the processes leave together: one that tore down its process group while the first still wrote
+        # the run's outputs aborts at exit (gloo: "terminate called without an active exception")
+        ctx.barrier()
+        return status
+    except (ValueError, FileNotFoundError) as err:
+        print(f"fastmae {command}: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown_distributed(ctx)
 
 
 def say_if_not_saved(output_dir: str | None, say=print) -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from fastmae.checkpoint import load_weights, save_checkpoint
 from fastmae.downstream.classify import (
     EpochLogs, add_common_arguments, append_jsonl, build_classifier, check_start_epoch, datasets_and_loaders,
     describe_pretrained, evaluate, evaluate_saved, input_size_of, number_of_classes, peak_lr, progress,
-    resume_and_refuse_earlier_outputs, say_if_not_saved, show_rate, speaker, start_processes,
+    resume_and_refuse_earlier_outputs, say_if_not_saved, show_rate, speaker, run_in_processes,
 )
 from fastmae.downstream.lr_decay import param_groups_lrd
 from fastmae.downstream.mixup import Mixup, soft_target_cross_entropy
@@ -45,7 +44,7 @@ from fastmae.downstream.rand_augment import REFERENCE_CONFIG, parse_rand_augment
 from fastmae.downstream.random_erasing import MODES as ERASE_MODES, RandomErasing
 from fastmae.downstream.sharding import averaged_at_step_end, sum_across_ranks
 from fastmae.downstream.vit_classifier import create_classifier, init_head
-from fastmae.train.distributed import DistributedContext, shutdown_distributed
+from fastmae.train.distributed import DistributedContext
 from fastmae.train.schedule import lr_at, set_lr
 
 CHECKPOINT_NAMES = ("checkpoint-last.pth", "checkpoint-best.pth")  # in --output_dir
@@ -74,18 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    try:
-        ctx = start_processes(args)
-    except ValueError as err:
-        print(f"fastmae finetune: error: {err}", file=sys.stderr)
-        return 2
-    try:
-        return _run(args, ctx)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"fastmae finetune: error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown_distributed(ctx)
+    return run_in_processes("finetune", _run, args)
 
 
 def _run(args, ctx: DistributedContext) -> int:

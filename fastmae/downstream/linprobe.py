@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,14 +39,14 @@ from fastmae.data.sources import shard_indices
 from fastmae.downstream.classify import (
     EpochLogs, add_common_arguments, append_jsonl, build_classifier, check_start_epoch, datasets_and_loaders,
     describe_pretrained, Resumed, evaluate, evaluate_saved, input_size_of, number_of_classes, peak_lr, progress,
-    resume_and_refuse_earlier_outputs, say_if_not_saved, show_rate, speaker, start_processes,
+    resume_and_refuse_earlier_outputs, say_if_not_saved, show_rate, speaker, run_in_processes,
 )
 from fastmae.downstream.lars import LARS
 from fastmae.downstream.sharding import (
     InOrderShard, averaged_at_step_end, gather_shards, sum_across_ranks, take_first_process_buffers,
 )
 from fastmae.downstream.vit_classifier import VisionTransformer, create_classifier, init_head
-from fastmae.train.distributed import DistributedContext, shutdown_distributed
+from fastmae.train.distributed import DistributedContext
 from fastmae.train.schedule import lr_at, set_lr
 
 CHECKPOINT_NAME = "checkpoint-linprobe.pth"  # in --output_dir
@@ -179,18 +178,7 @@ def fit_linear_probe(model: VisionTransformer, train_batches, steps_per_epoch: i
 
 
 def run(args) -> int:
-    try:
-        ctx = start_processes(args)
-    except ValueError as err:
-        print(f"fastmae linprobe: error: {err}", file=sys.stderr)
-        return 2
-    try:
-        return _run(args, ctx)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"fastmae linprobe: error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown_distributed(ctx)
+    return run_in_processes("linprobe", _run, args)
 
 
 def _run(args, ctx: DistributedContext) -> int:
