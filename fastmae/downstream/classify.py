@@ -26,7 +26,9 @@ from fastmae.downstream.random_erasing import RandomErasing
 from fastmae.downstream.sharding import InOrderShard, TrainKeys, sum_across_ranks
 from fastmae.downstream.vit_classifier import VisionTransformer, create_classifier
 from fastmae.train.config import seed_flag
-from fastmae.train.distributed import DistributedContext, init_distributed, ranks_from_openmpi, shutdown_distributed
+from fastmae.train.distributed import (
+    DistributedContext, add_launch_arguments, init_distributed, ranks_from_openmpi, shutdown_distributed,
+)
 from fastmae.train.metrics import set_aside_earlier_outputs
 from fastmae.train.schedule import base_batch_lr
 
@@ -64,14 +66,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int, ep
     parser.add_argument("--dist_eval", action="store_true",
                         help="accepted for the reference's command lines: under torchrun or Slurm the evaluation is "
                              "always split among the processes, each val image counted once")
-    parser.add_argument("--world_size", type=int, default=1,
-                        help="number of processes when Slurm starts one per GPU without torchrun (SLURM_PROCID "
-                             "set); under torchrun its WORLD_SIZE decides")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="ignored: torchrun sets LOCAL_RANK")
-    parser.add_argument("--dist_on_itp", action="store_true", help="take ranks from OpenMPI's OMPI_COMM_WORLD_* variables")
-    parser.add_argument("--dist_url", default="env://",
-                        help="process-group init method: env:// (as torchrun sets it), or under Slurm a shared "
-                             "file:///path or tcp://FIRST_NODE:PORT")
+    add_launch_arguments(parser)
     parser.add_argument("--seed", type=seed_flag, default=0)
     parser.add_argument("--eval", action="store_true",
                         help="only evaluate --checkpoint (a classifier saved by this command) on val/")

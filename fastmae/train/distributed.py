@@ -116,6 +116,21 @@ def launched_ranks(world_size: int = 1, init_method: str = "env://") -> tuple[in
     return rank, world_size, local_rank
 
 
+def add_launch_arguments(parser) -> None:
+    """The reference's distributed flags (a parser or an argument group). torchrun's environment decides
+    where it is set; Slurm launches (the reference's submitit scripts) take the world size and meeting
+    point from these flags."""
+    parser.add_argument("--world_size", type=int, default=1,
+                        help="number of processes when Slurm starts one per GPU without torchrun (SLURM_PROCID set): "
+                             "each takes its rank from SLURM_PROCID and its GPU from SLURM_LOCALID; under torchrun "
+                             "its WORLD_SIZE decides")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="ignored: torchrun sets LOCAL_RANK")
+    parser.add_argument("--dist_on_itp", action="store_true", help="take ranks from OpenMPI's OMPI_COMM_WORLD_* variables")
+    parser.add_argument("--dist_url", default="env://",
+                        help="process-group init method: env:// (MASTER_ADDR/MASTER_PORT, as torchrun sets them), "
+                             "or under Slurm a shared file:///path or tcp://FIRST_NODE:PORT")
+
+
 def ranks_from_openmpi() -> None:
     """--dist_on_itp: the reference's OpenMPI launch; map its variables to torchrun's."""
     for ours, theirs in (("RANK", "OMPI_COMM_WORLD_RANK"), ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"),

@@ -18,6 +18,7 @@ import torch
 from fastmae.compiling import COMPILE_MODES, COMPILE_SCOPES
 from fastmae.data.loader import LOADER_CHOICES
 from fastmae.train.config import DEMO_SETTINGS, PRECISIONS, REFERENCE_NUM_WORKERS, PretrainConfig
+from fastmae.train.distributed import add_launch_arguments
 
 # argparse records here which flags the user typed, so demo settings never override them
 EXPLICIT_FLAGS_ATTR = "_explicit_flags"
@@ -87,17 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ref.add_argument("--pin_mem", default=d.pin_mem, action=_STORE_TRUE, help="pin CPU memory for faster host-to-GPU copies")
     ref.add_argument("--no_pin_mem", dest="pin_mem", default=argparse.SUPPRESS, action=_STORE_FALSE,
                      help="do not pin CPU memory")
-    # reference distributed flags: torchrun's environment decides where it is set; Slurm launches (the
-    # reference's submitit_pretrain.py) take the world size and meeting point from these flags
-    ref.add_argument("--world_size", type=int, default=1,
-                     help="number of processes when Slurm starts one per GPU without torchrun (SLURM_PROCID set): "
-                          "each takes its rank from SLURM_PROCID and its GPU from SLURM_LOCALID; under torchrun "
-                          "its WORLD_SIZE decides")
-    ref.add_argument("--local_rank", "--local-rank", type=int, default=None, help="ignored: torchrun sets LOCAL_RANK")
-    ref.add_argument("--dist_on_itp", action="store_true", help="take ranks from OpenMPI's OMPI_COMM_WORLD_* variables")
-    ref.add_argument("--dist_url", default="env://",
-                     help="process-group init method: env:// (MASTER_ADDR/MASTER_PORT, as torchrun sets them), "
-                          "or under Slurm a shared file:///path or tcp://FIRST_NODE:PORT")
+    add_launch_arguments(ref)
 
     ours = parser.add_argument_group("fastmae")
     ours.add_argument("--max_steps", type=int, default=None, action=_STORE,
