@@ -852,6 +852,28 @@ def test_a_resumed_position_among_an_epochs_left_over_batches(tmp_path, capsys):
     assert logged(other)[-1]["epoch"] == 2.0
 
 
+def test_resuming_an_older_checkpoint_moves_the_lines_it_logs_again(tmp_path, image_folder, capsys):
+    """metrics.jsonl and log.txt read as one run after a resume from a checkpoint behind the logs; the
+    lines of the steps and epochs done again are kept in metrics.redone.jsonl and log.redone.txt."""
+    out = tmp_path / "out"
+    assert fastmae_main(micro_flags(image_folder, out, "--epochs", "2", "--save_every", "4", "--keep_checkpoints",
+                                    "3")) == 0
+    first = logged(out)
+    assert [r["step"] for r in first] == list(range(1, 9))
+    capsys.readouterr()
+    assert fastmae_main(micro_flags(image_folder, out, "--epochs", "2", "--resume",
+                                    str(step_checkpoint_path(out, 4)))) == 0
+    assert "4 line(s) of metrics.jsonl after the checkpoint (logged again by this run) moved to metrics.redone.jsonl" \
+        in capsys.readouterr().out
+    again = logged(out)
+    assert [r["step"] for r in again] == list(range(1, 9))  # each step once
+    assert [r["loss"] for r in again] == [r["loss"] for r in first]  # the same steps, done again exactly
+    redone = [json.loads(line) for line in (out / "metrics.redone.jsonl").read_text().splitlines()]
+    assert redone == first[4:]
+    assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0, 1]
+    assert [json.loads(line)["epoch"] for line in (out / "log.redone.txt").read_text().splitlines()] == [1]
+
+
 def test_resume_with_another_batch_size_starts_on_an_optimizer_step_boundary(tmp_path, image_folder, capsys):
     out = tmp_path / "out"
     assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "3")) == 0  # 12 of the 16 images of epoch 0

@@ -109,6 +109,35 @@ def set_aside_earlier_outputs(output_dir: str | Path, names: tuple[str, ...] = (
     return moved
 
 
+def set_aside_lines_redone(output_dir: str | Path, step: int, epoch: int) -> list[str]:
+    """A run resumed at optimizer step ``step`` (epoch ``epoch`` not yet done) logs again the steps and
+    epochs after it, which the checkpoint's run may have logged already (an older checkpoint, or a
+    kill after the last save). Their earlier lines move from metrics.jsonl and log.txt to the end of
+    metrics.redone.jsonl and log.redone.txt, so the logs read as one run, and nothing is lost."""
+    moved = []
+    for name, later in (("metrics.jsonl", lambda r: r.get("step", 0) > step),
+                        (EpochLog.NAME, lambda r: r.get("epoch", -1) >= epoch)):
+        path = Path(output_dir) / name
+        if not path.is_file():
+            continue
+        kept, redone = [], []
+        for line in path.read_bytes().splitlines(keepends=True):
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line a kill cut short
+                record = None
+            (redone if not isinstance(record, dict) or later(record) else kept).append(line.rstrip(b"\n") + b"\n")
+        if not redone:
+            continue
+        target = path.with_name(f"{path.stem}.redone{path.suffix}")
+        with open(target, "ab") as file:
+            file.writelines(redone)
+        atomic_write(path, lambda file: file.writelines(kept))
+        moved.append(f"{len(redone)} line(s) of {name} after the checkpoint (logged again by this run) moved to "
+                     f"{target.name}")
+    return moved
+
+
 class MetricsLogger:
     def __init__(self, output_dir: str | Path, log_dir: str | Path | None, total_steps: int, start_step: int,
                  enabled: bool = True, progress_bar: bool = True, append: bool = False):

@@ -37,6 +37,7 @@ from fastmae.train.cuda_graph import GraphedTrainStep, check_cuda_graph_support
 from fastmae.train.distributed import DistributedContext
 from fastmae.train.metrics import (
     MetricsLogger, RunTotals, no_tensorboard_message, peak_memory_gb, plot_loss_curve, set_aside_earlier_outputs,
+    set_aside_lines_redone,
 )
 from fastmae.train.optim import build_optimizer
 from fastmae.train.output_lock import OutputFolderInUse, OutputFolderLock
@@ -195,6 +196,8 @@ class Pretrainer:
             raise ValueError(refused or "--output_dir is in use or cannot be written (seen by the first rank)")
         if ctx.is_main and self.last_checkpoint is None:
             self.messages.extend(set_aside_earlier_outputs(self.output_dir))
+        elif ctx.is_main:
+            self.messages.extend(set_aside_lines_redone(self.output_dir, self.position.step, self.position.epoch))
         self.logger = MetricsLogger(self.output_dir, cfg.log_dir or self.output_dir, self.total_steps,
                                     self.position.step, enabled=ctx.is_main, progress_bar=cfg.progress_bar,
                                     append=self.last_checkpoint is not None)
