@@ -256,6 +256,21 @@ def test_bare_cuda_means_this_ranks_gpu(monkeypatch):
     assert distributed.resolve_device("cuda:0", local_rank=1) == torch.device("cuda", 0)
 
 
+def test_one_gpu_named_for_every_process_is_refused(monkeypatch):
+    """NCCL refuses two ranks on one device: --device cuda:1 under torchrun is a message, not NCCL's error
+    (one visible GPU per process, as CUDA_VISIBLE_DEVICES may give, is fine)."""
+    seen = _fake_process_group(monkeypatch)
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "8"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    with pytest.raises(ValueError, match="--device cuda:1 names one GPU for all 8 processes, and each takes its own"):
+        distributed.init_distributed("cuda:1")
+    assert "init" not in seen
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(distributed, "resolve_device", lambda requested, local_rank: torch.device("cuda", 0))
+    assert distributed.init_distributed("cuda:0").device == torch.device("cuda", 0)
+
+
 OPENMPI = {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}
 
 

@@ -145,6 +145,11 @@ def init_distributed(requested_device: str | None, init_method: str = "env://",
     """The context of this process; joins the process group when launched by torchrun, or by Slurm
     with ``world_size`` (--world_size) above 1 (see launched_ranks)."""
     rank, world_size, local_rank = launched_ranks(world_size, init_method)
+    named_gpu = (requested_device or "").startswith("cuda:")
+    if world_size > 1 and named_gpu and torch.cuda.device_count() > 1:
+        # every process on one GPU: NCCL refuses two ranks on a device
+        raise ValueError(f"--device {requested_device} names one GPU for all {world_size} processes, and each takes "
+                         "its own (the local rank: LOCAL_RANK or SLURM_LOCALID): give --device cuda, or leave it out")
     device = resolve_device(requested_device, local_rank)
     if world_size == 1:
         return DistributedContext(device=device)
