@@ -141,6 +141,7 @@ class Pretrainer:
         # as engine_pretrain.py: the optimizer steps after every accum_iter batches, and the batches left
         # at the end of an epoch make no step (the reference zeroes their gradients at the next epoch)
         self.steps_per_epoch = self.batches_per_epoch // cfg.accum_iter
+        self.stepped_batches = self.steps_per_epoch * cfg.accum_iter  # an epoch's batches that make steps
         if self.steps_per_epoch == 0:
             raise ValueError(f"an epoch has {self.batches_per_epoch} batch(es) of {cfg.batch_size} per rank, fewer than "
                              f"--accum_iter {cfg.accum_iter}: no optimizer step would be taken; lower --accum_iter or "
@@ -280,7 +281,7 @@ class Pretrainer:
             if position.batch > self.batches_per_epoch:
                 raise ValueError(f"{path} stopped at batch {position.batch} of an epoch, but an epoch now has "
                                  f"{self.batches_per_epoch} batches: resume with the same data and batch size")
-            if position.batch >= self.steps_per_epoch * self.cfg.accum_iter:
+            if position.batch >= self.stepped_batches:
                 # a run with a smaller --accum_iter, or an earlier fastmae (which stepped on an epoch's left-over
                 # batches), stopped there: the epoch's steps are done (its log.txt line was that run's to write)
                 self.messages.append(
@@ -299,7 +300,7 @@ class Pretrainer:
             batch = position.batch * saved // now
             batch -= batch % self.cfg.accum_iter  # start on an optimizer-step boundary
             # not among the epoch's left-over batches, which make no step: the epoch's last step is taken here
-            batch = min(batch, (self.steps_per_epoch - 1) * self.cfg.accum_iter)
+            batch = min(batch, self.stepped_batches - self.cfg.accum_iter)
             self.messages.append(
                 f"the checkpoint's micro-batches held {saved} images over all ranks, this run's hold {now}: "
                 f"continuing at batch {batch} of epoch {position.epoch} (the same images seen, but the data "
@@ -400,8 +401,7 @@ class Pretrainer:
         window = _LogWindow(self.device, time.perf_counter(), pos.step)
         epoch_sums = _EpochSums(self.device)
         while not self._finished():
-            epoch, n = pos.epoch, self.batches_per_epoch
-            stepped = self.steps_per_epoch * cfg.accum_iter  # the epoch's batches that make steps
+            epoch, n, stepped = pos.epoch, self.batches_per_epoch, self.stepped_batches
             self.data.set_epoch(epoch, pos.batch)
             batches = iter(self.data)
             while pos.epoch == epoch and not self._finished():
