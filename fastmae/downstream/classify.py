@@ -27,7 +27,7 @@ from fastmae.downstream.sharding import InOrderShard, TrainKeys, sum_across_rank
 from fastmae.downstream.vit_classifier import VisionTransformer, create_classifier
 from fastmae.train.config import seed_flag
 from fastmae.train.distributed import (
-    DistributedContext, add_launch_arguments, init_distributed, ranks_from_openmpi, shutdown_distributed,
+    DistributedContext, add_launch_arguments, init_from_launch_flags, shutdown_distributed,
 )
 from fastmae.train.metrics import set_aside_earlier_outputs
 from fastmae.train.schedule import base_batch_lr
@@ -156,9 +156,19 @@ def datasets_and_loaders(args, input_size: int, train_augment: bool, rand_augmen
     return train_set, val_set, train_loader, val_loader
 
 
+def effective_batch(args, world_size: int = 1) -> int:
+    """The images of one optimizer step: batch_size x accum_iter x processes."""
+    return args.batch_size * args.accum_iter * world_size
+
+
+def describe_effective_batch(args, ctx: DistributedContext) -> str:
+    over = f" over {ctx.world_size} processes" if ctx.enabled else ""
+    return f"effective batch {effective_batch(args, ctx.world_size)}{over}"
+
+
 def peak_lr(args, world_size: int = 1) -> float:
-    """--lr, or the reference's blr x effective batch / 256 (batch_size x accum_iter x processes)."""
-    return args.lr if args.lr is not None else base_batch_lr(args.blr, args.batch_size * args.accum_iter * world_size)
+    """--lr, or the reference's blr x effective batch / 256."""
+    return args.lr if args.lr is not None else base_batch_lr(args.blr, effective_batch(args, world_size))
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[int]:
@@ -375,9 +385,7 @@ def run_in_processes(command: str, body, args) -> int:
     --world_size or OpenMPI's --dist_on_itp, as pretraining reads them (``fastmae.train.distributed``);
     else one process. Bad input is a message and exit status 2."""
     try:
-        if args.dist_on_itp:
-            ranks_from_openmpi()
-        ctx = init_distributed(args.device, args.dist_url, args.world_size)
+        ctx = init_from_launch_flags(args.device, args)
     except ValueError as err:
         print(f"fastmae {command}: error: {err}", file=sys.stderr)
         return 2

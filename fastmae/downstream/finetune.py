@@ -35,8 +35,8 @@ from torch.nn.parallel import DistributedDataParallel
 from fastmae.checkpoint import load_weights, save_checkpoint
 from fastmae.downstream.classify import (
     EpochLogs, add_common_arguments, append_jsonl, build_classifier, check_start_epoch, datasets_and_loaders,
-    describe_pretrained, evaluate, evaluate_saved, input_size_of, number_of_classes, peak_lr, progress,
-    resume_and_refuse_earlier_outputs, say_if_not_saved, show_rate, speaker, run_in_processes,
+    describe_effective_batch, describe_pretrained, evaluate, evaluate_saved, input_size_of, number_of_classes,
+    peak_lr, progress, resume_and_refuse_earlier_outputs, say_if_not_saved, show_rate, speaker, run_in_processes,
 )
 from fastmae.downstream.lr_decay import param_groups_lrd
 from fastmae.downstream.mixup import Mixup, soft_target_cross_entropy
@@ -125,10 +125,9 @@ def _run(args, ctx: DistributedContext) -> int:
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     origin = f"resumed from {resumed.path}" if resumed else "random init" if args.random_init else args.checkpoint
-    processes = f" over {ctx.world_size} processes" if ctx.enabled else ""
     say(f"fine-tuning {pretrained.model_name} ({origin}): "
         f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes, lr {lr:.3g} "
-        f"(effective batch {args.batch_size * args.accum_iter * ctx.world_size}{processes}), "
+        f"({describe_effective_batch(args, ctx)}), "
         f"layer decay {args.layer_decay}, drop path {args.drop_path}, "
         f"{'mixup/cutmix' if mixup else f'label smoothing {args.smoothing}'}, "
         f"RandAugment {args.aa if rand_augment else 'off'}, random erasing "

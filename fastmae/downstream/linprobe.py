@@ -38,8 +38,9 @@ from fastmae.checkpoint import load_weights, save_checkpoint
 from fastmae.data.sources import shard_indices
 from fastmae.downstream.classify import (
     EpochLogs, add_common_arguments, append_jsonl, build_classifier, check_start_epoch, datasets_and_loaders,
-    describe_pretrained, Resumed, evaluate, evaluate_saved, input_size_of, number_of_classes, peak_lr, progress,
-    resume_and_refuse_earlier_outputs, say_if_not_saved, show_rate, speaker, run_in_processes,
+    describe_effective_batch, describe_pretrained, Resumed, evaluate, evaluate_saved, input_size_of,
+    number_of_classes, peak_lr, progress, resume_and_refuse_earlier_outputs, say_if_not_saved, show_rate, speaker,
+    run_in_processes,
 )
 from fastmae.downstream.lars import LARS
 from fastmae.downstream.sharding import (
@@ -217,11 +218,10 @@ def _run(args, ctx: DistributedContext) -> int:
     recipe = ProbeRecipe(args.epochs, peak_lr(args, ctx.world_size), args.warmup_epochs, args.min_lr,
                          args.weight_decay, args.optimizer, args.momentum, args.accum_iter)
     origin = f"resumed from {resumed.path}" if resumed else "random init" if args.random_init else args.checkpoint
-    processes = f" over {ctx.world_size} processes" if ctx.enabled else ""
     say(f"linear probe of {pretrained.model_name} ({origin}): "
         f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes, "
         f"{'global pool' if args.global_pool else 'cls token'}, {args.optimizer} lr {recipe.lr:.3g} "
-        f"(effective batch {args.batch_size * args.accum_iter * ctx.world_size}{processes})")
+        f"({describe_effective_batch(args, ctx)})")
 
     if args.cache_features:
         # every process computes its share of the train features and gathers the others'; the val

@@ -140,6 +140,14 @@ def ranks_from_openmpi() -> None:
         os.environ[ours] = os.environ[theirs]
 
 
+def init_from_launch_flags(requested_device: str | None, args) -> DistributedContext:
+    """``init_distributed`` with the flags of ``add_launch_arguments`` (--dist_on_itp first maps OpenMPI's
+    variables to torchrun's)."""
+    if args.dist_on_itp:
+        ranks_from_openmpi()
+    return init_distributed(requested_device, args.dist_url, world_size=args.world_size)
+
+
 def init_distributed(requested_device: str | None, init_method: str = "env://",
                      world_size: int = 1) -> DistributedContext:
     """The context of this process; joins the process group when launched by torchrun, or by Slurm

@@ -133,14 +133,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastmae.train.distributed import init_distributed, ranks_from_openmpi, shutdown_distributed
+    from fastmae.train.distributed import init_from_launch_flags, shutdown_distributed
     from fastmae.train.trainer import Pretrainer
 
     try:
         cfg, demo_settings = PretrainConfig.from_args(args, getattr(args, EXPLICIT_FLAGS_ATTR, set()))
-        if getattr(args, "dist_on_itp", False):
-            ranks_from_openmpi()
-        ctx = init_distributed(cfg.device, args.dist_url, world_size=args.world_size)
+        ctx = init_from_launch_flags(cfg.device, args)
     except ValueError as err:
         print(f"fastmae pretrain: error: {err}", file=sys.stderr)
         return 2
