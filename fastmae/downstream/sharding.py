@@ -60,9 +60,14 @@ class InOrderShard(torch.utils.data.Sampler):
         return iter(self.items)
 
 
+def several_processes() -> bool:
+    """Whether this process is one of a process group of several (the collectives below have work to do)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
     """Each value summed over the processes (itself when there is one); one collective, float64."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not several_processes():
         return values
     total = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(total)
@@ -72,7 +77,7 @@ def sum_across_ranks(values: list[float], device: torch.device) -> list[float]:
 def gather_shards(shard: torch.Tensor, num_items: int) -> torch.Tensor:
     """[per_rank, ...] rows of ``InOrderShard(num_items, rank, W, pad=True)`` on every rank -> all
     [num_items, ...] rows in item order, on every rank (the wrap-around padding dropped)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not several_processes():
         return shard[:num_items]
     parts = [torch.empty_like(shard) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, shard.contiguous())
@@ -93,6 +98,6 @@ def take_first_process_buffers(module: torch.nn.Module) -> None:
     """Every process's buffers (a BatchNorm's running statistics) made the first process's: DDP copies
     them at each forward, so after an epoch's last batch each process holds its own, and an evaluation
     split among the processes would score the saved (first) model with others' statistics."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if several_processes():
         for buffer in module.buffers():
             dist.broadcast(buffer, 0)
