@@ -24,8 +24,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) 
             except Exception as err:
                 # torch.save's zip writer swallows the file's OSError (a full disk) and raises an opaque
                 # RuntimeError ("unexpected pos ..."): the OSError is what callers can act on
-                if recorded.os_error is not None and not isinstance(err, OSError):
-                    raise recorded.os_error from err
+                os_error = recorded.take_os_error()
+                if os_error is not None and not isinstance(err, OSError):
+                    raise os_error from err
                 raise
             f.flush()
             os.fsync(f.fileno())
@@ -44,6 +45,13 @@ class _OSErrorRecorder:
     def __init__(self, file: IO[bytes]):
         self._file = file
         self.os_error: OSError | None = None
+
+    def take_os_error(self) -> OSError | None:
+        """The kept OSError, no longer kept. Its traceback holds every frame that was running, the
+        writer's caller's too; kept here, it would keep them all alive through the C++ writer
+        (torch.save's) that holds this file, a cycle that no garbage collection sees."""
+        os_error, self.os_error = self.os_error, None
+        return os_error
 
     def write(self, data) -> int:
         return self._recorded(self._file.write, data)

@@ -22,6 +22,7 @@ from fastmae.checkpoint import optimizer_state
 from fastmae.compiling import CompileConfig
 from fastmae.models import create_model
 from fastmae.train.cuda_graph import GraphedTrainStep, check_cuda_graph_support, make_optimizer_capturable
+from fastmae.train.distributed import join_process_group
 from fastmae.train.optim import build_optimizer
 from fastmae.train.schedule import set_lr
 from fastmae.train.trainer import train_step
@@ -140,7 +141,7 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str, counts
     """Each rank steps a DDP model eagerly (``train_step``) and a graphed step averaging flat gradients,
     on its own micro-batches; saves both models and both steps' losses."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    join_process_group("gloo", f"file://{init_file}", rank, world_size)
     try:
         eager_model, eager_opt = micro_model_and_optimizer(seed=0)
         make_optimizer_capturable(eager_opt, CPU)  # the same AdamW arithmetic (see the single-process test)
@@ -363,8 +364,7 @@ def test_cuda_graph_replays_with_an_nccl_all_reduce_match_ddp(tmp_path):
     """The multi-process route on one GPU: NCCL with one rank, its all-reduce launched between the
     replays of forward + backward and of the update, against DDP's eager step; no host wait."""
     device = torch.device("cuda", torch.cuda.current_device())
-    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1,
-                            device_id=device)
+    join_process_group("nccl", f"file://{tmp_path / 'rendezvous'}", 0, 1, device_id=device)
     try:
         models = []
         for _ in range(2):

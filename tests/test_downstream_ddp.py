@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from fastmae.cli import main as fastmae_main
 from fastmae.downstream.classify import EpochLogs
 from fastmae.downstream.sharding import InOrderShard, TrainKeys
+from gloo_threads import gloo_threads
 from test_downstream import mae_checkpoint, tiny_folder  # noqa: F401  (fixtures)
 
 
@@ -20,6 +21,7 @@ def _rank_main(rank: int, world_size: int, init_file: str, argv: list[str]) -> N
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     assert fastmae_main(argv + ["--dist_url", f"file://{init_file}"]) == 0
+    assert gloo_threads() == []  # the process group went in full: nothing left to abort this process's exit
 
 
 def run_on_ranks(argv: list[str], world_size: int, tmp_path, name: str) -> None:

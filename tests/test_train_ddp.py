@@ -16,6 +16,7 @@ from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
 from fastmae.models import create_model
+from fastmae.train.distributed import join_process_group
 from fastmae.train.optim import build_optimizer
 from fastmae.train.trainer import train_step
 
@@ -38,7 +39,7 @@ def one_step(model, imgs, noise, micro_batches: int) -> None:
 
 def _rank_worker(rank: int, world_size: int, init_file: str, imgs, noise, out_path: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    join_process_group("gloo", f"file://{init_file}", rank, world_size)
     try:
         torch.manual_seed(0)
         model = DistributedDataParallel(create_model("mae_vit_micro_patch4"))
@@ -83,8 +84,12 @@ import pytest
 from full_disk import refuse_writes
 from fastmae.cli import main
 
+from gloo_threads import gloo_threads
+
 refuse_writes(pytest.MonkeyPatch(), ["checkpoint-step00000001.pth"])
-sys.exit(main(["pretrain", *sys.argv[1:]]))
+status = main(["pretrain", *sys.argv[1:]])
+print("gloo threads left:", gloo_threads(), flush=True)
+sys.exit(status)
 """
 
 
@@ -116,6 +121,8 @@ def test_torchrun_two_cpu_processes(tmp_path, image_folder):
     assert "cpu x 2 rank(s)" in result.stdout and "effective batch 16 = 4 x accum 2 x 2" in result.stdout
     assert "4 batches of 4 per epoch per rank" in result.stdout  # each rank reads its half of the 32 images
     assert result.stdout.count("could not save the checkpoint of step 1") == 1, result.stdout  # rank 0 says it
+    # both ranks tore their process groups down in full: no gloo thread is left to abort the exit
+    assert result.stdout.count("gloo threads left: []") == 2, result.stdout
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]  # rank 0 alone logs
     assert sorted(p.name for p in out.glob("checkpoint-step*.pth")) == ["checkpoint-step00000002.pth"]
@@ -156,7 +163,7 @@ def test_one_rank_out_of_memory_ends_the_run_with_its_message_and_no_hang(tmp_pa
 def _any_rank_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     from fastmae.train.distributed import DistributedContext
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    join_process_group("gloo", f"file://{init_file}", rank, world_size)
     try:
         ctx = DistributedContext(rank=rank, world_size=world_size, host_group=dist.group.WORLD)
         answers = [ctx.any_rank(rank == 1), ctx.any_rank(False), ctx.any_rank(True)]

@@ -8,6 +8,7 @@ loss) so that agreeing on them never makes the host wait for the GPU.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 from dataclasses import dataclass
@@ -163,12 +164,31 @@ def init_distributed(requested_device: str | None, init_method: str = "env://",
         return DistributedContext(device=device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
-                                device_id=device if device.type == "cuda" else None)
+        join_process_group(backend, init_method, rank, world_size, device_id=device if device.type == "cuda" else None)
     host_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
     return DistributedContext(rank, world_size, local_rank, device, host_group)
 
 
+def join_process_group(backend: str, init_method: str, rank: int, world_size: int,
+                       device_id: torch.device | None = None) -> None:
+    """``dist.init_process_group``, with torch._dynamo imported first.
+
+    Importing torch._dynamo while a process group exists (DistributedDataParallel's constructor does)
+    keeps references to the default group that nothing releases (torch 2.13). ``destroy_process_group``
+    then leaves gloo's threads running until the interpreter exits, and a gloo thread that needs the GIL
+    while the interpreter finalizes aborts the process ("terminate called without an active
+    exception"): a run that ended well exits with SIGABRT, and torchrun reports the rank as failed.
+    Imported before the group exists, it holds nothing of it and the group is torn down in full."""
+    import torch._dynamo  # noqa: F401
+
+    dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world_size,
+                            device_id=device_id)
+
+
 def shutdown_distributed(ctx: DistributedContext) -> None:
+    """Destroys the process group, once the DDP models holding it are gone (a model in a reference cycle
+    goes with the collection), so that gloo's threads end here, not while the interpreter exits (see
+    ``join_process_group``)."""
     if ctx.enabled and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()

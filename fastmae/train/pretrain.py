@@ -134,7 +134,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fastmae.train.distributed import init_from_launch_flags, shutdown_distributed
-    from fastmae.train.trainer import Pretrainer
 
     try:
         cfg, demo_settings = PretrainConfig.from_args(args, getattr(args, EXPLICIT_FLAGS_ATTR, set()))
@@ -154,16 +153,24 @@ def run(args: argparse.Namespace) -> int:
             settings = " ".join(f"--{k} {v}" for k, v in demo_settings.items())
             print(f"no --data_path: pretraining on the photographs embedded in scikit-image with the demo settings "
                   f"{settings} (flags you set are kept; give --data_path for a real dataset)", flush=True)
-        try:
-            trainer = Pretrainer(cfg, ctx)
-        except ValueError as err:  # bad data path, model name, checkpoint...: a message, not a traceback
-            print(f"fastmae pretrain: error: {err}", file=sys.stderr)
-            return 2
-        status = trainer.fit()
-        # ranks leave together: a rank that tore down its process group while rank 0 still wrote the
-        # run's last outputs has aborted at exit (gloo: "terminate called without an active exception")
-        ctx.barrier()
-        return status
+        return train(cfg, ctx)
     finally:
         torch.set_num_threads(threads_before)
         shutdown_distributed(ctx)
+
+
+def train(cfg: PretrainConfig, ctx) -> int:
+    """The run's exit status. The trainer, whose DDP model holds the process group, is gone when this
+    returns, so that ``shutdown_distributed`` tears the group down in full."""
+    from fastmae.train.trainer import Pretrainer
+
+    try:
+        trainer = Pretrainer(cfg, ctx)
+    except ValueError as err:  # bad data path, model name, checkpoint...: a message, not a traceback
+        print(f"fastmae pretrain: error: {err}", file=sys.stderr)
+        return 2
+    status = trainer.fit()
+    # ranks leave together: a rank that tore down its process group while rank 0 still wrote the
+    # run's last outputs has aborted at exit (gloo: "terminate called without an active exception")
+    ctx.barrier()
+    return status
