@@ -334,11 +334,22 @@ def test_a_slurm_launch_that_cannot_meet_is_a_clear_error(variables, world_size,
     assert not out.exists()
 
 
+WORLD_SIZE_IGNORED = ("--world_size 2: neither torchrun nor Slurm (SLURM_PROCID) started this process; training "
+                      "with 1 process(es)")
+
+
 def test_world_size_without_a_launcher_is_said(launch_environment, image_folder, tmp_path, capsys):
     assert main(pretrain_flags(image_folder, tmp_path / "out", "--max_steps", "1", "--world_size", "2")) == 0
     printed = capsys.readouterr().out
-    assert ("--world_size 2: neither torchrun nor Slurm (SLURM_PROCID) started this process; training with 1 "
-            "process(es)") in printed and "cpu x 1 rank(s)" in printed
+    assert WORLD_SIZE_IGNORED in printed and "cpu x 1 rank(s)" in printed
+
+
+@pytest.mark.parametrize("command", ["linprobe", "finetune"])
+def test_world_size_without_a_launcher_is_said_by_the_downstream_commands_too(command, launch_environment, tmp_path,
+                                                                              capsys):
+    # said as the process group is set up, before the flags the command reads itself are checked
+    assert main([command, "--world_size", "2", "--device", "cpu", "--data_path", str(tmp_path / "missing")]) == 2
+    assert WORLD_SIZE_IGNORED in capsys.readouterr().out
 
 
 def test_two_slurm_tasks_train_one_model(image_folder, tmp_path):

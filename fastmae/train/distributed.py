@@ -146,7 +146,12 @@ def init_from_launch_flags(requested_device: str | None, args) -> DistributedCon
     variables to torchrun's)."""
     if args.dist_on_itp:
         ranks_from_openmpi()
-    return init_distributed(requested_device, args.dist_url, world_size=args.world_size)
+    ctx = init_distributed(requested_device, args.dist_url, world_size=args.world_size)
+    if args.world_size not in (1, ctx.world_size) and ctx.is_main:  # said, not silently dropped
+        launcher = ("torchrun's WORLD_SIZE decides" if "WORLD_SIZE" in os.environ
+                    else "neither torchrun nor Slurm (SLURM_PROCID) started this process")
+        print(f"--world_size {args.world_size}: {launcher}; training with {ctx.world_size} process(es)", flush=True)
+    return ctx
 
 
 def init_distributed(requested_device: str | None, init_method: str = "env://",

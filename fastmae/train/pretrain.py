@@ -10,7 +10,6 @@ settings of ``config.DEMO_SETTINGS`` replace every flag you did not set).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
@@ -145,10 +144,6 @@ def run(args: argparse.Namespace) -> int:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        if args.world_size not in (1, ctx.world_size) and ctx.is_main:  # said, not silently dropped
-            launcher = ("torchrun's WORLD_SIZE decides" if "WORLD_SIZE" in os.environ
-                        else "neither torchrun nor Slurm (SLURM_PROCID) started this process")
-            print(f"--world_size {args.world_size}: {launcher}; training with {ctx.world_size} process(es)", flush=True)
         if demo_settings and ctx.is_main:
             settings = " ".join(f"--{k} {v}" for k, v in demo_settings.items())
             print(f"no --data_path: pretraining on the photographs embedded in scikit-image with the demo settings "
