@@ -78,17 +78,18 @@ def test_one_step_on_two_ranks_equals_one_step_on_one_rank(tmp_path):
 # fastmae pretrain under torchrun, the first rank's checkpoint of step 1 failing part-way, as on a disk
 # that fills up (beneath torch.save, which reports it as its own RuntimeError)
 REFUSE_FIRST_SAVE = f"""
+import os
 import sys
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 import pytest
 from full_disk import refuse_writes
 from fastmae.cli import main
-
 from gloo_threads import gloo_threads
 
 refuse_writes(pytest.MonkeyPatch(), ["checkpoint-step00000001.pth"])
 status = main(["pretrain", *sys.argv[1:]])
-print("gloo threads left:", gloo_threads(), flush=True)
+# one write: the ranks share torchrun's stdout, and print's pieces of two ranks interleave
+os.write(1, f"rank {{os.environ['RANK']}}: gloo threads left: {{gloo_threads()}}\\n".encode())
 sys.exit(status)
 """
 
@@ -122,7 +123,8 @@ def test_torchrun_two_cpu_processes(tmp_path, image_folder):
     assert "4 batches of 4 per epoch per rank" in result.stdout  # each rank reads its half of the 32 images
     assert result.stdout.count("could not save the checkpoint of step 1") == 1, result.stdout  # rank 0 says it
     # both ranks tore their process groups down in full: no gloo thread is left to abort the exit
-    assert result.stdout.count("gloo threads left: []") == 2, result.stdout
+    assert "rank 0: gloo threads left: []" in result.stdout and "rank 1: gloo threads left: []" in result.stdout, \
+        result.stdout
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]  # rank 0 alone logs
     assert sorted(p.name for p in out.glob("checkpoint-step*.pth")) == ["checkpoint-step00000002.pth"]
