@@ -48,9 +48,8 @@ def _rank_worker(rank: int, world_size: int, init_file: str, imgs, noise, out_pa
         one_step(model, imgs[mine], noise[mine], micro_batches=2)  # accumulation across 2 micro-batches too
         if rank == 0:
             torch.save(model.module.state_dict(), out_path)
-        # both ranks leave together: a rank tearing gloo down while its peer is still busy (rank 0
-        # saving) once aborted the other on the 2-core CI machine ("terminate called without an
-        # active exception")
+        # both ranks leave together (rank 0 saves first); join_process_group is what keeps a finished
+        # rank from aborting at exit ("terminate called without an active exception" on CI)
         dist.barrier()
     finally:
         dist.destroy_process_group()

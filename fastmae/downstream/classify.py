@@ -391,8 +391,7 @@ def run_in_processes(command: str, body, args) -> int:
         return 2
     try:
         status = body(args, ctx)
-        # the processes leave together: one that tore down its process group while the first still wrote
-        # the run's outputs aborts at exit (gloo: "terminate called without an active exception")
+        # the processes leave together: none tears down its end of the group while the first still uses it
         ctx.barrier()
         return status
     except (ValueError, FileNotFoundError) as err:

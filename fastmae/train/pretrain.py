@@ -165,7 +165,6 @@ def train(cfg: PretrainConfig, ctx) -> int:
         print(f"fastmae pretrain: error: {err}", file=sys.stderr)
         return 2
     status = trainer.fit()
-    # ranks leave together: a rank that tore down its process group while rank 0 still wrote the
-    # run's last outputs has aborted at exit (gloo: "terminate called without an active exception")
+    # the processes leave together: none tears down its end of the group while the first still uses it
     ctx.barrier()
     return status
