@@ -40,6 +40,21 @@ def test_list_image_files_reference_layout_class_folders_and_flat(tmp_path):
     assert [f.name for f in list_image_files(tmp_path / "flat")] == [f"img{i:03d}.png" for i in range(4)]
 
 
+def test_image_links_that_lead_to_nothing_are_named(tmp_path):
+    (tmp_path / "pool").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "pool" / "kept.png")
+    subset = tmp_path / "subset"
+    subset.mkdir()
+    (subset / "kept.png").symlink_to(tmp_path / "pool" / "kept.png")
+    (subset / "moved.png").symlink_to(tmp_path / "pool" / "moved.png")  # its target went elsewhere
+    with pytest.warns(UserWarning, match=r"1 image link\(s\) below it lead to nothing \(e.g. .*moved.png -> "
+                                         r".*pool/moved.png\); they are passed over"):
+        assert [f.name for f in list_image_files(subset)] == ["kept.png"]
+    (subset / "kept.png").unlink()
+    with pytest.raises(ValueError, match=r"holds no image files .*; 1 image link\(s\) below it lead to nothing"):
+        list_image_files(subset)
+
+
 def test_symlinked_class_folders_are_read_and_a_link_to_an_ancestor_is_not_followed(tmp_path):
     write_images(tmp_path / "pool", 3)
     write_images(tmp_path / "data" / "train" / "cat", 2)

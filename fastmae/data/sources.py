@@ -10,6 +10,7 @@ same as ``torch.utils.data.DistributedSampler`` (pad by wrapping, then every wor
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -49,12 +50,19 @@ def list_image_files(data_path: str | os.PathLike) -> list[Path]:
         raise ValueError(f"--data_path {root} is not a folder")
     if (root / "train").is_dir():  # the reference reads os.path.join(data_path, 'train')
         root = root / "train"
-    files = sorted(path for path in _walk_files(root) if _is_image_name(path) and path.is_file())
+    named = [path for path in _walk_files(root) if _is_image_name(path)]
+    files = sorted(path for path in named if path.is_file())
+    # links whose target is gone (a moved dataset a subset was linked from): named, not silently fewer images
+    dangling = sorted(path for path in named if path.is_symlink() and not path.exists())
+    broken = (f"{len(dangling)} image link(s) below it lead to nothing (e.g. {dangling[0]} -> "
+              f"{os.readlink(dangling[0])})" if dangling else "")
     if not files:
         nested_tar = next((path for path in _walk_files(root) if path.suffix.lower() == ".tar"), None)
         hint = (f"; it holds .tar shards in a sub-folder ({nested_tar.relative_to(root)}): give the folder that "
-                "holds them" if nested_tar is not None else "")
+                "holds them" if nested_tar is not None else f"; {broken}" if broken else "")
         raise ValueError(f"--data_path {root} holds no image files ({', '.join(IMAGE_EXTENSIONS)}){hint}")
+    if dangling:
+        warnings.warn(f"--data_path {root}: {broken}; they are passed over", stacklevel=2)
     return files
 
 
