@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from fastmae.data.augment import (IMAGENET_MEAN, IMAGENET_STD, normalize, random_resized_crop_flip,
-                                  sample_resized_crop)
+                                  sample_clamped_resized_crop, sample_resized_crop)
 from fastmae.data.embedded import EmbeddedPhotos, load_photos
 from fastmae.data.loader import DataConfig, build_loader, preview_batch, resolve_loader
 from fastmae.data.sources import list_image_files, shard_indices
@@ -38,6 +38,28 @@ def test_list_image_files_reference_layout_class_folders_and_flat(tmp_path):
 
     write_images(tmp_path / "flat", 4)
     assert [f.name for f in list_image_files(tmp_path / "flat")] == [f"img{i:03d}.png" for i in range(4)]
+
+
+def test_the_clamped_crop_is_the_reference_linear_probes_single_draw():
+    """util/crop.py's get_params, line by line on a twin generator: one area and aspect-ratio draw, each
+    side clamped to the image, then the offsets; never torchvision's retries or central fallback."""
+    import math
+
+    for seed in range(200):
+        height, width = (375, 500) if seed % 2 else (500, 333)
+        box = sample_clamped_resized_crop(height, width, (0.08, 1.0), (3 / 4, 4 / 3), np.random.default_rng(seed))
+        twin = np.random.default_rng(seed)
+        target_area = height * width * twin.uniform(0.08, 1.0)
+        aspect_ratio = math.exp(twin.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w = min(int(round(math.sqrt(target_area * aspect_ratio))), width)
+        h = min(int(round(math.sqrt(target_area / aspect_ratio))), height)
+        top, left = twin.integers(0, height - h + 1), twin.integers(0, width - w + 1)
+        assert box == (top, left, h, w), seed
+    # a draw taller than the image is cut to its height and keeps its width: torchvision's would draw again
+    rng = np.random.default_rng(0)
+    boxes = [sample_clamped_resized_crop(10, 1000, (1.0, 1.0), (3 / 4, 4 / 3), rng) for _ in range(20)]
+    assert all(h == 10 and 86 <= w <= 116 for _, _, h, w in boxes)  # sqrt(10,000 x 3/4 .. 4/3)
+    assert sample_clamped_resized_crop(1, 1, (0.08, 0.08), (1.0, 1.0), rng) == (0, 0, 1, 1)  # at least a pixel
 
 
 def test_image_links_that_lead_to_nothing_are_named(tmp_path):

@@ -254,6 +254,23 @@ def test_linprobe_command(tiny_folder, mae_checkpoint, tmp_path, capsys):
     assert (out / "checkpoint-linprobe.pth").read_bytes() == saved
 
 
+def test_linprobe_trains_on_the_reference_probes_crop(tiny_folder, mae_checkpoint, tmp_path, monkeypatch):
+    """main_linprobe.py crops with util/crop.py (one clamped draw); fine-tuning with torchvision's."""
+    import fastmae.downstream.linprobe as linprobe
+    from fastmae.data.augment import sample_clamped_resized_crop
+
+    drawn = []
+
+    def recorded(*args):
+        drawn.append(args[:2])
+        return sample_clamped_resized_crop(*args)
+
+    monkeypatch.setattr(linprobe, "sample_clamped_resized_crop", recorded)
+    assert fastmae_main(["linprobe", "--checkpoint", str(mae_checkpoint), "--epochs", "1", "--data_path",
+                         str(tiny_folder), "--num_workers", "0", "--batch_size", "4"]) == 0
+    assert drawn == [(36, 40)] * 12  # every train image, once
+
+
 def test_linprobe_resumes_after_the_last_epoch_saved(tiny_folder, mae_checkpoint, tmp_path, capsys):
     out = tmp_path / "probe"
     common = ["linprobe", "--data_path", str(tiny_folder), "--num_workers", "0", "--batch_size", "4",

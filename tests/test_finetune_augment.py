@@ -171,8 +171,22 @@ def test_the_eval_view_above_224_px_is_not_cropped_as_at_224():
 
     img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (300, 400, 3), dtype=np.uint8))
     for size, resized in ((224, 256), (256, 256), (112, 128)):
-        pixels = resize_center_crop(img, resized)
-        top = (pixels.shape[0] - size) // 2
-        want = normalize(torch.from_numpy(np.ascontiguousarray(pixels[top:top + size, top:top + size]))
-                         .permute(2, 0, 1).unsqueeze(0))[0]
+        pixels = resize_center_crop(img, size, resize_to=resized)
+        want = normalize(torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0))[0]
         assert torch.equal(ClassificationTransform(size, train=False)(img), want), size
+
+
+@pytest.mark.parametrize("width, height, resized, left, top", [
+    (640, 427, (383, 256), 80, 16),  # 256 x 640 / 427 = 383.7: truncated; (383 - 224) / 2 = 79.5: rounded
+    (300, 451, (256, 384), 16, 80),  # 384.9 -> 384, offset 80
+    (500, 281, (455, 256), 116, 16),  # 455.5 -> 455, (455 - 224) / 2 = 115.5 -> 116
+    (500, 375, (341, 256), 58, 16),  # 341.3 -> 341, 58.5 -> 58 (Python rounds half to even, as torchvision does)
+])
+def test_the_eval_view_is_torchvisions_resize_then_center_crop(width, height, resized, left, top):
+    """util/datasets.py's eval transform, Resize(256, bicubic) + CenterCrop(224): torchvision truncates
+    the longer side (int(256 x long / short)) and rounds the crop's offsets."""
+    from fastmae.data.augment import resize_center_crop
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    want = np.array(img.resize(resized, Image.BICUBIC).crop((left, top, left + 224, top + 224)))
+    assert np.array_equal(resize_center_crop(img, 224, resize_to=256), want)

@@ -63,22 +63,44 @@ def sample_resized_crop(height: int, width: int, scale: tuple[float, float] = CR
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def sample_clamped_resized_crop(height: int, width: int, scale: tuple[float, float] = CROP_SCALE,
+                                ratio: tuple[float, float] = CROP_RATIO,
+                                rng: np.random.Generator | None = None) -> tuple[int, int, int, int]:
+    """A crop box (top, left, h, w), as the reference's linear probe draws it (util/crop.py, after
+    BYOL's TF code): one draw of area and aspect ratio, each side clamped to the image's. Its crops
+    are larger on average than ``sample_resized_crop``'s, whose misses fall back to a central crop."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
+        raise ValueError(f"scale {scale} and ratio {ratio} must be positive, increasing ranges")
+    rng = np.random.default_rng() if rng is None else rng
+    target_area = height * width * rng.uniform(scale[0], scale[1])
+    aspect_ratio = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    # at least a pixel: a tiny image's draw can round to nothing
+    w = max(1, min(int(round(math.sqrt(target_area * aspect_ratio))), width))
+    h = max(1, min(int(round(math.sqrt(target_area / aspect_ratio))), height))
+    top = int(rng.integers(0, height - h + 1))
+    left = int(rng.integers(0, width - w + 1))
+    return top, left, h, w
+
+
 def random_crop_flip(image: Image.Image, rng: np.random.Generator, scale: tuple[float, float] = CROP_SCALE,
-                     ratio: tuple[float, float] = CROP_RATIO,
-                     hflip_prob: float = HFLIP_PROB) -> tuple[Image.Image, bool]:
+                     ratio: tuple[float, float] = CROP_RATIO, hflip_prob: float = HFLIP_PROB,
+                     sample_box=sample_resized_crop) -> tuple[Image.Image, bool]:
     """The random draws of RandomResizedCrop + flip on a PIL image: (its RGB crop, not yet resized;
-    whether to flip the resized crop). The flip is drawn after the box, as torchvision draws them."""
+    whether to flip the resized crop). The flip is drawn after the box, as torchvision draws them.
+    ``sample_box``: torchvision's draw, or ``sample_clamped_resized_crop``."""
     image = as_rgb(image)
-    top, left, h, w = sample_resized_crop(image.height, image.width, scale, ratio, rng)
+    top, left, h, w = sample_box(image.height, image.width, scale, ratio, rng)
     return image.crop((left, top, left + w, top + h)), bool(rng.random() < hflip_prob)
 
 
 def random_resized_crop_flip(image: Image.Image, size: int, rng: np.random.Generator,
                              scale: tuple[float, float] = CROP_SCALE,
                              ratio: tuple[float, float] = CROP_RATIO,
-                             hflip_prob: float = HFLIP_PROB) -> np.ndarray:
+                             hflip_prob: float = HFLIP_PROB, sample_box=sample_resized_crop) -> np.ndarray:
     """A PIL image -> uint8 array [size, size, 3]: resized crop (bicubic), then a random flip."""
-    crop, flip = random_crop_flip(image, rng, scale, ratio, hflip_prob)
+    crop, flip = random_crop_flip(image, rng, scale, ratio, hflip_prob, sample_box)
     # crop then resize, as torchvision's resized_crop on PIL images
     pixels = np.array(crop.resize((size, size), Image.BICUBIC), dtype=np.uint8)  # a writable copy
     if flip:
@@ -176,13 +198,20 @@ def resized_crops(pixels: torch.Tensor, table: torch.Tensor, size: int, mean=IMA
     return resized_crops_reference(pixels, table, size, shift.view(-1), scale.view(-1))
 
 
-def resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
-    """The evaluation view: shorter side resized to ``size`` (bicubic), central square; uint8 [size, size, 3]."""
+def resize_center_crop(image: Image.Image, size: int, resize_to: int | None = None) -> np.ndarray:
+    """The evaluation view, as torchvision's Resize(resize_to, bicubic) then CenterCrop(size): the shorter
+    side to ``resize_to`` (default ``size``), the longer in proportion, truncated; the central
+    ``size`` square, its offsets rounded. uint8 [size, size, 3]."""
     image = as_rgb(image)
-    scale = size / min(image.width, image.height)
-    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    resize_to = size if resize_to is None else resize_to
+    if resize_to < size:
+        raise ValueError(f"cannot crop {size} px from an image resized to {resize_to} px")
+    if image.width <= image.height:
+        width, height = resize_to, int(resize_to * image.height / image.width)
+    else:
+        width, height = int(resize_to * image.width / image.height), resize_to
     image = image.resize((width, height), Image.BICUBIC)
-    left, top = (width - size) // 2, (height - size) // 2
+    left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
     return np.array(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from fastmae.checkpoint import LoadReport, check_resume_file, load_weights, read_checkpoint, saved_args, state_dict_of
+from fastmae.data.augment import sample_resized_crop
 from fastmae.downstream.labeled_data import build_datasets
 from fastmae.downstream.rand_augment import RandAugment
 from fastmae.downstream.random_erasing import RandomErasing
@@ -132,14 +134,16 @@ def input_size_of(args, pretrained: Pretrained) -> int:
 
 
 def datasets_and_loaders(args, input_size: int, train_augment: bool, rand_augment: RandAugment | None = None,
-                         random_erasing: RandomErasing | None = None, ctx: DistributedContext | None = None):
+                         random_erasing: RandomErasing | None = None, ctx: DistributedContext | None = None,
+                         sample_crop: Callable = sample_resized_crop):
     """This process's loaders (``ctx``: its rank and device; one process on the CPU by default). The train
     loader's sampler is a ``TrainKeys``: ``train_loader.sampler.set_epoch(epoch)`` before each epoch.
     --pin_mem pins the batches only on their way to a GPU (a CPU run has no copy to speed up, and torch
     warns about pinning without one)."""
     ctx = ctx if ctx is not None else DistributedContext()
     train_set, val_set = build_datasets(args.data_path, input_size, train_augment,
-                                        rand_augment=rand_augment, random_erasing=random_erasing, seed=args.seed)
+                                        rand_augment=rand_augment, random_erasing=random_erasing, seed=args.seed,
+                                        sample_crop=sample_crop)
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.accum_iter < 1:

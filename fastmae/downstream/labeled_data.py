@@ -18,13 +18,14 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize, random_resized_crop_flip, resize_center_crop
+from fastmae.data.augment import (IMAGENET_MEAN, IMAGENET_STD, normalize, random_resized_crop_flip, resize_center_crop,
+                                  sample_resized_crop)
 from fastmae.data.loader import UnreadableData, load_or_next
 from fastmae.data.sources import list_image_files, refuse_empty_data_path
 from fastmae.downstream.rand_augment import RandAugment
@@ -62,6 +63,9 @@ class ClassificationTransform:
     std: tuple = IMAGENET_STD
     rand_augment: RandAugment | None = None  # train only
     random_erasing: RandomErasing | None = None  # train only
+    # train only: torchvision's RandomResizedCrop draw (fine-tuning, timm's), or the reference linear
+    # probe's clamped single draw (sample_clamped_resized_crop)
+    sample_crop: Callable = sample_resized_crop
     _rng: np.random.Generator | None = field(default=None, repr=False)
     _rng_seed: int | None = field(default=None, repr=False)
 
@@ -81,13 +85,11 @@ class ClassificationTransform:
         size = self.input_size
         rng = rng if rng is not None else self.rng() if self.train else None
         if self.train:
-            pixels = random_resized_crop_flip(img, size, rng, scale=CLASSIFY_CROP_SCALE)
+            pixels = random_resized_crop_flip(img, size, rng, scale=CLASSIFY_CROP_SCALE, sample_box=self.sample_crop)
             if self.rand_augment is not None:
                 pixels = np.array(self.rand_augment(Image.fromarray(pixels), rng), dtype=np.uint8)  # writable
         else:
-            resized = resize_center_crop(img, int(size / eval_crop_fraction(size)))  # [S', S', 3], S' >= size
-            top = (resized.shape[0] - size) // 2
-            pixels = np.ascontiguousarray(resized[top:top + size, top:top + size])
+            pixels = resize_center_crop(img, size, resize_to=int(size / eval_crop_fraction(size)))
         x = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # uint8 [1, 3, S, S]
         x = normalize(x, self.mean, self.std)[0]
         if self.train and self.random_erasing is not None:
@@ -149,12 +151,12 @@ def train_val_folders(data_path: str | os.PathLike) -> tuple[Path, Path]:
 
 def build_datasets(data_path, input_size: int, train_augment: bool = True,
                    mean=IMAGENET_MEAN, std=IMAGENET_STD, rand_augment: RandAugment | None = None,
-                   random_erasing: RandomErasing | None = None,
-                   seed: int = 0) -> tuple[LabeledImageFolder, LabeledImageFolder]:
+                   random_erasing: RandomErasing | None = None, seed: int = 0,
+                   sample_crop: Callable = sample_resized_crop) -> tuple[LabeledImageFolder, LabeledImageFolder]:
     """Train (augmented unless train_augment is False; ``seed`` for keyed items) and val datasets with
     the same classes."""
     train_dir, val_dir = train_val_folders(data_path)
-    train = LabeledImageFolder(train_dir, ClassificationTransform(input_size, train_augment, mean, std,
-                                                                  rand_augment, random_erasing), seed=seed)
+    train = LabeledImageFolder(train_dir, ClassificationTransform(input_size, train_augment, mean, std, rand_augment,
+                                                                  random_erasing, sample_crop), seed=seed)
     val = LabeledImageFolder(val_dir, ClassificationTransform(input_size, False, mean, std), train.classes)
     return train, val

@@ -5,7 +5,7 @@ mean of the patch tokens after ``fc_norm``, which is then loaded from nothing an
 identity init, as in the reference); it goes through BatchNorm1d without affine parameters
 (eps 1e-6), then the linear ``head`` (trunc-normal std 0.01). Only the head trains: LARS
 (reference) or momentum SGD, no weight decay, linear warm-up then cosine, lr = blr * batch / 256.
-Train images get RandomResizedCrop(0.08-1) + flip, as the reference.
+Train images get the reference's RandomResizedCrop(0.08-1) of util/crop.py (one draw, clamped to the image) + flip.
 
 ``--cache_features`` computes each image's feature once (train images without augmentation) and
 trains the head on those: the same model, far cheaper on a CPU, a little weaker than with
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from fastmae.checkpoint import load_weights, save_checkpoint
+from fastmae.data.augment import sample_clamped_resized_crop
 from fastmae.data.sources import shard_indices
 from fastmae.downstream.classify import (
     EpochLogs, add_common_arguments, append_jsonl, build_classifier, check_start_epoch, datasets_and_loaders,
@@ -199,7 +200,9 @@ def _run(args, ctx: DistributedContext) -> int:
                   else describe_pretrained(args.checkpoint, args.model, args.random_init))
     size = input_size_of(args, pretrained)
     first_epoch = check_start_epoch(args, resumed)
-    train_set, val_set, train_loader, val_loader = datasets_and_loaders(args, size, not args.cache_features, ctx=ctx)
+    # the reference probe's crop (util/crop.py), not fine-tuning's torchvision one
+    train_set, val_set, train_loader, val_loader = datasets_and_loaders(args, size, not args.cache_features, ctx=ctx,
+                                                                        sample_crop=sample_clamped_resized_crop)
     num_classes = number_of_classes(args, train_set)
     smallest_batch = min(args.batch_size, len(train_loader.sampler))  # drop_last leaves no smaller one
     if smallest_batch < 2:
