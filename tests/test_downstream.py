@@ -316,6 +316,17 @@ def test_finetune_resumes_after_the_last_epoch_saved(tiny_folder, mae_checkpoint
     assert "has done all 3 epochs" in capsys.readouterr().out
     assert fastmae_main(["finetune", *common, "--resume", str(out / "checkpoint-best.pth")]) == 2
     assert "holds no optimizer state" in capsys.readouterr().err
+    # an optimizer state of other groups (two of its groups made one): named, with the sizes
+    merged = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    first, second, *rest = merged["optimizer"]["param_groups"]
+    merged["optimizer"]["param_groups"] = [{**first, "params": first["params"] + second["params"],
+                                            "names": first["names"] + second["names"]}, *rest]
+    torch.save(merged, tmp_path / "merged.pth")
+    assert fastmae_main(["finetune", *common, "--epochs", "4", "--output_dir", str(tmp_path / "merged_run"),
+                         "--resume", str(tmp_path / "merged.pth")]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume {tmp_path / 'merged.pth'}: its optimizer state does not fit this model's parameter groups" in err
+    assert "Traceback" not in err
     # a pretraining checkpoint given as --resume (it has an optimizer): named, with the flag it needs
     pretraining = tmp_path / "pretraining.pth"
     torch.manual_seed(0)

@@ -47,6 +47,54 @@ def test_layer_decay_leaves_frozen_parameters_out_and_scales_a_cls_token_model()
     assert scale["norm.weight"] == scale["head.bias"] == 1.0
 
 
+@pytest.mark.parametrize("global_pool, tail", [
+    (True, ["head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"]),  # models_vit adds fc_norm last
+    (False, ["norm.weight", "norm.bias", "head.weight", "head.bias"]),  # timm's VisionTransformer
+])
+def test_the_classifiers_parameters_come_in_the_reference_order(global_pool, tail):
+    """models_vit.VisionTransformer's order, so param_groups_lrd makes the reference's groups in its order
+    and an AdamW state loads both ways (the last two groups: [head.weight], then the rest)."""
+    model = create_classifier("vit_micro_patch4", 10, depth=2, global_pool=global_pool)
+    names = [name for name, _ in model.named_parameters()]
+    assert names[:4] == ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
+    assert names[-4:] == tail
+    groups = param_groups_lrd(model, 0.05, model.no_weight_decay(), 0.75)
+    assert [g["names"] for g in groups[-2:]] == ([["head.weight"], ["head.bias", "fc_norm.weight", "fc_norm.bias"]]
+                                                 if global_pool else [["norm.weight", "norm.bias", "head.bias"],
+                                                                      ["head.weight"]])
+
+
+def test_a_fine_tuning_state_saved_with_fc_norm_before_the_head_resumes(monkeypatch):
+    """fastmae's earlier classifier put fc_norm before the head: its AdamW states, matched by the groups'
+    names, load into the reference order, each parameter's moments where they belong."""
+    from fastmae.downstream.lr_decay import optimizer_state_in_group_order
+
+    torch.manual_seed(0)
+    model = create_classifier("vit_micro_patch4", 10, depth=2, global_pool=True)
+    reference_order = list(model.named_parameters())
+    earlier_order = ([item for item in reference_order if not item[0].startswith(("head.", "fc_norm."))]
+                     + [item for item in reference_order if item[0].startswith("fc_norm.")]
+                     + [item for item in reference_order if item[0].startswith("head.")])
+    monkeypatch.setattr(model, "named_parameters", lambda: iter(earlier_order))
+    earlier = torch.optim.AdamW(param_groups_lrd(model, 0.05, model.no_weight_decay(), 0.75), lr=1e-3)
+    monkeypatch.undo()
+    model(torch.randn(2, 3, 32, 32)).square().mean().backward()
+    earlier.step()
+    saved = earlier.state_dict()
+    assert [len(g["params"]) for g in saved["param_groups"][-2:]] == [3, 1]
+
+    groups = param_groups_lrd(model, 0.05, model.no_weight_decay(), 0.75)
+    resumed = torch.optim.AdamW(groups, lr=1e-3)
+    with pytest.raises(ValueError, match="doesn't match the size"):  # as it was saved
+        torch.optim.AdamW(param_groups_lrd(model, 0.05, model.no_weight_decay(), 0.75), lr=1e-3).load_state_dict(saved)
+    resumed.load_state_dict(optimizer_state_in_group_order(saved, groups))
+    for name, param in reference_order:
+        torch.testing.assert_close(resumed.state[param]["exp_avg"], earlier.state[param]["exp_avg"], rtol=0, atol=0,
+                                   msg=name)
+    for group in resumed.param_groups:
+        assert all(p is dict(reference_order)[n] for p, n in zip(group["params"], group["names"]))
+
+
 # ---- LARS ----
 def expected_lars(w, grads, lr, wd, momentum, tc=0.001):
     """The rule, step by step: trust-scaled (grad + wd * w) for matrices, the raw grad for vectors,

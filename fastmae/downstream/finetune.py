@@ -38,7 +38,7 @@ from fastmae.downstream.classify import (
     describe_effective_batch, describe_pretrained, evaluate, evaluate_saved, input_size_of, number_of_classes,
     peak_lr, progress, resume_and_refuse_earlier_outputs, say_if_not_saved, show_rate, speaker, run_in_processes,
 )
-from fastmae.downstream.lr_decay import param_groups_lrd
+from fastmae.downstream.lr_decay import optimizer_state_in_group_order, param_groups_lrd
 from fastmae.downstream.mixup import Mixup, soft_target_cross_entropy
 from fastmae.downstream.rand_augment import REFERENCE_CONFIG, parse_rand_augment
 from fastmae.downstream.random_erasing import MODES as ERASE_MODES, RandomErasing
@@ -115,7 +115,14 @@ def _run(args, ctx: DistributedContext) -> int:
     best = -1.0
     if resumed is not None:
         load_weights(model, resumed.container["model"], strict=True)
-        optimizer.load_state_dict(resumed.container["optimizer"])
+        saved = optimizer_state_in_group_order(resumed.container["optimizer"], groups)
+        try:
+            optimizer.load_state_dict(saved)
+        except ValueError as err:
+            raise ValueError(f"--resume {resumed.path}: its optimizer state does not fit this model's parameter "
+                             f"groups (sizes {[len(g['params']) for g in saved['param_groups']]}, here "
+                             f"{[len(g['params']) for g in groups]}): was it saved with another --global_pool / "
+                             f"--cls_token or model? ({err})") from err
         best = resumed.best_top1
         say(resumed.describe(args.epochs))
     mixup = None

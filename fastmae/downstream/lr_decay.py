@@ -43,3 +43,28 @@ def param_groups_lrd(model: nn.Module, weight_decay: float = 0.05, no_weight_dec
         groups[key]["params"].append(param)
         groups[key]["names"].append(name)
     return list(groups.values())
+
+
+def optimizer_state_in_group_order(saved: dict, groups: list[dict]) -> dict:
+    """An AdamW state saved with ``param_groups_lrd`` groups whose parameters came in another order ->
+    the same state in the order of ``groups``, matched by the groups' names. fastmae before the
+    classifier took the reference's order put fc_norm before the head: its fine-tuning checkpoints
+    resume. A state without names (the reference's), or of other groups, is returned as it is, for
+    ``load_state_dict`` to take or refuse."""
+    saved_groups = saved["param_groups"]
+    current = [group["names"] for group in groups]
+    if not all("names" in group for group in saved_groups) or [g["names"] for g in saved_groups] == current:
+        return saved
+    by_names = {frozenset(group["names"]): group for group in saved_groups}
+    if set(by_names) != {frozenset(names) for names in current}:
+        return saved
+    saved_index = {name: index for group in saved_groups for name, index in zip(group["names"], group["params"])}
+    state, param_groups, next_index = {}, [], 0
+    for names in current:
+        indices = list(range(next_index, next_index + len(names)))
+        next_index += len(names)
+        for name, index in zip(names, indices):
+            if saved_index[name] in saved["state"]:
+                state[index] = saved["state"][saved_index[name]]
+        param_groups.append({**by_names[frozenset(names)], "names": list(names), "params": indices})
+    return {"state": state, "param_groups": param_groups}

@@ -55,11 +55,13 @@ class VisionTransformer(nn.Module):
         block = functools.partial(Block, mlp_ratio=mlp_ratio, qkv_bias=True, norm_eps=norm_eps, attn_backend=attn,
                                   kernels="auto")
         self.blocks = nn.ModuleList([block(embed_dim, num_heads, drop_path=r) for r in drop_rates])
-        if global_pool:
-            self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps)
-        else:
+        if not global_pool:
             self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.head = nn.Linear(embed_dim, num_classes)
+        if global_pool:
+            # after the head, where models_vit adds it: the parameters' order, and with it the optimizer
+            # state's, is the reference's, so fine-tuning checkpoints resume in either code
+            self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self._init_weights()
 
     def _init_weights(self) -> None:
