@@ -96,12 +96,14 @@ def saved_args(container: dict) -> dict:
 
 
 def state_dict_of(container: dict) -> dict[str, torch.Tensor]:
-    """The model weights in a container: 'model' (reference), 'state_dict', or the dict itself."""
+    """The model weights in a container: 'model' (reference), 'state_dict', or the dict itself; keys
+    of a DDP or compiled model's save without their ``module.``/``_orig_mod.`` prefixes, so that every
+    command reads such a file as ``load_weights`` does."""
     for key in ("model", "state_dict", "model_state"):
         if key in container and isinstance(container[key], dict):
-            return container[key]
+            return without_wrapper_prefixes(container[key])
     if container and all(isinstance(v, torch.Tensor) for v in container.values()):
-        return container
+        return without_wrapper_prefixes(container)
     raise ValueError(f"no model weights found in checkpoint (top-level keys: {sorted(container)[:10]})")
 
 
@@ -154,7 +156,7 @@ def load_weights(model: nn.Module, source, strict: bool = False, replaceable: tu
     """
     if isinstance(source, (str, os.PathLike)):
         source = read_checkpoint(source)
-    state = without_wrapper_prefixes(state_dict_of(source))
+    state = state_dict_of(source)
     model = unwrap_model(model)  # DDP's and torch.compile's keys carry their prefix; the weights are the model's
     own = model.state_dict()
     report = LoadReport()

@@ -95,6 +95,23 @@ def test_a_fine_tuning_state_saved_with_fc_norm_before_the_head_resumes(monkeypa
         assert all(p is dict(reference_order)[n] for p, n in zip(group["params"], group["names"]))
 
 
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_every_command_reads_a_ddp_or_compiled_models_checkpoint(prefix, mae_checkpoint, tiny_folder, tmp_path):
+    """A checkpoint saved from a DDP-wrapped or compiled model (every key prefixed): visualize, export,
+    linprobe and finetune read it as pretrain --resume does."""
+    container = torch.load(mae_checkpoint, weights_only=True)
+    container["model"] = {prefix + key: value for key, value in container["model"].items()}
+    wrapped = tmp_path / "wrapped.pth"
+    torch.save(container, wrapped)
+    data = ["--data_path", str(tiny_folder), "--num_workers", "0", "--batch_size", "4", "--epochs", "1"]
+    assert fastmae_main(["visualize", "--checkpoint", str(wrapped), "--images", str(tiny_folder / "val"),
+                         "--output", str(tmp_path / "rec.png")]) == 0
+    assert fastmae_main(["export", "--checkpoint", str(wrapped), "--format", "timm",
+                         "--output", str(tmp_path / "vit.safetensors")]) == 0
+    assert fastmae_main(["linprobe", "--checkpoint", str(wrapped), *data]) == 0
+    assert fastmae_main(["finetune", "--checkpoint", str(wrapped), *data]) == 0
+
+
 # ---- LARS ----
 def expected_lars(w, grads, lr, wd, momentum, tc=0.001):
     """The rule, step by step: trust-scaled (grad + wd * w) for matrices, the raw grad for vectors,
