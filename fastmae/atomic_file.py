@@ -70,6 +70,22 @@ class _OSErrorRecorder:
         return getattr(self._file, name)
 
 
+def refuse_to_replace(flag: str, path: str | os.PathLike, inputs: dict[str, str | os.PathLike] | None = None) -> None:
+    """Raise ValueError when ``path`` exists (an empty folder excepted): a command that writes one
+    result does not replace what is there, which may be the only copy of something, its own input
+    among them (``inputs``: flag -> path, named in the message when ``path`` is one of them)."""
+    path = Path(path)
+    if path.is_dir() and not any(path.iterdir()):
+        return
+    if not (path.exists() or path.is_symlink()):
+        return
+    same = [name for name, given in (inputs or {}).items()
+            if given and Path(given).exists() and os.path.samefile(given, path)]
+    what = f" (it is the {same[0]} this command reads)" if same else ""
+    raise ValueError(f"{flag} {path} already exists{what}; nothing is written over it: remove it first, or give "
+                     f"another {flag}")
+
+
 def check_destination(flag: str, path: str | os.PathLike, kind: str) -> None:
     """Raise ValueError naming ``flag`` when nothing can be written at ``path``; creates nothing.
 

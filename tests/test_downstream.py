@@ -431,16 +431,26 @@ def test_timm_export_round_trip(mae_checkpoint, tmp_path):
         timm_to_fastmae({"reg_token": torch.zeros(1)})
 
 
-def test_an_export_the_disk_refuses_keeps_the_earlier_one(mae_checkpoint, tmp_path, monkeypatch, capsys):
+def test_an_export_is_not_written_over_anything_and_one_the_disk_refuses_leaves_nothing(mae_checkpoint, tmp_path,
+                                                                                          monkeypatch, capsys):
     out = tmp_path / "vit_timm.pth"
-    argv = ["export", "--checkpoint", str(mae_checkpoint), "--format", "timm", "--output", str(out)]
-    assert fastmae_main(argv) == 0
+    export = ["export", "--checkpoint", str(mae_checkpoint), "--format", "timm", "--output"]
+    assert fastmae_main([*export, str(out)]) == 0
     earlier = out.read_bytes()
-    refuse_writes(monkeypatch, [out.name], room=1000)
-    assert fastmae_main(argv) == 1
-    assert f"could not write {out}: [Errno 28] No space left on device" in capsys.readouterr().err
-    assert out.read_bytes() == earlier and os.listdir(tmp_path).count(out.name) == 1
-    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+    assert fastmae_main([*export, str(out)]) == 2  # an earlier export
+    assert f"--output {out} already exists; nothing is written over it" in capsys.readouterr().err
+    assert fastmae_main([*export, str(mae_checkpoint)]) == 2  # the run's only checkpoint
+    assert "(it is the --checkpoint this command reads)" in capsys.readouterr().err
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    assert fastmae_main(["export", "--checkpoint", str(mae_checkpoint), "--format", "hf", "--output", str(hf)]) == 0
+    assert fastmae_main(["export", "--checkpoint", str(mae_checkpoint), "--format", "hf", "--output", str(hf)]) == 2
+    assert out.read_bytes() == earlier and torch.load(mae_checkpoint, weights_only=True)["model"]
+    second = tmp_path / "second.pth"
+    refuse_writes(monkeypatch, [second.name], room=1000)
+    assert fastmae_main([*export, str(second)]) == 1
+    assert f"could not write {second}: [Errno 28] No space left on device" in capsys.readouterr().err
+    assert not second.exists() and not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
 
 
 def test_hf_export_round_trip(mae_checkpoint, tmp_path, capsys):
@@ -507,26 +517,42 @@ def test_visualize_command(tiny_folder, mae_checkpoint, tmp_path, capsys):
     assert rc == 0 and "3 images" in capsys.readouterr().out
     with Image.open(out) as img:
         assert img.size[1] > 6 * 160  # 3 images x 2 ratios
+    figure = out.read_bytes()
+    # nothing is written over: an earlier figure, or the photograph looked at
+    assert fastmae_main(["visualize", "--checkpoint", str(mae_checkpoint), "--images", str(files[0]),
+                         "--output", str(out)]) == 2
+    assert f"--output {out} already exists; nothing is written over it" in capsys.readouterr().err
+    photo = tmp_path / "photo.png"
+    shutil.copy(files[0], photo)
+    assert fastmae_main(["visualize", "--checkpoint", str(mae_checkpoint), "--images", str(photo),
+                         "--output", str(photo)]) == 2
+    assert f"(it is the --images {photo} this command reads)" in capsys.readouterr().err
+    assert out.read_bytes() == figure and photo.read_bytes() == files[0].read_bytes()
     encoder_only = tmp_path / "enc.safetensors"
     assert fastmae_main(["export", "--checkpoint", str(mae_checkpoint), "--format", "timm", "--output", str(encoder_only)]) == 0
     assert fastmae_main(["visualize", "--checkpoint", str(encoder_only), "--model", "mae_vit_micro_patch4",
-                         "--images", str(files[0]), "--output", str(out)]) == 2
+                         "--images", str(files[0]), "--output", str(tmp_path / "refused.png")]) == 2
     assert "no MAE decoder" in capsys.readouterr().err
     assert fastmae_main(["visualize", "--checkpoint", str(mae_checkpoint), "--images", str(files[0]),
-                         "--mask_ratio", "1.0", "--output", str(out)]) == 2
+                         "--mask_ratio", "1.0", "--output", str(tmp_path / "refused.png")]) == 2
     assert "mask_ratio" in capsys.readouterr().err
+
+
+def test_visualize_looks_at_every_image_of_a_folder_train_split_or_not(tiny_folder, mae_checkpoint, tmp_path, capsys):
+    """--images is a folder of pictures, not a dataset: its train/ sub-folder is not the only one read."""
+    assert fastmae_main(["visualize", "--checkpoint", str(mae_checkpoint), "--images", str(tiny_folder),
+                         "--num_images", "100", "--output", str(tmp_path / "all.png")]) == 0
+    assert "20 images" in capsys.readouterr().out  # 12 train + 8 val
 
 
 def test_a_full_disk_is_a_message_from_every_command(tiny_folder, mae_checkpoint, tmp_path, monkeypatch, capsys):
     files = sorted((tiny_folder / "val" / "cat").glob("*.png"))
     out = tmp_path / "rec.png"
     visualize = ["visualize", "--checkpoint", str(mae_checkpoint), "--images", str(files[0]), "--output", str(out)]
-    assert fastmae_main(visualize) == 0
-    earlier = out.read_bytes()
     refuse_writes(monkeypatch, [out.name, "checkpoint-linprobe.pth"], room=16)
     assert fastmae_main(visualize) == 1
     assert f"fastmae visualize: error: could not write {out}: [Errno 28] No space left on device" in capsys.readouterr().err
-    assert out.read_bytes() == earlier
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
     # a command without its own message: the system's words, exit 1, no traceback
     assert fastmae_main(["linprobe", "--checkpoint", str(mae_checkpoint), "--data_path", str(tiny_folder),
                          "--num_workers", "0", "--batch_size", "4", "--epochs", "1", "--cache_features",
@@ -545,15 +571,15 @@ def test_visualize_skips_unreadable_files_of_a_folder_but_not_named_ones(tiny_fo
     captured = capsys.readouterr()
     assert "1 images" in captured.out and "skipped" in captured.err and "a_broken.jpg" in captured.err
     assert fastmae_main(["visualize", "--checkpoint", str(mae_checkpoint), "--images", str(photos / "a_broken.jpg"),
-                         "--output", str(out)]) == 2
+                         "--output", str(tmp_path / "refused.png")]) == 2
     assert "cannot read image" in capsys.readouterr().err
     (photos / "b_cat.png").unlink()
     assert fastmae_main(["visualize", "--checkpoint", str(mae_checkpoint), "--images", str(photos),
-                         "--output", str(out)]) == 2
+                         "--output", str(tmp_path / "refused.png")]) == 2
     assert "none of the 1 image files could be read" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert fastmae_main(["visualize", "--checkpoint", str(mae_checkpoint), "--images", str(tmp_path / "empty"),
-                         "--output", str(out)]) == 2
+                         "--output", str(tmp_path / "refused.png")]) == 2
     assert "--images: " in capsys.readouterr().err
 
 

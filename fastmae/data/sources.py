@@ -40,15 +40,16 @@ class ImageSource(Protocol):
     def name(self, index: int) -> str: ...  # for messages about unreadable items
 
 
-def list_image_files(data_path: str | os.PathLike) -> list[Path]:
-    """Image files under ``data_path`` (or its ``train/`` folder), sorted; recursive, so class
-    sub-folders and flat folders both work. A missing or image-less folder is a ValueError."""
+def list_image_files(data_path: str | os.PathLike, train_split: bool = True) -> list[Path]:
+    """Image files under ``data_path`` (or its ``train/`` folder, unless ``train_split`` is False: a
+    folder of images to look at, not a dataset), sorted; recursive, so class sub-folders and flat
+    folders both work. A missing or image-less folder is a ValueError."""
     root = Path(data_path).expanduser()
     if not root.exists():
         raise ValueError(f"--data_path {root} does not exist")
     if not root.is_dir():
         raise ValueError(f"--data_path {root} is not a folder")
-    if (root / "train").is_dir():  # the reference reads os.path.join(data_path, 'train')
+    if train_split and (root / "train").is_dir():  # the reference reads os.path.join(data_path, 'train')
         root = root / "train"
     named = [path for path in _walk_files(root) if _is_image_name(path)]
     files = sorted(path for path in named if path.is_file())

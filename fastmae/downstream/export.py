@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from fastmae.atomic_file import atomic_write
+from fastmae.atomic_file import atomic_write, refuse_to_replace
 from fastmae.bench.environment import write_json
 from fastmae.checkpoint import atomic_save, read_checkpoint, saved_args, state_dict_of
 from fastmae.models import create_model
@@ -213,6 +213,7 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
+    refuse_to_replace("--output", args.output, {"--checkpoint": args.checkpoint})
     container = read_checkpoint(args.checkpoint)
     state = state_dict_of(container)
     if "cls_token" not in state or "patch_embed.proj.weight" not in state:

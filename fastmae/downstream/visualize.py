@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from fastmae.atomic_file import refuse_to_replace
 from fastmae.checkpoint import load_weights, read_checkpoint, saved_args, state_dict_of
 from fastmae.data.augment import normalize, resize_center_crop
 from fastmae.data.sources import IMAGE_EXTENSIONS, list_image_files, refuse_empty_data_path
@@ -46,7 +47,7 @@ def image_paths(inputs: list[str]) -> list[tuple[Path, bool]]:
         path = Path(item)
         if path.is_dir():
             try:
-                paths.extend((found, False) for found in list_image_files(path))
+                paths.extend((found, False) for found in list_image_files(path, train_split=False))
             except ValueError:
                 raise ValueError(f"--images: {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})") from None
         elif path.is_file():
@@ -101,6 +102,8 @@ def load_mae(checkpoint: str, model_name: str | None, norm_pix_loss: bool | None
 
 def run(args) -> int:
     try:
+        refuse_to_replace("--output", args.output, {"--checkpoint": args.checkpoint,
+                                                    **{f"--images {item}": item for item in args.images}})
         model, norm_pix = load_mae(args.checkpoint, args.model, args.norm_pix_loss)
         if model.in_chans != 3:
             raise ValueError(f"the model takes {model.in_chans}-channel images; visualize reads RGB images")
