@@ -30,6 +30,8 @@ FOREIGN_PREFIXES = ("head.", "fc_norm.", "bn.")
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """The whole container (a dict) of a .pth/.pt or .safetensors file, read without arbitrary unpickling."""
     path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        path = path / "model.safetensors"  # a Hugging Face model folder (from_pretrained's)
     if path.is_dir():
         raise ValueError(folder_given_message(path))
     if not path.is_file():
@@ -101,10 +103,17 @@ def state_dict_of(container: dict) -> dict[str, torch.Tensor]:
     command reads such a file as ``load_weights`` does."""
     for key in ("model", "state_dict", "model_state"):
         if key in container and isinstance(container[key], dict):
-            return without_wrapper_prefixes(container[key])
+            return _in_fastmae_keys(without_wrapper_prefixes(container[key]))
     if container and all(isinstance(v, torch.Tensor) for v in container.values()):
-        return without_wrapper_prefixes(container)
+        return _in_fastmae_keys(without_wrapper_prefixes(container))
     raise ValueError(f"no model weights found in checkpoint (top-level keys: {sorted(container)[:10]})")
+
+
+def _in_fastmae_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF ViTMAE weights (``fastmae export --format hf``, facebook/vit-mae-*) under fastmae's names."""
+    from fastmae.downstream.export import hf_to_fastmae, is_hf_layout
+
+    return hf_to_fastmae(state) if is_hf_layout(state) else state
 
 
 @dataclass

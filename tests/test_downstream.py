@@ -60,7 +60,7 @@ def test_save_reconstructions_writes_the_grid(tmp_path):
 
 
 # ---- the classifier (reference models_vit layout) ----
-from fastmae.checkpoint import load_weights, save_checkpoint  # noqa: E402
+from fastmae.checkpoint import load_weights, read_checkpoint, save_checkpoint, state_dict_of  # noqa: E402
 from fastmae.downstream.vit_classifier import create_classifier  # noqa: E402
 
 
@@ -506,6 +506,28 @@ def test_transformers_loads_the_hf_export(mae_checkpoint, tmp_path):
     torch.testing.assert_close(hidden, latent, atol=1e-5, rtol=1e-5)  # same kept patches, same encoder output
     torch.testing.assert_close(theirs.logits, pred, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(theirs.loss, loss, atol=1e-5, rtol=1e-5)
+
+
+def test_hf_weights_in_every_layout_come_back_into_fastmae(mae_checkpoint, tiny_folder, tmp_path):
+    """The export's folder, transformers 5's own save (decoder_encoder.layer) and its names in memory
+    (q/k/v/o_proj, mlp.fc1/fc2) read as fastmae's weights; every command takes the export back."""
+    transformers = pytest.importorskip("transformers")
+    state = torch.load(mae_checkpoint, weights_only=True)["model"]
+    out = tmp_path / "hf"
+    assert fastmae_main(["export", "--checkpoint", str(mae_checkpoint), "--format", "hf", "--output", str(out)]) == 0
+    hf = transformers.ViTMAEForPreTraining.from_pretrained(str(out))
+    resaved = tmp_path / "resaved"
+    hf.save_pretrained(str(resaved))
+    for layout in (state_dict_of(read_checkpoint(out)), state_dict_of(read_checkpoint(resaved)),
+                   hf_to_fastmae(hf.state_dict()), state_dict_of({"model": hf.state_dict()})):
+        assert set(layout) == set(state) and all(torch.equal(layout[k], state[k]) for k in state)
+    micro = ["--model", "mae_vit_micro_patch4"]
+    assert fastmae_main(["visualize", "--checkpoint", str(out), *micro, "--images", str(tiny_folder / "val"),
+                         "--output", str(tmp_path / "rec.png")]) == 0
+    assert fastmae_main(["export", "--checkpoint", str(out / "model.safetensors"), "--format", "timm",
+                         "--output", str(tmp_path / "vit.safetensors")]) == 0
+    assert fastmae_main(["finetune", "--checkpoint", str(resaved), "--model", "vit_micro_patch4", "--data_path",
+                         str(tiny_folder), "--num_workers", "0", "--batch_size", "4", "--epochs", "1"]) == 0
 
 
 # ---- visualize ----

@@ -108,8 +108,22 @@ def fastmae_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+# transformers' other names for a block's stack and parts: 5.x saves the decoder's stack as
+# decoder_encoder.layer, and names the modules in memory q/k/v/o_proj and mlp.fc1/fc2
+HF_STACK_ALIASES = {"vit.layers": "vit.encoder.layer", "decoder.decoder_encoder.layer": "decoder.decoder_layers"}
+HF_PROJECTIONS = {"q_proj": "query", "k_proj": "key", "v_proj": "value"}
+HF_MODULE_ALIASES = {"attention.o_proj": "attention.output.dense", "mlp.fc1": "intermediate.dense",
+                     "mlp.fc2": "output.dense"}
+
+
+def is_hf_layout(state: dict[str, torch.Tensor]) -> bool:
+    """Keys of transformers' ViTMAEForPreTraining (``vit.``) or ViTMAEModel (``embeddings.``)."""
+    return any(k.startswith(("vit.embeddings.", "embeddings.patch_embeddings.")) for k in state)
+
+
 def hf_to_fastmae(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ViTMAEForPreTraining (or ViTMAEModel, without the ``vit.`` prefix) state_dict -> fastmae keys."""
+    """ViTMAEForPreTraining (or ViTMAEModel, without the ``vit.`` prefix) state_dict -> fastmae keys:
+    as saved (transformers 4 and 5, and ``fastmae export``) or as transformers 5 names it in memory."""
     if not any(k.startswith("vit.") for k in state):
         state = {(k if k.startswith("decoder.") else f"vit.{k}"): v for k, v in state.items()}
     top = {hf: ours for ours, hf in HF_TOP_KEYS.items()}
@@ -120,13 +134,16 @@ def hf_to_fastmae(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if key in top:
             out[top[key]] = value
             continue
-        m = re.fullmatch(r"(vit\.encoder\.layer|decoder\.decoder_layers)\.(\d+)\.(.+)\.(weight|bias)", key)
+        m = re.fullmatch(r"(vit\.encoder\.layer|vit\.layers|decoder\.decoder_layers|decoder\.decoder_encoder\.layer)"
+                         r"\.(\d+)\.(.+)\.(weight|bias)", key)
         if m is None:
             raise ValueError(f"unknown HF ViTMAE key {key!r}")
         stack, index, module, kind = m.groups()
-        prefix = f"{stacks[stack]}.{index}"
-        if module.startswith("attention.attention."):
-            qkv_parts.setdefault(f"{prefix}.attn.qkv.{kind}", {})[module.rsplit(".", 1)[1]] = value
+        prefix = f"{stacks[HF_STACK_ALIASES.get(stack, stack)]}.{index}"
+        module = HF_MODULE_ALIASES.get(module, module)
+        projection = module.rsplit(".", 1)[-1]
+        if module.startswith("attention.attention.") or (module.startswith("attention.") and projection in HF_PROJECTIONS):
+            qkv_parts.setdefault(f"{prefix}.attn.qkv.{kind}", {})[HF_PROJECTIONS.get(projection, projection)] = value
         elif module in block:
             out[f"{prefix}.{block[module]}.{kind}"] = value
         else:
