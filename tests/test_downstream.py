@@ -486,6 +486,14 @@ def test_hf_export_round_trip(mae_checkpoint, tmp_path, capsys):
         hf_to_fastmae({"vit.pooler.dense.weight": torch.zeros(1)})
 
 
+def test_an_hf_export_of_an_encoder_says_which_transformers_class_loads_it(mae_checkpoint, tmp_path, capsys):
+    encoder = tmp_path / "encoder.safetensors"
+    assert fastmae_main(["export", "--checkpoint", str(mae_checkpoint), "--format", "timm", "--output", str(encoder)]) == 0
+    assert fastmae_main(["export", "--checkpoint", str(encoder), "--model", "mae_vit_micro_patch4", "--format", "hf",
+                         "--output", str(tmp_path / "hf")]) == 0
+    assert f"(encoder only: transformers.ViTMAEModel.from_pretrained('{tmp_path / 'hf'}'))" in capsys.readouterr().out
+
+
 def test_transformers_loads_the_hf_export(mae_checkpoint, tmp_path):
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "hf"

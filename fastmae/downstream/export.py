@@ -257,6 +257,11 @@ def _run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     save_state(exported, out / "model.safetensors")
     write_json(out / "config.json", config)
-    print(f"wrote {len(exported)} tensors in HF ViTMAE layout + config.json to {out}/ "
-          f"(transformers.ViTMAEForPreTraining.from_pretrained('{out}'))")
+    dropped = sorted({k.split(".")[0] for k in state if k.startswith(("head.", "fc_norm."))})
+    if "decoder_embed.weight" in state:
+        loads = f"transformers.ViTMAEForPreTraining.from_pretrained('{out}')"
+    else:  # ViTMAEForPreTraining would make up a decoder, at random, and say so only in its loading info
+        loads = f"encoder only: transformers.ViTMAEModel.from_pretrained('{out}')"
+    print(f"wrote {len(exported)} tensors in HF ViTMAE layout + config.json to {out}/ ({loads})"
+          + (f"; the classifier's {' and '.join(dropped)} left out" if dropped else ""))
     return 0
