@@ -112,6 +112,36 @@ def test_every_command_reads_a_ddp_or_compiled_models_checkpoint(prefix, mae_che
     assert fastmae_main(["finetune", "--checkpoint", str(wrapped), *data]) == 0
 
 
+def test_random_init_starts_where_the_reference_starts_without_a_checkpoint():
+    """main_finetune.py / main_linprobe.py without --finetune: timm's ViT init, trunc-normal 0.02 for the
+    position table, the cls token and every Linear (the head too), not MAE's sin-cos table and xavier."""
+    from fastmae.downstream.classify import Pretrained, build_classifier
+
+    torch.manual_seed(0)
+    model, report = build_classifier(Pretrained(None, "vit_micro_patch4", None), 10, 32, global_pool=True)
+    assert report is None
+    for name, tensor in [("pos_embed", model.pos_embed), ("cls_token", model.cls_token),
+                         ("qkv", model.blocks[0].attn.qkv.weight), ("fc1", model.blocks[1].mlp.fc1.weight),
+                         ("head", model.head.weight)]:
+        assert 0.015 < tensor.std() < 0.025, name  # MAE's sin-cos table and xavier are 10x wider
+    assert not model.blocks[0].attn.qkv.bias.any() and torch.equal(model.fc_norm.weight, torch.ones(64))
+    fan_in = 3 * 4 * 4  # PyTorch's Conv2d init: uniform within 1/sqrt(fan_in)
+    assert model.patch_embed.proj.weight.abs().max() <= fan_in ** -0.5
+
+
+@pytest.mark.parametrize("command", ["finetune", "linprobe"])
+def test_the_head_is_reinitialised_for_a_checkpoint_only(command, tiny_folder, mae_checkpoint, monkeypatch):  # noqa: F811
+    module = finetune if command == "finetune" else linprobe
+    calls = []
+    real = module.init_head
+    monkeypatch.setattr(module, "init_head", lambda model, std: calls.append(std) or real(model, std))
+    common = [command, "--data_path", str(tiny_folder), "--num_workers", "0", "--batch_size", "4", "--epochs", "1"]
+    assert fastmae_main([*common, "--random_init", "--model", "vit_micro_patch4", "--input_size", "32"]) == 0
+    assert calls == []
+    assert fastmae_main([*common, "--checkpoint", str(mae_checkpoint)]) == 0
+    assert calls == [2e-5 if command == "finetune" else 0.01]
+
+
 # ---- LARS ----
 def expected_lars(w, grads, lr, wd, momentum, tc=0.001):
     """The rule, step by step: trust-scaled (grad + wd * w) for matrices, the raw grad for vectors,

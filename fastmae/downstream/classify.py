@@ -26,7 +26,7 @@ from fastmae.downstream.labeled_data import build_datasets
 from fastmae.downstream.rand_augment import RandAugment
 from fastmae.downstream.random_erasing import RandomErasing
 from fastmae.downstream.sharding import InOrderShard, TrainKeys, sum_across_ranks
-from fastmae.downstream.vit_classifier import VisionTransformer, create_classifier
+from fastmae.downstream.vit_classifier import VisionTransformer, create_classifier, init_from_scratch
 from fastmae.train.config import seed_flag
 from fastmae.train.distributed import (
     DistributedContext, add_launch_arguments, init_from_launch_flags, shutdown_distributed,
@@ -117,13 +117,14 @@ def describe_pretrained(checkpoint: str | None, model_name: str | None, random_i
 
 def build_classifier(pretrained: Pretrained, num_classes: int, input_size: int,
                      **kwargs) -> tuple[VisionTransformer, LoadReport | None]:
-    """The classifier with the pretrained encoder loaded (position embeddings resized to input_size).
-    A fine-tuned file's head for another number of classes is not loaded, as main_finetune.py does."""
+    """The classifier with the pretrained encoder loaded (position embeddings resized to input_size), or,
+    for --random_init, initialised as the reference's is without --finetune. A fine-tuned file's head
+    for another number of classes is not loaded, as main_finetune.py does."""
     model = create_classifier(pretrained.model_name, num_classes, img_size=input_size, **kwargs)
-    report = None
-    if pretrained.state is not None:
-        report = load_weights(model, pretrained.state, replaceable=("head.weight", "head.bias"))
-    return model, report
+    if pretrained.state is None:
+        init_from_scratch(model)
+        return model, None
+    return model, load_weights(model, pretrained.state, replaceable=("head.weight", "head.bias"))
 
 
 def input_size_of(args, pretrained: Pretrained) -> int:

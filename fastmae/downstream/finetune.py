@@ -106,7 +106,8 @@ def _run(args, ctx: DistributedContext) -> int:
     if report is not None and resumed is None:
         say(f"loaded {args.checkpoint}:\n{report}")
     args.model = pretrained.model_name  # saved with the checkpoints, so --eval finds the architecture
-    init_head(model, std=2e-5)
+    if pretrained.state is not None:  # the reference re-inits the head of a loaded checkpoint only
+        init_head(model, std=2e-5)
     model.to(device)
 
     lr = peak_lr(args, ctx.world_size)

@@ -65,9 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="features computed once, train images not augmented (fast on CPU)")
 
 
-def make_linear_probe(model: VisionTransformer) -> VisionTransformer:
-    """Freeze everything, replace the head by BatchNorm1d(affine=False) + the linear head."""
-    init_head(model, std=0.01)
+def make_linear_probe(model: VisionTransformer, init: bool = True) -> VisionTransformer:
+    """Freeze everything, replace the head by BatchNorm1d(affine=False) + the linear head, re-initialised
+    (trunc-normal std 0.01) unless ``init`` is False: the reference does it for a loaded checkpoint only."""
+    if init:
+        init_head(model, std=0.01)
     model.head = nn.Sequential(nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
     for name, param in model.named_parameters():
         param.requires_grad = name.startswith("head.")
@@ -214,7 +216,7 @@ def _run(args, ctx: DistributedContext) -> int:
     if report is not None and resumed is None:
         say(f"loaded {args.checkpoint}:\n{report}")
     args.model = pretrained.model_name  # saved with the checkpoint, so --eval finds the architecture
-    model = make_linear_probe(model).to(device)
+    model = make_linear_probe(model, init=pretrained.state is not None).to(device)
     if resumed is not None:
         load_weights(model, resumed.container["model"], strict=True)
         say(resumed.describe(args.epochs))

@@ -113,6 +113,24 @@ def create_classifier(name: str, num_classes: int, **overrides) -> VisionTransfo
     return VisionTransformer(**{**encoder_arch(name), "num_classes": num_classes, **overrides})
 
 
+def init_from_scratch(model: VisionTransformer) -> None:
+    """Where the reference starts without --finetune: timm's VisionTransformer init (pos_embed, cls_token
+    and every Linear trunc-normal std 0.02 with zero biases, LayerNorms 1 and 0, the patch projection
+    as PyTorch makes a Conv2d). The head is part of it: main_finetune.py and main_linprobe.py re-init
+    the head only for a loaded checkpoint."""
+    nn.init.trunc_normal_(model.pos_embed, std=0.02)
+    nn.init.trunc_normal_(model.cls_token, std=0.02)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    model.patch_embed.proj.reset_parameters()
+
+
 def init_head(model: VisionTransformer, std: float) -> None:
     """Truncated-normal head weight, zero bias: std 2e-5 fine-tuning, 0.01 linear probe (reference)."""
     nn.init.trunc_normal_(model.head.weight, std=std)  # bounds +-2 absolute, as timm's (reference)
