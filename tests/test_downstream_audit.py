@@ -142,6 +142,22 @@ def test_the_head_is_reinitialised_for_a_checkpoint_only(command, tiny_folder, m
     assert calls == [2e-5 if command == "finetune" else 0.01]
 
 
+def test_the_val_loss_is_the_mean_of_the_batches_means_as_the_reference_logs_it():
+    """engine_finetune.evaluate: metric_logger.update(loss=loss.item()) per batch, so a short last batch
+    weighs as much as a full one; top-1 stays per image."""
+    torch.manual_seed(0)
+    model = create_classifier("vit_micro_patch4", 3, depth=1)
+    imgs, labels = torch.randn(5, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(imgs, labels), batch_size=2)  # 2, 2, 1
+    with torch.no_grad():
+        logits = model.eval()(imgs)
+    batch_means = [F.cross_entropy(logits[i:i + 2], labels[i:i + 2]).item() for i in (0, 2, 4)]
+    stats = evaluate(model, loader, torch.device("cpu"), bar=False)
+    assert stats["loss"] == pytest.approx(sum(batch_means) / 3, rel=1e-5)
+    assert stats["loss"] != pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-3)  # not per image
+    assert stats["top1"] == pytest.approx(100.0 * (logits.argmax(1) == labels).sum().item() / 5)
+
+
 # ---- LARS ----
 def expected_lars(w, grads, lr, wd, momentum, tc=0.001):
     """The rule, step by step: trust-scaled (grad + wd * w) for matrices, the raw grad for vectors,

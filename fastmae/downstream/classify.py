@@ -186,22 +186,24 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, desc: str = "eval", bar: bool = True) -> dict:
-    """-> {'top1', 'top5' (percent), 'loss' (cross-entropy), 'n'}, over the batches of every process
-    (each process gives its own share of the val set)."""
+    """-> {'top1', 'top5' (percent, per image), 'loss' (cross-entropy, the mean of the batches' means, as
+    the reference's MetricLogger averages it), 'n'}, over the batches of every process (each process
+    gives its own share of the val set)."""
     was_training = model.training
     model.eval()
-    n = correct1 = correct5 = 0
-    loss_sum = 0.0
+    n = correct1 = correct5 = batches = 0
+    batch_losses = 0.0
     for imgs, labels in progress(loader, desc, bar):
         imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         logits = model(imgs).float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        batch_losses += F.cross_entropy(logits, labels).item()
         c1, c5 = topk_correct(logits, labels)
-        correct1, correct5, n = correct1 + c1, correct5 + c5, n + labels.shape[0]
+        correct1, correct5, n, batches = correct1 + c1, correct5 + c5, n + labels.shape[0], batches + 1
     model.train(was_training)
-    n, correct1, correct5, loss_sum = sum_across_ranks([n, correct1, correct5, loss_sum], device)
+    n, correct1, correct5, batch_losses, batches = sum_across_ranks([n, correct1, correct5, batch_losses, batches],
+                                                                    device)
     n = int(n)
-    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": loss_sum / n, "n": n}
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": batch_losses / batches, "n": n}
 
 
 @dataclass
