@@ -65,7 +65,7 @@ class VisionTransformer(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # Overwritten by pretrained weights; this is what a from-scratch (random init) run starts from.
+        # overwritten by pretrained weights, or by init_from_scratch (--random_init, the reference's timm init)
         self.pos_embed.data.copy_(sincos_2d(self.embed_dim, self.patch_embed.grid_size).float().unsqueeze(0))
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
