@@ -15,7 +15,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) 
     ``path``: a kill at any point leaves the previous file whole (or no file), never part of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        # a plain OSError (a write that failed), named by the folder, not the temporary file's name;
+        # ENOENT would make it a FileNotFoundError, which commands read as a missing input
+        raise OSError(f"no file can be made in {path.parent}: {err.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             recorded = _OSErrorRecorder(f)

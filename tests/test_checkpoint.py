@@ -197,6 +197,22 @@ def test_atomic_save_on_a_disk_that_fills_up_raises_the_disks_error_and_keeps_th
     assert os.listdir(tmp_path) == ["checkpoint.pth"]
 
 
+def test_a_folder_where_no_file_can_be_made_is_named_and_is_not_taken_for_a_missing_input(tmp_path, capsys):
+    """/proc takes no new file, even from root: the error names the folder, not the temporary file, and is
+    not a FileNotFoundError, which the commands read as a missing input (exit 2, no "could not write")."""
+    from fastmae.cli import main
+    from fastmae.models import create_model
+
+    with pytest.raises(OSError, match=r"^no file can be made in /proc: No such file or directory$") as raised:
+        atomic_save({"step": 1}, "/proc/checkpoint.pth")
+    assert not isinstance(raised.value, FileNotFoundError)
+    checkpoint = tmp_path / "mae.pth"
+    save_checkpoint(checkpoint, create_model("mae_vit_micro_patch4"), args={"model": "mae_vit_micro_patch4"})
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", "timm", "--output", "/proc/x.safetensors"]) == 1
+    assert ("fastmae export: error: could not write /proc/x.safetensors: no file can be made in /proc: "
+            "No such file or directory") in capsys.readouterr().err
+
+
 def test_saved_checkpoints_are_readable_by_other_users(tmp_path):
     import stat
 
