@@ -26,6 +26,17 @@ CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 HFLIP_PROB = 0.5
 
 
+def _checked_crop_request(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+                          rng: np.random.Generator | None) -> np.random.Generator:
+    """Raise ValueError for an empty image or a scale / ratio range that is not positive and increasing;
+    -> the generator to draw from (a fresh one when none is given)."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
+        raise ValueError(f"scale {scale} and ratio {ratio} must be positive, increasing ranges")
+    return np.random.default_rng() if rng is None else rng
+
+
 def sample_resized_crop(height: int, width: int, scale: tuple[float, float] = CROP_SCALE,
                         ratio: tuple[float, float] = CROP_RATIO,
                         rng: np.random.Generator | None = None) -> tuple[int, int, int, int]:
@@ -34,11 +45,7 @@ def sample_resized_crop(height: int, width: int, scale: tuple[float, float] = CR
     Ten tries at an area fraction uniform in ``scale`` and a log-uniform aspect ratio in ``ratio``;
     if none fits, the central crop with the aspect ratio clamped to ``ratio``.
     """
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image size must be positive, got {height}x{width}")
-    if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
-        raise ValueError(f"scale {scale} and ratio {ratio} must be positive, increasing ranges")
-    rng = np.random.default_rng() if rng is None else rng
+    rng = _checked_crop_request(height, width, scale, ratio, rng)
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
@@ -69,11 +76,7 @@ def sample_clamped_resized_crop(height: int, width: int, scale: tuple[float, flo
     """A crop box (top, left, h, w), as the reference's linear probe draws it (util/crop.py, after
     BYOL's TF code): one draw of area and aspect ratio, each side clamped to the image's. Its crops
     are larger on average than ``sample_resized_crop``'s, whose misses fall back to a central crop."""
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image size must be positive, got {height}x{width}")
-    if not (0 < scale[0] <= scale[1]) or not (0 < ratio[0] <= ratio[1]):
-        raise ValueError(f"scale {scale} and ratio {ratio} must be positive, increasing ranges")
-    rng = np.random.default_rng() if rng is None else rng
+    rng = _checked_crop_request(height, width, scale, ratio, rng)
     target_area = height * width * rng.uniform(scale[0], scale[1])
     aspect_ratio = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
     # at least a pixel: a tiny image's draw can round to nothing
