@@ -10,6 +10,7 @@ same container with 'args' as a plain dict, so the reference code and any weight
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from fastmae.atomic_file import atomic_write
+from fastmae.key_layouts import hf_to_fastmae, is_hf_layout
 from fastmae.pos_embed import interpolate_pos_embed
 
 POS_EMBED_KEYS = ("pos_embed", "decoder_pos_embed")
@@ -30,8 +32,10 @@ FOREIGN_PREFIXES = ("head.", "fc_norm.", "bn.")
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """The whole container (a dict) of a .pth/.pt or .safetensors file, read without arbitrary unpickling."""
     path = Path(path)
-    if path.is_dir() and (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        path = path / "model.safetensors"  # a Hugging Face model folder (from_pretrained's)
+    if path.is_dir() and (path / "config.json").is_file():
+        weights = _hf_folder_weights(path)
+        if weights is not None:
+            return weights
     if path.is_dir():
         raise ValueError(folder_given_message(path))
     if not path.is_file():
@@ -55,6 +59,32 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict or state_dict")
     return obj
+
+
+# the weight files of a Hugging Face model folder (save_pretrained's), whole or sharded, by preference
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")
+
+
+def _hf_folder_weights(folder: Path) -> dict | None:
+    """A Hugging Face model folder's weights as a container (shards joined); None where it has no weight file."""
+    name = next((n for n in HF_WEIGHT_FILES if (folder / n).is_file()), None)
+    if name is None:
+        return None
+    if not name.endswith(".index.json"):
+        return read_checkpoint(folder / name)
+    index = folder / name
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"checkpoint {index} is not a readable shard index (no weight_map): {err!r}") from None
+    state = {}
+    for shard in shards:
+        if not (folder / shard).is_file():
+            raise FileNotFoundError(f"checkpoint {folder}: {index.name} lists the shard {shard}, which is missing")
+        container = read_checkpoint(folder / shard)  # a shard is a bare state_dict (safetensors: under "model")
+        state.update(container["model"] if shard.endswith(".safetensors") else container)
+    return {"model": state}  # in HF's names: state_dict_of maps the whole, as a shard may hold no HF marker key
 
 
 def check_resume_file(path: Path) -> None:
@@ -111,8 +141,6 @@ def state_dict_of(container: dict) -> dict[str, torch.Tensor]:
 
 def _in_fastmae_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF ViTMAE weights (``fastmae export --format hf``, facebook/vit-mae-*) under fastmae's names."""
-    from fastmae.downstream.export import hf_to_fastmae, is_hf_layout
-
     return hf_to_fastmae(state) if is_hf_layout(state) else state
 
 

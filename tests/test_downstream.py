@@ -392,9 +392,9 @@ def test_classifier_runs_refuse_what_they_cannot_do_right(tiny_folder, mae_check
 
 
 # ---- exports: timm and HF transformers layouts ----
-from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
-from fastmae.downstream.export import fastmae_to_hf, fastmae_to_timm, hf_to_fastmae, timm_to_fastmae  # noqa: E402
+from fastmae.key_layouts import fastmae_to_hf, fastmae_to_timm, hf_to_fastmae, timm_to_fastmae  # noqa: E402
 from full_disk import refuse_writes  # noqa: E402
 
 
@@ -536,6 +536,38 @@ def test_hf_weights_in_every_layout_come_back_into_fastmae(mae_checkpoint, tiny_
                          "--output", str(tmp_path / "vit.safetensors")]) == 0
     assert fastmae_main(["finetune", "--checkpoint", str(resaved), "--model", "vit_micro_patch4", "--data_path",
                          str(tiny_folder), "--num_workers", "0", "--batch_size", "4", "--epochs", "1"]) == 0
+
+
+def test_hf_folders_sharded_or_in_pytorch_model_bin_read_as_one_checkpoint(mae_checkpoint, tmp_path):
+    """save_pretrained's other folders: shards listed by an index (one of them may hold only decoder
+    keys), and the older pytorch_model.bin; a shard the index names that is missing is named."""
+    state = torch.load(mae_checkpoint, weights_only=True)["model"]
+    out = tmp_path / "hf"
+    assert fastmae_main(["export", "--checkpoint", str(mae_checkpoint), "--format", "hf", "--output", str(out)]) == 0
+    hf = load_file(str(out / "model.safetensors"))
+    for suffix, write in ((".safetensors", lambda part, f: save_file(part, str(f))), (".bin", torch.save)):
+        folder = tmp_path / f"sharded{suffix}"
+        folder.mkdir()
+        shutil.copy(out / "config.json", folder)
+        decoder = {k: v for k, v in hf.items() if k.startswith("decoder.")}
+        shards = {f"model-00001-of-00002{suffix}": {k: v for k, v in hf.items() if k not in decoder},
+                  f"model-00002-of-00002{suffix}": decoder}
+        for name, part in shards.items():
+            write(part, folder / name)
+        weight_map = {key: name for name, part in shards.items() for key in part}
+        index = "model.safetensors.index.json" if suffix == ".safetensors" else "pytorch_model.bin.index.json"
+        (folder / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        back = state_dict_of(read_checkpoint(folder))
+        assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+        (folder / f"model-00002-of-00002{suffix}").unlink()
+        with pytest.raises(FileNotFoundError, match=f"{index} lists the shard model-00002-of-00002{suffix}, which is missing"):
+            read_checkpoint(folder)
+    single = tmp_path / "bin"
+    single.mkdir()
+    shutil.copy(out / "config.json", single)
+    torch.save(hf, single / "pytorch_model.bin")
+    back = state_dict_of(read_checkpoint(single))
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
 
 
 # ---- visualize ----
