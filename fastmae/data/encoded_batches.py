@@ -38,7 +38,8 @@ class EncodedBatch:
     flips: np.ndarray  # bool [B]: horizontal flip after the crop
     keys: list[tuple[int, int, int]]  # B: the sampler's (item, epoch, position) each row was planned from
     items: list[int]  # B: the source item each row holds (a replacement when the keyed one was bad)
-    skipped: list[str] = field(default_factory=list)  # "name: why" for each item passed over here
+    # per row whose keyed item was unreadable: "name: why" of each item passed over for it
+    skipped: list[list[str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -79,7 +80,7 @@ class EncodedBatchReader:
         """(item, bytes, header, box, flip, skipped) for one sampler key; bad items give way to the next."""
         index, epoch, position = key
         skipped = []
-        for attempt in range(MAX_CONSECUTIVE_UNREADABLE):
+        for attempt in range(min(MAX_CONSECUTIVE_UNREADABLE, len(self.source))):
             item = (index + attempt) % len(self.source)
             if item in self.undecodable:
                 skipped.append(f"{self.source.name(item)}: {self.undecodable[item]}")
@@ -107,7 +108,7 @@ class EncodedBatchReader:
             flips=np.array([row[4] for row in rows], dtype=bool),
             keys=list(keys),
             items=[row[0] for row in rows],
-            skipped=[message for row in rows for message in row[5]],
+            skipped=[row[5] for row in rows if row[5]],
         )
 
     def replan(self, batch: EncodedBatch, bad_rows: list[int], reason: str = "the decoder failed on it") -> EncodedBatch:

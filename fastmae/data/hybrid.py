@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fastmae.data.augment import IMAGENET_MEAN, IMAGENET_STD, crop_table, random_crop_flip, resized_crops
-from fastmae.data.loader import CPULoader, _AugmentedItems, batch_buffer
+from fastmae.data.loader import CPULoader, _AugmentedItems, batch_buffer, replacements
 
 
 class _CroppedItems(_AugmentedItems):
@@ -29,7 +29,7 @@ class _CroppedItems(_AugmentedItems):
 
 def _collate_crops(samples: list[tuple[tuple[np.ndarray, bool], list[str]]]):
     """-> (uint8 [sum of 3 h w] the crops one after another, channels first, int64 [B, 2] their (h, w),
-    bool [B] flips, names passed over): one buffer, so a batch is one copy to the device."""
+    bool [B] flips, ``replacements``): one buffer, so a batch is one copy to the device."""
     crops = [crop for (crop, _), _ in samples]
     sizes = torch.tensor([crop.shape[:2] for crop in crops], dtype=torch.int64)
     flat = batch_buffer(int(3 * sizes.prod(1).sum()))
@@ -41,7 +41,7 @@ def _collate_crops(samples: list[tuple[tuple[np.ndarray, bool], list[str]]]):
         np.copyto(out[offset : offset + 3 * h * w].reshape(3, h, w), crop.transpose(2, 0, 1))
         offset += 3 * h * w
     flips = torch.tensor([flip for (_, flip), _ in samples], dtype=torch.bool)
-    return flat, sizes, flips, [name for _, names in samples for name in names]
+    return flat, sizes, flips, replacements(samples)
 
 
 class HybridLoader(CPULoader):

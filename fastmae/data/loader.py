@@ -25,6 +25,7 @@ import functools
 import importlib.util
 import multiprocessing
 import os
+import re
 import signal
 import warnings
 from dataclasses import dataclass
@@ -58,8 +59,10 @@ class UnreadableData(ValueError):
 
 
 def why_unreadable(error: Exception, name: str) -> str:
-    """One line for a skipped file's message (PIL's repeat the file's name: dropped)."""
+    """One line for a skipped file's message (PIL's repeat the file's name, or the in-memory file a tar
+    member is read into: dropped)."""
     text = str(error).strip().splitlines()[0].replace(f" '{name}'", "") if str(error).strip() else ""
+    text = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", text)
     return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
 
 
@@ -67,9 +70,10 @@ def load_or_next(load: Callable[[int], T], name: Callable[[int], str], index: in
                  count: int) -> tuple[T | None, list[str]]:
     """``load(index)``, or where it raises (a truncated or non-image file) the first of the items after it
     (of ``count``, wrapping) that loads -> (its result, or None after MAX_CONSECUTIVE_UNREADABLE failures in
-    a row; each failed item's name and why, for the replacements to be counted and said, never silent)."""
+    a row, or once every item failed; each failed item's name and why, for the replacement to be counted
+    and said, never silent)."""
     unreadable = []
-    for attempt in range(MAX_CONSECUTIVE_UNREADABLE):
+    for attempt in range(min(MAX_CONSECUTIVE_UNREADABLE, count)):
         item = (index + attempt) % count
         try:
             return load(item), unreadable
@@ -191,17 +195,23 @@ class _AugmentedItems(Dataset):
 
 
 def _collate_unless_unreadable(collate, samples: list[tuple]) -> tuple:
-    """``collate(samples)``, or (None, names) where an item gave up: its unreadable run's names."""
+    """``collate(samples)``, or (None, [names]) where an item gave up: its unreadable run's names."""
     for pixels, names in samples:
         if pixels is None:
-            return None, names
+            return None, [names]
     return collate(samples)
 
 
-def _collate(samples: list[tuple[torch.Tensor, list[str]]]) -> tuple[torch.Tensor, list[str]]:
+def replacements(samples: list[tuple]) -> list[list[str]]:
+    """Per item of a batch that was replaced, the unreadable items passed over for it (the keyed item
+    first: one replacement, however many bad neighbours it passed)."""
+    return [names for _, names in samples if names]
+
+
+def _collate(samples: list[tuple[torch.Tensor, list[str]]]) -> tuple[torch.Tensor, list[list[str]]]:
     first = samples[0][0]
     out = batch_buffer(len(samples) * first.numel()).view(len(samples), *first.shape)
-    return torch.stack([pixels for pixels, _ in samples], out=out), [name for _, names in samples for name in names]
+    return torch.stack([pixels for pixels, _ in samples], out=out), replacements(samples)
 
 
 def batch_buffer(numel: int) -> torch.Tensor:
@@ -215,16 +225,18 @@ def batch_buffer(numel: int) -> torch.Tensor:
 
 
 class SkipLog:
-    """Unreadable images replaced by the next one: every replacement counted, each file warned about once."""
+    """Unreadable images replaced by the next one: every replacement counted (an item drawn, whose
+    image is another's), each unreadable file warned about once."""
 
     def __init__(self):
         self.count = 0
         self._warned: set[str] = set()
 
-    def record(self, messages: list[str], stacklevel: int = 1) -> None:
-        """stacklevel counts from record's caller, as warnings.warn's counts from its own caller."""
-        self.count += len(messages)
-        new = [m for m in messages if m not in self._warned]
+    def record(self, replaced: list[list[str]], stacklevel: int = 1) -> None:
+        """replaced: per replaced item, the unreadable items passed over for it (``replacements``).
+        stacklevel counts from record's caller, as warnings.warn's counts from its own caller."""
+        self.count += len(replaced)
+        new = list(dict.fromkeys(m for passed in replaced for m in passed if m not in self._warned))
         if new:
             self._warned.update(new)
             warnings.warn(f"skipped unreadable image(s), replaced by the next one: {'; '.join(new[:5])}",
@@ -334,7 +346,7 @@ class CPULoader:
         passed over (logged here)."""
         for *batch, unreadable in self._loader:
             if batch[0] is None:
-                raise UnreadableData(unreadable)
+                raise UnreadableData(unreadable[0])
             if unreadable:
                 self._skips.record(unreadable, stacklevel=1)
             yield batch

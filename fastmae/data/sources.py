@@ -48,6 +48,10 @@ def list_image_files(data_path: str | os.PathLike, train_split: bool = True) -> 
     if not root.exists():
         raise ValueError(f"--data_path {root} does not exist")
     if not root.is_dir():
+        from fastmae.data.tar_shards import compressed_tar_message, is_compressed_tar
+
+        if is_compressed_tar(root):
+            raise ValueError(f"--data_path {compressed_tar_message(root)}")
         raise ValueError(f"--data_path {root} is not a folder")
     if train_split and (root / "train").is_dir():  # the reference reads os.path.join(data_path, 'train')
         root = root / "train"
@@ -58,9 +62,14 @@ def list_image_files(data_path: str | os.PathLike, train_split: bool = True) -> 
     broken = (f"{len(dangling)} image link(s) below it lead to nothing (e.g. {dangling[0]} -> "
               f"{os.readlink(dangling[0])})" if dangling else "")
     if not files:
+        from fastmae.data.tar_shards import compressed_tar_message, is_compressed_tar
+
         nested_tar = next((path for path in _walk_files(root) if path.suffix.lower() == ".tar"), None)
+        compressed = next((path for path in _walk_files(root) if is_compressed_tar(path)), None)
         hint = (f"; it holds .tar shards in a sub-folder ({nested_tar.relative_to(root)}): give the folder that "
-                "holds them" if nested_tar is not None else f"; {broken}" if broken else "")
+                "holds them" if nested_tar is not None
+                else f"; {compressed_tar_message(compressed)}" if compressed is not None
+                else f"; {broken}" if broken else "")
         raise ValueError(f"--data_path {root} holds no image files ({', '.join(IMAGE_EXTENSIONS)}){hint}")
     if dangling:
         warnings.warn(f"--data_path {root}: {broken}; they are passed over", stacklevel=2)
