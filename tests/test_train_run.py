@@ -2,6 +2,7 @@
 checkpoints, SIGTERM."""
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -25,6 +26,7 @@ from fastmae.device import device_from_flag
 from fastmae.train.checkpoints import RESUME_KEY, latest_checkpoint, step_checkpoint_path
 from fastmae.train.config import DEMO_SETTINGS, PretrainConfig, default_num_workers
 from fastmae.train.metrics import MetricsLogger, as_one_run, plot_loss_curve, read_metrics
+from fastmae.train.output_lock import OutputFolderLock
 from fastmae.train.pretrain import EXPLICIT_FLAGS_ATTR, add_arguments
 from full_disk import refuse_writes
 
@@ -639,6 +641,27 @@ def test_a_run_into_a_folder_another_run_is_writing_is_refused_until_that_run_en
         holder.wait()
     assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "2")) == 0
     assert latest_checkpoint(out) == step_checkpoint_path(out, 2)
+
+
+def test_a_killed_runs_forked_children_do_not_keep_its_folder_locked(tmp_path):
+    """A run killed with SIGKILL while its DataLoader workers (forked) live on for a while: a requeue that
+    starts at once is not refused in the dead run's name."""
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys, time; from fastmae.train.output_lock import OutputFolderLock; "
+         "lock = OutputFolderLock.acquire(sys.argv[1]); child = os.fork()\n"
+         "if child == 0: time.sleep(60); os._exit(0)\n"
+         "print(child, flush=True); time.sleep(120)", str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        holder.kill()
+        holder.wait()
+        assert os.path.exists(f"/proc/{child}")  # the forked child outlives its parent
+        OutputFolderLock.acquire(out).release()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
 
 
 def test_keeps_only_the_newest_checkpoints(tmp_path, image_folder):

@@ -3,9 +3,12 @@
 A second launch into a folder where a run is still going (a job submitted twice, a relaunch while
 the first is still saving) would truncate its metrics, interleave its checkpoints and rotate them
 away. The earlier-run check (``checkpoints.earlier_run_outputs``) sees only what a run has written
-so far; this lock covers the rest. It is an advisory ``flock`` on ``.fastmae-run.lock``, which the
-system releases when the holding process ends however it ends, so no stale lock outlives a killed
-run. Where the file system has no locks (some network file systems) runs go unlocked.
+so far; this lock covers the rest. It is an advisory POSIX record lock (``lockf``) on
+``.fastmae-run.lock``, which the system releases when the holding process ends however it ends, so
+no stale lock outlives a killed run. Not ``flock``: a forked child (a DataLoader worker) shares a
+``flock`` and kept the folder locked for seconds after its run was killed, where a record lock
+belongs to the one process. Where the file system has no locks (some network file systems) runs go
+unlocked.
 """
 
 from __future__ import annotations
@@ -43,8 +46,8 @@ class OutputFolderLock:
         if fcntl is None:
             return cls(file)
         try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process holds it
             file.seek(0)
             holder = file.read().strip() or "a process that has not said which yet"
             file.close()
@@ -65,5 +68,5 @@ class OutputFolderLock:
 
     def release(self) -> None:
         if self._file is not None:
-            self._file.close()  # closing the last descriptor releases the flock
+            self._file.close()  # releases the lock
             self._file = None
