@@ -897,6 +897,45 @@ def test_resuming_an_older_checkpoint_moves_the_lines_it_logs_again(tmp_path, im
     assert [json.loads(line)["epoch"] for line in (out / "log.redone.txt").read_text().splitlines()] == [1]
 
 
+def test_resuming_an_older_checkpoint_sets_the_later_checkpoints_aside(tmp_path, image_folder, capsys):
+    """The checkpoints after the one resumed from belong to the run being redone: left under their names,
+    rotation took them for the newest and deleted the file just written, and --resume auto went back
+    to them. They are renamed *.redone.pth; this run's saves are kept and continued."""
+    out = tmp_path / "out"
+    flags = ("--epochs", "2", "--save_every", "2", "--keep_checkpoints", "2", "--save_epochs", "1")
+    assert fastmae_main(micro_flags(image_folder, out, *flags)) == 0
+    assert [p.name for p in sorted(out.glob("checkpoint-*.pth"))] == [
+        "checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-step00000006.pth", "checkpoint-step00000008.pth"]
+    capsys.readouterr()
+    assert fastmae_main(micro_flags(image_folder, out, *flags, "--max_steps", "5", "--blr", "1e-3",
+                                    "--resume", str(out / "checkpoint-0.pth"))) == 0
+    said = capsys.readouterr().out
+    assert ("3 checkpoint(s) after the one resumed from (checkpoint-step00000006.pth, checkpoint-step00000008.pth, "
+            "checkpoint-1.pth), of the run it redoes, renamed *.redone.pth") in said
+    assert f"done at step 5: checkpoint {step_checkpoint_path(out, 5)}" in said
+    assert step_checkpoint_path(out, 5).is_file() and latest_checkpoint(out) == step_checkpoint_path(out, 5)
+    assert {p.name for p in out.glob("*.redone.pth")} == {
+        "checkpoint-step00000006.redone.pth", "checkpoint-step00000008.redone.pth", "checkpoint-1.redone.pth"}
+    assert fastmae_main(micro_flags(image_folder, out, *flags, "--blr", "1e-3", "--resume", "auto")) == 0
+    said = capsys.readouterr().out
+    assert f"resumed from {step_checkpoint_path(out, 5)}" in said and "done at step 8" in said
+    assert read_checkpoint(out / "checkpoint-1.pth")["args"]["blr"] == 1e-3  # this run's epoch 1, not the first's
+
+
+def test_resume_with_a_larger_accum_iter_between_its_steps_starts_at_the_boundary_before(tmp_path, image_folder,
+                                                                                         capsys):
+    """Stopped at batch 3 (accum 1); resumed with --accum_iter 2, whose steps start at even batches: it read
+    past the epoch's end (a bare StopIteration) and saved nothing."""
+    out = tmp_path / "out"
+    assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "3")) == 0  # at batch 3 of 4
+    capsys.readouterr()
+    assert fastmae_main(micro_flags(image_folder, out, "--resume", "auto", "--accum_iter", "2", "--epochs", "2")) == 0
+    said = capsys.readouterr().out
+    assert ("the checkpoint stopped at batch 3 of epoch 0, between two steps of --accum_iter 2: continuing at batch 2, "
+            "the step boundary before it (batch(es) 2 to 2 are seen again)") in said
+    assert logged(out)[-1]["epoch"] == 2.0
+
+
 def test_resume_with_another_batch_size_starts_on_an_optimizer_step_boundary(tmp_path, image_folder, capsys):
     out = tmp_path / "out"
     assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "3")) == 0  # 12 of the 16 images of epoch 0

@@ -125,6 +125,27 @@ def save_training_checkpoint(output_dir: str | Path, model, optimizer, scaler, p
     return path
 
 
+def set_aside_checkpoints_redone(output_dir: str | Path, step: int, epoch: int) -> list[str]:
+    """A run resumed at optimizer step ``step`` (epoch ``epoch`` not yet done) from an older checkpoint
+    redoes what the checkpoints after it hold. Left under their names they would be taken for this run's
+    newest: rotated in place of the file just written, and continued by --resume auto. They are renamed
+    ``*.redone.pth`` (``*.redone_2.pth``, ... on a later resume), as the log lines after it move to
+    metrics.redone.jsonl: nothing is lost, and nothing of the abandoned run is continued."""
+    later = [p for p in step_checkpoints(output_dir) if int(_STEP_FILE.search(p.name).group(1)) > step]
+    later += [p for p in epoch_checkpoints(output_dir) if int(_EPOCH_FILE.search(p.name).group(1)) >= epoch]
+    for path in later:
+        target, n = path.with_name(f"{path.stem}.redone{path.suffix}"), 1
+        while target.exists():
+            n += 1
+            target = path.with_name(f"{path.stem}.redone_{n}{path.suffix}")
+        path.rename(target)
+    if not later:
+        return []
+    names = ", ".join(p.name for p in later[:3]) + (f" and {len(later) - 3} more" if len(later) > 3 else "")
+    return [f"{len(later)} checkpoint(s) after the one resumed from ({names}), of the run it redoes, renamed "
+            "*.redone.pth: they are not this run's, and --resume auto does not continue them"]
+
+
 def earlier_run_outputs(output_dir: str | Path, resume: str) -> list[Path]:
     """What an earlier run left in ``output_dir`` that a run started with ``--resume resume`` would
     replace: its step checkpoints (rotated away, or taken for this run's newest by --resume auto)

@@ -30,8 +30,8 @@ from fastmae.kernels import resolve_kernels
 from fastmae.masking import num_visible_patches
 from fastmae.models import create_model
 from fastmae.train.checkpoints import (TrainingPosition, earlier_run_outputs, latest_checkpoint, resume_from,
-                                      keep_as_epoch_checkpoint, save_training_checkpoint, step_checkpoint_path,
-                                      step_checkpoints)
+                                      keep_as_epoch_checkpoint, save_training_checkpoint, set_aside_checkpoints_redone,
+                                      step_checkpoint_path, step_checkpoints)
 from fastmae.train.config import PretrainConfig, default_num_workers
 from fastmae.train.cuda_graph import GraphedTrainStep, check_cuda_graph_support
 from fastmae.train.distributed import DistributedContext
@@ -199,6 +199,7 @@ class Pretrainer:
             self.messages.extend(set_aside_earlier_outputs(self.output_dir))
         elif ctx.is_main:
             self.messages.extend(set_aside_lines_redone(self.output_dir, self.position.step, self.position.epoch))
+            self.messages.extend(set_aside_checkpoints_redone(self.output_dir, self.position.step, self.position.epoch))
         self.logger = MetricsLogger(self.output_dir, cfg.log_dir or self.output_dir, self.total_steps,
                                     self.position.step, enabled=ctx.is_main, progress_bar=cfg.progress_bar,
                                     append=self.last_checkpoint is not None)
@@ -294,17 +295,26 @@ class Pretrainer:
 
     def _convert_data_position(self, position: TrainingPosition) -> None:
         """A checkpoint of a run with another batch size or world size: continue after the same number
-        of images of the epoch (exact resumption needs both unchanged)."""
-        saved, now = position.images_per_batch or self.images_per_batch, self.images_per_batch
+        of images of the epoch (exact resumption needs both unchanged). One of a run with another
+        --accum_iter, stopped between two of this run's steps: continue at the step boundary before it."""
+        saved, now, accum = position.images_per_batch or self.images_per_batch, self.images_per_batch, self.cfg.accum_iter
         if saved != now and position.batch:
             batch = position.batch * saved // now
-            batch -= batch % self.cfg.accum_iter  # start on an optimizer-step boundary
+            batch -= batch % accum  # start on an optimizer-step boundary
             # not among the epoch's left-over batches, which make no step: the epoch's last step is taken here
-            batch = min(batch, self.stepped_batches - self.cfg.accum_iter)
+            batch = min(batch, self.stepped_batches - accum)
             self.messages.append(
                 f"the checkpoint's micro-batches held {saved} images over all ranks, this run's hold {now}: "
                 f"continuing at batch {batch} of epoch {position.epoch} (the same images seen, but the data "
                 f"order now differs from an uninterrupted run)")
+            position.batch = batch
+        elif position.batch % accum and position.batch < self.stepped_batches:
+            # an epoch's steps end at stepped_batches: a start between boundaries would read past its end
+            batch = position.batch - position.batch % accum
+            self.messages.append(
+                f"the checkpoint stopped at batch {position.batch} of epoch {position.epoch}, between two steps of "
+                f"--accum_iter {accum}: continuing at batch {batch}, the step boundary before it (batch(es) "
+                f"{batch} to {position.batch - 1} are seen again)")
             position.batch = batch
         position.images_per_batch = now
 
