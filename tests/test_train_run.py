@@ -936,6 +936,34 @@ def test_resume_with_a_larger_accum_iter_between_its_steps_starts_at_the_boundar
     assert logged(out)[-1]["epoch"] == 2.0
 
 
+def test_a_run_stopped_between_two_logging_steps_logs_on_resume_what_it_would_have(tmp_path, image_folder,
+                                                                                   monkeypatch, capsys):
+    """SIGTERM in step 5 of 8 (logging every 3, 4 steps an epoch): the resumed run's line at step 6 averages
+    steps 4 to 6 and log.txt's epoch 1 steps 5 to 8, as in a run never stopped; they averaged the steps
+    after the resume alone."""
+    flags = ("--epochs", "2", "--log_every", "3")
+    straight = tmp_path / "straight"
+    assert fastmae_main(micro_flags(image_folder, straight, *flags)) == 0
+    real_step, calls = trainer_module.train_step, []
+
+    def stopped_in_step_5(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            signal.raise_signal(signal.SIGTERM)
+        return real_step(*args, **kwargs)
+
+    stopped = tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module, "train_step", stopped_in_step_5)
+        assert fastmae_main(micro_flags(image_folder, stopped, *flags)) == 128 + signal.SIGTERM
+    assert latest_checkpoint(stopped) == step_checkpoint_path(stopped, 5)
+    assert fastmae_main(micro_flags(image_folder, stopped, *flags, "--resume", "auto")) == 0
+    keys = ("step", "epoch", "loss", "lr")
+    assert [{k: r[k] for k in keys} for r in logged(stopped)] == [{k: r[k] for k in keys} for r in logged(straight)]
+    assert [r["step"] for r in logged(stopped)] == [3, 6, 8]
+    assert (stopped / "log.txt").read_text() == (straight / "log.txt").read_text()
+
+
 def test_resume_with_another_batch_size_starts_on_an_optimizer_step_boundary(tmp_path, image_folder, capsys):
     out = tmp_path / "out"
     assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "3")) == 0  # 12 of the 16 images of epoch 0

@@ -13,7 +13,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +32,25 @@ _EPOCH_FILE = re.compile(r"^checkpoint-(\d+)\.pth$")
 
 
 @dataclass
+class UnloggedSums:
+    """The losses of steps done but in no log line yet, over all ranks: the metrics.jsonl window's and
+    the epoch's (log.txt's). A checkpoint carries them, so that a run resumed between two logging steps
+    writes the lines an uninterrupted run writes, not averages of the steps after the resume alone."""
+    window_loss: float = 0.0  # sum over the window's micro-batches
+    window_count: int = 0
+    epoch_loss: float = 0.0  # sum over the epoch's iterations (micro-batches)
+    epoch_count: int = 0
+    epoch_lr: float = 0.0  # sum of the lr over one rank's iterations (the same on every rank)
+    epoch_lr_count: int = 0
+
+
+@dataclass
 class TrainingPosition:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # epoch of the next micro-batch
     batch: int = 0  # index of the next micro-batch within that epoch
     images_per_batch: int = 0  # of a micro-batch over all ranks (batch_size x world size); 0 = unknown
+    unlogged: UnloggedSums | None = None  # saved with a checkpoint, restored from one; None: nothing carried
 
 
 def step_checkpoint_path(output_dir: str | Path, step: int) -> Path:
@@ -73,8 +87,11 @@ def keep_as_epoch_checkpoint(step_checkpoint: Path, epoch: int) -> Path:
 
 
 def _resume_state(position: TrainingPosition) -> dict:
-    return {"step": position.step, "epoch": position.epoch, "batch": position.batch,
-            "images_per_batch": position.images_per_batch, "rng": rng_states()}
+    state = {"step": position.step, "epoch": position.epoch, "batch": position.batch,
+             "images_per_batch": position.images_per_batch, "rng": rng_states()}
+    if position.unlogged is not None:
+        state["unlogged"] = asdict(position.unlogged)
+    return state
 
 
 def step_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -195,7 +212,8 @@ def resume_from(path: str | Path, model, optimizer, scaler, current_args: dict |
     state = container[RESUME_KEY]
     restore_rng_states(state["rng"])
     position = TrainingPosition(step=int(state["step"]), epoch=int(state["epoch"]), batch=int(state["batch"]),
-                                images_per_batch=int(state.get("images_per_batch", 0)))
+                                images_per_batch=int(state.get("images_per_batch", 0)),
+                                unlogged=UnloggedSums(**state["unlogged"]) if "unlogged" in state else None)
     message = f"resumed from {path} at step {position.step} (epoch {position.epoch}, batch {position.batch})"
     return position, message + _changes(saved_args(container), current_args)
 

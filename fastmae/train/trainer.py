@@ -9,6 +9,7 @@ a run stopped and resumed from a checkpoint computes exactly what the uninterrup
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import shutil
 import signal
@@ -29,7 +30,7 @@ from fastmae.data.loader import DataConfig, UnreadableData, build_loader, previe
 from fastmae.kernels import resolve_kernels
 from fastmae.masking import num_visible_patches
 from fastmae.models import create_model
-from fastmae.train.checkpoints import (TrainingPosition, earlier_run_outputs, latest_checkpoint, resume_from,
+from fastmae.train.checkpoints import (TrainingPosition, UnloggedSums, earlier_run_outputs, latest_checkpoint, resume_from,
                                       keep_as_epoch_checkpoint, save_training_checkpoint, set_aside_checkpoints_redone,
                                       step_checkpoint_path, step_checkpoints)
 from fastmae.train.config import PretrainConfig, default_num_workers
@@ -410,13 +411,16 @@ class Pretrainer:
         cfg, pos = self.cfg, self.position
         window = _LogWindow(self.device, time.perf_counter(), pos.step)
         epoch_sums = _EpochSums(self.device)
+        if pos.unlogged is not None:  # the steps before the resume that no line holds yet
+            window.carry_over(pos.unlogged, self.ctx.is_main)
+            epoch_sums.carry_over(pos.unlogged, self.ctx.is_main)
         while not self._finished():
             epoch, n, stepped = pos.epoch, self.batches_per_epoch, self.stepped_batches
             self.data.set_epoch(epoch, pos.batch)
             batches = iter(self.data)
             while pos.epoch == epoch and not self._finished():
                 if self.ctx.any_rank(self._stop_signal is not None):
-                    return self._stop_on_signal(window)
+                    return self._stop_on_signal(window, epoch_sums)
                 start, stop = pos.batch, pos.batch + cfg.accum_iter
                 lr = lr_at(epoch + start / n, self.peak_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
                 set_lr(self.optimizer, lr)
@@ -444,28 +448,29 @@ class Pretrainer:
                 if pos.step % cfg.log_every == 0 or last:
                     self._log(window)
                 if pos.step % cfg.save_every == 0 and not last:
-                    self._save(window, periodic=True)
-        self._save(window)
+                    self._save(window, epoch_sums, periodic=True)
+        self._save(window, epoch_sums)
         self._finish()
         return 0
 
     def _end_epoch(self, epoch: int, sums: "_EpochSums", window: "_LogWindow") -> None:
         """The reference's log.txt line of the epoch just done: its loss and lr averaged over its
         iterations (micro-batches) on all ranks, as main_pretrain.py's metric logger does. An epoch this
-        process began part-way (resumed from a checkpoint inside it) averages the steps it trained."""
+        process began part-way starts from the sums its checkpoint carried: the whole epoch's average.
+        (A checkpoint of an earlier fastmae carries none: then the steps after the resume.)"""
         loss, lr = sums.reduce(self.ctx)
         if not math.isfinite(loss):  # the same on every rank: all stop
             raise NonFiniteLoss(self._nonfinite_message(window.first_step, self.position.step))
         self.logger.log_epoch({"train_lr": lr, "train_loss": loss, "epoch": epoch})
         every = self.cfg.save_epochs
         if every and (epoch % every == 0 or epoch + 1 == self.cfg.epochs):
-            self._save_epoch_checkpoint(epoch, window)
+            self._save_epoch_checkpoint(epoch, window, sums)
 
-    def _save_epoch_checkpoint(self, epoch: int, window: "_LogWindow") -> None:
+    def _save_epoch_checkpoint(self, epoch: int, window: "_LogWindow", sums: "_EpochSums") -> None:
         """The reference's checkpoint-{epoch}.pth, for the scripts that look for it: the step checkpoint of
         this step (so --resume auto, which reads step checkpoints, is never behind it), kept under that
         name too. A file system that refuses it is said, and training goes on."""
-        path = self._save(window, periodic=True)
+        path = self._save(window, sums, periodic=True)
         if not self.ctx.is_main or path != step_checkpoint_path(self.output_dir, self.position.step):
             return  # not saved: _save said why
         try:
@@ -511,7 +516,7 @@ class Pretrainer:
         self.totals.add_window(elapsed, window.data_wait, window.images * self.ctx.world_size, pos.step - window.first_step)
         window.restart(now, pos.step)
 
-    def _save(self, window: "_LogWindow", periodic: bool = False) -> Path | None:
+    def _save(self, window: "_LogWindow", epoch_sums: "_EpochSums", periodic: bool = False) -> Path | None:
         """Save a checkpoint of the current state, after checking that no loss since the last check
         was non-finite (a non-finite state is never saved as "good").
 
@@ -522,14 +527,20 @@ class Pretrainer:
         step = self.position.step
         if self.last_checkpoint is not None and self.last_checkpoint.name.endswith(f"{step:08d}.pth"):
             return self.last_checkpoint  # this step is saved already (e.g. resumed with nothing to do)
-        _, _, nonfinite, _ = window.reduce(self.ctx, self.data.skipped)
+        window_loss, window_count, nonfinite, _ = window.reduce(self.ctx, self.data.skipped)
         if nonfinite:
             raise NonFiniteLoss(self._nonfinite_message(window.first_step, step))
+        if step % self.cfg.log_every == 0 or self._finished():  # this step's line takes the window
+            window_loss, window_count = 0.0, 0
+        epoch_loss, epoch_count = epoch_sums.totals(self.ctx)
+        unlogged = UnloggedSums(window_loss, window_count, epoch_loss, epoch_count, epoch_sums.lr_sum,
+                                epoch_sums.iterations)
         path, error = step_checkpoint_path(self.output_dir, step), None
         if self.ctx.is_main:
             try:
                 save_training_checkpoint(self.output_dir, self.model, self.optimizer, self.scaler,
-                                         self.position, self.args_to_save, self.cfg.keep_checkpoints)
+                                         dataclasses.replace(self.position, unlogged=unlogged), self.args_to_save,
+                                         self.cfg.keep_checkpoints)
             except OSError as err:
                 error = err
         # also the barrier: the file is complete (or failed) before any rank moves on (or exits)
@@ -563,9 +574,9 @@ class Pretrainer:
             good = f"the last good checkpoint is {self.last_checkpoint} (resume with --resume {self.last_checkpoint}, e.g. with a lower --blr)"
         return f"stopping: the loss became non-finite {where}; {good}"
 
-    def _stop_on_signal(self, window: "_LogWindow") -> int:
+    def _stop_on_signal(self, window: "_LogWindow", epoch_sums: "_EpochSums") -> int:
         signum = self._stop_signal or signal.SIGTERM
-        path = self._save(window)
+        path = self._save(window, epoch_sums)
         self.logger.close_bar()
         self.logger.message(f"received {signal.Signals(signum).name}: saved {path} at step {self.position.step}; "
                             f"continue with --resume auto (or --resume {path})")
@@ -674,25 +685,39 @@ class _EpochSums:
         self.device = device
         # float64: an epoch of ImageNet is thousands of iterations, whose float32 sum would drift
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.loss_count = 0  # this rank's iterations, and on the first rank those carried over a resume
         self.lr_sum = 0.0  # the lr is a host number (lr_at), whatever the optimizer holds
         self.iterations = 0
+
+    def carry_over(self, unlogged: UnloggedSums, first_rank: bool) -> None:
+        """Start from a checkpoint's sums: the loss (all ranks') on the first rank, the lr on every rank."""
+        if first_rank:
+            self.loss_sum.fill_(unlogged.epoch_loss)
+            self.loss_count = unlogged.epoch_count
+        self.lr_sum, self.iterations = unlogged.epoch_lr, unlogged.epoch_lr_count
 
     def add(self, losses: torch.Tensor, lr: float) -> None:
         """losses [M]: the micro-batch losses of one optimizer step, taken at ``lr``."""
         self.loss_sum += losses.sum()
+        self.loss_count += losses.numel()
         self.lr_sum += lr * losses.numel()
         self.iterations += losses.numel()
 
-    def reduce(self, ctx: DistributedContext) -> tuple[float, float]:
-        """(mean loss over all ranks' iterations, mean lr), and start the next epoch's sums."""
-        values = torch.stack([self.loss_sum, torch.tensor(float(self.iterations), dtype=torch.float64,
+    def totals(self, ctx: DistributedContext) -> tuple[float, int]:
+        """(loss sum, iterations) over all ranks so far."""
+        values = torch.stack([self.loss_sum, torch.tensor(float(self.loss_count), dtype=torch.float64,
                                                           device=self.device)])
         if ctx.enabled:
             torch.distributed.all_reduce(values)
         loss_sum, count = values.tolist()
+        return loss_sum, int(count)
+
+    def reduce(self, ctx: DistributedContext) -> tuple[float, float]:
+        """(mean loss over all ranks' iterations, mean lr), and start the next epoch's sums."""
+        loss_sum, count = self.totals(ctx)
         lr = self.lr_sum / max(self.iterations, 1)
         self.loss_sum.zero_()
-        self.lr_sum, self.iterations = 0.0, 0
+        self.loss_count, self.lr_sum, self.iterations = 0, 0.0, 0
         return loss_sum / max(count, 1), lr
 
 
@@ -713,6 +738,13 @@ class _LogWindow:
         self.data_wait = 0.0
         self.started = started
         self.first_step = step
+
+    def carry_over(self, unlogged: UnloggedSums, first_rank: bool) -> None:
+        """Start from a checkpoint's window (all ranks' losses, on the first rank): its images and time are
+        not this process's, so the speed is of the steps after the resume alone."""
+        if first_rank:
+            self.loss_sum.fill_(unlogged.window_loss)
+            self.count = unlogged.window_count
 
     def add(self, losses: torch.Tensor, images: int) -> None:
         """losses [M]: the micro-batch losses of one optimizer step."""
