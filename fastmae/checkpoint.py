@@ -29,6 +29,11 @@ POS_EMBED_KEYS = ("pos_embed", "decoder_pos_embed")
 FOREIGN_PREFIXES = ("head.", "fc_norm.", "bn.")
 
 
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint file that cannot be read (truncated, corrupt, another format, unsafe to unpickle):
+    not one that reads and does not fit the model."""
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """The whole container (a dict) of a .pth/.pt or .safetensors file, read without arbitrary unpickling."""
     path = Path(path)
@@ -47,17 +52,17 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         try:
             return {"model": load_file(str(path))}
         except SafetensorError as err:
-            raise ValueError(f"checkpoint {path} is not a readable safetensors file (truncated, corrupt, or "
-                             f"another format): {err}") from None
+            raise UnreadableCheckpoint(f"checkpoint {path} is not a readable safetensors file (truncated, corrupt, "
+                                       f"or another format): {err}") from None
     if path.stat().st_size == 0:
-        raise ValueError(f"checkpoint {path} is empty (0 bytes)")
+        raise UnreadableCheckpoint(f"checkpoint {path} is empty (0 bytes)")
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # an unsafe pickle or a broken file: say which
-            raise ValueError(_unreadable_checkpoint(path, err)) from err
+            raise UnreadableCheckpoint(_unreadable_checkpoint(path, err)) from err
     if not isinstance(obj, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict or state_dict")
+        raise UnreadableCheckpoint(f"checkpoint {path} holds a {type(obj).__name__}, not a dict or state_dict")
     return obj
 
 

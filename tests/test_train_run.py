@@ -434,6 +434,18 @@ def test_a_periodic_checkpoint_the_disk_refuses_is_reported_and_training_goes_on
     assert not list(out.glob(".*tmp")) and logged(out)[-1]["step"] == 8
 
 
+def test_a_refused_save_says_when_the_next_try_is(tmp_path, image_folder, monkeypatch, capsys):
+    """It said step + --save_every: step 69 of a 64-step run, and a step past the epoch checkpoint that came first.
+    4 steps an epoch: the try after step 3 is epoch 0's checkpoint at step 4."""
+    _refuse_saves_of_steps(monkeypatch, [3, 8])
+    status = fastmae_main(micro_flags(image_folder, tmp_path / "out", "--epochs", "2", "--save_every", "3",
+                                      "--save_epochs", "1"))
+    printed = capsys.readouterr().out
+    assert status == trainer_module.EXIT_NOT_SAVED
+    assert "step 3 as" in printed and "training goes on and tries again at step 4" in printed, printed  # epoch 0's end
+    assert "step 8 as" in printed and "it is tried once more now, as the run's last checkpoint" in printed, printed
+
+
 def test_a_final_checkpoint_the_disk_refuses_stops_with_a_message_and_keeps_the_earlier_ones(
         tmp_path, image_folder, monkeypatch, capsys):
     out = tmp_path / "out"
@@ -1108,8 +1120,34 @@ def test_resume_at_the_end_of_the_schedule_says_there_is_nothing_to_train(tmp_pa
     assert fastmae_main(micro_flags(image_folder, out, "--epochs", "1", "--resume", "auto")) == 0
     assert ("nothing to train: the run is at step 8, epoch 2, already at the end that --epochs 1 sets (raise it to "
             "go on)") in capsys.readouterr().out
+    # a --max_steps beyond the end: the limit reached is --epochs'
+    assert fastmae_main(micro_flags(image_folder, out, "--epochs", "2", "--max_steps", "40", "--resume", "auto")) == 0
+    assert "already at the end that --epochs 2 sets" in capsys.readouterr().out
     assert fastmae_main(micro_flags(image_folder, tmp_path / "lr", "--lr", "1e-3", "--max_steps", "1")) == 0
     assert "peak lr 0.001 (--lr, which is blr 0.064 at this effective batch)" in capsys.readouterr().out
+
+
+def test_a_resume_that_does_not_fit_the_model_names_the_flag_or_the_kind_of_checkpoint(tmp_path, image_folder, capsys):
+    """--resume auto under another --model named the newest checkpoint as damaged and advised the one
+    before it (which fails the same way); a classifier's checkpoint read as a half-loaded model."""
+    out = tmp_path / "out"
+    assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "4", "--save_every", "2")) == 0
+    capsys.readouterr()
+    argv = micro_flags(image_folder, out, "--resume", "auto")
+    argv[argv.index("--model") + 1] = "mae_vit_demo_patch8"
+    assert fastmae_main(argv) == 2
+    err = capsys.readouterr().err
+    assert (f"{step_checkpoint_path(out, 4)} does not fit this run's model; the checkpoint's run was trained with "
+            "--model mae_vit_micro_patch4 (this run: mae_vit_demo_patch8): resume with its settings") in err, err
+    assert "the one before it" not in err
+    classifier = tmp_path / "ft.pth"
+    state = {k: v for k, v in read_checkpoint(step_checkpoint_path(out, 4))["model"].items()
+             if not k.startswith(("decoder_", "mask_token"))}
+    state.update({"head.weight": torch.zeros(10, 64), "head.bias": torch.zeros(10)})
+    torch.save({"model": state, "optimizer": {}, "epoch": 3, "args": {}}, classifier)
+    assert fastmae_main(micro_flags(image_folder, tmp_path / "other", "--resume", str(classifier))) == 2
+    assert (f"{classifier} is a classifier's checkpoint (fine-tuned or linear-probed: a head, no MAE decoder), not a "
+            "pretraining run's") in capsys.readouterr().err
 
 
 def test_our_checkpoint_resumes_the_references_way_and_an_earlier_grouping_resumes_here(tmp_path, image_folder):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastmae.checkpoint import load_weights, read_checkpoint, save_checkpoint, saved_args
+from fastmae.checkpoint import load_weights, read_checkpoint, save_checkpoint, saved_args, state_dict_of
 from fastmae.train.optim import load_optimizer_state
 
 RESUME_KEY = "fastmae_resume"
@@ -199,13 +199,14 @@ def resume_from(path: str | Path, model, optimizer, scaler, current_args: dict |
     weights only and returns None. The second value says what happened, and which of ``current_args``
     (this run's settings) differ from the checkpoint's run."""
     container = read_checkpoint(path)
+    _refuse_a_classifier(path, container)
     if RESUME_KEY not in container and {"optimizer", "epoch"} <= container.keys() and steps_per_epoch:
         return _resume_reference_run(path, container, model, optimizer, scaler, current_args, steps_per_epoch)
     if RESUME_KEY not in container:
         report = load_weights(model, container)
         return None, (f"{path} is not a fastmae training checkpoint: loaded the model weights only "
                       f"(optimizer, schedule and data start fresh)\n{report}")
-    load_weights(model, container, strict=True)
+    _load_run_weights(path, container, model, current_args)
     load_optimizer_state(optimizer, model, container["optimizer"])  # by name: checkpoints of earlier groupings too
     if container.get("scaler") is not None and scaler.is_enabled():
         scaler.load_state_dict(container["scaler"])
@@ -218,6 +219,38 @@ def resume_from(path: str | Path, model, optimizer, scaler, current_args: dict |
     return position, message + _changes(saved_args(container), current_args)
 
 
+# the flags that decide the model's tensors: a checkpoint that does not fit was most often trained with others
+ARCHITECTURE_SETTINGS = ("model", "input_size")
+
+
+def _load_run_weights(path, container: dict, model, current_args: dict | None) -> None:
+    """The weights of a training checkpoint, every tensor, or a ValueError naming the file and, where the
+    checkpoint's run says so, the flag that makes this model another than the one it trained."""
+    try:
+        load_weights(model, container, strict=True)
+    except ValueError as err:
+        saved = saved_args(container)
+        differ = [f"--{key} {saved[key]} (this run: {current_args.get(key)})" for key in ARCHITECTURE_SETTINGS
+                  if current_args is not None and key in saved and saved[key] != current_args.get(key)]
+        cause = (f"; the checkpoint's run was trained with {', '.join(differ)}: resume with its settings"
+                 if differ else "")
+        raise ValueError(f"{path} does not fit this run's model{cause}\n{err}") from None
+
+
+def _refuse_a_classifier(path, container: dict) -> None:
+    """A fine-tuned or linear-probe checkpoint (a head, no decoder) given to a pretraining resume."""
+    try:
+        state = state_dict_of(container)
+    except ValueError:
+        return  # load_weights says what is wrong with it
+    if "head.weight" in state or "head.1.weight" in state:
+        if not any(key.startswith(("decoder_", "mask_token")) for key in state):
+            raise ValueError(f"{path} is a classifier's checkpoint (fine-tuned or linear-probed: a head, no MAE "
+                             "decoder), not a pretraining run's: --resume continues MAE pretraining; to "
+                             "continue the classifier, use the command that made it (fastmae finetune / linprobe "
+                             "--resume)")
+
+
 def _changes(saved_args: dict, current_args: dict | None) -> str:
     changed = changed_settings(saved_args, current_args) if current_args is not None else []
     return f"; these settings differ from the checkpoint's run: {', '.join(changed)}" if changed else ""
@@ -226,7 +259,7 @@ def _changes(saved_args: dict, current_args: dict | None) -> str:
 def _resume_reference_run(path, container: dict, model, optimizer, scaler, current_args: dict | None,
                           steps_per_epoch: int) -> tuple[TrainingPosition, str]:
     """A run of the reference code, continued here after its last epoch (a 400-epoch run taken to 800)."""
-    load_weights(model, container, strict=True)
+    _load_run_weights(path, container, model, current_args)
     try:
         load_optimizer_state(optimizer, model, container["optimizer"])
         restored = "the weights and AdamW's state"

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fastmae.checkpoint import check_resume_file
+from fastmae.checkpoint import UnreadableCheckpoint, check_resume_file
 from fastmae.compiling import CompileConfig, compile_for_training, mark_step_begin
 from fastmae.data.loader import DataConfig, UnreadableData, build_loader, preview_batch, resolve_loader
 from fastmae.kernels import resolve_kernels
@@ -270,7 +270,7 @@ class Pretrainer:
         try:
             position, message = resume_from(path, self.model, self.optimizer, self.scaler, asdict(cfg),
                                             steps_per_epoch=self.steps_per_epoch)
-        except ValueError as err:
+        except UnreadableCheckpoint as err:
             earlier = step_checkpoints(self.output_dir)[:-1] if cfg.resume == "auto" else []
             if not earlier:
                 raise
@@ -364,7 +364,8 @@ class Pretrainer:
             self.logger.message(message)
         self.logger.message(self.describe())
         if self._finished():  # resumed at or past the end of this run's schedule
-            limit = f"--max_steps {self.cfg.max_steps}" if self.cfg.max_steps is not None else f"--epochs {self.cfg.epochs}"
+            limit = (f"--epochs {self.cfg.epochs}" if self.position.epoch >= self.cfg.epochs
+                     else f"--max_steps {self.cfg.max_steps}")
             self.logger.message(f"nothing to train: the run is at step {self.position.step}, epoch "
                                 f"{self.position.epoch}, already at the end that {limit} sets (raise it to go on)")
         previous = self._install_signal_handlers()
@@ -549,10 +550,25 @@ class Pretrainer:
                        f"{self._saved_so_far()}")
             if not periodic:
                 raise CheckpointNotSaved(message)
-            self.logger.message(f"{message}; training goes on and tries again at step {step + self.cfg.save_every}")
+            self.logger.message(f"{message}; {self._next_save_said()}")
             return self.last_checkpoint
         self.last_checkpoint = path
         return path
+
+    def _next_save_said(self) -> str:
+        """After a refused periodic save: when the next try is (an epoch's checkpoint may come sooner)."""
+        if self._finished():
+            return "it is tried once more now, as the run's last checkpoint"
+        pos, cfg = self.position, self.cfg
+        step = (pos.step // cfg.save_every + 1) * cfg.save_every
+        if cfg.save_epochs:  # the next epoch checkpoint: at the end of the next epoch that saves one
+            epoch = next(e for e in range(pos.epoch, cfg.epochs) if e % cfg.save_epochs == 0 or e + 1 == cfg.epochs)
+            epoch_end = (pos.step + (self.stepped_batches - pos.batch) // cfg.accum_iter
+                         + (epoch - pos.epoch) * self.steps_per_epoch)
+            step = min(step, epoch_end)
+        if step >= self.total_steps:
+            return f"training goes on and tries again at its end (step {self.total_steps})"
+        return f"training goes on and tries again at step {step}"
 
     def _saved_so_far(self) -> str:
         if self.last_checkpoint is None:
