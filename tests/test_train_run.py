@@ -648,9 +648,17 @@ def test_a_run_into_a_folder_another_run_is_writing_is_refused_until_that_run_en
         err = capsys.readouterr().err
         assert f"--output_dir {out} is in use by another fastmae run (pid {holder.pid} on " in err, err
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        # the live run has logged and saved: its files are not "an earlier run's" to continue with --resume auto
+        (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+        step_checkpoint_path(out, 1).write_bytes(b"the live run's checkpoint")
+        assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "2")) == 2
+        err = capsys.readouterr().err
+        assert f"--output_dir {out} is in use by another fastmae run (pid {holder.pid} on " in err, err
     finally:
         holder.kill()
         holder.wait()
+    for name in ("metrics.jsonl", step_checkpoint_path(out, 1).name):
+        (out / name).unlink()
     assert fastmae_main(micro_flags(image_folder, out, "--max_steps", "2")) == 0
     assert latest_checkpoint(out) == step_checkpoint_path(out, 2)
 
@@ -969,6 +977,7 @@ def test_a_run_stopped_between_two_logging_steps_logs_on_resume_what_it_would_ha
         patch.setattr(trainer_module, "train_step", stopped_in_step_5)
         assert fastmae_main(micro_flags(image_folder, stopped, *flags)) == 128 + signal.SIGTERM
     assert latest_checkpoint(stopped) == step_checkpoint_path(stopped, 5)
+    assert json.loads((stopped / "summary.json").read_text())["whole_run"]["steps"] == 5  # 4 and 5 in no line
     assert fastmae_main(micro_flags(image_folder, stopped, *flags, "--resume", "auto")) == 0
     keys = ("step", "epoch", "loss", "lr")
     assert [{k: r[k] for k in keys} for r in logged(stopped)] == [{k: r[k] for k in keys} for r in logged(straight)]

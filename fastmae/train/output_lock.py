@@ -30,6 +30,11 @@ class OutputFolderInUse(ValueError):
     pass
 
 
+def in_use_message(output_dir: str | Path, holder: str) -> str:
+    return (f"--output_dir {output_dir} is in use by another fastmae run ({holder}); wait for it to end, or give "
+            "another --output_dir")
+
+
 class OutputFolderLock:
     """Held from ``acquire`` until ``release`` (or the process's end)."""
 
@@ -51,8 +56,7 @@ class OutputFolderLock:
             file.seek(0)
             holder = file.read().strip() or "a process that has not said which yet"
             file.close()
-            raise OutputFolderInUse(f"--output_dir {output_dir} is in use by another fastmae run ({holder}); "
-                                    "wait for it to end, or give another --output_dir") from None
+            raise OutputFolderInUse(in_use_message(output_dir, holder)) from None
         except OSError:  # no locks on this file system
             return cls(file)
         started = datetime.datetime.now().isoformat(timespec="seconds")
@@ -65,6 +69,25 @@ class OutputFolderLock:
             file.close()
             raise
         return cls(file)
+
+    @staticmethod
+    def holder(output_dir: str | Path) -> str | None:
+        """Who holds ``output_dir``'s lock when another process does (as it wrote it), else None; creates
+        nothing. For a refusal that would otherwise blame a live run's files on an earlier run."""
+        path = Path(output_dir) / LOCK_NAME
+        if fcntl is None or not path.is_file():
+            return None
+        try:
+            with open(path, "r+", encoding="utf-8") as file:
+                try:
+                    fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except (BlockingIOError, PermissionError):
+                    return file.read().strip() or "a process that has not said which yet"
+                # closing the file releases the probe's lock (and any this process held on the file: only a
+                # process refused before taking its own lock probes)
+                return None
+        except OSError:  # unreadable, or no locks on this file system
+            return None
 
     def release(self) -> None:
         if self._file is not None:

@@ -41,7 +41,7 @@ from fastmae.train.metrics import (
     set_aside_lines_redone,
 )
 from fastmae.train.optim import build_optimizer
-from fastmae.train.output_lock import OutputFolderInUse, OutputFolderLock
+from fastmae.train.output_lock import OutputFolderInUse, OutputFolderLock, in_use_message
 from fastmae.train.schedule import base_batch_lr, lr_at, set_lr
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -129,7 +129,9 @@ class Pretrainer:
         # otherwise rotate away days of checkpoints). Every rank stops: rank 0 alone may see the files.
         earlier = earlier_run_outputs(self.output_dir, cfg.resume) if ctx.is_main else []
         if ctx.any_rank(bool(earlier)):
-            raise ValueError(self._earlier_run_message(earlier))
+            # the same job launched twice: the files are a live run's, and waiting is the fix
+            holder = OutputFolderLock.holder(self.output_dir) if ctx.is_main else None
+            raise ValueError(in_use_message(self.output_dir, holder) if holder else self._earlier_run_message(earlier))
 
         # data first: a bad --data_path is an error before any model is built
         self.data_cfg = DataConfig(
@@ -593,6 +595,10 @@ class Pretrainer:
     def _stop_on_signal(self, window: "_LogWindow", epoch_sums: "_EpochSums") -> int:
         signum = self._stop_signal or signal.SIGTERM
         path = self._save(window, epoch_sums)
+        # the steps since the last logging step, which no line holds (the checkpoint carries their losses),
+        # count in the run's totals all the same
+        self.totals.add_window(time.perf_counter() - window.started, window.data_wait,
+                               window.images * self.ctx.world_size, self.position.step - window.first_step)
         self.logger.close_bar()
         self.logger.message(f"received {signal.Signals(signum).name}: saved {path} at step {self.position.step}; "
                             f"continue with --resume auto (or --resume {path})")
