@@ -24,11 +24,26 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("fastmae.downstream.export", "export the encoder to timm or HF transformers key layouts"),
 }
 
+GROUP_HELP = {
+    "bench": "speed benchmarks: step (training step, fastmae vs baselines), table2 (the paper's Table 2), data (loaders)",
+    "kernels": "the Triton kernels: compile (registers, spills and shared memory for sm_90/sm_80, no GPU needed)",
+}
+
 # Flags, in any command, that name where it writes: checked before the command does any work.
 OUTPUT_FLAGS: dict[str, str] = {
     "output_dir": "folder", "out_dir": "folder", "log_dir": "folder", "json": "file", "plot": "file",
     "output": "either",  # visualize: a PNG; export: a file (timm) or a folder (hf)
 }
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default after its help, unless the help already speaks of its default, or there is
+    none to say (None, a switch that is off)."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict[str, str]]:
@@ -41,13 +56,15 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict[str, st
     for name, (module, help_text) in COMMANDS.items():
         words = name.split()
         if len(words) == 1:
-            sub = top.add_parser(words[0], help=help_text, description=help_text)
+            sub = top.add_parser(words[0], help=help_text, description=help_text,
+                                 formatter_class=DefaultsHelpFormatter)
             selected = argv[:1] == words
         else:
             if words[0] not in groups:
-                group_parser = top.add_parser(words[0], help=f"{words[0]} subcommands")
+                group_parser = top.add_parser(words[0], help=GROUP_HELP[words[0]], description=GROUP_HELP[words[0]])
                 groups[words[0]] = group_parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
-            sub = groups[words[0]].add_parser(words[1], help=help_text, description=help_text)
+            sub = groups[words[0]].add_parser(words[1], help=help_text, description=help_text,
+                                              formatter_class=DefaultsHelpFormatter)
             selected = argv[:2] == words
         sub.set_defaults(command_name=name)
         parsers[name] = sub

@@ -37,8 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", nargs="+", default=["bf16"], choices=sorted(DTYPES),
                         help="autocast dtype of the step (fp32: no autocast), as pretrain --precision; fp16 takes "
                              "minutes, the model's own half-precision backward being slow on a CPU")
-    parser.add_argument("--workload", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--workload", nargs="+", default=list(WORKLOADS), choices=WORKLOADS,
+                        help="the model shapes the kernels are compiled for")
+    parser.add_argument("--batch_size", type=int, default=16, help="batch of the shapes compiled for")
     parser.add_argument("--json", default=None, help="write every compiled kernel's record here")
 
 

@@ -32,13 +32,14 @@ def add_measurement_arguments(parser: argparse.ArgumentParser, cpu_batch: int, o
         fallback.add_argument("--no_oom_fallback", dest="oom_fallback", action="store_false",
                               help="on out-of-memory stop with an error instead of halving the batch")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--mask_ratio", type=float, default=0.75)
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches removed")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default: 10 CUDA, 2 CPU)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 30 CUDA, 5 CPU)")
-    parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
-    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "xformers", "math"])
-    parser.add_argument("--no_progress", action="store_true")
+    parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
+                        help="the fused kernels: auto = Triton on CUDA, the PyTorch references elsewhere")
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "xformers", "math"], help="attention of fastmae's rows")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
 
 
 def add_compile_arguments(parser: argparse.ArgumentParser, rows: str) -> None:

@@ -402,12 +402,13 @@ def plot_profile(report: dict, path: Path) -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help=f"one of {', '.join(sorted(MODEL_ARCHS))}")
     parser.add_argument("--decoder_depth", type=int, default=None, help="override the decoder depth")
-    parser.add_argument("--mask_ratio", type=float, default=0.75)
+    parser.add_argument("--mask_ratio", type=float, default=0.75, help="fraction of patches removed")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="default: 256 on CUDA (ViT-H needs 128 on an 80 GB GPU), 4 on CPU")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
+                        help="the fused kernels: auto = Triton on CUDA, the PyTorch references elsewhere")
     parser.add_argument("--warmup", type=int, default=None, help="default: 5 CUDA, 1 CPU")
     parser.add_argument("--steps", type=int, default=None, help="default: 20 CUDA, 3 CPU")
     parser.add_argument("--flops_only", action="store_true", help="only the analytic and counted FLOPs")

@@ -205,8 +205,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "mae_vit_demo_patch8 on CPU)")
     parser.add_argument("--decoder_depth", type=int, default=None, help="override the decoder depth")
     add_measurement_arguments(parser, cpu_batch=CPU_BATCH)
-    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                        help="also measure the torch.compile'd engine (auto: on CUDA only; compiling is slow on CPU)")
+    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"], nargs="?", const="on",
+                        help="also measure the torch.compile'd engine (auto: on CUDA only, compiling being slow on a "
+                             "CPU; --compile alone: on, as the other commands' switch)")
     add_compile_arguments(parser, "the +compile rows")
     parser.add_argument("--impl", default=None,
                         help=f"comma-separated subset of {','.join(CONTENDER_NAMES)} (default: all available)")

@@ -44,15 +44,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode: decode only; augment: decode + RandomResizedCrop + flip + normalise")
     parser.add_argument("--num_threads", type=int, default=os.cpu_count() or 1,
                         help="CPU threads / worker processes each loader may use (default: all cores)")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--input_size", type=int, default=224)
+    parser.add_argument("--batch_size", type=int, default=64, help="images per batch")
+    parser.add_argument("--input_size", type=int, default=224, help="crop size")
     parser.add_argument("--batches", type=int, default=DEFAULT_TIMED_BATCHES,
                         help=f"timed batches per measurement (default: {DEFAULT_TIMED_BATCHES}; 0: one whole epoch, "
                              "which on ImageNet decodes 1.28M images per loader and mode)")
     parser.add_argument("--warmup", type=int, default=2, help="batches run before the clock starts")
     parser.add_argument("--hw_decoder_load", type=float, nargs="+", default=None,
                         help="DALI on a GPU: hardware decoder shares to sweep (default: the loader's)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the batches are delivered (cuda when there is one)")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--plot", default=None, help="draw the img/s as a bar chart PNG here (needs matplotlib)")
 

@@ -47,21 +47,22 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int, ep
     parser.add_argument("--data_path", required=True, help="folder with train/ and val/ ImageFolders")
     parser.add_argument("--nb_classes", type=int, default=None, help="default: number of class folders in train/")
     parser.add_argument("--input_size", type=int, default=None, help="default: the checkpoint's image size")
-    parser.add_argument("--batch_size", type=int, default=batch_size)
+    parser.add_argument("--batch_size", type=int, default=batch_size, help="batch size per process")
     parser.add_argument("--accum_iter", type=int, default=1,
-                        help="batches whose gradients make one optimizer step (effective batch = batch_size x accum_iter)")
-    parser.add_argument("--epochs", type=int, default=epochs)
-    parser.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * batch_size * accum_iter / 256)")
-    parser.add_argument("--blr", type=float, default=blr)
-    parser.add_argument("--min_lr", type=float, default=min_lr)
-    parser.add_argument("--warmup_epochs", type=float, default=warmup_epochs)
-    parser.add_argument("--weight_decay", type=float, default=weight_decay)
+                        help="batches whose gradients make one optimizer step (effective batch = batch_size x accum_iter "
+                             "x processes)")
+    parser.add_argument("--epochs", type=int, default=epochs, help="epochs of the schedule")
+    parser.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr x effective batch / 256)")
+    parser.add_argument("--blr", type=float, default=blr, help="base lr: absolute lr = blr x effective batch / 256")
+    parser.add_argument("--min_lr", type=float, default=min_lr, help="lower bound of the cosine schedule")
+    parser.add_argument("--warmup_epochs", type=float, default=warmup_epochs, help="linear warm-up before the cosine")
+    parser.add_argument("--weight_decay", type=float, default=weight_decay, help="weight decay")
     parser.add_argument("--output_dir", default=None, help="checkpoints, log.jsonl and the reference's log.txt go here")
     parser.add_argument("--log_dir", default=None,
                         help="TensorBoard folder: per epoch the train loss and lr, the val top-1, top-5 and loss "
                              "(default: --output_dir, when the tensorboard package is installed)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--num_workers", type=int, default=2, help="data loader worker processes")
     parser.add_argument("--pin_mem", action="store_true", default=True,
                         help="pin the batches' CPU memory for faster copies to the GPU (default; no effect on CPU)")
     parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="do not pin CPU memory")
@@ -69,7 +70,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int, ep
                         help="accepted for the reference's command lines: under torchrun or Slurm the evaluation is "
                              "always split among the processes, each val image counted once")
     add_launch_arguments(parser)
-    parser.add_argument("--seed", type=seed_flag, default=0)
+    parser.add_argument("--seed", type=seed_flag, default=0, help="seed of the initialisation, data order and augmentation")
     parser.add_argument("--eval", action="store_true",
                         help="only evaluate --checkpoint (a classifier saved by this command) on val/")
     parser.add_argument("--resume", default=None,

@@ -84,7 +84,8 @@ def save_state(state: dict[str, torch.Tensor], path: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="MAE checkpoint (.pth container or .safetensors)")
-    parser.add_argument("--format", required=True, choices=["timm", "hf"])
+    parser.add_argument("--format", required=True, choices=["timm", "hf"],
+                        help="timm: one weights file of timm's ViT; hf: a transformers ViTMAE folder")
     parser.add_argument("--output", required=True,
                         help="timm: a .safetensors (or .pth) file; hf: a folder for from_pretrained")
     parser.add_argument("--model", default=None, help="hf: architecture for the head counts (default: the checkpoint's args)")

@@ -65,9 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recount", type=int, default=1, help="random erasing rectangles per image")
     parser.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (reference recipe: 0.8)")
     parser.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (reference recipe: 1.0)")
-    parser.add_argument("--mixup_prob", type=float, default=1.0)
-    parser.add_argument("--mixup_switch_prob", type=float, default=0.5)
-    parser.add_argument("--clip_grad", type=float, default=None)
+    parser.add_argument("--mixup_prob", type=float, default=1.0, help="probability of mixup or cutmix per batch")
+    parser.add_argument("--mixup_switch_prob", type=float, default=0.5,
+                        help="probability of cutmix rather than mixup when both are on")
+    parser.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm to this (default: off)")
     parser.add_argument("--global_pool", action="store_true", default=True, help="mean of patch tokens (default)")
     parser.add_argument("--cls_token", action="store_false", dest="global_pool", help="the cls token instead")
 

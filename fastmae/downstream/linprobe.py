@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cls_token", action="store_false", dest="global_pool", help="the cls token (default)")
     parser.add_argument("--optimizer", choices=["lars", "sgd"], default="lars",
                         help="lars as the reference; sgd = momentum SGD on the same schedule")
-    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--momentum", type=float, default=0.9, help="LARS / SGD momentum")
     parser.add_argument("--cache_features", action="store_true",
                         help="features computed once, train images not augmented (fast on CPU)")
 

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the model predicts per-patch normalised pixels (default: the checkpoint's args)")
     parser.add_argument("--num_images", type=int, default=8, help="at most this many images (sorted by path)")
     parser.add_argument("--seed", type=int, default=0, help="masking noise seed")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
 
 
 def image_paths(inputs: list[str]) -> list[tuple[Path, bool]]:

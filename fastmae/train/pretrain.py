@@ -38,16 +38,8 @@ _STORE_TRUE = _recording(argparse._StoreTrueAction)
 _STORE_FALSE = _recording(argparse._StoreFalseAction)
 
 
-class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each flag's default after its help, unless the help already says it in words."""
-
-    def _get_help_string(self, action):
-        return action.help if "default:" in (action.help or "") else super()._get_help_string(action)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = PretrainConfig(data_path="")  # the defaults
-    parser.formatter_class = _DefaultsHelpFormatter
     parser.epilog = ("Without --data_path: a demo on photographs embedded in scikit-image; these settings replace the "
                      "defaults of flags you do not set: " + " ".join(f"--{k} {v}" for k, v in DEMO_SETTINGS.items()))
     ref = parser.add_argument_group("reference main_pretrain.py flags (paper recipe defaults)")
