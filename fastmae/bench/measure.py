@@ -161,10 +161,21 @@ def measure_contender(contender: Contender, images, plan: TimingPlan, device: to
         "resident_before_bytes": resident,  # included in the peak: the synthetic batches on the device
         "last_loss": loss,
     })
-    if not math.isfinite(loss):
-        result["warning"] = "non-finite loss"
+    warnings = ["non-finite loss"] if not math.isfinite(loss) else []
+    if result["mfu_measured_gemm"] > 1.0:  # no step outruns its own GEMMs: the GEMM rate was measured slower
+        warnings.append("above the GEMM rate measured at the start: the machine's load changed during the run, "
+                        "rerun on an idle machine")
+    if result["relative_spread"] > NOISY_SPREAD:
+        warnings.append(f"step times spread {100 * result['relative_spread']:.0f}% of the median (p10-p90): a busy "
+                        "machine; compare rows of a quieter run")
+    if warnings:
+        result["warning"] = "; ".join(warnings)
     peak_memory_reset(device)
     return result
+
+
+# a p10-p90 spread beyond half the median step: the timing measured the machine's other work too
+NOISY_SPREAD = 0.5
 
 
 def format_row(row: dict) -> str:
@@ -173,6 +184,7 @@ def format_row(row: dict) -> str:
     return (f"  {row['name']:<20} {row['images_per_s']:10.1f} img/s  step median {1e3 * row['median_s']:8.2f} ms "
             f"(p10-p90 {1e3 * row['p10_s']:.2f}-{1e3 * row['p90_s']:.2f})  peak {memory}  "
             f"MFU spec {spec}  MFU gemm {100 * row['mfu_measured_gemm']:5.1f}%"
-            + (f"  first step {row['first_step_s']:.1f} s" if row.get("first_step_s") is not None else ""))
+            + (f"  first step {row['first_step_s']:.1f} s" if row.get("first_step_s") is not None else "")
+            + (f"\n    warning: {row['warning']}" if row.get("warning") else ""))
 
 
