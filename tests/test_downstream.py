@@ -302,7 +302,8 @@ def test_finetune_resumes_after_the_last_epoch_saved(tiny_folder, mae_checkpoint
     # a requeued job: the same command, more epochs; the run goes on after epoch 2
     assert fastmae_main([*start, "--epochs", "3", "--resume", "auto"]) == 0
     printed = capsys.readouterr().out
-    assert f"resumed from {out / 'checkpoint-last.pth'} after epoch 2 of 3" in printed, printed
+    assert (f"resumed from {out / 'checkpoint-last.pth'} after epoch 2 of 3 (best top-1 so far ") in printed, printed
+    assert "; these settings differ from the checkpoint's run: --epochs 2 -> 3\n" in printed, printed
     assert f"(resumed from {out / 'checkpoint-last.pth'}):" in printed and "(None)" not in printed
     log = [r for r in read_log(out / "log.jsonl") if not r.get("final")]
     assert [r["epoch"] for r in log] == [1, 2, 3]

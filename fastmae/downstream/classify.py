@@ -31,6 +31,7 @@ from fastmae.train.config import seed_flag
 from fastmae.train.distributed import (
     DistributedContext, add_launch_arguments, init_from_launch_flags, shutdown_distributed,
 )
+from fastmae.train.checkpoints import changed_settings
 from fastmae.train.metrics import set_aside_earlier_outputs
 from fastmae.train.schedule import base_batch_lr
 
@@ -207,6 +208,14 @@ def evaluate(model: nn.Module, loader, device: torch.device, desc: str = "eval",
     return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": batch_losses / batches, "n": n}
 
 
+# the flags of a linear probe's or fine-tuning's recipe (those a resumed run takes from its checkpoint,
+# --model, --input_size, --nb_classes, are not among them)
+RECIPE_SETTINGS = ("data_path", "batch_size", "accum_iter", "epochs", "lr", "blr", "min_lr", "warmup_epochs",
+                   "weight_decay", "seed", "global_pool", "optimizer", "momentum", "cache_features", "layer_decay",
+                   "drop_path", "smoothing", "aa", "reprob", "remode", "recount", "mixup", "cutmix", "mixup_prob",
+                   "mixup_switch_prob", "clip_grad")
+
+
 @dataclass
 class Resumed:
     """A downstream run to continue: its checkpoint (the reference container with the optimizer)."""
@@ -228,9 +237,13 @@ class Resumed:
             return None
         return f"{self.path} has done all {epochs} epochs: nothing to train (raise --epochs to go on)"
 
-    def describe(self, epochs: int) -> str:
-        return (f"resumed from {self.path} after epoch {self.next_epoch} of {epochs} "
-                f"(best top-1 so far {self.best_top1:.2f}%)")
+    def describe(self, args) -> str:
+        """What is continued, and the recipe flags given differently from the checkpoint's run (a longer
+        --epochs is meant; a dropped --mixup after a requeue most often is not)."""
+        changed = changed_settings(saved_args(self.container), vars(args), RECIPE_SETTINGS)
+        return (f"resumed from {self.path} after epoch {self.next_epoch} of {args.epochs} "
+                f"(best top-1 so far {self.best_top1:.2f}%)"
+                + (f"; these settings differ from the checkpoint's run: {', '.join(changed)}" if changed else ""))
 
 
 def resume_and_refuse_earlier_outputs(resume: str | None, output_dir: str | None, checkpoint_name: str,

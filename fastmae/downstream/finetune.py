@@ -126,7 +126,7 @@ def _run(args, ctx: DistributedContext) -> int:
                              f"{[len(g['params']) for g in groups]}): was it saved with another --global_pool / "
                              f"--cls_token or model? ({err})") from err
         best = resumed.best_top1
-        say(resumed.describe(args.epochs))
+        say(resumed.describe(args))
     mixup = None
     if args.mixup > 0 or args.cutmix > 0:
         mixup = Mixup(num_classes, args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob,

@@ -219,7 +219,7 @@ def _run(args, ctx: DistributedContext) -> int:
     model = make_linear_probe(model, init=pretrained.state is not None).to(device)
     if resumed is not None:
         load_weights(model, resumed.container["model"], strict=True)
-        say(resumed.describe(args.epochs))
+        say(resumed.describe(args))
     recipe = ProbeRecipe(args.epochs, peak_lr(args, ctx.world_size), args.warmup_epochs, args.min_lr,
                          args.weight_decay, args.optimizer, args.momentum, args.accum_iter)
     origin = f"resumed from {resumed.path}" if resumed else "random init" if args.random_init else args.checkpoint

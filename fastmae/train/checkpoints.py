@@ -183,10 +183,10 @@ def earlier_run_outputs(output_dir: str | Path, resume: str) -> list[Path]:
     return checkpoints + ([metrics] if logged else [])
 
 
-def changed_settings(saved: dict, current: dict) -> list[str]:
-    """The RUN_SETTINGS whose value in ``current`` differs from ``saved`` (a checkpoint's args), as
+def changed_settings(saved: dict, current: dict, settings: tuple[str, ...] = RUN_SETTINGS) -> list[str]:
+    """The ``settings`` whose value in ``current`` differs from ``saved`` (a checkpoint's args), as
     "--name saved -> current"."""
-    return [f"--{key} {saved[key]} -> {current.get(key)}" for key in RUN_SETTINGS
+    return [f"--{key} {saved[key]} -> {current.get(key)}" for key in settings
             if key in saved and saved[key] != current.get(key)]
 
 
