@@ -178,3 +178,72 @@ def test_a_stop_requested_on_one_rank_stops_every_rank(tmp_path):
     """SIGTERM reaches one rank: every rank must agree to save and stop, or the others hang in the next all-reduce."""
     mp.spawn(_any_rank_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
     assert [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)] == [[True, False, True]] * 2
+
+
+def micro_run(image_folder, out, *extra):
+    return ["--data_path", str(image_folder), "--output_dir", str(out), "--model", "mae_vit_micro_patch4",
+            "--input_size", "32", "--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--no_progress",
+            *extra]
+
+
+def torchrun(script: Path, argv: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# each rank in a folder of its own, as on nodes whose --output_dir is on their own disk
+RANK_IN_ITS_OWN_FOLDER = """
+import os, sys
+os.chdir(sys.argv[1] + os.environ["RANK"])
+from fastmae.cli import main
+sys.exit(main(["pretrain", *sys.argv[2:]]))
+"""
+
+
+def test_resume_auto_over_folders_the_ranks_see_differently_stops_every_rank_with_the_reason(tmp_path, image_folder):
+    """Rank 0 found the checkpoint and resumed at step 2, rank 1 found none and started at step 0: the two
+    trained on, out of step, and hung in gloo at the first save."""
+    from fastmae.cli import main
+
+    for rank in (0, 1):
+        (tmp_path / f"node{rank}").mkdir()
+    assert main(["pretrain", *micro_run(image_folder, tmp_path / "node0" / "out", "--max_steps", "2")]) == 0
+    script = tmp_path / "rank_in_its_own_folder.py"
+    script.write_text(RANK_IN_ITS_OWN_FOLDER)
+    result = torchrun(script, [str(tmp_path / "node"), *micro_run(image_folder, "out", "--max_steps", "4",
+                                                                  "--resume", "auto")])
+    assert result.returncode != 0
+    for this_one in ("this one does", "this one does not"):
+        assert (f"--resume out/checkpoint-step00000002.pth: not every process of the run sees this file ({this_one}): "
+                "give --output_dir (and --resume) a folder every node shares") in result.stderr, result.stderr
+
+
+# SIGTERM (a job's time limit) reaching the second rank as it waits for the first at the end of the run
+TERMINATED_WAITING_AT_THE_END = """
+import os, signal, sys, time
+from fastmae.train.distributed import DistributedContext
+from fastmae.cli import main
+
+real_barrier = DistributedContext.barrier
+
+def terminated_waiting(self):
+    if os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)  # the handler runs here
+    real_barrier(self)
+
+DistributedContext.barrier = terminated_waiting
+sys.exit(main(["pretrain", *sys.argv[1:]]))
+"""
+
+
+def test_a_sigterm_after_the_last_step_ends_a_finished_run_cleanly(tmp_path, image_folder):
+    """The second rank waited for the first's figures under the default SIGTERM action: it died there, the
+    first then failed its barrier, and a finished run exited 1 with a gloo traceback."""
+    script = tmp_path / "terminated_waiting_at_the_end.py"
+    script.write_text(TERMINATED_WAITING_AT_THE_END)
+    result = torchrun(script, micro_run(image_folder, tmp_path / "out", "--max_steps", "2"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "done at step 2" in result.stdout and "Traceback" not in result.stderr

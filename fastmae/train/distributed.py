@@ -56,6 +56,15 @@ class DistributedContext:
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.host_group)
         return bool(value.item())
 
+    def from_first_rank(self, value):
+        """The first rank's ``value`` (any picklable object) on every rank: a decision only it can make,
+        such as which file in a folder only it may see, taken once for all."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.host_group)
+        return box[0]
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier(group=self.host_group)

@@ -156,7 +156,4 @@ def train(cfg: PretrainConfig, ctx) -> int:
     except ValueError as err:  # bad data path, model name, checkpoint...: a message, not a traceback
         print(f"fastmae pretrain: error: {err}", file=sys.stderr)
         return 2
-    status = trainer.fit()
-    # the processes leave together: none tears down its end of the group while the first still uses it
-    ctx.barrier()
-    return status
+    return trainer.fit()  # which the processes leave together

@@ -264,10 +264,19 @@ class Pretrainer:
         cfg = self.cfg
         if not cfg.resume:
             return
-        path = latest_checkpoint(self.output_dir) if cfg.resume == "auto" else Path(cfg.resume)
+        # the first rank picks the checkpoint and every rank loads that one: a folder on each node's own disk
+        # would otherwise have the ranks continue from different steps (and hang at the first collective
+        # where their step counts part)
+        path = self.ctx.from_first_rank(latest_checkpoint(self.output_dir) if self.ctx.is_main else None) \
+            if cfg.resume == "auto" else Path(cfg.resume)
         if path is None:
             self.messages.append(f"--resume auto: no checkpoint in {self.output_dir}, starting from scratch")
             return
+        here = path.is_file()
+        if self.ctx.any_rank(not here) and self.ctx.any_rank(here):
+            this_one = "this one does" if here else "this one does not"
+            raise ValueError(f"--resume {path}: not every process of the run sees this file ({this_one}): give "
+                             "--output_dir (and --resume) a folder every node shares")
         check_resume_file(path)
         try:
             position, message = resume_from(path, self.model, self.optimizer, self.scaler, asdict(cfg),
@@ -399,6 +408,10 @@ class Pretrainer:
                 self.logger.message(f"{self.totals.describe()}: {summary} of the earlier process kept")
             elif self.ctx.is_main:
                 self.logger.message(f"{self.totals.describe()}: {self._written(self.write_summary, summary)}")
+            # the processes leave together: none tears down its end of the group while the first still uses it
+            # (writing the figures). Under this run's signal handlers still: a job's SIGTERM arriving now (a
+            # time limit just after the last step) is noted, where it ended a waiting process mid-barrier
+            self.ctx.barrier()
         finally:
             self._restore_signal_handlers(previous)
             self.logger.close()
