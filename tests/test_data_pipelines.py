@@ -356,7 +356,8 @@ def test_a_small_source_of_only_bad_files_names_each_once(tmp_path):
     for index in range(8):
         (tmp_path / f"bad_{index}.jpg").write_bytes(b"text")
     cfg = config(tmp_path, batch_size=2)
-    for build in (lambda: CPULoader(cfg, 0, 1, torch.device("cpu")), lambda: EncodedBatchReader(open_source(tmp_path), cfg, 0, 1)):
+    for build in (lambda: CPULoader(cfg, 0, 1, torch.device("cpu")),
+                  lambda: EncodedBatchReader(open_source(tmp_path), cfg, 0, 1)):
         with pytest.raises(ValueError, match=r"no readable image among the first items of \S+: 8 unreadable images in a row"):
             build()
 

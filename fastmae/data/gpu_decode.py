@@ -96,7 +96,8 @@ class TorchvisionGPULoader(ReaderBackedBatches):
                 break
             batch = self.reader.replan(batch, bad_rows, reason="neither nvJPEG nor PIL decodes it")
         else:
-            raise RuntimeError(f"{MAX_REPLANS_PER_BATCH} rounds of undecodable files in one batch: {[passed[0] for passed in batch.skipped[:3]]}")
+            first = [passed[0] for passed in batch.skipped[:3]]
+            raise RuntimeError(f"{MAX_REPLANS_PER_BATCH} rounds of undecodable files in one batch: {first}")
         size = self.cfg.input_size
         if self.decode_only:
             pixels = torch.stack([F.interpolate(image[None].float(), size=(size, size), mode="nearest")[0]

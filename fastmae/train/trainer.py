@@ -30,9 +30,10 @@ from fastmae.data.loader import DataConfig, UnreadableData, build_loader, previe
 from fastmae.kernels import resolve_kernels
 from fastmae.masking import num_visible_patches
 from fastmae.models import create_model
-from fastmae.train.checkpoints import (TrainingPosition, UnloggedSums, earlier_run_outputs, latest_checkpoint, resume_from,
-                                      keep_as_epoch_checkpoint, save_training_checkpoint, set_aside_checkpoints_redone,
-                                      step_checkpoint_path, step_checkpoints)
+from fastmae.train.checkpoints import (
+    TrainingPosition, UnloggedSums, earlier_run_outputs, keep_as_epoch_checkpoint, latest_checkpoint, resume_from,
+    save_training_checkpoint, set_aside_checkpoints_redone, step_checkpoint_path, step_checkpoints,
+)
 from fastmae.train.config import PretrainConfig, default_num_workers
 from fastmae.train.cuda_graph import GraphedTrainStep, check_cuda_graph_support
 from fastmae.train.distributed import DistributedContext
@@ -309,7 +310,8 @@ class Pretrainer:
         """A checkpoint of a run with another batch size or world size: continue after the same number
         of images of the epoch (exact resumption needs both unchanged). One of a run with another
         --accum_iter, stopped between two of this run's steps: continue at the step boundary before it."""
-        saved, now, accum = position.images_per_batch or self.images_per_batch, self.images_per_batch, self.cfg.accum_iter
+        saved, now = position.images_per_batch or self.images_per_batch, self.images_per_batch
+        accum = self.cfg.accum_iter
         if saved != now and position.batch:
             batch = position.batch * saved // now
             batch -= batch % accum  # start on an optimizer-step boundary
