@@ -37,11 +37,12 @@ OUTPUT_FLAGS: dict[str, str] = {
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each flag's default after its help, unless the help already speaks of its default, or there is
-    none to say (None, a switch that is off)."""
+    """Each flag's default after its help, unless the help already speaks of its default, there is none
+    to say (None), or the flag is a switch (whose default, True or False, would read as whether the
+    switch is on: a --no_x switch's True default means x is on)."""
 
     def _get_help_string(self, action):
-        if "default" in (action.help or "") or action.default is None or action.default is False:
+        if "default" in (action.help or "") or action.default is None or action.nargs == 0:
             return action.help
         return super()._get_help_string(action)
 

@@ -25,7 +25,7 @@ def test_every_flag_says_what_it_is_and_its_default(name):
     silent = [a.option_strings[0] for a in command._actions if a.option_strings and not a.help]
     assert silent == [], silent
     text = command.format_help()
-    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: None)" not in text and "(default: False)" not in text and "(default: True)" not in text
     if name == "linprobe":
         for said in ("(default: 512)", "(default: 90)", "(default: 0.1)"):
             assert said in " ".join(text.split()), said

@@ -443,7 +443,19 @@ def test_a_refused_save_says_when_the_next_try_is(tmp_path, image_folder, monkey
     printed = capsys.readouterr().out
     assert status == trainer_module.EXIT_NOT_SAVED
     assert "step 3 as" in printed and "training goes on and tries again at step 4" in printed, printed  # epoch 0's end
+    assert printed.count("could not save the checkpoint of step 8") == 2  # the epoch's, then the run's last
     assert "step 8 as" in printed and "it is tried once more now, as the run's last checkpoint" in printed, printed
+
+
+def test_an_epoch_checkpoint_refused_at_a_save_every_step_is_tried_once(tmp_path, image_folder, monkeypatch, capsys):
+    """Step 4 ends epoch 0 and is a multiple of --save_every 2: its refused epoch checkpoint was tried again at
+    once by the periodic save, with the message twice."""
+    _refuse_saves_of_steps(monkeypatch, [4])
+    assert fastmae_main(micro_flags(image_folder, tmp_path / "out", "--max_steps", "8", "--save_every", "2",
+                                    "--save_epochs", "1")) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("could not save the checkpoint of step 4") == 1, printed
+    assert "training goes on and tries again at step 6" in printed
 
 
 def test_a_final_checkpoint_the_disk_refuses_stops_with_a_message_and_keeps_the_earlier_ones(
@@ -682,6 +694,26 @@ def test_a_killed_runs_forked_children_do_not_keep_its_folder_locked(tmp_path):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGKILL)
+
+
+def test_a_second_run_of_the_same_process_into_a_locked_folder_is_refused_and_the_lock_kept(tmp_path):
+    """A record lock belongs to the process: a second acquire of the same process succeeded, and probing
+    who held the folder (closing a descriptor of the file) dropped the lock for every other process."""
+    out = tmp_path / "out"
+    lock = OutputFolderLock.acquire(out)
+    try:
+        with pytest.raises(ValueError, match=rf"--output_dir {out} is in use by another fastmae run \(this process"):
+            OutputFolderLock.acquire(out)
+        assert OutputFolderLock.holder(out).startswith("this process, pid ")
+        other = subprocess.run([sys.executable, "-c", "import sys; from fastmae.train.output_lock import "
+                                "OutputFolderLock as L; print(L.holder(sys.argv[1]))", str(out)],
+                               cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert other.stdout.startswith(f"pid {os.getpid()} on "), other.stdout + other.stderr  # still held
+    finally:
+        lock.release()
+    OutputFolderLock.acquire(out).release()  # released: free again
+    OutputFolderLock.acquire(out)  # dropped without release(): collected, its file closed, free again
+    OutputFolderLock.acquire(out).release()
 
 
 def test_keeps_only_the_newest_checkpoints(tmp_path, image_folder):
@@ -954,6 +986,11 @@ def test_resume_with_a_larger_accum_iter_between_its_steps_starts_at_the_boundar
     assert ("the checkpoint stopped at batch 3 of epoch 0, between two steps of --accum_iter 2: continuing at batch 2, "
             "the step boundary before it (batch(es) 2 to 2 are seen again)") in said
     assert logged(out)[-1]["epoch"] == 2.0
+    # the losses the checkpoint carried (batches 0 to 2) are not added to those of the batches done again:
+    # epoch 0's line averages the one step after the resume (batches 2 and 3), which its metrics line holds
+    first_epoch = json.loads((out / "log.txt").read_text().splitlines()[0])
+    step_4 = next(r for r in logged(out) if r["step"] == 4)
+    assert first_epoch["epoch"] == 0 and first_epoch["train_loss"] == pytest.approx(step_4["loss"], rel=1e-6)
 
 
 def test_a_run_stopped_between_two_logging_steps_logs_on_resume_what_it_would_have(tmp_path, image_folder,

@@ -238,7 +238,10 @@ def _load_run_weights(path, container: dict, model, current_args: dict | None) -
 
 
 def _refuse_a_classifier(path, container: dict) -> None:
-    """A fine-tuned or linear-probe checkpoint (a head, no decoder) given to a pretraining resume."""
+    """A fine-tuning or linear-probe run's checkpoint (a head, no decoder, an optimizer) given to a
+    pretraining resume. Released classifier weights (no optimizer) still load as weights only."""
+    if not {"optimizer", "epoch"} <= container.keys():
+        return
     try:
         state = state_dict_of(container)
     except ValueError:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import weakref
 from pathlib import Path
 
 try:
@@ -36,20 +37,33 @@ def in_use_message(output_dir: str | Path, holder: str) -> str:
 
 
 class OutputFolderLock:
-    """Held from ``acquire`` until ``release`` (or the process's end)."""
+    """Held from ``acquire`` until ``release`` (or the process's end, or until the object is collected).
 
-    def __init__(self, file):
+    A record lock belongs to the process, not to a file descriptor: a second lock from the same process
+    would succeed, and closing any descriptor of the file drops it. So the process keeps the folders it
+    holds in ``_held`` (the locks themselves, weakly: a lock collected has closed its file) and refuses a
+    second run into one of them without touching the file."""
+
+    _held: "weakref.WeakValueDictionary[str, OutputFolderLock]" = weakref.WeakValueDictionary()
+
+    def __init__(self, file, folder: str):
         self._file = file
+        self._folder = folder
+        OutputFolderLock._held[folder] = self
 
     @classmethod
     def acquire(cls, output_dir: str | Path) -> "OutputFolderLock":
         """Lock ``output_dir`` (made if missing) for this process; raise OutputFolderInUse naming the
-        holder when another process holds it, OSError when nothing can be written there."""
+        holder when another process, or another run of this one, holds it; OSError when nothing can be
+        written there."""
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
+        folder = os.path.realpath(output_dir)
+        if folder in cls._held:
+            raise OutputFolderInUse(in_use_message(output_dir, cls._this_process()))
         file = open(output_dir / LOCK_NAME, "a+", encoding="utf-8")
         if fcntl is None:
-            return cls(file)
+            return cls(file, folder)
         try:
             fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process holds it
@@ -58,7 +72,7 @@ class OutputFolderLock:
             file.close()
             raise OutputFolderInUse(in_use_message(output_dir, holder)) from None
         except OSError:  # no locks on this file system
-            return cls(file)
+            return cls(file, folder)
         started = datetime.datetime.now().isoformat(timespec="seconds")
         try:
             file.seek(0)
@@ -68,28 +82,33 @@ class OutputFolderLock:
         except OSError:  # a full disk: the caller says so; the lock goes with the file
             file.close()
             raise
-        return cls(file)
+        return cls(file, folder)
 
-    @staticmethod
-    def holder(output_dir: str | Path) -> str | None:
-        """Who holds ``output_dir``'s lock when another process does (as it wrote it), else None; creates
+    @classmethod
+    def holder(cls, output_dir: str | Path) -> str | None:
+        """Who holds ``output_dir``'s lock (as it wrote it; this process, if it does), else None; creates
         nothing. For a refusal that would otherwise blame a live run's files on an earlier run."""
+        if os.path.realpath(output_dir) in cls._held:
+            return cls._this_process()  # not probed: closing the probe's descriptor would drop our lock
         path = Path(output_dir) / LOCK_NAME
         if fcntl is None or not path.is_file():
             return None
         try:
-            with open(path, "r+", encoding="utf-8") as file:
+            with open(path, encoding="utf-8") as file:  # read access is enough for a shared probe
                 try:
-                    fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.lockf(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 except (BlockingIOError, PermissionError):
                     return file.read().strip() or "a process that has not said which yet"
-                # closing the file releases the probe's lock (and any this process held on the file: only a
-                # process refused before taking its own lock probes)
-                return None
+                return None  # closing the file releases the probe's lock
         except OSError:  # unreadable, or no locks on this file system
             return None
+
+    @staticmethod
+    def _this_process() -> str:
+        return f"this process, pid {os.getpid()}: a run started from the same Python process"
 
     def release(self) -> None:
         if self._file is not None:
             self._file.close()  # releases the lock
             self._file = None
+            OutputFolderLock._held.pop(self._folder, None)

@@ -212,6 +212,7 @@ class Pretrainer:
         if ctx.is_main:
             self.messages.extend(self._disk_space_warnings())
         self._stop_signal: int | None = None
+        self._periodic_save_tried: int | None = None  # the step of the last periodic save tried
         self._flops_per_image, self._peak_flops = self._flop_rates()
         self.first_loss = self.last_loss = None
         self.start_step = self.position.step  # after a resume, where this process's run begins
@@ -291,6 +292,7 @@ class Pretrainer:
                              f"give --resume {earlier[-1]}, or move {path.name} out of {self.output_dir}") from err
         self.messages.append(message)
         if position is not None:
+            saved_at = (position.epoch, position.batch)
             self._convert_data_position(position)
             if position.batch > self.batches_per_epoch:
                 raise ValueError(f"{path} stopped at batch {position.batch} of an epoch, but an epoch now has "
@@ -303,6 +305,10 @@ class Pretrainer:
                     f"step of --accum_iter {self.cfg.accum_iter} (the {self.batches_per_epoch - position.batch} "
                     f"left-over batch(es) make no step): continuing at epoch {position.epoch + 1}")
                 position.epoch, position.batch = position.epoch + 1, 0
+            if (position.epoch, position.batch) != saved_at:
+                # the losses the checkpoint carried are of steps before another place: its window's and epoch's
+                # lines would count steps twice, or another epoch's
+                position.unlogged = None
             self.position = position
             self.last_checkpoint = path
 
@@ -545,6 +551,9 @@ class Pretrainer:
         step = self.position.step
         if self.last_checkpoint is not None and self.last_checkpoint.name.endswith(f"{step:08d}.pth"):
             return self.last_checkpoint  # this step is saved already (e.g. resumed with nothing to do)
+        if periodic and self._periodic_save_tried == step:
+            return self.last_checkpoint  # the epoch's checkpoint of this step was refused just now: not again
+        self._periodic_save_tried = step if periodic else None
         window_loss, window_count, nonfinite, _ = window.reduce(self.ctx, self.data.skipped)
         if nonfinite:
             raise NonFiniteLoss(self._nonfinite_message(window.first_step, step))
