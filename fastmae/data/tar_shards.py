@@ -172,8 +172,9 @@ class TarShards:
                 cut_short.append(f"{path} ({'empty' if path.stat().st_size == 0 else 'cut short'}: "
                                  f"{len(images)} image(s) read before its end)")
         if cut_short:
-            warnings.warn(f"{len(cut_short)} tar shard(s) end before their end-of-archive blocks, so the images "
-                          f"after the cut are missing: {'; '.join(cut_short[:3])}", stacklevel=3)
+            warnings.warn(f"{len(cut_short)} tar shard(s) end without a tar's end-of-archive blocks, as a copy cut "
+                          f"short does (images after the cut would be missing; some writers omit the blocks): "
+                          f"{'; '.join(cut_short[:3])}", stacklevel=3)
         if second_images:
             warnings.warn(f"{len(second_images)} tar member(s) are a sample's second image (e.g. {second_images[0]}) "
                           "beside its own key.jpg / key.png: one image per sample is read", stacklevel=3)
