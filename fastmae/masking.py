@@ -60,8 +60,9 @@ def random_masking(
         noise = torch.rand(batch, num_patches, device=device, generator=generator)
     elif tuple(noise.shape) != (batch, num_patches):
         raise ValueError(f"noise must have shape [N, L] = [{batch}, {num_patches}], got {list(noise.shape)}")
-    ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    # contiguous: argsort keeps a transposed noise's strides, and the kernels read index rows densely
+    ids_shuffle = torch.argsort(noise, dim=1).contiguous()
+    ids_restore = torch.argsort(ids_shuffle, dim=1).contiguous()
     mask = (ids_restore >= len_keep).to(torch.float32)
     return Masking(
         ids_keep=ids_shuffle[:, :len_keep],

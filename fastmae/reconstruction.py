@@ -58,7 +58,8 @@ def reconstruct(model: torch.nn.Module, imgs: torch.Tensor, mask_ratio: float,
     was_training = mae.training
     mae.eval()
     try:
-        _, pred, mask = mae(imgs, mask_ratio=mask_ratio, noise=noise)  # pred [N, L, p*p*C], mask [N, L]
+        # in the model's dtype (a bf16 or float64 model); the panels are float32
+        _, pred, mask = mae(imgs.to(param.dtype), mask_ratio=mask_ratio, noise=noise)  # [N, L, p*p*C], [N, L]
     finally:
         mae.train(was_training)
     p, C = mae.patch_size, imgs.shape[1]

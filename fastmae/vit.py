@@ -93,9 +93,12 @@ class Block(nn.Module):
         Not when compiled, as part of a model or by itself (``Block.compile``, compile scope
         "blocks"): inductor fuses the norms, and chaining blocks must not bypass the compiled call.
         Nor when hooks wait on the calls the fused path skips (the block's and its norms': FSDP,
-        activation checkpointing, profilers, FlopCounterMode).
+        activation checkpointing, profilers, FlopCounterMode), nor when a norm is not a LayerNorm the
+        kernel computes (a module swapped in: an RMSNorm, a scaled or identity norm), whose forward must run.
         """
         if self._compiled_call_impl is not None or torch.compiler.is_compiling():
+            return False
+        if not (_fusable_norm(self.norm1) and _fusable_norm(self.norm2)):
             return False
         if _global_call_hooks() or any(_call_hooks(m) for m in (self, self.norm1, self.norm2)):
             return False
@@ -107,6 +110,18 @@ class Block(nn.Module):
         x, h = ops.add_layer_norm(x, self.drop_path(self.attn(h)), n2.weight, n2.bias, n2.eps, norm_dtype,
                                   path="triton")
         return x, self.drop_path(self.mlp(h))
+
+
+def _fusable_norm(norm: nn.Module) -> bool:
+    """A plain affine nn.LayerNorm over the last dim: what the fused add + LayerNorm op computes."""
+    return type(norm) is nn.LayerNorm and norm.weight is not None and norm.bias is not None \
+        and len(norm.normalized_shape) == 1
+
+
+def _fusable_block(block: nn.Module, x: torch.Tensor) -> bool:
+    """A fastmae Block whose own forward would run (not a wrapper around one, such as torch's activation
+    checkpointing's, which forwards attribute lookups to it; nor a subclass with a forward of its own)."""
+    return isinstance(block, Block) and type(block).forward is Block.forward and block.fuses_norms(x)
 
 
 def _call_hooks(module: nn.Module) -> bool:
@@ -126,7 +141,8 @@ def forward_blocks(blocks, x: torch.Tensor, norm: nn.LayerNorm | None = None) ->
     follows it (the next block's norm1, or ``norm``): the residual stream is read and written once
     per block boundary instead of by an add and then a norm.
     """
-    if not blocks or not all(blk.fuses_norms(x) for blk in blocks) or (norm is not None and _call_hooks(norm)):
+    if (not blocks or not all(_fusable_block(blk, x) for blk in blocks)
+            or (norm is not None and (not _fusable_norm(norm) or _call_hooks(norm)))):
         for blk in blocks:
             x = blk(x)
         return x if norm is None else norm(x)

@@ -29,7 +29,8 @@ def visible_patch_embed_reference(
 ) -> torch.Tensor:  # [N, 1+K, D]
     N = imgs.shape[0]
     D = weight.shape[0]
-    patches = patch_pixels(imgs, patch_size, ids_keep)  # [N, K, C*p*p]
+    # in the weight's dtype, as the Triton launcher reads them (under autocast, F.linear casts both anyway)
+    patches = patch_pixels(imgs, patch_size, ids_keep).to(weight.dtype)  # [N, K, C*p*p]
     x = F.linear(patches, weight.reshape(D, -1), bias)
     pos = pos_embed[0, 1:]
     x = x + (pos.unsqueeze(0) if ids_keep is None else pos[ids_keep])

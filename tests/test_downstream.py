@@ -157,11 +157,15 @@ def test_mixup_and_cutmix_targets():
 import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
+import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from fastmae.cli import main as fastmae_main  # noqa: E402
 from fastmae.downstream.labeled_data import ClassificationTransform, build_datasets  # noqa: E402
+from fastmae.downstream.classify import build_classifier, describe_pretrained, evaluate  # noqa: E402
+
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -203,19 +207,76 @@ def test_labeled_image_folder(tiny_folder, tmp_path):
         ClassificationTransform(0, train=False)
 
 
-def test_an_unreadable_labeled_image_is_replaced_by_the_next_and_named(tiny_folder, tmp_path):
+def test_an_unreadable_training_image_is_replaced_by_the_next_and_named(tiny_folder, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_folder, data)
-    (data / "val" / "cat" / "0.png").write_bytes(b"")  # the first cat: replaced by the second, a cat too
-    _, val = build_datasets(data, 32)
+    (data / "train" / "cat" / "0.png").write_bytes(b"")  # the first cat: replaced by the second, a cat too
+    train, _ = build_datasets(data, 32, train_augment=False)
     with pytest.warns(UserWarning, match=r"skipped unreadable image, replaced by the next one: \S+0.png "
                                          r"\(UnidentifiedImageError"):
-        x, label = val[0]
-    assert torch.equal(x, val[1][0]) and label == 0
-    for path in (data / "val").rglob("*.png"):
+        x, label = train[0]
+    assert torch.equal(x, train[1][0]) and label == 0
+    for path in (data / "train").rglob("*.png"):
         path.write_bytes(b"")
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="unreadable images in a row"):
-        val[4]
+        train[4]
+
+
+def test_unreadable_val_images_are_left_out_and_counted_not_scored_as_the_next_image(tiny_folder, tmp_path, capsys):
+    """A broken val file was replaced by the next file, under that file's label: one image scored twice
+    and the broken one's class credited for it; the val count included the broken files."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_folder, data)
+    (data / "val" / "cat" / "9_broken.png").write_bytes(b"")
+    (data / "val" / "dog" / "0_broken.png").write_bytes(b"not an image")
+    _, val = build_datasets(data, 32)
+    with pytest.warns(UserWarning, match="unreadable image left out of the evaluation: .*9_broken.png"):
+        image, label = val[4]  # cat/9_broken.png, after cat/0..3
+    assert label == -1 and not image.any()
+    torch.manual_seed(0)
+    model = build_classifier(describe_pretrained(None, "vit_micro_patch4", True), 2, 32)[0]
+    loader = torch.utils.data.DataLoader(val, batch_size=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stats = evaluate(model, loader, CPU, bar=False)
+    readable = torch.utils.data.DataLoader(build_datasets(tiny_folder, 32)[1], batch_size=3)
+    expected = evaluate(model, readable, CPU, bar=False)
+    assert (stats["n"], stats["unreadable"]) == (8, 2)
+    assert (stats["top1"], stats["top5"]) == (expected["top1"], expected["top5"])
+    assert fastmae_main(["linprobe", "--random_init", "--model", "vit_micro_patch4", "--input_size", "32",
+                         "--data_path", str(data),
+                         "--num_workers", "0", "--batch_size", "4", "--epochs", "1"]) == 0
+    assert "on 8 val images (2 unreadable, left out)" in capsys.readouterr().out
+
+
+def test_a_class_folder_holding_a_folder_named_train_keeps_all_its_images(tiny_folder, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_folder, data)
+    (data / "train" / "cat" / "train").mkdir()
+    shutil.copy(data / "train" / "cat" / "0.png", data / "train" / "cat" / "train" / "extra.png")
+    train, _ = build_datasets(data, 32)
+    assert len(train) == 12 + 1  # it read only cat/train/ as the class's images
+
+
+def test_resume_with_other_class_folders_is_refused_and_a_folder_of_another_run_is_not_appended_to(
+        tiny_folder, mae_checkpoint, tmp_path, capsys):
+    data, out = tmp_path / "data", tmp_path / "lp"
+    shutil.copytree(tiny_folder, data)
+    probe = ["linprobe", "--checkpoint", str(mae_checkpoint), "--data_path", str(data), "--num_workers", "0",
+             "--batch_size", "4", "--output_dir", str(out)]
+    assert fastmae_main([*probe, "--epochs", "1"]) == 0
+    for split in ("train", "val"):
+        (data / split / "cat").rename(data / split / "zebra")  # labels 0, 1 now mean dog, zebra
+    capsys.readouterr()
+    assert fastmae_main([*probe, "--epochs", "2", "--resume", "auto"]) == 2
+    assert ("was trained on the classes ['cat', 'dog'], train/ now holds ['dog', 'zebra']: its head's rows would "
+            "mean other classes") in capsys.readouterr().err
+    logs = {name: (out / name).read_bytes() for name in ("log.jsonl", "log.txt")}
+    (out / "checkpoint-linprobe.pth").unlink()  # a folder holding another run's logs alone
+    assert fastmae_main(["finetune", *probe[1:], "--epochs", "1"]) == 2
+    assert "holds an earlier run's log.jsonl, log.txt, which this run would overwrite or append to" in \
+        capsys.readouterr().err
+    assert {name: (out / name).read_bytes() for name in logs} == logs
 
 
 def read_log(path):

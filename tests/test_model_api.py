@@ -2,6 +2,8 @@
 methods, other number types, wrapped models, the constructor's defaults, and the Triton path fed what
 the reference accepts."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -203,3 +205,68 @@ def test_the_pytorch_decoder_refuses_more_tokens_than_patches():
     assert model.forward_decoder(torch.randn(2, 65, 64), ids_restore).shape == (2, 64, 48)  # every patch kept
     with pytest.raises(ValueError, match=r"x shape \[2, 66, 48\]: expected \[N, 1\+K, D\] with 0 <= K <= L = 64"):
         model.forward_decoder(torch.randn(2, 66, 64), ids_restore)
+
+
+class _ScaledLayerNorm(torch.nn.LayerNorm):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _Adapter(torch.nn.Module):
+    """A wrapper around a block, as adapters and torch's activation checkpointing put there."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block, self.calls = block, 0
+
+    def __getattr__(self, name):  # forwards attribute lookups to the block, as CheckpointWrapper does
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.block, name)
+
+    def forward(self, x):
+        self.calls += 1
+        return self.block(x) + torch.linspace(0, 1, x.shape[-1])  # per feature: no norm after it removes it
+
+
+def test_norms_and_blocks_swapped_in_run_their_own_forward_on_both_paths():
+    """The fused path read a swapped-in norm's weight into its LayerNorm kernel (a scaled norm, an RMSNorm
+    computed as a LayerNorm), and chained a wrapper's block without the wrapper's forward (activation
+    checkpointing saved nothing); with plain blocks replaced, neither path ran at all."""
+    torch.manual_seed(0)
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
+    models = {k: create_model("mae_vit_micro_patch4", kernels=k) for k in ("torch", "triton")}
+    models["triton"].load_state_dict(models["torch"].state_dict())
+    for edit in ("scaled norm2", "identity norms", "wrapped blocks"):
+        losses = {}
+        for kernels, model in models.items():
+            edited = copy.deepcopy(model)
+            if edit == "scaled norm2":
+                edited.blocks[1].norm2 = _ScaledLayerNorm(64, eps=1e-6)
+            elif edit == "identity norms":
+                edited.blocks[0].norm1, edited.norm = torch.nn.Identity(), torch.nn.Identity()
+            else:
+                edited.blocks = torch.nn.ModuleList([_Adapter(b) for b in edited.blocks])
+            losses[kernels] = edited(imgs, noise=noise)[0]
+            if edit == "wrapped blocks":
+                assert [b.calls for b in edited.blocks] == [1, 1], kernels
+        torch.testing.assert_close(losses["triton"], losses["torch"], rtol=1e-5, atol=1e-5, msg=edit)
+        assert not torch.equal(losses["torch"], models["torch"](imgs, noise=noise)[0]), edit  # the edit counts
+
+
+def test_a_transposed_noise_and_a_half_precision_model_are_taken_on_both_paths():
+    """noise.T (valid, not contiguous) gave index rows the Triton kernels refused; reconstruct() of a
+    bf16 or float64 model fed it float32 images, which the PyTorch path refused."""
+    from fastmae.reconstruction import reconstruct
+
+    torch.manual_seed(0)
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(64, 2).T
+    plain = create_model("mae_vit_micro_patch4", kernels="torch")
+    fused = create_model("mae_vit_micro_patch4", kernels="triton")
+    fused.load_state_dict(plain.state_dict())
+    torch.testing.assert_close(fused(imgs, noise=noise)[0], plain(imgs, noise=noise.contiguous())[0],
+                               rtol=1e-5, atol=1e-5)
+    for dtype in (torch.bfloat16, torch.float64):
+        shown = reconstruct(copy.deepcopy(plain).to(dtype), imgs, 0.75, noise=noise)
+        assert shown.prediction.dtype == torch.float32 and torch.isfinite(shown.prediction).all()

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from fastmae.checkpoint import LoadReport, check_resume_file, load_weights, read_checkpoint, saved_args, state_dict_of
 from fastmae.data.augment import sample_resized_crop
-from fastmae.downstream.labeled_data import build_datasets
+from fastmae.downstream.labeled_data import UNREADABLE, build_datasets
 from fastmae.downstream.rand_augment import RandAugment
 from fastmae.downstream.random_erasing import RandomErasing
 from fastmae.downstream.sharding import InOrderShard, TrainKeys, sum_across_ranks
@@ -189,23 +189,39 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, desc: str = "eval", bar: bool = True) -> dict:
     """-> {'top1', 'top5' (percent, per image), 'loss' (cross-entropy, the mean of the batches' means, as
-    the reference's MetricLogger averages it), 'n'}, over the batches of every process (each process
-    gives its own share of the val set)."""
+    the reference's MetricLogger averages it), 'n', 'unreadable'}, over the batches of every process (each
+    process gives its own share of the val set). Images that could not be read (label ``UNREADABLE``)
+    are left out of every figure and counted in 'unreadable'."""
     was_training = model.training
     model.eval()
-    n = correct1 = correct5 = batches = 0
+    n = correct1 = correct5 = batches = unreadable = 0
     batch_losses = 0.0
     for imgs, labels in progress(loader, desc, bar):
+        readable = labels != UNREADABLE
+        if not bool(readable.all()):
+            unreadable += int((~readable).sum())
+            imgs, labels = imgs[readable], labels[readable]
+            if labels.numel() == 0:
+                continue
         imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         logits = model(imgs).float()
         batch_losses += F.cross_entropy(logits, labels).item()
         c1, c5 = topk_correct(logits, labels)
         correct1, correct5, n, batches = correct1 + c1, correct5 + c5, n + labels.shape[0], batches + 1
     model.train(was_training)
-    n, correct1, correct5, batch_losses, batches = sum_across_ranks([n, correct1, correct5, batch_losses, batches],
-                                                                    device)
-    n = int(n)
-    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": batch_losses / batches, "n": n}
+    n, correct1, correct5, batch_losses, batches, unreadable = sum_across_ranks(
+        [n, correct1, correct5, batch_losses, batches, unreadable], device)
+    n, unreadable = int(n), int(unreadable)
+    if n == 0:
+        raise ValueError(f"none of the {unreadable} val images could be read")
+    return {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": batch_losses / batches, "n": n,
+            "unreadable": unreadable}
+
+
+def val_images_said(stats: dict) -> str:
+    """"on N val images", and how many could not be read and were left out."""
+    left_out = f" ({stats['unreadable']} unreadable, left out)" if stats.get("unreadable") else ""
+    return f"on {stats['n']} val images{left_out}"
 
 
 # the flags of a linear probe's or fine-tuning's recipe (those a resumed run takes from its checkpoint,
@@ -236,6 +252,15 @@ class Resumed:
         if self.next_epoch < epochs:
             return None
         return f"{self.path} has done all {epochs} epochs: nothing to train (raise --epochs to go on)"
+
+    def check_classes(self, classes: list[str]) -> None:
+        """The class folders the resumed run trained on, in its order: another set (a folder renamed,
+        added, removed) gives the head's rows other meanings, which no error would show."""
+        saved = self.container.get("classes")
+        if saved is not None and list(saved) != list(classes):
+            raise ValueError(f"--resume {self.path} was trained on the classes {_few(saved)}, train/ now holds "
+                             f"{_few(classes)}: its head's rows would mean other classes; resume with the same "
+                             "class folders, or start a new run in another --output_dir")
 
     def describe(self, args) -> str:
         """What is continued, and the recipe flags given differently from the checkpoint's run (a longer
@@ -283,14 +308,20 @@ def resume_and_refuse_earlier_outputs(resume: str | None, output_dir: str | None
     return Resumed(path, container)
 
 
+# the logs a run appends to: another run's there (this command's, or pretraining's log.txt) would mix with it
+RUN_LOGS = ("log.jsonl", "log.txt")
+
+
 def refuse_earlier_outputs(output_dir: str | None, checkpoint_names: tuple[str, ...]) -> None:
-    """A new run does not overwrite the checkpoints an earlier one saved in ``output_dir``."""
+    """A new run does not overwrite the checkpoints an earlier one saved in ``output_dir``, nor append to
+    its logs."""
     if not output_dir:
         return
-    found = [name for name in checkpoint_names if (Path(output_dir) / name).exists()]
+    found = [name for name in (*checkpoint_names, *RUN_LOGS) if (Path(output_dir) / name).exists()]
     if found:
         raise ValueError(f"--output_dir {output_dir} holds an earlier run's {', '.join(found)}, which this run "
-                         "would overwrite: continue that run with --resume auto, or give another --output_dir")
+                         "would overwrite or append to: give another --output_dir (or, to continue this command's "
+                         "run there, --resume auto)")
 
 
 def append_jsonl(path: str | os.PathLike | None, record: dict) -> None:

@@ -37,6 +37,7 @@ from fastmae.downstream.classify import (
     EpochLogs, add_common_arguments, append_jsonl, build_classifier, check_start_epoch, datasets_and_loaders,
     describe_effective_batch, describe_pretrained, evaluate, evaluate_saved, input_size_of, number_of_classes,
     peak_lr, progress, resume_and_refuse_earlier_outputs, say_if_not_saved, show_rate, speaker, run_in_processes,
+    val_images_said,
 )
 from fastmae.downstream.lr_decay import optimizer_state_in_group_order, param_groups_lrd
 from fastmae.downstream.mixup import Mixup, soft_target_cross_entropy
@@ -100,6 +101,8 @@ def _run(args, ctx: DistributedContext) -> int:
     first_epoch = check_start_epoch(args, resumed)
     train_set, val_set, train_loader, val_loader = datasets_and_loaders(args, size, True, rand_augment,
                                                                         random_erasing, ctx)
+    if resumed is not None:
+        resumed.check_classes(train_set.classes)
     num_classes = number_of_classes(args, train_set)
     say_if_not_saved(args.output_dir, say)
     model, report = build_classifier(pretrained, num_classes, size, global_pool=args.global_pool,
@@ -152,9 +155,9 @@ def _run(args, ctx: DistributedContext) -> int:
     finally:
         epoch_logs.close()
     say(f"fine-tuned top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  (max {best:.2f}%) "
-        f"on {stats['n']} val images")
+        f"{val_images_said(stats)}")
     append_jsonl(log, {"final": True, "val_top1": stats["top1"], "val_top5": stats["top5"], "max_top1": best,
-                       "n": stats["n"]})
+                       "n": stats["n"], "unreadable": stats["unreadable"]})
     return 0
 
 
@@ -234,5 +237,5 @@ def _evaluate_saved(args, ctx: DistributedContext) -> int:
                                  global_pool="fc_norm.weight" in pretrained.state)
 
     stats = evaluate_saved(args, ctx, build)
-    speaker(ctx)(f"fine-tuned top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  on {stats['n']} val images")
+    speaker(ctx)(f"fine-tuned top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  {val_images_said(stats)}")
     return 0

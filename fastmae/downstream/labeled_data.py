@@ -26,11 +26,12 @@ from PIL import Image
 
 from fastmae.data.augment import (IMAGENET_MEAN, IMAGENET_STD, normalize, random_resized_crop_flip, resize_center_crop,
                                   sample_resized_crop)
-from fastmae.data.loader import UnreadableData, load_or_next
+from fastmae.data.loader import UnreadableData, load_or_next, why_unreadable
 from fastmae.data.sources import list_image_files, refuse_empty_data_path
 from fastmae.downstream.rand_augment import RandAugment
 from fastmae.downstream.random_erasing import RandomErasing
 
+UNREADABLE = -1  # the label of an evaluation image that cannot be read: left out, and counted
 CLASSIFY_CROP_SCALE = (0.08, 1.0)  # torchvision's default, used by the reference's linprobe/finetune
 EVAL_CROP_FRACTION = 0.875  # 224 / 256, the reference's crop_pct up to 224 px (util/datasets.py); 1.0 above
 
@@ -49,7 +50,8 @@ def list_labeled_images(root: str | os.PathLike) -> tuple[list[tuple[Path, int]]
         raise ValueError(f"{root} has no class sub-folders (expected {root}/<class>/<image files>)")
     samples = []
     for index, name in enumerate(classes):
-        samples.extend((path, index) for path in list_image_files(root / name))
+        # every image below the class folder: one of its sub-folders named train/ is not a split
+        samples.extend((path, index) for path in list_image_files(root / name, train_split=False))
     return samples, classes
 
 
@@ -102,12 +104,17 @@ class LabeledImageFolder(torch.utils.data.Dataset):
 
     Indexed by the item, or by a sampler's key (item, epoch, position; ``fastmae.downstream.sharding``):
     then the augmentation is drawn from (seed, epoch, position) alone, whichever worker or process
-    loads it."""
+    loads it.
+
+    ``replace_unreadable``: a file that cannot be read is replaced by the next one (training); else
+    (evaluation, where a copy of another image would be scored twice, under another's label) it is an
+    empty image with the label ``UNREADABLE``, which ``evaluate`` leaves out and counts."""
 
     def __init__(self, root: str | os.PathLike, transform: ClassificationTransform,
-                 classes: Sequence[str] | None = None, seed: int = 0):
+                 classes: Sequence[str] | None = None, seed: int = 0, replace_unreadable: bool = True):
         self.root = Path(root)
         self.seed = seed
+        self.replace_unreadable = replace_unreadable
         self.samples, found = list_labeled_images(root)
         if classes is not None and list(found) != list(classes):
             raise ValueError(f"{root} has classes {found}, expected {list(classes)} (as in the train folder)")
@@ -124,6 +131,15 @@ class LabeledImageFolder(torch.utils.data.Dataset):
         if isinstance(key, tuple):
             index, epoch, position = key
             rng = np.random.default_rng([self.seed, epoch, position])
+        if not self.replace_unreadable:
+            try:
+                return self._load(index, rng)
+            except Exception as error:
+                path = str(self.samples[index][0])
+                warnings.warn(f"unreadable image left out of the evaluation: {path} ({why_unreadable(error, path)})",
+                              stacklevel=2)
+                size = self.transform.input_size
+                return torch.zeros(3, size, size), UNREADABLE
         sample, unreadable = load_or_next(lambda item: self._load(item, rng), lambda item: str(self.samples[item][0]),
                                           index, len(self))
         for skipped in unreadable:
@@ -158,5 +174,6 @@ def build_datasets(data_path, input_size: int, train_augment: bool = True,
     train_dir, val_dir = train_val_folders(data_path)
     train = LabeledImageFolder(train_dir, ClassificationTransform(input_size, train_augment, mean, std, rand_augment,
                                                                   random_erasing, sample_crop), seed=seed)
-    val = LabeledImageFolder(val_dir, ClassificationTransform(input_size, False, mean, std), train.classes)
+    val = LabeledImageFolder(val_dir, ClassificationTransform(input_size, False, mean, std), train.classes,
+                             replace_unreadable=False)
     return train, val

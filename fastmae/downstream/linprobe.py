@@ -41,7 +41,7 @@ from fastmae.downstream.classify import (
     EpochLogs, add_common_arguments, append_jsonl, build_classifier, check_start_epoch, datasets_and_loaders,
     describe_effective_batch, describe_pretrained, Resumed, evaluate, evaluate_saved, input_size_of,
     number_of_classes, peak_lr, progress, resume_and_refuse_earlier_outputs, say_if_not_saved, show_rate, speaker,
-    run_in_processes,
+    run_in_processes, val_images_said,
 )
 from fastmae.downstream.lars import LARS
 from fastmae.downstream.sharding import (
@@ -205,6 +205,8 @@ def _run(args, ctx: DistributedContext) -> int:
     # the reference probe's crop (util/crop.py), not fine-tuning's torchvision one
     train_set, val_set, train_loader, val_loader = datasets_and_loaders(args, size, not args.cache_features, ctx=ctx,
                                                                         sample_crop=sample_clamped_resized_crop)
+    if resumed is not None:
+        resumed.check_classes(train_set.classes)
     num_classes = number_of_classes(args, train_set)
     smallest_batch = min(args.batch_size, len(train_loader.sampler))  # drop_last leaves no smaller one
     if smallest_batch < 2:
@@ -261,8 +263,9 @@ def _run(args, ctx: DistributedContext) -> int:
                                  start_epoch=first_epoch, epoch_logs=epoch_logs, head=head, ctx=ctx)
     finally:
         epoch_logs.close()
-    say(f"linear probe top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  on {stats['n']} val images")
-    append_jsonl(log, {"final": True, "val_top1": stats["top1"], "val_top5": stats["top5"], "n": stats["n"]})
+    say(f"linear probe top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  {val_images_said(stats)}")
+    append_jsonl(log, {"final": True, "val_top1": stats["top1"], "val_top5": stats["top5"], "n": stats["n"],
+                       "unreadable": stats["unreadable"]})
     return 0
 
 
@@ -312,5 +315,5 @@ def _evaluate_saved(args, ctx: DistributedContext) -> int:
         return make_linear_probe(model)
 
     stats = evaluate_saved(args, ctx, build)
-    speaker(ctx)(f"linear probe top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  on {stats['n']} val images")
+    speaker(ctx)(f"linear probe top-1 {stats['top1']:.2f}%  top-5 {stats['top5']:.2f}%  {val_images_said(stats)}")
     return 0
