@@ -279,6 +279,14 @@ def test_resume_with_other_class_folders_is_refused_and_a_folder_of_another_run_
     assert {name: (out / name).read_bytes() for name in logs} == logs
 
 
+def test_finetune_with_mixup_and_an_odd_batch_is_refused_before_it_starts(tiny_folder, mae_checkpoint, capsys):
+    assert fastmae_main(["finetune", "--checkpoint", str(mae_checkpoint), "--data_path", str(tiny_folder),
+                         "--num_workers", "0", "--batch_size", "3", "--epochs", "1", "--mixup", "0.8"]) == 2
+    captured = capsys.readouterr()
+    assert "a batch must hold an even number of images; here one holds 3 (--batch_size 3, 12 train images" \
+        in captured.err and "fine-tuning" not in captured.out
+
+
 def read_log(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 

@@ -132,6 +132,11 @@ def _run(args, ctx: DistributedContext) -> int:
         say(resumed.describe(args))
     mixup = None
     if args.mixup > 0 or args.cutmix > 0:
+        smallest_batch = min(args.batch_size, len(train_loader.sampler))  # drop_last leaves no smaller one
+        if smallest_batch % 2:  # said now, not after the model is built and the first batch is loaded
+            raise ValueError(f"mixup / cutmix pair image i with image N-1-i of a batch, so a batch must hold an "
+                             f"even number of images; here one holds {smallest_batch} (--batch_size "
+                             f"{args.batch_size}, {len(train_set)} train images over {ctx.world_size} process(es))")
         mixup = Mixup(num_classes, args.mixup, args.cutmix, args.mixup_prob, args.mixup_switch_prob,
                       args.smoothing, seed=args.seed)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
