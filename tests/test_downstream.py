@@ -439,7 +439,15 @@ def test_classifier_runs_refuse_what_they_cannot_do_right(tiny_folder, mae_check
     assert torch.load(probe, weights_only=True)["classes"] == ["cat", "dog"]
     # the reference's way to evaluate a saved classifier: --eval --resume FILE
     assert fastmae_main(["linprobe", "--eval", "--resume", str(probe), *common]) == 0
-    assert "linear probe top-1" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "linear probe top-1" in said
+    # the val images alone, in a folder of their own or given as the folder: the same figures
+    val_only = tmp_path / "val_only"
+    shutil.copytree(tiny_folder / "val", val_only / "val")
+    for data in (val_only, val_only / "val"):
+        assert fastmae_main(["linprobe", "--eval", "--checkpoint", str(probe), "--data_path", str(data),
+                             *common[2:]]) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == said.splitlines()[-1]
     for command in ("linprobe", "finetune"):
         # a head smaller than the class folders: labels past it were an IndexError mid-epoch
         assert fastmae_main([command, "--checkpoint", str(mae_checkpoint), "--nb_classes", "1", *common]) == 2

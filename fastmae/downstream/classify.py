@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from fastmae.checkpoint import LoadReport, check_resume_file, load_weights, read_checkpoint, saved_args, state_dict_of
 from fastmae.data.augment import sample_resized_crop
-from fastmae.downstream.labeled_data import UNREADABLE, build_datasets
+from fastmae.data.sources import refuse_empty_data_path
+from fastmae.downstream.labeled_data import UNREADABLE, ClassificationTransform, LabeledImageFolder, build_datasets
 from fastmae.downstream.rand_augment import RandAugment
 from fastmae.downstream.random_erasing import RandomErasing
 from fastmae.downstream.sharding import InOrderShard, TrainKeys, sum_across_ranks
@@ -147,6 +148,14 @@ def datasets_and_loaders(args, input_size: int, train_augment: bool, rand_augmen
     train_set, val_set = build_datasets(args.data_path, input_size, train_augment,
                                         rand_augment=rand_augment, random_erasing=random_erasing, seed=args.seed,
                                         sample_crop=sample_crop)
+    common = loader_settings(args, ctx)
+    keys = TrainKeys(len(train_set), args.seed, ctx.rank, ctx.world_size)
+    train_loader = torch.utils.data.DataLoader(train_set, sampler=keys, drop_last=len(keys) > args.batch_size, **common)
+    return train_set, val_set, train_loader, val_loader_of(val_set, common, ctx)
+
+
+def loader_settings(args, ctx: DistributedContext) -> dict:
+    """The DataLoader settings both splits share."""
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.accum_iter < 1:
@@ -154,13 +163,14 @@ def datasets_and_loaders(args, input_size: int, train_augment: bool, rand_augmen
     pin = args.pin_mem and ctx.device.type == "cuda"
     # the workers' seeds from a generator of their own: the global one, which drop path draws from, is
     # left as a resumed run finds it (the augmentation is keyed by the sampler, not by the worker)
-    common = dict(batch_size=args.batch_size, num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
-                  pin_memory=pin, generator=torch.Generator().manual_seed(args.seed))
-    keys = TrainKeys(len(train_set), args.seed, ctx.rank, ctx.world_size)
-    train_loader = torch.utils.data.DataLoader(train_set, sampler=keys, drop_last=len(keys) > args.batch_size, **common)
-    val_loader = torch.utils.data.DataLoader(val_set, sampler=InOrderShard(len(val_set), ctx.rank, ctx.world_size),
-                                             **common)
-    return train_set, val_set, train_loader, val_loader
+    return dict(batch_size=args.batch_size, num_workers=args.num_workers, persistent_workers=args.num_workers > 0,
+                pin_memory=pin, generator=torch.Generator().manual_seed(args.seed))
+
+
+def val_loader_of(val_set, common: dict, ctx: DistributedContext):
+    """This process's in-order share of the val images, each counted once over the processes."""
+    return torch.utils.data.DataLoader(val_set, sampler=InOrderShard(len(val_set), ctx.rank, ctx.world_size),
+                                       **common)
 
 
 def effective_batch(args, world_size: int = 1) -> int:
@@ -406,7 +416,10 @@ def evaluate_saved(args, ctx: DistributedContext, build_model) -> dict:
     container = read_checkpoint(args.checkpoint)
     pretrained = describe_pretrained(args.checkpoint, args.model, False, container)
     size = input_size_of(args, pretrained)
-    _, val_set, _, val_loader = datasets_and_loaders(args, size, False, ctx=ctx)
+    # val/ alone: the classes are the checkpoint's, and a folder of val images needs no train/ beside it
+    val_set = LabeledImageFolder(eval_folder(args.data_path), ClassificationTransform(size, False),
+                                 replace_unreadable=False)
+    val_loader = val_loader_of(val_set, loader_settings(args, ctx), ctx)
     model = build_model(pretrained, size)
     load_weights(model, pretrained.state, strict=True)
     saved_classes = container.get("classes")
@@ -417,6 +430,18 @@ def evaluate_saved(args, ctx: DistributedContext, build_model) -> dict:
     if head_size < len(val_set.classes):
         raise ValueError(f"{args.checkpoint} classifies {head_size} classes, val/ has {len(val_set.classes)} class folders")
     return evaluate(model.to(ctx.device), val_loader, ctx.device, bar=ctx.is_main)
+
+
+def eval_folder(data_path) -> Path:
+    """--eval's images: ``data_path/val``, or ``data_path`` itself when it is a folder of class folders
+    (the val split given directly)."""
+    refuse_empty_data_path(data_path)
+    root = Path(data_path)
+    if (root / "val").is_dir():
+        return root / "val"
+    if root.is_dir() and not (root / "train").is_dir():
+        return root
+    raise ValueError(f"expected {root / 'val'}: --eval reads --data_path/val, or --data_path as the val folder")
 
 
 def _few(names: list[str]) -> str:
