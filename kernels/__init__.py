@@ -87,9 +87,14 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the Trito
 def resolve_kernels(choice: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The path ("triton" or "torch") that ``choice`` takes for tensors on ``device`` of ``dtype`` (the
     model's parameters'; None: a kernel dtype). The kernels compute in fp32/bf16/fp16: a float64 model
-    (the reference comparisons) takes the PyTorch path under "auto"."""
+    (the reference comparisons) takes the PyTorch path under "auto". Under torch.func's transforms every
+    choice takes the PyTorch path."""
     check_kernels_choice(choice)
     if choice == "torch":
+        return "torch"
+    if torch._C._are_functorch_transforms_active():
+        # torch.func (grad, vjp, vmap, functional_call under them) refuses the kernels' autograd, an
+        # old-style Function in the custom ops too: the PyTorch references compute the same values there
         return "torch"
     if dtype is not None and dtype not in KERNEL_DTYPES:
         if choice == "triton":

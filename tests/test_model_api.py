@@ -270,3 +270,21 @@ def test_a_transposed_noise_and_a_half_precision_model_are_taken_on_both_paths()
     for dtype in (torch.bfloat16, torch.float64):
         shown = reconstruct(copy.deepcopy(plain).to(dtype), imgs, 0.75, noise=noise)
         assert shown.prediction.dtype == torch.float32 and torch.isfinite(shown.prediction).all()
+
+
+def test_torch_func_transforms_take_a_triton_model():
+    """torch.func.grad over functional_call refused the kernels' autograd (old-style Functions, the custom
+    ops' too): under its transforms the PyTorch references compute, with the same gradients."""
+    torch.manual_seed(0)
+    plain = create_model("mae_vit_micro_patch4", kernels="torch")
+    fused = create_model("mae_vit_micro_patch4", kernels="triton")
+    fused.load_state_dict(plain.state_dict())
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
+    grads = {}
+    for name, model in (("torch", plain), ("triton", fused)):
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        loss = lambda p, m=model: torch.func.functional_call(m, p, (imgs,), {"noise": noise})[0]  # noqa: E731
+        grads[name] = torch.func.grad(loss)(params)
+    assert grads["triton"].keys() == grads["torch"].keys()
+    for key, grad in grads["torch"].items():
+        torch.testing.assert_close(grads["triton"][key], grad, msg=key)
