@@ -853,6 +853,9 @@ def test_profile_paper_checks_compare_encoder_flops_counted_by_flop_counter():
     assert encoder_claim["holds"] and total_claim["holds"]
     half = profile_cmd.paper_checks(config, 0.5)[0]
     assert half["this_model"] < 2.5 and half["holds"] is False
+    # the verdict is this model's against the paper's factor, which is for 75% masking: said beside it
+    assert half["note"] == "the paper's factor is for mask ratio 0.75; at 0.5, L/K = 2.00"
+    assert encoder_claim["note"] is None and total_claim["note"] is None
 
 
 def test_profile_flop_table_training_is_three_times_forward_per_component():
