@@ -1,6 +1,6 @@
 """Markdown tables for the README from the committed results in benchmarks/results/*.json.
 
-    python benchmarks/make_results_table.py [--results_dir DIR] [--include_cpu]
+    python benchmarks/make_results_table.py [--results_dir DIR] [--include_cpu] [--redraw_charts]
 
 Step benchmarks become one table (img/s, step time, peak memory, MFU per implementation), Table 2
 runs another (measured speed-up beside the paper's and the FLOP-count limit), profiles a third
@@ -10,6 +10,11 @@ beside what ViT-B training consumes), and ``fastmae pretrain``'s summary.json fi
 and time waiting for data). Runs stopped part-way are marked with what they miss. Each section
 links the charts (.png) written beside its JSON files. CPU results are left out unless asked for:
 they only show that the code runs. With no result files it says so.
+
+Files written before 2026-11-25 hold img/s (and the MFU and speed-ups made from it) as batch / median
+step time; the tables recompute every figure as sustained, from the step times each file records.
+``--redraw_charts`` redraws the step and Table 2 charts from the same sustained figures, so that a
+chart shows what the table beside it says.
 """
 
 from __future__ import annotations
@@ -138,18 +143,15 @@ def step_table(results: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         env = r["environment"]
-        for row in r["results"]:
+        for row in sustained_step_result(r)["results"]:
             if "error" in row:
                 lines.append(f"| {_model_with_settings(r)} | {env['device']} | {r['dtype']} | {r['batch_size']} | {row['name']} | "
                              f"failed: {row['error'][:80]} | | | | | | {_commit(r)} |")
                 continue
-            rate = sustained_images_per_s(row, r["batch_size"])
-            to_sustained = rate / row["images_per_s"]  # MFU is proportional to img/s
             lines.append(
                 f"| {_model_with_settings(r)} | {env['device']} | {r['dtype']} | {r['batch_size']} | {_step_row_name(r, row)} | "
-                f"{rate:.0f} | {1e3 * row['median_s']:.1f} ({1e3 * row['p10_s']:.1f}-{1e3 * row['p90_s']:.1f}) | "
-                f"{_gib(row.get('peak_memory_bytes'))} | {_pct(_scaled(row.get('mfu_spec'), to_sustained))} | "
-                f"{_pct(_scaled(row.get('mfu_measured_gemm'), to_sustained))} | "
+                f"{row['images_per_s']:.0f} | {1e3 * row['median_s']:.1f} ({1e3 * row['p10_s']:.1f}-{1e3 * row['p90_s']:.1f}) | "
+                f"{_gib(row.get('peak_memory_bytes'))} | {_pct(row.get('mfu_spec'))} | {_pct(row.get('mfu_measured_gemm'))} | "
                 f"{_seconds(row.get('first_step_s'))} | {_commit(r)} |")
     speedups = [(_model_with_settings(r), r["environment"]["device"], k, v) for r in results
                 for k, v in step_speedups(r).items()]
@@ -307,6 +309,35 @@ def partial_notes(results: list[dict]) -> list[str]:
     return notes
 
 
+def sustained_step_result(result: dict) -> dict:
+    """A step result with its rows' img/s and MFU recomputed as sustained (``sustained_images_per_s``)."""
+    rows = []
+    for row in result["results"]:
+        if "error" not in row:
+            rate = sustained_images_per_s(row, result["batch_size"])
+            to_sustained = rate / row["images_per_s"]  # MFU is proportional to img/s
+            row = {**row, "images_per_s": rate, "mfu_spec": _scaled(row.get("mfu_spec"), to_sustained),
+                   "mfu_measured_gemm": _scaled(row.get("mfu_measured_gemm"), to_sustained)}
+        rows.append(row)
+    return {**result, "results": rows}
+
+
+def redraw_charts(results: list[dict], results_dir: Path) -> list[Path]:
+    """The step and Table 2 charts beside their JSON, drawn again from the sustained figures."""
+    from fastmae.bench.step import plot_step
+    from fastmae.bench.table2 import plot_table2
+
+    drawn = []
+    for r in results:
+        path = results_dir / Path(r["_file"]).with_suffix(".png")
+        if r["benchmark"] == "step":
+            drawn.append(plot_step(sustained_step_result(r), path))
+        elif r["benchmark"] == "table2" and r["rows"]:
+            rows = [{**row, "measured_speedup": speedup} for row, speedup in zip(r["rows"], table2_speedups(r))]
+            drawn.append(plot_table2(rows, path, f"Table 2 on {r['environment']['device']}, {r['dtype']}"))
+    return drawn
+
+
 def markdown(results: list[dict], chart_prefix: str = "benchmarks/results") -> str:
     """The README section; charts are linked as ``chart_prefix/<name>.png`` (relative to the README)."""
     if not results:
@@ -332,13 +363,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results_dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--include_cpu", action="store_true", help="also CPU results (smoke runs)")
+    parser.add_argument("--redraw_charts", action="store_true",
+                        help="redraw the step and Table 2 charts from the sustained figures the tables show")
     args = parser.parse_args(argv)
     if not args.results_dir.is_dir():
         print(f"make_results_table: error: {args.results_dir} is not a directory", file=sys.stderr)
         return 2
     try:
         charts = Path(os.path.relpath(args.results_dir.resolve(), README_DIR)).as_posix()
-        print(markdown(load_results(args.results_dir, args.include_cpu), chart_prefix=charts), end="")
+        results = load_results(args.results_dir, args.include_cpu)
+        if args.redraw_charts:
+            for path in redraw_charts(results, args.results_dir):
+                print(f"redrew {path}", file=sys.stderr)
+            results = load_results(args.results_dir, args.include_cpu)  # the charts now there
+        print(markdown(results, chart_prefix=charts), end="")
     except ValueError as err:
         print(f"make_results_table: error: {err}", file=sys.stderr)
         return 2

@@ -993,3 +993,34 @@ def test_results_tables_name_a_runs_non_default_settings_and_link_charts_where_t
     assert table.main(["--results_dir", str(results)]) == 0
     link = os.path.relpath(results, table.README_DIR)
     assert f"![step_x.png]({link}/step_x.png)" in capsys.readouterr().out
+
+
+def test_redrawn_charts_show_the_sustained_figures_of_the_tables(tmp_path, monkeypatch):
+    """The committed charts were drawn at run time from batch / median step time, while the README's tables
+    beside them recompute sustained figures: --redraw_charts draws them from the tables' figures."""
+    import importlib.util
+    import shutil as _shutil
+    from pathlib import Path as _Path
+
+    import fastmae.bench.step as step_cmd
+    import fastmae.bench.table2 as table2_cmd
+
+    spec = importlib.util.spec_from_file_location("make_results_table", _Path(__file__).parents[1] / "benchmarks" /
+                                                  "make_results_table.py")
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    results = _Path(__file__).parents[1] / "benchmarks" / "results"
+    for name in ("step_mae_vit_large_patch16_h100-80gb-hbm3_20261124.json", "table2_h100-80gb-hbm3_20261124.json"):
+        _shutil.copy(results / name, tmp_path / name)
+    drawn = {}
+    monkeypatch.setattr(step_cmd, "plot_step", lambda result, path: drawn.setdefault("step", (result, path))[1])
+    monkeypatch.setattr(table2_cmd, "plot_table2", lambda rows, path, title: drawn.setdefault("table2", (rows, path))[1])
+    loaded = tables.load_results(tmp_path)
+    assert len(tables.redraw_charts(loaded, tmp_path)) == 2
+    step_result, step_png = drawn["step"]
+    eager = next(r for r in step_result["results"] if r["name"] == "fastmae")
+    assert step_png == tmp_path / "step_mae_vit_large_patch16_h100-80gb-hbm3_20261124.png"
+    steps = [r for r in loaded if r["benchmark"] == "step"]
+    assert f"| {eager['images_per_s']:.0f} |" in "\n".join(tables.step_table(steps)) and round(eager["images_per_s"]) == 2201
+    rows, _ = drawn["table2"]
+    assert [round(r["measured_speedup"], 2) for r in rows if not r["encoder_mask_tokens"]] == [2.30, 3.01, 2.40, 2.57]
