@@ -1024,3 +1024,18 @@ def test_redrawn_charts_show_the_sustained_figures_of_the_tables(tmp_path, monke
     assert f"| {eager['images_per_s']:.0f} |" in "\n".join(tables.step_table(steps)) and round(eager["images_per_s"]) == 2201
     rows, _ = drawn["table2"]
     assert [round(r["measured_speedup"], 2) for r in rows if not r["encoder_mask_tokens"]] == [2.30, 3.01, 2.40, 2.57]
+
+
+def test_the_engines_fp16_step_scales_its_loss_as_pretrain_does():
+    """fastmae's and the naive baseline's rows skipped the GradScaler in fp16 (and its overflow check), while
+    the reference-style row paid for it and `fastmae pretrain --precision fp16` runs it."""
+    from fastmae.bench.contenders import build_contenders, fastmae_step
+
+    config = model_config(MICRO)
+    for dtype, scaled in ((torch.float16, True), (torch.bfloat16, False), (torch.float32, False)):
+        step = fastmae_step(config, CPU, dtype, 0.75)
+        assert step.loss_scaler.is_enabled() == scaled, dtype
+    rows = build_contenders(config, CPU, torch.float16, 0.75, ("fastmae", "naive w/[M]", "reference-style"))
+    assert [r.precision for r in rows] == ["float16 autocast + GradScaler"] * 2 + ["fp16 autocast + GradScaler"]
+    fp32 = build_contenders(config, CPU, torch.float32, 0.75, ("reference-style",))[0]
+    assert "GradScaler" not in fp32.description

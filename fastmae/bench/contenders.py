@@ -79,10 +79,11 @@ class EngineTrainStep(TrainStep):
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
                  autocast_dtype: torch.dtype | None, mask_ratio: float, compiled: CompileConfig | None = None):
         super().__init__(model, optimizer, device, autocast_dtype, mask_ratio, compiled=compiled)
-        self.disabled_scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16/fp32 need none
+        # as the trainer's: loss scaling in fp16 (its overflow check included), none in bf16 / fp32
+        self.loss_scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
 
     def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
-        losses = train_step(self.forward, self.optimizer, self.disabled_scaler, [(imgs, None)], self.mask_ratio,
+        losses = train_step(self.forward, self.optimizer, self.loss_scaler, [(imgs, None)], self.mask_ratio,
                             self.autocast_dtype, self.compiled)
         return losses[0]
 
@@ -153,33 +154,36 @@ def build_contenders(config: MAEConfig, device: torch.device, dtype: torch.dtype
     if unknown:
         raise ValueError(f"unknown implementations {unknown}; choose from {list(CONTENDER_NAMES)}")
     amp = "fp32" if dtype == torch.float32 else f"{str(dtype).removeprefix('torch.')} autocast"
+    # the engine's rows step as the trainer does: with loss scaling in fp16
+    engine_amp = amp + (" + GradScaler" if dtype == torch.float16 else "")
     mae_flops = train_flops_per_image(config, mask_ratio)
     naive_flops = train_flops_per_image(config, mask_ratio, encoder_mask_tokens=True)
     # reference-style and HF embed every patch and predict every patch
     full_flops = train_flops_per_image(config, mask_ratio, full_pred=True, embed_all_patches=True)
     table = {
         "fastmae": Contender(
-            "fastmae", f"fastmae engine (kernels={kernels}, attn={attn}), fused AdamW", amp, mae_flops,
+            "fastmae", f"fastmae engine (kernels={kernels}, attn={attn}), fused AdamW", engine_amp, mae_flops,
             lambda: fastmae_step(config, device, dtype, mask_ratio, False, None, kernels, attn)),
         "fastmae+compile": Contender(
-            "fastmae+compile", f"fastmae engine, {compiled.describe()}", amp, mae_flops,
+            "fastmae+compile", f"fastmae engine, {compiled.describe()}", engine_amp, mae_flops,
             lambda: fastmae_step(config, device, dtype, mask_ratio, False, compiled, kernels, attn)),
         "fastmae+cudagraph": Contender(
-            "fastmae+cudagraph", "fastmae engine, the eager step replayed as one CUDA graph", amp, mae_flops,
+            "fastmae+cudagraph", "fastmae engine, the eager step replayed as one CUDA graph", engine_amp, mae_flops,
             lambda: fastmae_step(config, device, dtype, mask_ratio, False, None, kernels, attn, cuda_graph=True),
             GRAPH_UNTIMED_STEPS),
         "naive w/[M]": Contender(
-            "naive w/[M]", "same engine, mask tokens through the encoder (paper's baseline)", amp, naive_flops,
+            "naive w/[M]", "same engine, mask tokens through the encoder (paper's baseline)", engine_amp, naive_flops,
             lambda: fastmae_step(config, device, dtype, mask_ratio, True, None, kernels, attn)),
         "naive w/[M]+compile": Contender(
-            "naive w/[M]+compile", f"naive baseline, {compiled.describe()}", amp, naive_flops,
+            "naive w/[M]+compile", f"naive baseline, {compiled.describe()}", engine_amp, naive_flops,
             lambda: fastmae_step(config, device, dtype, mask_ratio, True, compiled, kernels, attn)),
         "naive w/[M]+cudagraph": Contender(
-            "naive w/[M]+cudagraph", "naive baseline, the eager step replayed as one CUDA graph", amp, naive_flops,
+            "naive w/[M]+cudagraph", "naive baseline, the eager step replayed as one CUDA graph", engine_amp, naive_flops,
             lambda: fastmae_step(config, device, dtype, mask_ratio, True, None, kernels, attn, cuda_graph=True),
             GRAPH_UNTIMED_STEPS),
         "reference-style": Contender(
-            "reference-style", "conv on all patches + gather, softmax(QK^T)V, GradScaler, torch's default AdamW (foreach)",
+            "reference-style", "conv on all patches + gather, softmax(QK^T)V, "
+            + ("" if dtype == torch.float32 else "GradScaler, ") + "torch's default AdamW (foreach)",
             "fp32" if dtype == torch.float32 else "fp16 autocast + GradScaler", full_flops,
             lambda: _reference_style_step(config, device, dtype, mask_ratio)),
         "hf-vitmae": Contender(
