@@ -291,6 +291,7 @@ def test_bench_data_stopped_keeps_what_it_measured(tmp_path, capsys, monkeypatch
     out, err = capsys.readouterr()
     report = json.loads(path.read_text())
     assert report["complete"] is False and [(r["loader"], r["mode"]) for r in report["results"]] == [("cpu", "decode")]
+    assert report["pending"] == ["cpu augment"]  # what the stop left unmeasured, as bench step's files say
     assert f"fastmae bench data: stopped; the measurements made are in {path} (complete: false)" in err
     assert chart.read_bytes()[:4] == b"\x89PNG" and "Traceback" not in err and "cpu" in out
 

@@ -695,7 +695,15 @@ def test_bench_data_cli_measures_each_available_loader(photos, tmp_path, capsys)
     assert measured == expected
     for row in report["results"]:
         assert row["images"] == 4 * (6 - 1 - 1) and row["timed_batches"] == 4 and row["img_per_s"] > 0
-    assert report["num_threads"] == 1 and "img/s" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert report["num_threads"] == 1 and "img/s" in said and report["pending"] == [] and report["complete"]
+    # the 24 photos hold 4 timed batches of 4, not the 50 asked: said beside the rates
+    assert "note: 4 batch(es) timed per loader, not the 50 asked: the data holds 24 images" in said
+    # no loader measurable here: an error, not an empty "complete" result
+    assert main(["bench", "data", "--data_path", str(photos), "--loaders", "torchvision",
+                 "--json", str(tmp_path / "none.json")]) == 2
+    assert "no loader could be measured here ({'torchvision': 'decodes on a CUDA device only'})" in \
+        capsys.readouterr().err and not (tmp_path / "none.json").exists()
     (tmp_path / "empty").mkdir()
     assert main(["bench", "data", "--data_path", str(tmp_path / "empty")]) == 2
     assert "fastmae bench data: error: --data_path" in capsys.readouterr().err

@@ -99,7 +99,7 @@ def _run(args: argparse.Namespace) -> int:
                   "data_path": args.data_path or f"generated: {args.num_images} x ~{IMAGENET_LIKE_SIZE} q{IMAGENET_LIKE_QUALITY}",
                   "num_images": len(source), "batch_size": args.batch_size, "input_size": args.input_size,
                   "warmup_batches": args.warmup, "timed_batches_asked": args.batches, "results": results,
-                  "complete": False}
+                  "complete": False, "pending": [], "skipped_loaders": {}}
         try:
             measure_loaders(args, device, cfg, source, report)
         except KeyboardInterrupt:
@@ -112,6 +112,14 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"wrote {args.plot}")
             return 130
     print_table(results, args.num_threads, device)
+    if not results:
+        print(f"fastmae bench data: error: no loader could be measured here ({report['skipped_loaders']}); "
+              "nothing written", file=sys.stderr)
+        return 2
+    short = [r for r in results if args.batches and r.get("timed_batches", args.batches) < args.batches]
+    if short:  # a small folder: the rate rests on fewer batches than asked
+        print(f"note: {short[0]['timed_batches']} batch(es) timed per loader, not the {args.batches} asked: the data "
+              f"holds {len(source)} images (give more, or a smaller --batch_size)")
     if args.json:
         report["complete"] = True
         print(f"wrote {write_json(args.json, report)}")
@@ -124,26 +132,35 @@ def _run(args: argparse.Namespace) -> int:
 def measure_loaders(args: argparse.Namespace, device: torch.device, cfg: DataConfig, source: ImageSource,
                     report: dict) -> None:
     """Every loader and mode asked for, each measurement added to report["results"] (and written to
-    --json) as it is made: a run stopped part-way keeps what it measured."""
+    --json) as it is made: a run stopped part-way keeps what it measured, and lists in "pending" what it
+    did not measure."""
+    planned = []
     for loader_name in args.loaders:
         why_not = unavailable(loader_name, device)
         if why_not:
             print(f"{loader_name}: skipped ({why_not})")
+            report["skipped_loaders"][loader_name] = why_not
             continue
         for mode in args.modes:
             if loader_name == "hybrid" and mode == "decode":
                 continue  # its workers decode as the cpu loader's do: the same measurement
             loads = args.hw_decoder_load if loader_name == "dali" and device.type == "cuda" and args.hw_decoder_load else [None]
-            for hw_load in loads:
-                loader = make_loader(loader_name, mode, cfg, device, source, args.num_threads, hw_load)
-                label = f"{loader_name} {mode}" + (f" hw_decoder_load={hw_load}" if hw_load is not None else "")
-                # the CPU loaders' worker processes each make a whole batch: num_threads at once
-                parallel = max(1, args.num_threads) if loader_name in WORKER_LOADERS else 1
-                report["results"].append({"loader": loader_name, "mode": mode, "hw_decoder_load": hw_load,
-                                          **measure(loader, label, device, args.warmup, args.batches, args.batch_size,
-                                                    parallel)})
-                if args.json:
-                    write_json(args.json, report)
+            planned += [(loader_name, mode, hw_load) for hw_load in loads]
+    report["pending"] = [_label(*case) for case in planned]
+    for loader_name, mode, hw_load in planned:
+        loader = make_loader(loader_name, mode, cfg, device, source, args.num_threads, hw_load)
+        label = _label(loader_name, mode, hw_load)
+        # the CPU loaders' worker processes each make a whole batch: num_threads at once
+        parallel = max(1, args.num_threads) if loader_name in WORKER_LOADERS else 1
+        report["results"].append({"loader": loader_name, "mode": mode, "hw_decoder_load": hw_load,
+                                  **measure(loader, label, device, args.warmup, args.batches, args.batch_size, parallel)})
+        report["pending"].remove(label)
+        if args.json:
+            write_json(args.json, report)
+
+
+def _label(loader_name: str, mode: str, hw_load: float | None) -> str:
+    return f"{loader_name} {mode}" + (f" hw_decoder_load={hw_load}" if hw_load is not None else "")
 
 
 def unavailable(loader_name: str, device: torch.device) -> str | None:
