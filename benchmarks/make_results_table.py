@@ -39,6 +39,9 @@ def load_results(results_dir: Path, include_cpu: bool = False) -> list[dict]:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
         if not isinstance(result, dict) or "benchmark" not in result:
             continue  # not one of ours
+        if not isinstance(result.get("environment"), dict):  # every benchmark command writes it first
+            raise ValueError(f"{path} is not a whole result file (no 'environment' record): move it out of "
+                             f"{results_dir}, or run its benchmark again")
         if result.get("environment", {}).get("device_type") == "cpu" and not include_cpu:
             continue
         result["_file"] = path.name

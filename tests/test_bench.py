@@ -378,6 +378,10 @@ def test_results_table(tmp_path, capsys):
     table = load_results_table_script()
     assert table.main(["--results_dir", str(tmp_path)]) == 0
     assert "No benchmark results yet" in capsys.readouterr().out
+    (tmp_path / "cut.json").write_text('{"benchmark": "step"}')  # valid JSON, not a whole result: a KeyError
+    assert table.main(["--results_dir", str(tmp_path)]) == 2
+    assert "cut.json is not a whole result file (no 'environment' record)" in capsys.readouterr().err
+    (tmp_path / "cut.json").unlink()
     quick = ["--warmup", "0", "--steps", "1", "--batch_size", "2", "--no_progress"]
     assert main(["bench", "step", "--model", MICRO, "--impl", "fastmae,naive w/[M]", "--gemm_size", "64",
                  "--out_dir", str(tmp_path), *quick]) == 0
