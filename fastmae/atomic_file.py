@@ -75,6 +75,17 @@ class _OSErrorRecorder:
         return getattr(self._file, name)
 
 
+def set_aside(path: Path, tag: str) -> Path:
+    """Rename ``path`` to the first free ``<stem>.<tag><suffix>``, ``<stem>.<tag>_2<suffix>``, ... beside
+    it (an earlier run's file kept, never written over) -> the new path."""
+    target, n = path.with_name(f"{path.stem}.{tag}{path.suffix}"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.stem}.{tag}_{n}{path.suffix}")
+    path.rename(target)
+    return target
+
+
 def refuse_to_replace(flag: str, path: str | os.PathLike, inputs: dict[str, str | os.PathLike] | None = None) -> None:
     """Raise ValueError when ``path`` exists (an empty folder excepted): a command that writes one
     result does not replace what is there, which may be the only copy of something, its own input

@@ -55,7 +55,8 @@ def list_image_files(data_path: str | os.PathLike, train_split: bool = True) -> 
         raise ValueError(f"--data_path {root} is not a folder")
     if train_split and (root / "train").is_dir():  # the reference reads os.path.join(data_path, 'train')
         root = root / "train"
-    named = [path for path in _walk_files(root) if _is_image_name(path)]
+    walked = list(_walk_files(root))
+    named = [path for path in walked if _is_image_name(path)]
     files = sorted(path for path in named if path.is_file())
     # links whose target is gone (a moved dataset a subset was linked from): named, not silently fewer images
     dangling = sorted(path for path in named if path.is_symlink() and not path.exists())
@@ -64,8 +65,8 @@ def list_image_files(data_path: str | os.PathLike, train_split: bool = True) -> 
     if not files:
         from fastmae.data.tar_shards import compressed_tar_message, is_compressed_tar
 
-        nested_tar = next((path for path in _walk_files(root) if path.suffix.lower() == ".tar"), None)
-        compressed = next((path for path in _walk_files(root) if is_compressed_tar(path)), None)
+        nested_tar = next((path for path in walked if path.suffix.lower() == ".tar"), None)
+        compressed = next((path for path in walked if is_compressed_tar(path)), None)
         hint = (f"; it holds .tar shards in a sub-folder ({nested_tar.relative_to(root)}): give the folder that "
                 "holds them" if nested_tar is not None
                 else f"; {compressed_tar_message(compressed)}" if compressed is not None

@@ -266,11 +266,9 @@ class Resumed:
     def check_classes(self, classes: list[str]) -> None:
         """The class folders the resumed run trained on, in its order: another set (a folder renamed,
         added, removed) gives the head's rows other meanings, which no error would show."""
-        saved = self.container.get("classes")
-        if saved is not None and list(saved) != list(classes):
-            raise ValueError(f"--resume {self.path} was trained on the classes {_few(saved)}, train/ now holds "
-                             f"{_few(classes)}: its head's rows would mean other classes; resume with the same "
-                             "class folders, or start a new run in another --output_dir")
+        refuse_other_classes(f"--resume {self.path}", self.container, "train/ now", classes,
+                             "its head's rows would mean other classes; resume with the same class folders, or "
+                             "start a new run in another --output_dir")
 
     def describe(self, args) -> str:
         """What is continued, and the recipe flags given differently from the checkpoint's run (a longer
@@ -422,10 +420,7 @@ def evaluate_saved(args, ctx: DistributedContext, build_model) -> dict:
     val_loader = val_loader_of(val_set, loader_settings(args, ctx), ctx)
     model = build_model(pretrained, size)
     load_weights(model, pretrained.state, strict=True)
-    saved_classes = container.get("classes")
-    if saved_classes is not None and list(saved_classes) != val_set.classes:
-        raise ValueError(f"{args.checkpoint} was trained on the classes {_few(saved_classes)}, val/ holds "
-                         f"{_few(val_set.classes)}: its labels would not be these")
+    refuse_other_classes(args.checkpoint, container, "val/", val_set.classes, "its labels would not be these")
     head_size = next(v.shape[0] for k, v in pretrained.state.items() if k in ("head.weight", "head.1.weight"))
     if head_size < len(val_set.classes):
         raise ValueError(f"{args.checkpoint} classifies {head_size} classes, val/ has {len(val_set.classes)} class folders")
@@ -442,6 +437,15 @@ def eval_folder(data_path) -> Path:
     if root.is_dir() and not (root / "train").is_dir():
         return root
     raise ValueError(f"expected {root / 'val'}: --eval reads --data_path/val, or --data_path as the val folder")
+
+
+def refuse_other_classes(checkpoint: str, container: dict, folder: str, classes: list[str], consequence: str) -> None:
+    """A ValueError when the classifier in ``container`` was trained on other class folders than
+    ``classes`` (what ``folder`` holds); a checkpoint that does not record them is taken as it is."""
+    saved = container.get("classes")
+    if saved is not None and list(saved) != list(classes):
+        raise ValueError(f"{checkpoint} was trained on the classes {_few(saved)}, {folder} holds {_few(classes)}: "
+                         f"{consequence}")
 
 
 def _few(names: list[str]) -> str:

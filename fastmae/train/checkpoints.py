@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastmae.atomic_file import set_aside
 from fastmae.checkpoint import load_weights, read_checkpoint, save_checkpoint, saved_args, state_dict_of
 from fastmae.train.optim import load_optimizer_state
 
@@ -151,11 +152,7 @@ def set_aside_checkpoints_redone(output_dir: str | Path, step: int, epoch: int) 
     later = [p for p in step_checkpoints(output_dir) if int(_STEP_FILE.search(p.name).group(1)) > step]
     later += [p for p in epoch_checkpoints(output_dir) if int(_EPOCH_FILE.search(p.name).group(1)) >= epoch]
     for path in later:
-        target, n = path.with_name(f"{path.stem}.redone{path.suffix}"), 1
-        while target.exists():
-            n += 1
-            target = path.with_name(f"{path.stem}.redone_{n}{path.suffix}")
-        path.rename(target)
+        set_aside(path, "redone")
     if not later:
         return []
     names = ", ".join(p.name for p in later[:3]) + (f" and {len(later) - 3} more" if len(later) > 3 else "")

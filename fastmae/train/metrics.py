@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from fastmae.atomic_file import atomic_write
+from fastmae.atomic_file import atomic_write, set_aside
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -100,11 +100,7 @@ def set_aside_earlier_outputs(output_dir: str | Path, names: tuple[str, ...] = (
     for path in (Path(output_dir) / name for name in names):
         if not path.is_file() or path.stat().st_size == 0:
             continue
-        target, n = path.with_name(f"{path.stem}.restarted{path.suffix}"), 1
-        while target.exists():
-            n += 1
-            target = path.with_name(f"{path.stem}.restarted_{n}{path.suffix}")
-        path.rename(target)
+        target = set_aside(path, "restarted")
         moved.append(f"the earlier run's {path.name} is kept as {target.name}")
     return moved
 

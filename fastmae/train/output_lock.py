@@ -31,6 +31,12 @@ class OutputFolderInUse(ValueError):
     pass
 
 
+def _holder_said(file) -> str:
+    """The line the holding process wrote in the lock file."""
+    file.seek(0)
+    return file.read().strip() or "a process that has not said which yet"
+
+
 def in_use_message(output_dir: str | Path, holder: str) -> str:
     return (f"--output_dir {output_dir} is in use by another fastmae run ({holder}); wait for it to end, or give "
             "another --output_dir")
@@ -67,8 +73,7 @@ class OutputFolderLock:
         try:
             fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process holds it
-            file.seek(0)
-            holder = file.read().strip() or "a process that has not said which yet"
+            holder = _holder_said(file)
             file.close()
             raise OutputFolderInUse(in_use_message(output_dir, holder)) from None
         except OSError:  # no locks on this file system
@@ -98,7 +103,7 @@ class OutputFolderLock:
                 try:
                     fcntl.lockf(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 except (BlockingIOError, PermissionError):
-                    return file.read().strip() or "a process that has not said which yet"
+                    return _holder_said(file)
                 return None  # closing the file releases the probe's lock
         except OSError:  # unreadable, or no locks on this file system
             return None
