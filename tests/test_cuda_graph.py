@@ -418,9 +418,10 @@ def test_a_replayed_step_does_not_wait_for_the_gpu():
 
 @pytest.mark.gpu
 @needs_cuda
-# 1: 2 batches per epoch, so the 5 steps cross two epoch boundaries; 3: 7 batches per epoch make two steps of 3
-# micro-batches, and the batch left over is read and dropped (as on the eager path) between two replays
-@pytest.mark.parametrize("accum_iter, images", [(1, 8), (3, 28)])
+# 1: 4 batches per epoch, so the 5 steps cross an epoch boundary; 3: 7 batches per epoch make two steps of 3
+# micro-batches, and the batch left over is read and dropped (as on the eager path) between two replays. (Each
+# run's 5 steps fall at 5 different learning rates: 2 batches per epoch would put epochs 0.5 and 2.0 at the same.)
+@pytest.mark.parametrize("accum_iter, images", [(1, 16), (3, 28)])
 def test_pretrain_with_cuda_graph_trains_checkpoints_and_resumes(tmp_path, accum_iter, images):
     from fastmae.cli import main as fastmae_main
     from fastmae.data.synthetic import write_jpeg_folder
