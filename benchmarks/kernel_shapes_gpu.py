@@ -89,6 +89,14 @@ def kernel_modules() -> dict:
             "masked_patch_loss": (patch_loss, row_tile_variants), "add_layer_norm": (layer_norm, layer_norm_variants)}
 
 
+def check_same_result(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """AssertionError unless a shape's output or gradient equals the launcher's up to the order of its sums:
+    another split of a row over warps rounds the LayerNorm's statistics differently, which moves a bf16
+    value by an ulp (0.0078 relative). Two ulps of the tensor's dtype, and no less than 1e-3."""
+    tolerance = max(2 * torch.finfo(expected.dtype).eps, 1e-3) if expected.is_floating_point() else 0
+    torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+
+
 def measure(kernel: str, shape: kernels_gpu.ModelShape, batch: int, timer, device: torch.device,
             variants: list[Variant] | None = None) -> dict:
     """The launcher's own shape and each variant (default: all), forward + backward: median ms, or the
@@ -106,7 +114,7 @@ def measure(kernel: str, shape: kernels_gpu.ModelShape, batch: int, timer, devic
                 patches.enter_context(mock.patch.object(module, name, replacement))
             try:
                 for a, b in zip(case.step(op), expected, strict=True):  # a shape must not change the result
-                    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+                    check_same_result(a, b)
                 times = timer(lambda: case.step(op))
             except Exception as err:  # noqa: BLE001 - a shape the GPU refuses (registers, shared memory)
                 rows.append({"label": variant.label, **variant.settings, "error": f"{type(err).__name__}: {err}"[:300]})

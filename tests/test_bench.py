@@ -652,6 +652,21 @@ def test_kernel_shape_sweep_runs_its_shapes_and_checks_them(monkeypatch):
     assert "| - | - | - | 0 of 1 | GPU X |" in lines[-1]
 
 
+def test_kernel_shape_sweep_allows_an_ulp_of_reordered_sums_and_no_more():
+    """On the H100 every add + LayerNorm shape with 4 warps was refused: its bf16 outputs were an ulp off
+    the launcher's (0.0078 relative), as any other order of a row's sums gives."""
+    sweep = load_benchmark_script("kernel_shapes_gpu")
+    expected = torch.linspace(1, 2, 1000).to(torch.bfloat16)
+    sweep.check_same_result(expected + 2**-7, expected)  # a bf16 ulp in [1, 2)
+    sweep.check_same_result(-expected - 2**-7, -expected)
+    with pytest.raises(AssertionError):
+        sweep.check_same_result(expected * 1.05, expected)
+    fp32 = torch.linspace(-4, 4, 1000)
+    sweep.check_same_result(fp32 * (1 + 1e-5), fp32)
+    with pytest.raises(AssertionError):
+        sweep.check_same_result(fp32 * (1 + 1e-2), fp32)
+
+
 @pytest.mark.gpu
 def test_kernel_benchmark_run_on_gpu(tmp_path):
     bench = load_benchmark_script("kernels_gpu")
