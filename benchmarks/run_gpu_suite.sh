@@ -108,9 +108,9 @@ for f in list(pathlib.Path(sys.argv[1]).rglob('*.jpg')):
     for copy in range(1, 16): os.link(f, f.with_name(f'{f.stem}_copy{copy}{f.suffix}'))" "$jpegs"
       # hybrid (auto's choice without DALI): eager, replayed as a CUDA graph; cpu; hybrid compiled per block
       for run_name in hybrid hybrid_cudagraph cpu hybrid_compiled; do
-        compiled=()
+        compiled=(--cuda_graph off)  # eager
         [[ $run_name == *_compiled ]] && compiled=(--compile --compile_scope blocks)
-        [[ $run_name == *_cudagraph ]] && compiled=(--cuda_graph)
+        [[ $run_name == *_cudagraph ]] && compiled=(--cuda_graph on)
         run python -m fastmae pretrain --data_path "$jpegs" --model mae_vit_base_patch16 --batch_size 256 \
           --norm_pix_loss --max_steps 240 --log_every 40 --save_every 1000000 --save_epochs 0 --output_dir "$run_dir/$run_name" \
           --data_loader "${run_name%_*}" --num_workers 16 --no_progress "${compiled[@]}"

@@ -8,6 +8,8 @@ real graph is checked against the eager step, and ``fastmae pretrain --cuda_grap
 
 from __future__ import annotations
 
+import argparse
+
 import contextlib
 import json
 import os
@@ -21,7 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 from fastmae.checkpoint import optimizer_state
 from fastmae.compiling import CompileConfig
 from fastmae.models import create_model
-from fastmae.train.cuda_graph import GraphedTrainStep, check_cuda_graph_support, make_optimizer_capturable
+from fastmae.train.cuda_graph import (GraphedTrainStep, check_cuda_graph_support, make_optimizer_capturable,
+                                      use_cuda_graph)
 from fastmae.train.distributed import join_process_group
 from fastmae.train.optim import build_optimizer
 from fastmae.train.schedule import set_lr
@@ -185,13 +188,12 @@ def test_graphed_steps_on_two_ranks_average_the_gradients_as_ddp_does(tmp_path, 
 
 def _pretrain_worker(rank: int, world_size: int, init_file: str, flags: list[str]) -> None:
     import fastmae.train.cuda_graph as cuda_graph
-    import fastmae.train.trainer as trainer
     from fastmae.cli import main as fastmae_main
 
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     if "--cuda_graph" in flags:  # on CPU: the stand-in runner, and the CPU device let through
-        trainer.check_cuda_graph_support = lambda *args: None
+        cuda_graph.check_cuda_graph_support = lambda *args: None
         cuda_graph.CudaGraphRunner = lambda device: EagerReplayRunner()
     assert fastmae_main(flags + ["--dist_url", f"file://{init_file}"]) == 0
 
@@ -277,6 +279,48 @@ def test_settings_a_replay_cannot_honour_are_named(kwargs, message):
     settings.update(kwargs)
     with pytest.raises(ValueError, match=message):
         check_cuda_graph_support(**settings)
+
+
+def test_auto_replays_where_the_route_was_measured_and_on_is_checked():
+    """auto (the default): one process on CUDA, bf16/fp32, no --compile, PyTorch's attention; else eager.
+    on (or True) raises where a replay cannot honour a setting; off (or False) never replays."""
+    cuda = torch.device("cuda")
+    plain = dict(device=cuda, precision="bf16", compiled=None, attn="sdpa", processes=1)
+    assert use_cuda_graph("auto", **plain) and use_cuda_graph("auto", **{**plain, "precision": "fp32"})
+    for other in (dict(device=CPU), dict(precision="fp16"), dict(compiled=CompileConfig()), dict(attn="xformers"),
+                  dict(processes=2)):
+        assert not use_cuda_graph("auto", **{**plain, **other}), other
+    assert use_cuda_graph("on", **{**plain, "processes": 2}) and use_cuda_graph(True, **plain)
+    assert not use_cuda_graph("off", **plain) and not use_cuda_graph(False, **plain)
+    with pytest.raises(ValueError, match="GradScaler"):
+        use_cuda_graph("on", **{**plain, "precision": "fp16"})
+    with pytest.raises(ValueError, match="must be one of auto, on, off"):
+        use_cuda_graph("yes", **plain)
+
+
+def test_out_of_memory_under_a_replayed_step_says_it_can_run_eagerly():
+    from types import SimpleNamespace
+
+    from fastmae.train.trainer import Pretrainer
+
+    run = SimpleNamespace(last_checkpoint=None, graphed_step=object(), device=torch.device("cuda"),
+                          position=SimpleNamespace(step=4), cfg=SimpleNamespace(batch_size=256), effective_batch=256,
+                          _saved_so_far=lambda: "no checkpoint of this run is saved yet")
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert "stays the same; or run the step eagerly with --cuda_graph off; no checkpoint" in \
+        Pretrainer._out_of_memory_message(run, error)
+    run.graphed_step = None
+    assert "--cuda_graph" not in Pretrainer._out_of_memory_message(run, error)
+
+
+def test_pretrain_cuda_graph_flag_takes_a_choice_and_alone_means_on():
+    from fastmae.train.pretrain import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).cuda_graph == "auto"
+    assert parser.parse_args(["--cuda_graph"]).cuda_graph == "on"
+    assert parser.parse_args(["--cuda_graph", "off"]).cuda_graph == "off"
 
 
 def test_a_model_off_cuda_without_a_runner_is_an_error():

@@ -781,18 +781,20 @@ def test_start_epoch_and_absolute_lr(tmp_path, image_folder):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_pretraining_on_the_gpu_with_its_gpu_loader(tmp_path, compiled):
-    """The whole command on CUDA: JPEGs through the GPU loader auto picks, bf16, a checkpoint, the
-    summary, and --resume auto continuing from it."""
+@pytest.mark.parametrize("mode, flags", [("eager", ["--cuda_graph", "off"]), ("cuda_graph", []),
+                                         ("compiled", ["--compile"])], ids=["eager", "default", "compiled"])
+def test_pretraining_on_the_gpu_with_its_gpu_loader(tmp_path, mode, flags):
+    """The whole command on CUDA: JPEGs through the GPU loader auto picks, bf16, the step replayed as a
+    CUDA graph unless compiled or turned off, a checkpoint, the summary, and --resume auto continuing."""
     from fastmae.data.synthetic import write_jpeg_folder
 
     jpegs, out = tmp_path / "jpegs", tmp_path / "out"
     write_jpeg_folder(jpegs, 16, size=(48, 40), num_classes=2)
-    extra = ["--device", "cuda", "--log_every", "2"] + (["--compile"] if compiled else [])
+    extra = ["--device", "cuda", "--log_every", "2", *flags]
     assert fastmae_main(micro_flags(jpegs, out, "--max_steps", "4", *extra)) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["loader"] in ("dali", "hybrid") and summary["environment"]["device_type"] == "cuda"
+    assert summary["cuda_graph"] == (mode == "cuda_graph")
     assert summary["whole_run"]["steps"] == 4 and summary["after_first_window"]["img_per_s"] > 0
     assert all(np.isfinite(r["loss"]) for r in logged(out))
     assert latest_checkpoint(out) is not None

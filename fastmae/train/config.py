@@ -83,7 +83,8 @@ class PretrainConfig:
     compile: bool = False
     compile_scope: str = "model"  # model | blocks (see fastmae.compiling)
     compile_mode: str = "default"  # torch.compile's mode; reduce-overhead = CUDA graphs
-    cuda_graph: bool = False  # the eager step captured and replayed as one CUDA graph (fastmae.train.cuda_graph)
+    # the eager step captured and replayed as one CUDA graph: auto | on | off (or a bool), fastmae.train.cuda_graph
+    cuda_graph: str | bool = "auto"
     kernels: str = "auto"
     attn: str = "sdpa"
     data_loader: str = "auto"

@@ -17,6 +17,7 @@ import torch
 from fastmae.compiling import COMPILE_MODES, COMPILE_SCOPES
 from fastmae.data.loader import LOADER_CHOICES
 from fastmae.train.config import DEMO_SETTINGS, PRECISIONS, REFERENCE_NUM_WORKERS, PretrainConfig
+from fastmae.train.cuda_graph import CUDA_GRAPH_CHOICES
 from fastmae.train.distributed import add_launch_arguments
 
 # argparse records here which flags the user typed, so demo settings never override them
@@ -93,10 +94,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ours.add_argument("--compile_mode", choices=COMPILE_MODES, default=d.compile_mode, action=_STORE,
                       help="with --compile: torch.compile's mode; reduce-overhead replays CUDA graphs "
                            "(needs --accum_iter 1 and one process)")
-    ours.add_argument("--cuda_graph", default=False, action=_STORE_TRUE,
-                      help="capture the eager training step once as a CUDA graph and replay it: one launch per "
-                           "step instead of thousands (needs CUDA, bf16 or fp32; under torchrun one all-reduce a step "
-                           "averages the gradients in place of DDP)")
+    ours.add_argument("--cuda_graph", nargs="?", const="on", choices=CUDA_GRAPH_CHOICES, default=d.cuda_graph,
+                      action=_STORE,
+                      help="capture the eager training step once as a CUDA graph and replay it: one launch per step "
+                           "instead of thousands (needs CUDA, bf16 or fp32, no --compile; under torchrun one all-reduce "
+                           "a step averages the gradients in place of DDP). auto: on for one process on CUDA where "
+                           "those hold and --attn is sdpa or math; --cuda_graph alone: on")
     ours.add_argument("--kernels", choices=("auto", "triton", "torch"), default=d.kernels, action=_STORE,
                       help="fused Triton kernels (auto: on CUDA) or their PyTorch references")
     ours.add_argument("--attn", choices=("sdpa", "xformers", "math"), default=d.attn, action=_STORE,

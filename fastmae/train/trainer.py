@@ -35,7 +35,7 @@ from fastmae.train.checkpoints import (
     save_training_checkpoint, set_aside_checkpoints_redone, step_checkpoint_path, step_checkpoints,
 )
 from fastmae.train.config import PretrainConfig, default_num_workers
-from fastmae.train.cuda_graph import GraphedTrainStep, check_cuda_graph_support
+from fastmae.train.cuda_graph import GraphedTrainStep, use_cuda_graph
 from fastmae.train.distributed import DistributedContext
 from fastmae.train.metrics import (
     MetricsLogger, RunTotals, no_tensorboard_message, peak_memory_gb, plot_loss_curve, set_aside_earlier_outputs,
@@ -122,8 +122,8 @@ class Pretrainer:
         self.args_to_save = args_to_save if args_to_save is not None else asdict(cfg)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.autocast_dtype = None if self.precision == "fp32" else AUTOCAST_DTYPES[self.precision]
-        if cfg.cuda_graph:
-            check_cuda_graph_support(self.device, self.precision, cfg.compile_config())
+        self.uses_cuda_graph = use_cuda_graph(cfg.cuda_graph, self.device, self.precision, cfg.compile_config(),
+                                              cfg.attn, ctx.world_size)
         resolve_kernels(cfg.kernels, self.device)  # --kernels triton on a CPU: said now, not at the first step
 
         # Nothing an earlier run wrote is replaced unasked (a relaunch that forgot --resume would
@@ -167,7 +167,7 @@ class Pretrainer:
 
         self.train_model: nn.Module = self.model
         # with --cuda_graph the graphed step averages the gradients itself (DDP's hooks are not captured)
-        if ctx.enabled and not cfg.cuda_graph:
+        if ctx.enabled and not self.uses_cuda_graph:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=device_ids, gradient_as_bucket_view=True)
         self.compiled = cfg.compile_config()
@@ -180,7 +180,7 @@ class Pretrainer:
         # after the resume: the optimizer it loaded is made capturable
         self.graphed_step = GraphedTrainStep(
             self.model, self.optimizer, cfg.mask_ratio, self.autocast_dtype, cfg.accum_iter,
-            process_group=torch.distributed.group.WORLD if ctx.enabled else None) if cfg.cuda_graph else None
+            process_group=torch.distributed.group.WORLD if ctx.enabled else None) if self.uses_cuda_graph else None
         self.noise_generator = torch.Generator(device=self.device)
 
         # the step count at the end: what is done, plus the rest of this epoch and the epochs after it
@@ -362,6 +362,7 @@ class Pretrainer:
             f"device {self.device} x {ctx.world_size} rank(s), {self.precision}, kernels {cfg.kernels}, attention {cfg.attn}"
             + (f", {self.compiled.describe()}" if self.compiled else "")
             + (", the step replayed as a CUDA graph" if self.graphed_step else "")
+            + (" (--cuda_graph off: eager)" if self.graphed_step and cfg.cuda_graph == "auto" else "")
             + (f", {torch.get_num_threads()} CPU thread(s)" if self.device.type == "cpu" else ""),
             f"effective batch {self.effective_batch} = {cfg.batch_size} x accum {cfg.accum_iter} x {ctx.world_size}; "
             f"peak lr {self.peak_lr:.3g} ({self._lr_origin()}), warm-up {cfg.warmup_epochs} epochs, cosine to {cfg.min_lr:g}",
@@ -603,10 +604,12 @@ class Pretrainer:
 
     def _out_of_memory_message(self, error: torch.OutOfMemoryError) -> str:
         resume = " (continue from it with --resume auto)" if self.last_checkpoint is not None else ""
+        # the replayed step keeps its own memory pool beside the allocator's: eager needs a little less
+        graph = "; or run the step eagerly with --cuda_graph off" if self.graphed_step is not None else ""
         return (f"stopping: out of {self.device.type} memory in optimizer step {self.position.step + 1} with "
                 f"--batch_size {self.cfg.batch_size} per rank ({str(error).splitlines()[0]}). Lower --batch_size and "
                 f"raise --accum_iter by the same factor: the effective batch ({self.effective_batch}), and with it "
-                f"the learning rate, stays the same; {self._saved_so_far()}{resume}")
+                f"the learning rate, stays the same{graph}; {self._saved_so_far()}{resume}")
 
     def _nonfinite_message(self, first_step: int, step: int) -> str:
         where = f"between optimizer steps {first_step + 1} and {step}"
