@@ -1,5 +1,6 @@
 """The CPU data pipeline: folder layouts, rank shards, the crop sampler, the loader and bad data."""
 
+import time
 import warnings
 
 import numpy as np
@@ -166,8 +167,8 @@ def test_augment_output_and_normalisation():
 # ---- the loader ----
 
 def cpu_config(data_path, **kw):
-    return DataConfig(data_path=str(data_path) if data_path else None, input_size=16, batch_size=4,
-                      num_workers=0, pin_mem=False, seed=3, loader="cpu", **kw)
+    settings = dict(input_size=16, batch_size=4, num_workers=0, pin_mem=False, seed=3, loader="cpu") | kw
+    return DataConfig(data_path=str(data_path) if data_path else None, **settings)
 
 
 def test_loader_batches_epoch_length_resume_position_and_workers(tmp_path):
@@ -187,6 +188,56 @@ def test_loader_batches_epoch_length_resume_position_and_workers(tmp_path):
     with_workers = build_loader(DataConfig(str(tmp_path / "imgs"), 16, 4, 1, False, 3, "cpu"), 0, 2, torch.device("cpu"))
     with_workers.set_epoch(0)
     assert all(torch.equal(a, b) for a, b in zip(list(with_workers), epoch0))
+
+
+def test_worker_loader_runs_on_across_epochs_and_gives_each_epoch_its_own_batches(tmp_path):
+    """With workers, one stream of batches runs from epoch to epoch: every epoch, a resumed epoch and an
+    epoch read twice (no set_epoch between) hold the batches a loader without workers makes for them."""
+    write_images(tmp_path / "imgs", 12)
+    alone = build_loader(cpu_config(tmp_path / "imgs"), 0, 1, torch.device("cpu"))
+
+    def epoch(loader, number, start=0):
+        loader.set_epoch(number, start)
+        return list(loader)
+
+    expected = {e: epoch(alone, e) for e in range(4)}
+    streamed = build_loader(cpu_config(tmp_path / "imgs", num_workers=2), 0, 1, torch.device("cpu"))
+    got = [epoch(streamed, 0), epoch(streamed, 1), list(streamed), epoch(streamed, 3, 1), epoch(streamed, 2)]
+    want = [expected[0], expected[1], expected[1], expected[3][1:], expected[2]]
+    for batches, wanted in zip(got, want, strict=True):
+        assert len(batches) == len(wanted) and all(torch.equal(a, b) for a, b in zip(batches, wanted))
+    half = iter(streamed)  # an epoch left part-way: the next one is still its own
+    streamed.set_epoch(1)
+    next(half)
+    assert all(torch.equal(a, b) for a, b in zip(epoch(streamed, 2), expected[2], strict=True))
+
+
+def test_workers_read_the_next_epoch_before_the_current_one_is_done(tmp_path):
+    """At an epoch's end the workers are already making the next epoch's first batches: with a
+    sampler of one epoch they wait for the next iterator, and a run of short epochs waits at each start."""
+    from fastmae.data import loader as loader_module
+
+    log = tmp_path / "keys.log"
+
+    class LoggedItems(loader_module._AugmentedItems):
+        def __getitem__(self, key):
+            with open(log, "a") as f:
+                f.write(f"{key[1]}\n")
+            return super().__getitem__(key)
+
+    class LoggedLoader(loader_module.CPULoader):
+        items = LoggedItems
+
+    write_images(tmp_path / "imgs", 8)
+    loader = LoggedLoader(cpu_config(tmp_path / "imgs", num_workers=2), 0, 1, torch.device("cpu"))
+    loader.set_epoch(0)
+    assert len(list(loader)) == 2
+    deadline = time.monotonic() + 20
+    while "1" not in log.read_text().split() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "1" in log.read_text().split(), "no item of epoch 1 was read before its iterator started"
+    loader.set_epoch(1)
+    assert len(list(loader)) == 2
 
 
 def test_too_few_images_for_a_batch_is_an_error(tmp_path):
