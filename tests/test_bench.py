@@ -665,6 +665,11 @@ def test_kernel_shape_sweep_allows_an_ulp_of_reordered_sums_and_no_more():
     sweep.check_same_result(fp32 * (1 + 1e-5), fp32)
     with pytest.raises(AssertionError):
         sweep.check_same_result(fp32 * (1 + 1e-2), fp32)
+    tiny = expected * 1e-6  # a loss gradient's scale: held to it, not to an absolute 1e-3
+    sweep.check_same_result(tiny + 2**-7 * 1e-6, tiny)
+    for wrong in (torch.zeros_like(tiny), -tiny):
+        with pytest.raises(AssertionError):
+            sweep.check_same_result(wrong, tiny)
 
 
 @pytest.mark.gpu

@@ -296,6 +296,11 @@ def test_auto_replays_where_the_route_was_measured_and_on_is_checked():
         use_cuda_graph("on", **{**plain, "precision": "fp16"})
     with pytest.raises(ValueError, match="must be one of auto, on, off"):
         use_cuda_graph("yes", **plain)
+    from fastmae.train.config import PretrainConfig
+
+    with pytest.raises(ValueError, match="--cuda_graph must be one of auto, on, off, got 'yes'"):
+        PretrainConfig(cuda_graph="yes")
+    assert PretrainConfig(cuda_graph=True).cuda_graph is True
 
 
 def test_out_of_memory_under_a_replayed_step_says_it_can_run_eagerly():
