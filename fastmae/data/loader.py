@@ -344,7 +344,7 @@ class CPULoader:
         # its batches from it, and the stream starts anew where an epoch begins elsewhere than where it is
         self._epochs = _EpochsInARow(self.sampler)
         self._stream: Iterator | None = None
-        self._stream_next: tuple[int, int] | None = None  # (epoch, batch) of the stream's next batch
+        self._stream_next: tuple[int, int] | None = None  # (epoch, batch) of the stream's next batch, or None
         self._loader = DataLoader(
             items,
             batch_sampler=self._epochs if cfg.num_workers > 0 else self.sampler,
@@ -387,7 +387,7 @@ class CPULoader:
             yield from self._loader
             return
         epoch, start, end = self.sampler.epoch, self.sampler.start_batch, self.sampler.num_batches
-        if self._stream is None or self._stream_next != (epoch, start):
+        if self._stream_next != (epoch, start):  # None until a stream has given a batch whole
             self._epochs.epoch, self._epochs.start_batch = epoch, start  # read when the iterator starts
             self._stream = iter(self._loader)
         for b in range(start, end):

@@ -47,9 +47,9 @@ def list_image_files(data_path: str | os.PathLike, train_split: bool = True) -> 
     root = Path(data_path).expanduser()
     if not root.exists():
         raise ValueError(f"--data_path {root} does not exist")
-    if not root.is_dir():
-        from fastmae.data.tar_shards import compressed_tar_message, is_compressed_tar
+    from fastmae.data.tar_shards import compressed_tar_message, is_compressed_tar  # it imports this module
 
+    if not root.is_dir():
         if is_compressed_tar(root):
             raise ValueError(f"--data_path {compressed_tar_message(root)}")
         raise ValueError(f"--data_path {root} is not a folder")
@@ -63,8 +63,6 @@ def list_image_files(data_path: str | os.PathLike, train_split: bool = True) -> 
     broken = (f"{len(dangling)} image link(s) below it lead to nothing (e.g. {dangling[0]} -> "
               f"{os.readlink(dangling[0])})" if dangling else "")
     if not files:
-        from fastmae.data.tar_shards import compressed_tar_message, is_compressed_tar
-
         nested_tar = next((path for path in walked if path.suffix.lower() == ".tar"), None)
         compressed = next((path for path in walked if is_compressed_tar(path)), None)
         hint = (f"; it holds .tar shards in a sub-folder ({nested_tar.relative_to(root)}): give the folder that "

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from fastmae.compiling import CompileConfig
 from fastmae.models import model_arch
-from fastmae.train.cuda_graph import CUDA_GRAPH_CHOICES
+from fastmae.train.cuda_graph import cuda_graph_choice
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 SEEDS = range(2**63)  # they key numpy's SeedSequence (non-negative) and torch's generators (64-bit)
@@ -104,8 +104,7 @@ class PretrainConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"--{name} must be positive, got {value}")
-        if not isinstance(self.cuda_graph, bool) and self.cuda_graph not in CUDA_GRAPH_CHOICES:
-            raise ValueError(f"--cuda_graph must be one of {', '.join(CUDA_GRAPH_CHOICES)}, got {self.cuda_graph!r}")
+        cuda_graph_choice(self.cuda_graph)  # a ValueError naming a value that is none of them
         try:
             patch_size = model_arch(self.model)["patch_size"]
         except ValueError as err:

@@ -48,6 +48,16 @@ DEFAULT_WARMUP_STEPS = 3  # torch's whole-network example; Triton autotunes in t
 CUDA_GRAPH_CHOICES = ("auto", "on", "off")
 
 
+def cuda_graph_choice(choice: str | bool) -> str:
+    """``--cuda_graph``'s value as one of CUDA_GRAPH_CHOICES (True: on, False: off, as before the choice had
+    three values), else a ValueError naming it."""
+    if isinstance(choice, bool):
+        return "on" if choice else "off"
+    if choice not in CUDA_GRAPH_CHOICES:
+        raise ValueError(f"--cuda_graph must be one of {', '.join(CUDA_GRAPH_CHOICES)}, got {choice!r}")
+    return choice
+
+
 def use_cuda_graph(choice: str | bool, device: torch.device, precision: str, compiled: CompileConfig | None,
                    attn: str, processes: int) -> bool:
     """Whether the run replays its step as a CUDA graph. ``on`` (or True) where the settings allow it, else
@@ -55,10 +65,7 @@ def use_cuda_graph(choice: str | bool, device: torch.device, precision: str, com
     path has run on a GPU: CUDA, bf16 or fp32, no torch.compile, PyTorch's attention, one process. (A
     ViT-B/16 training run on an H100 made 4606 img/s replayed against 3001 eager; several processes' one
     all-reduce a step has run with NCCL on one GPU only, and xformers' kernels have not been captured.)"""
-    if isinstance(choice, bool):  # PretrainConfig(cuda_graph=True), as before the choice had three values
-        choice = "on" if choice else "off"
-    if choice not in CUDA_GRAPH_CHOICES:
-        raise ValueError(f"--cuda_graph must be one of {', '.join(CUDA_GRAPH_CHOICES)}, got {choice!r}")
+    choice = cuda_graph_choice(choice)
     if choice == "on":
         check_cuda_graph_support(device, precision, compiled)
         return True

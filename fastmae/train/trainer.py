@@ -122,8 +122,8 @@ class Pretrainer:
         self.args_to_save = args_to_save if args_to_save is not None else asdict(cfg)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.autocast_dtype = None if self.precision == "fp32" else AUTOCAST_DTYPES[self.precision]
-        self.uses_cuda_graph = use_cuda_graph(cfg.cuda_graph, self.device, self.precision, cfg.compile_config(),
-                                              cfg.attn, ctx.world_size)
+        replay_step = use_cuda_graph(cfg.cuda_graph, self.device, self.precision, cfg.compile_config(), cfg.attn,
+                                     ctx.world_size)
         resolve_kernels(cfg.kernels, self.device)  # --kernels triton on a CPU: said now, not at the first step
 
         # Nothing an earlier run wrote is replaced unasked (a relaunch that forgot --resume would
@@ -167,7 +167,7 @@ class Pretrainer:
 
         self.train_model: nn.Module = self.model
         # with --cuda_graph the graphed step averages the gradients itself (DDP's hooks are not captured)
-        if ctx.enabled and not self.uses_cuda_graph:
+        if ctx.enabled and not replay_step:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=device_ids, gradient_as_bucket_view=True)
         self.compiled = cfg.compile_config()
@@ -180,7 +180,7 @@ class Pretrainer:
         # after the resume: the optimizer it loaded is made capturable
         self.graphed_step = GraphedTrainStep(
             self.model, self.optimizer, cfg.mask_ratio, self.autocast_dtype, cfg.accum_iter,
-            process_group=torch.distributed.group.WORLD if ctx.enabled else None) if self.uses_cuda_graph else None
+            process_group=torch.distributed.group.WORLD if ctx.enabled else None) if replay_step else None
         self.noise_generator = torch.Generator(device=self.device)
 
         # the step count at the end: what is done, plus the rest of this epoch and the epochs after it
@@ -538,8 +538,13 @@ class Pretrainer:
         self.logger.log(record)
         self.first_loss = loss if self.first_loss is None else self.first_loss
         self.last_loss = loss
-        self.totals.add_window(elapsed, window.data_wait, window.images * self.ctx.world_size, pos.step - window.first_step)
+        self._count_in_totals(window, elapsed)
         window.restart(now, pos.step)
+
+    def _count_in_totals(self, window: "_LogWindow", seconds: float) -> None:
+        """The window's steps, images (all ranks), time and wait for data, added to the run's totals."""
+        self.totals.add_window(seconds, window.data_wait, window.images * self.ctx.world_size,
+                               self.position.step - window.first_step)
 
     def _save(self, window: "_LogWindow", epoch_sums: "_EpochSums", periodic: bool = False) -> Path | None:
         """Save a checkpoint of the current state, after checking that no loss since the last check
@@ -624,8 +629,7 @@ class Pretrainer:
         path = self._save(window, epoch_sums)
         # the steps since the last logging step, which no line holds (the checkpoint carries their losses),
         # count in the run's totals all the same
-        self.totals.add_window(time.perf_counter() - window.started, window.data_wait,
-                               window.images * self.ctx.world_size, self.position.step - window.first_step)
+        self._count_in_totals(window, time.perf_counter() - window.started)
         self.logger.close_bar()
         self.logger.message(f"received {signal.Signals(signum).name}: saved {path} at step {self.position.step}; "
                             f"continue with --resume auto (or --resume {path})")
