@@ -14,7 +14,8 @@
 #   huge     the same for ViT-H/14
 #   recipe   ViT-L/16 at the reference recipe's batch of 64 per GPU, where the host's launches weigh most:
 #            fastmae eager, replayed as CUDA graphs, compiled per block, and reference-style
-#   compile  ViT-L compiled per block, without and with CUDA graphs (the settings the profile points to)
+#   compile  ViT-L compiled per block, without and with CUDA graphs, and with max-autotune's GEMM search (Triton
+#            GEMM templates can take the GELU and bias into their epilogue, which cuBLAS's kernels cannot)
 #   ablation ViT-L eager with the PyTorch references instead of the Triton kernels (what the kernels
 #            give a whole step)
 #   table2   the paper's Table 2 (ViT-L and ViT-H, decoder depth 8 and 1, with and without mask tokens)
@@ -84,7 +85,7 @@ for part in "${parts[@]}"; do
     recipe) run python -m fastmae bench step --batch_size 64 --dtype bf16 --out_dir "$out" --model mae_vit_large_patch16 \
               --impl fastmae,fastmae+cudagraph,fastmae+compile,reference-style --compile_scope blocks ;;
     compile)
-      for mode in default reduce-overhead; do
+      for mode in default reduce-overhead max-autotune-no-cudagraphs; do
         run "${step[@]}" --model mae_vit_large_patch16 --impl fastmae+compile --compile_scope blocks --compile_mode "$mode"
       done ;;
     ablation) run "${step[@]}" --model mae_vit_large_patch16 --impl fastmae --kernels torch ;;
