@@ -169,14 +169,18 @@ def resized_crops_reference(pixels: torch.Tensor, table: torch.Tensor, size: int
                             scale: torch.Tensor) -> torch.Tensor:
     """pixels uint8 [sum of 3 H_b W_b], table int64 [B, 9] (crop_table), shift = 255 mean and scale =
     255 std fp32 [3] -> float32 [B, 3, size, size]: each crop as torchvision's resized crop of a PIL
-    image (antialiased bicubic, rounded and clamped as PIL's uint8 output; within a grey level or two of
-    PIL's own resize), mirrored if flipped, normalised."""
+    image, mirrored if flipped, normalised. The resize is PIL's antialiased bicubic as PIL runs it:
+    horizontal, rounded and clamped to uint8, then vertical, rounded and clamped (at most a grey level
+    from PIL's own, whose weights are fixed-point)."""
     rows = check_crop_table(pixels, table, size)
     out = torch.empty((len(rows), CHANNELS, size, size), dtype=torch.float32, device=pixels.device)
     for b, (offset, src_h, src_w, top, left, h, w, _, flip) in enumerate(rows.tolist()):
         image = pixels[offset : offset + CHANNELS * src_h * src_w].view(CHANNELS, src_h, src_w)
         crop = image[:, top : top + h, left : left + w].unsqueeze(0).float()
-        resized = F.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False, antialias=True)[0]
+        # one axis at a time (the other's size kept: its weights are then exactly the identity)
+        rows = F.interpolate(crop, size=(h, size), mode="bicubic", align_corners=False, antialias=True)
+        rows = rows.round_().clamp_(0, 255)
+        resized = F.interpolate(rows, size=(size, size), mode="bicubic", align_corners=False, antialias=True)[0]
         out[b] = resized.flip(-1) if flip else resized
     # the rounding once per batch, not per crop: on a GPU without Triton the host's launches are the cost
     return out.round_().clamp_(0, 255).sub_(shift.view(1, -1, 1, 1)).div_(scale.view(1, -1, 1, 1))
