@@ -212,6 +212,25 @@ def test_pretrain_writes_the_references_log_txt_one_line_an_epoch(image_folder, 
     assert all(np.isfinite(r["train_loss"]) and r["train_loss"] > 0 for r in epochs)
 
 
+def test_log_txt_averages_count_the_left_over_batches_as_the_reference(image_folder, tmp_path):
+    """8 batches of 2 an epoch with --accum_iter 3: 2 steps, then 2 left-over batches that make no step. As
+    main_pretrain.py's metric logger, the epoch's averages are over all 8 iterations: the left-over ones at
+    the lr set at batch 6, with their own losses."""
+    out = tmp_path / "out"
+    assert main(pretrain_flags(image_folder, out, "--accum_iter", "3", "--batch_size", "2")) == 0
+    steps, epochs = read_jsonl(out / "metrics.jsonl"), read_jsonl(out / "log.txt")
+    assert len(steps) == 4 and [r["epoch"] for r in epochs] == [0, 1]
+    from fastmae.train.schedule import base_batch_lr
+    peak = base_batch_lr(2e-3, 6)
+    for epoch, record in enumerate(epochs):
+        expected_lr = np.mean([lr_at(epoch + 3 * (i // 3) / 8, peak, 0.0, 1, 2) for i in range(8)])
+        assert record["train_lr"] == pytest.approx(expected_lr, rel=1e-9)
+        stepped = [r["loss"] for r in steps[2 * epoch:2 * epoch + 2]]  # each the mean of its 3 micro-batches
+        left_over_mean = (8 * record["train_loss"] - 3 * sum(stepped)) / 2
+        assert record["train_loss"] != pytest.approx(np.mean(stepped), rel=1e-6)  # not the steps' alone
+        assert 0.5 * min(stepped) < left_over_mean < 2 * max(stepped)
+
+
 def test_a_resumed_pretraining_appends_to_log_txt(image_folder, tmp_path):
     out = tmp_path / "out"
     assert main(pretrain_flags(image_folder, out, "--max_steps", "6")) == 0  # stops inside epoch 1

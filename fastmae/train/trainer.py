@@ -466,8 +466,11 @@ class Pretrainer:
                 pos.epoch, pos.batch = (epoch + 1, 0) if stop == stepped else (epoch, stop)
                 self.logger.advance()
                 if stop == stepped:
-                    for _ in range(n - stepped):  # read, so that the loader ends its epoch as it began it
-                        next(batches)
+                    # read, so that the loader ends its epoch as it began it
+                    left_over = [next(batches) for _ in range(n - stepped)]
+                    if left_over:
+                        left_lr = lr_at(epoch + stepped / n, self.peak_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+                        epoch_sums.add(self._left_over_losses(left_over, pos.step - 1), left_lr)
                     self._end_epoch(epoch, epoch_sums, window)  # may save a checkpoint: after the step count
                 last = self._finished()
                 if pos.step % cfg.log_every == 0 or last:
@@ -504,6 +507,21 @@ class Pretrainer:
             self.logger.message(f"could not keep {path.name} as checkpoint-{epoch}.pth: {err}; training goes on")
             return
         self.logger.message(f"epoch {epoch} done: {kept}")
+
+    def _left_over_losses(self, batches: list[torch.Tensor], step: int) -> torch.Tensor:
+        """The losses [M] of an epoch's left-over batches (fewer than --accum_iter), for its log.txt averages
+        alone: main_pretrain.py runs them forward and backward, logs their loss and the lr of the step they
+        would have begun, and zeroes their gradients when the next epoch starts. Here a forward without
+        gradients, eager (a compiled model would compile again for it), its noise keyed after the step's
+        micro-batches. Nothing is read back."""
+        losses = torch.empty(len(batches), device=self.device)
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"), \
+                torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                               enabled=self.autocast_dtype is not None):
+            for index, imgs in enumerate(batches):
+                noise = self._mask_noise(step, self.cfg.accum_iter + index, imgs.shape[0])
+                losses[index] = self.model(imgs, self.cfg.mask_ratio, noise=noise, full_pred=False)[0]
+        return losses
 
     def _mask_noise(self, step: int, micro: int, batch: int) -> torch.Tensor:
         """Masking noise [B, L] keyed by (seed, step, micro-batch, rank), drawn on the device."""
