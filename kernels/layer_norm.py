@@ -214,7 +214,8 @@ def add_layer_norm_forward(x, branch, weight, bias, eps: float, out_dtype: torch
 def add_layer_norm_backward(grad_out, grad_residual, z, weight, mean, rstd, x_dtype: torch.dtype,
                             branch_dtype: torch.dtype | None):
     """-> (grad_x in x_dtype, grad_branch in branch_dtype or an empty tensor when it would equal
-    grad_x (same dtype) or there is no branch, [2, D] the weight and bias gradients in weight's dtype)."""
+    grad_x (same dtype) or there is no branch, [2, D] fp32 the weight and bias gradients: each is cast
+    to its own parameter's dtype by the caller, which may differ)."""
     check_tensor("grad_out", grad_out, tuple(z.shape), device=z.device)
     if grad_residual is not None:
         check_tensor("grad_residual", grad_residual, tuple(z.shape), device=z.device)
@@ -223,7 +224,7 @@ def add_layer_norm_backward(grad_out, grad_residual, z, weight, mean, rstd, x_dt
     store_branch = branch_dtype is not None and branch_dtype != x_dtype
     grad_branch = torch.empty_like(z, dtype=branch_dtype) if store_branch else z.new_empty(0)
     if M == 0:
-        return grad_x, grad_branch, weight.new_zeros((2, D))
+        return grad_x, grad_branch, weight.new_zeros((2, D), dtype=torch.float32)
     block_rows, block_d, num_warps = _tiles(M, D)
     programs, tiles_per_program = _grid(cdiv(M, block_rows), num_warps, z.device)
     partials = torch.empty((2, programs, D), dtype=torch.float32, device=z.device)
@@ -233,7 +234,7 @@ def add_layer_norm_backward(grad_out, grad_residual, z, weight, mean, rstd, x_dt
         BLOCK_ROWS=block_rows, BLOCK_D=block_d, num_warps=num_warps,
     )
     # one reduction for both (host time: each torch op is a few microseconds of an eager step)
-    return grad_x, grad_branch, partials.sum(1).to(weight.dtype)
+    return grad_x, grad_branch, partials.sum(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +265,7 @@ class AddLayerNorm(torch.autograd.Function):
         ctx.save_for_backward(x if branch is None else residual, weight, mean, rstd)
         ctx.has_branch = branch is not None
         ctx.dtypes = (x.dtype, None if branch is None else branch.dtype)
+        ctx.parameter_dtypes = (weight.dtype, bias.dtype)
 
     @staticmethod
     @once_differentiable  # a second derivative through the kernels raises rather than coming out wrong
@@ -283,7 +285,7 @@ class AddLayerNorm(torch.autograd.Function):
             grad_out.contiguous(), None if grad_residual is None else grad_residual.contiguous(),
             z, weight, mean, rstd, x_dtype, branch_dtype,
         )
-        grad_weight, grad_bias = grad_weight_and_bias.unbind(0)
+        grad_weight, grad_bias = (g.to(dtype) for g, dtype in zip(grad_weight_and_bias.unbind(0), ctx.parameter_dtypes))
         if branch_dtype is None:
             grad_branch = None
         elif branch_dtype == x_dtype:  # the kernel wrote one gradient for both
@@ -320,7 +322,7 @@ def _add_layer_norm_backward_op(
 def _(grad_out, grad_residual, z, weight, mean, rstd, x_dtype, branch_dtype):
     store_branch = branch_dtype is not None and branch_dtype != x_dtype
     grad_branch = torch.empty_like(z, dtype=branch_dtype) if store_branch else z.new_empty(0)
-    return torch.empty_like(z, dtype=x_dtype), grad_branch, weight.new_empty((2, weight.shape[0]))
+    return torch.empty_like(z, dtype=x_dtype), grad_branch, weight.new_empty((2, weight.shape[0]), dtype=torch.float32)
 
 
 torch.library.register_autograd(

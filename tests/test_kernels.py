@@ -429,6 +429,21 @@ def test_add_layer_norm_one_output_used(device, used):
             torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.float16, torch.bfloat16])
+def test_add_layer_norm_parameter_gradients_in_their_own_dtypes(device, weight_dtype):
+    """A bf16 or fp16 weight beside an fp32 bias: the bias gradient keeps fp32's precision (it was rounded
+    through the weight's dtype: 3.0 off for a sum of 64 gradients of about 100 with a bf16 weight)."""
+    x = torch.randn(64, 24, device=device)
+    weight = torch.randn(24, device=device).to(weight_dtype).requires_grad_()
+    bias = torch.randn(24, device=device, requires_grad=True)
+    g = torch.randn(64, 24, device=device) * 100
+    _, out = add_layer_norm_triton(x, None, weight, bias, 1e-5)
+    out.backward(g.to(out.dtype))
+    assert weight.grad.dtype == weight_dtype and bias.grad.dtype == torch.float32
+    exact = g.double().sum(0)  # d(sum(out * g)) / d(bias)
+    assert (bias.grad.double() - exact).abs().max() < 1e-2
+
+
 @pytest.mark.parametrize("branch_dtype", [None, torch.float32, torch.bfloat16])
 def test_add_layer_norm_of_no_rows(device, branch_dtype):
     inputs = _add_layer_norm_inputs((0, 5), 8, torch.float32, branch_dtype, device)
