@@ -127,5 +127,10 @@ def test_bad_tables_are_clear_errors():
         resized_crops(pixels.float(), table, 8)
     with pytest.raises(ValueError, match="size must be a positive int"):
         resized_crops(pixels, table, 0)
+    # a table laid out for 8-pixel crops: at 16 the crops' scratch rows overlap, at 4 they end early
+    two, two_table = batch([(10, 12), (10, 12)], [(0, 0, 10, 12), (1, 1, 8, 8)], [False, True], 8, "cpu")
+    for size in (16, 4):
+        with pytest.raises(ValueError, match=rf"scratch offsets \(column 7\) are not those of crops resized to {size}"):
+            resized_crops(two, two_table, size)
     with pytest.raises(ValueError, match="one of each per crop"):
         crop_table([(10, 12), (10, 12)], [(0, 0, 10, 12)], [False], 8)

@@ -140,8 +140,8 @@ def crop_table(image_shapes, boxes, flips, size: int) -> torch.Tensor:
 
 
 def check_crop_table(pixels: torch.Tensor, table: torch.Tensor, size: int) -> np.ndarray:
-    """The table's rows as a NumPy array, checked against the pixel buffer (on the host, where the
-    table is made: a crop outside its image would read another image's pixels, not fail)."""
+    """The table's rows as a NumPy array, checked against the pixel buffer and the output size (on the
+    host, where the table is made: a crop outside its image would read another image's pixels, not fail)."""
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be a positive int, got {size!r}")
     if not (isinstance(table, torch.Tensor) and table.device.type == "cpu" and table.dtype == torch.int64
@@ -162,6 +162,12 @@ def check_crop_table(pixels: torch.Tensor, table: torch.Tensor, size: int) -> np
     ends = rows[:, SRC_OFFSET] + CHANNELS * src_h * src_w
     if rows[:, SRC_OFFSET].min() < 0 or ends.max() > pixels.numel():
         raise ValueError(f"the table's images reach element {ends.max()} of a pixel buffer of {pixels.numel()}")
+    # the GPU kernels' scratch rows: laid out for one output size, they overlap (or run past the
+    # buffer) at another
+    tmp_sizes = CHANNELS * h * size
+    if not np.array_equal(rows[:, TMP_OFFSET], np.cumsum(tmp_sizes) - tmp_sizes):
+        raise ValueError(f"the table's scratch offsets (column {TMP_OFFSET}) are not those of crops resized to "
+                         f"{size}: make it with crop_table(..., size={size})")
     return rows
 
 
@@ -178,9 +184,9 @@ def resized_crops_reference(pixels: torch.Tensor, table: torch.Tensor, size: int
         image = pixels[offset : offset + CHANNELS * src_h * src_w].view(CHANNELS, src_h, src_w)
         crop = image[:, top : top + h, left : left + w].unsqueeze(0).float()
         # one axis at a time (the other's size kept: its weights are then exactly the identity)
-        rows = F.interpolate(crop, size=(h, size), mode="bicubic", align_corners=False, antialias=True)
-        rows = rows.round_().clamp_(0, 255)
-        resized = F.interpolate(rows, size=(size, size), mode="bicubic", align_corners=False, antialias=True)[0]
+        horizontal = F.interpolate(crop, size=(h, size), mode="bicubic", align_corners=False, antialias=True)
+        horizontal = horizontal.round_().clamp_(0, 255)
+        resized = F.interpolate(horizontal, size=(size, size), mode="bicubic", align_corners=False, antialias=True)[0]
         out[b] = resized.flip(-1) if flip else resized
     # the rounding once per batch, not per crop: on a GPU without Triton the host's launches are the cost
     return out.round_().clamp_(0, 255).sub_(shift.view(1, -1, 1, 1)).div_(scale.view(1, -1, 1, 1))
