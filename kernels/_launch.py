@@ -1,4 +1,4 @@
-"""What the three kernel launchers share: input checks, block sizes, and the patch address helper.
+"""What the kernel launchers share: input checks, block sizes, and the patch address helper.
 
 Block sizes follow one rule: on a GPU a program holds a few thousand elements (enough loads in
 flight to hide memory latency); under the Triton interpreter (TRITON_INTERPRET=1, ~1 ms per program
@@ -114,9 +114,7 @@ def check_patch_grid(imgs: torch.Tensor, patch_size: int, in_chans: int | None =
 
 def check_patch_ids(name: str, ids: torch.Tensor, batch: int, num_patches: int, device: torch.device) -> None:
     """ids [N, K] int64 patch indices, rows may be strided (a slice of ids_shuffle) but each row dense.
-
-    The values are not read back (that would synchronise); out-of-range ids are the caller's bug.
-    """
+    Their values are checked where reading them costs nothing (``ids_readable``)."""
     check_tensor(name, ids, (batch, None), dtypes=(torch.int64,), device=device, contiguous=False)
     if ids.shape[1] > 1 and ids.stride(1) != 1:
         raise ValueError(
@@ -124,6 +122,18 @@ def check_patch_ids(name: str, ids: torch.Tensor, batch: int, num_patches: int, 
         )
     if ids.shape[1] > num_patches:
         raise ValueError(f"{name} shape {list(ids.shape)} picks more than the {num_patches} patches of an image")
+    if ids_readable(ids):
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= num_patches:
+            raise ValueError(f"{name} holds patch ids from {low} to {high}, outside 0..{num_patches - 1}")
+
+
+def ids_readable(ids: torch.Tensor) -> bool:
+    """Whether index values can be checked: on the CPU (the interpreter), where reading them back stalls
+    no GPU, and outside tracing (fake tensors hold no values). On CUDA they are the caller's to get right
+    (the model's come from argsort): a wrong id reads or writes another row's memory."""
+    return (ids.device.type == "cpu" and ids.numel() > 0 and not torch.compiler.is_compiling()
+            and not isinstance(ids, torch._subclasses.FakeTensor))
 
 
 @dataclass(frozen=True)
@@ -167,6 +177,22 @@ def cast_rtne(x, dtype: tl.constexpr):
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)
+
+
+def first_derivative_only(backward):
+    """A kernel op's backward, which has no derivative of its own. Asked for one (create_graph=True:
+    the backward runs with grad mode on), it raises, naming the way out. torch's ``once_differentiable``
+    instead lets ``autograd.grad(..., allow_unused=True)`` return None, a zero second derivative."""
+
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError("fastmae's Triton kernels have no second derivative (backward with create_graph=True): "
+                               "build the model with kernels='torch' to differentiate twice")
+        with torch.no_grad():
+            return backward(ctx, *grads)
+
+    return checked
 
 
 def eager_autograd(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:

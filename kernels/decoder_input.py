@@ -15,7 +15,6 @@ per-program partial sums and one small torch sum (deterministic).
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
@@ -26,6 +25,8 @@ from fastmae.kernels._launch import (
     check_kernel_device,
     check_tensor,
     eager_autograd,
+    first_derivative_only,
+    ids_readable,
     interpreting,
     next_power_of_2,
     num_warps_for,
@@ -149,6 +150,10 @@ def _check_inputs(x, mask_token, ids_restore, pos_embed) -> tuple[int, int, int,
         )
     check_tensor("mask_token", mask_token, (1, 1, D), device=x.device)
     check_tensor("pos_embed", pos_embed, (1, L + 1, D), device=x.device)
+    # the backward adds each output row's gradient into one slot: a repeated or missing slot gets a wrong one
+    if ids_readable(ids_restore) and not torch.equal(
+            ids_restore.sort(dim=1).values, torch.arange(L, device=ids_restore.device).expand(N, L)):
+        raise ValueError(f"ids_restore must hold a permutation of 0..{L - 1} in every row")
     return N, T - 1, L, D
 
 
@@ -206,7 +211,7 @@ class DecoderUnshuffle(torch.autograd.Function):
         ctx.num_visible = x.shape[1] - 1
 
     @staticmethod
-    @once_differentiable  # a second derivative through the kernels raises rather than coming out wrong
+    @first_derivative_only
     def backward(ctx, grad_out):
         (ids_restore,) = ctx.saved_tensors
         x_dtype, mask_token_dtype, pos_dtype = ctx.dtypes
@@ -256,7 +261,7 @@ DecoderUnshuffleEager = eager_autograd(DecoderUnshuffle)
 def decoder_unshuffle_triton(
     x: torch.Tensor,  # [N, 1+K, Dd]
     mask_token: torch.Tensor,  # [1, 1, Dd]
-    ids_restore: torch.Tensor,  # [N, L] int64, a permutation of 0..L-1 per row (not checked: no sync)
+    ids_restore: torch.Tensor,  # [N, L] int64, a permutation of 0..L-1 per row (checked on the CPU only: no sync)
     pos_embed: torch.Tensor,  # [1, 1+L, Dd]
 ) -> torch.Tensor:  # [N, 1+L, Dd]
     """The fused unshuffle (Triton); same values as ``decoder_unshuffle_reference``."""

@@ -25,7 +25,6 @@ import contextlib
 import contextvars
 
 import torch
-from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 import triton
 import triton.language as tl
@@ -39,6 +38,7 @@ from fastmae.kernels._launch import (
     check_patch_ids,
     check_tensor,
     eager_autograd,
+    first_derivative_only,
     interpreting,
     next_power_of_2,
     num_warps_for,
@@ -398,7 +398,7 @@ class VisiblePatchEmbed(torch.autograd.Function):
         ctx.patch_size = patch_size
 
     @staticmethod
-    @once_differentiable  # a second derivative through the kernels raises rather than coming out wrong
+    @first_derivative_only
     def backward(ctx, grad_out, _grad_of_rows):
         imgs, ids_keep, weight, bias, pos_embed, cls_token, rows = ctx.saved_tensors
         N, T, D = grad_out.shape

@@ -18,7 +18,6 @@ Math is fp32, one rounding per stored value.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
@@ -29,6 +28,7 @@ from fastmae.kernels._launch import (
     check_kernel_device,
     check_tensor,
     eager_autograd,
+    first_derivative_only,
     interpreting,
     next_power_of_2,
     sm_count,
@@ -268,7 +268,7 @@ class AddLayerNorm(torch.autograd.Function):
         ctx.parameter_dtypes = (weight.dtype, bias.dtype)
 
     @staticmethod
-    @once_differentiable  # a second derivative through the kernels raises rather than coming out wrong
+    @first_derivative_only
     def backward(ctx, grad_residual, grad_out, _grad_of_mean, _grad_of_rstd):
         z, weight, mean, rstd = ctx.saved_tensors
         x_dtype, branch_dtype = ctx.dtypes

@@ -16,7 +16,6 @@ the loss without atomics (deterministic). Math is fp32; the loss is an fp32 scal
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
@@ -29,6 +28,7 @@ from fastmae.kernels._launch import (
     check_patch_ids,
     check_tensor,
     eager_autograd,
+    first_derivative_only,
     interpreting,
     next_power_of_2,
     patch_origin,
@@ -195,7 +195,7 @@ class MaskedPatchLoss(torch.autograd.Function):
         ctx.patch_size, ctx.norm_pix_loss, ctx.compute_grad = patch_size, norm_pix_loss, compute_grad
 
     @staticmethod
-    @once_differentiable  # a second derivative through the kernels raises rather than coming out wrong
+    @first_derivative_only
     def backward(ctx, grad_loss, _grad_of_grad_dir, _grad_of_grad_scale):
         grad_dir, grad_scale, pred, imgs, patch_ids, weight = ctx.saved_tensors
         grad_pred = grad_imgs = grad_weight = None

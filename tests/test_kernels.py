@@ -525,6 +525,44 @@ def test_launchers_reject_bad_inputs(device):
         add_layer_norm_triton(randn(1, MAX_WIDTH + 1), None, randn(MAX_WIDTH + 1), randn(MAX_WIDTH + 1), 1e-6)
 
 
+def test_launchers_check_index_values_on_the_cpu():
+    """Where reading them back costs nothing (the interpreter), ids that would read or write other rows'
+    memory are refused; the references would raise an IndexError for them too."""
+    if not interpreting():
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1")
+    N, img, p, D = 2, 16, 4, 8
+    L = (img // p) ** 2
+    imgs, masking = torch.randn(N, 3, img, img), random_masking(N, L, 0.75, torch.device("cpu"))
+    w, b, pos, cls = torch.randn(D, 3, p, p), torch.randn(D), torch.randn(1, L + 1, D), torch.randn(1, 1, D)
+    for bad in (L, -1, 10**8):
+        ids = masking.ids_keep.clone()
+        ids[1, 2] = bad
+        with pytest.raises(ValueError, match=rf"ids_keep holds patch ids from -?\d+ to \d+, outside 0..{L - 1}"):
+            visible_patch_embed_triton(imgs, ids, w, b, pos, cls, p)
+        with pytest.raises(ValueError, match=rf"patch_ids holds patch ids .* outside 0..{L - 1}"):
+            masked_patch_loss_triton(torch.randn(N, ids.shape[1], p * p * 3), imgs, p, True, ids)
+    x, mask_token = torch.randn(N, masking.num_visible + 1, D), torch.randn(1, 1, D)
+    repeated = masking.ids_restore.clone()
+    repeated[0, 1] = repeated[0, 0]
+    for ids_restore in (repeated, masking.ids_restore - 1):
+        with pytest.raises(ValueError, match=rf"ids_restore must hold a permutation of 0..{L - 1} in every row"):
+            decoder_unshuffle_triton(x, mask_token, ids_restore, pos)
+
+
+def test_second_derivatives_through_the_kernels_raise(device):
+    """create_graph=True through a kernel raises at once, naming kernels='torch': with torch's
+    once_differentiable, autograd.grad(..., allow_unused=True) had returned None (zero) for it."""
+    x, w, b = (torch.randn(4, 8, device=device, requires_grad=True), torch.randn(8, device=device),
+               torch.randn(8, device=device))
+    _, out = add_layer_norm_triton(x, None, w, b, 1e-6)
+    with pytest.raises(RuntimeError, match="no second derivative .* kernels='torch'"):
+        torch.autograd.grad((out ** 3).sum(), x, create_graph=True)
+    _, out = add_layer_norm_triton(x, None, w, b, 1e-6)
+    (grad,) = torch.autograd.grad((out ** 3).sum(), x)  # a first derivative as before
+    _, ref = add_layer_norm_reference(x, None, w, b, 1e-6)
+    torch.testing.assert_close(grad, torch.autograd.grad((ref ** 3).sum(), x)[0], rtol=1e-4, atol=1e-4)
+
+
 def _tiny_op_inputs(device):
     N, img, p, D = 2, 16, 4, 8
     L = (img // p) ** 2
