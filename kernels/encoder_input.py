@@ -334,11 +334,10 @@ def _gemm_backend(num_rows: int, D: int, KP: int) -> str:
     """Which GEMM projects the gathered patches: "triton" (the epilogue fused into it) or "cublas"
     (torch.addmm, then ``_position_epilogue_kernel``: one more pass over the output, cuBLAS's GEMM).
 
-    cuBLAS: on the H100 the Triton route took 0.46 ms fwd+bwd at ViT-L's shapes, torch.compile of the
-    reference 0.19 ms (benchmarks/results/kernels_h100-80gb-hbm3_20261124.json). The compiled
-    reference takes this route: the same cuBLAS GEMM, with its own gather and addition, and the
-    backward is the same cuBLAS GEMM in both. This route's own time is not measured yet;
-    ``benchmarks/kernel_shapes_gpu.py`` times both routes at each model's shapes."""
+    cuBLAS, at every shape: on the H100 (2026-11-25, benchmarks/results/kernel_shapes_h100-80gb-hbm3_20261125.json,
+    fwd+bwd, p10) it took 0.207 ms against the Triton route's 0.235 at ViT-B's shapes, 0.240 against 0.281
+    at ViT-L's, 0.424 against 0.464 at ViT-H's. The shape is passed for a rule by shape, should a GPU show
+    one; ``benchmarks/kernel_shapes_gpu.py`` times both routes at each model's shapes."""
     return _chosen_gemm_route.get() or "cublas"
 
 

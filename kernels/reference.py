@@ -1,8 +1,9 @@
-"""The plain-PyTorch references: the semantics each fused op implements (DESIGN.md section 2), and
-the path ``kernels="torch"`` (or "auto" without CUDA or Triton) runs.
+"""The plain-PyTorch references: the semantics each fused op implements (the reference code's model,
+``models_mae.py``), and the path ``kernels="torch"`` (or "auto" without CUDA or Triton) runs.
 
 They live apart from the Triton files so that they import without Triton: a CPU-only install runs
-the model through them. Each kernel file imports its own reference, and the tests compare the two.
+the model through them. Each op's file imports its own reference, and the tests compare the two
+(the loaders' resize, ``crop_resize.py``, has its reference in ``fastmae.data.augment``).
 """
 
 from __future__ import annotations

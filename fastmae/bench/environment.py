@@ -97,7 +97,7 @@ def environment_info(device: torch.device) -> dict:
 
 
 def result_filename(what: str, device: torch.device) -> str:
-    """``<what>_<gpu>_<date>.json`` (DESIGN.md section 5); the gpu part is 'cpu' on CPU."""
+    """``<what>_<gpu>_<date>.json``, the name of every committed result; the gpu part is 'cpu' on CPU."""
     if device.type == "cuda":
         gpu = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower().replace("nvidia", "")).strip("-")
     else:
