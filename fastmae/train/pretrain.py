@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ref.add_argument("--batch_size", type=int, default=d.batch_size, action=_STORE,
                      help="batch size per GPU; effective batch = batch_size x accum_iter x number of GPUs")
     ref.add_argument("--epochs", type=int, default=d.epochs, action=_STORE,
-                     help="epochs of the schedule (the paper: 800 for ablations, 1600 for its best results)")
+                     help="epochs of the schedule (the paper and PRETRAIN.md: 800 for ablations, 1600 for its best "
+                          "results; main_pretrain.py's own default is 400)")
     ref.add_argument("--accum_iter", type=int, default=d.accum_iter, action=_STORE,
                      help="gradient accumulation steps per optimizer step")
     ref.add_argument("--model", default=d.model, action=_STORE, metavar="MODEL", help="fastmae.models.MODEL_ARCHS name")
@@ -58,7 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ref.add_argument("--weight_decay", type=float, default=d.weight_decay, action=_STORE,
                      help="AdamW weight decay (not on biases or norms: the reference's groups)")
     ref.add_argument("--lr", type=float, default=d.lr, action=_STORE, help="absolute lr (default: blr x effective batch / 256)")
-    ref.add_argument("--blr", type=float, default=d.blr, action=_STORE, help="base lr: absolute lr = blr x effective batch / 256")
+    ref.add_argument("--blr", type=float, default=d.blr, action=_STORE,
+                     help="base lr: absolute lr = blr x effective batch / 256 (the paper's and PRETRAIN.md's; "
+                          "main_pretrain.py's own default is 1e-3)")
     ref.add_argument("--min_lr", type=float, default=d.min_lr, action=_STORE, help="lower bound of the cosine schedule")
     ref.add_argument("--warmup_epochs", type=float, default=d.warmup_epochs, action=_STORE,
                      help="linear warm-up, per iteration, before the half-cycle cosine")
