@@ -140,6 +140,12 @@ def _model_with_settings(result: dict) -> str:
     return f"{result['model']} ({', '.join(settings)})" if settings else result["model"]
 
 
+def _row_dtype(result: dict, row: dict) -> str:
+    """The row's own precision where it has one: reference-style runs fp16 autocast with a GradScaler, as
+    the reference code does, whatever the other rows' dtype."""
+    return row.get("precision") or result["dtype"]
+
+
 def step_table(results: list[dict]) -> list[str]:
     lines = ["| model | device | dtype | batch | implementation | img/s | step ms median (p10-p90) | peak GiB | "
              "MFU (spec) | MFU (meas. GEMM) | first step s | commit |",
@@ -148,11 +154,11 @@ def step_table(results: list[dict]) -> list[str]:
         env = r["environment"]
         for row in sustained_step_result(r)["results"]:
             if "error" in row:
-                lines.append(f"| {_model_with_settings(r)} | {env['device']} | {r['dtype']} | {r['batch_size']} | {row['name']} | "
+                lines.append(f"| {_model_with_settings(r)} | {env['device']} | {_row_dtype(r, row)} | {r['batch_size']} | {row['name']} | "
                              f"failed: {row['error'][:80]} | | | | | | {_commit(r)} |")
                 continue
             lines.append(
-                f"| {_model_with_settings(r)} | {env['device']} | {r['dtype']} | {r['batch_size']} | {_step_row_name(r, row)} | "
+                f"| {_model_with_settings(r)} | {env['device']} | {_row_dtype(r, row)} | {r['batch_size']} | {_step_row_name(r, row)} | "
                 f"{row['images_per_s']:.0f} | {1e3 * row['median_s']:.1f} ({1e3 * row['p10_s']:.1f}-{1e3 * row['p90_s']:.1f}) | "
                 f"{_gib(row.get('peak_memory_bytes'))} | {_pct(row.get('mfu_spec'))} | {_pct(row.get('mfu_measured_gemm'))} | "
                 f"{_seconds(row.get('first_step_s'))} | {_commit(r)} |")
@@ -288,7 +294,7 @@ def train_table(results: list[dict]) -> list[str]:
     """``fastmae pretrain`` runs' summary.json: speed and the share of time spent waiting for data after
     the first logging window (issue target: < 5%)."""
     lines = ["| model | loader | run | images per epoch | batch | dtype | steps timed | img/s | waiting for data | "
-             "MFU (spec) | peak GB | device | commit |",
+             "MFU (spec) | peak GiB | device | commit |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         steady = r["after_first_window"]

@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "visualize": ("fastmae.downstream.visualize", "reconstructions as PNG (masked / reconstruction / original)"),
     "linprobe": ("fastmae.downstream.linprobe", "linear probe of a pretrained encoder"),
     "finetune": ("fastmae.downstream.finetune", "fine-tune a pretrained encoder for classification"),
-    "export": ("fastmae.downstream.export", "export the encoder to timm or HF transformers key layouts"),
+    "export": ("fastmae.downstream.export", "export to timm's ViT (the encoder) or HF transformers' ViTMAE (encoder and decoder)"),
 }
 
 GROUP_HELP = {

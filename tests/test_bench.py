@@ -374,6 +374,17 @@ def load_results_table_script():
     return load_benchmark_script("make_results_table")
 
 
+def test_readme_holds_the_results_tables_of_the_committed_results(capsys):
+    """The README's results tables are the generator's output on benchmarks/results as committed: a result
+    file added, replaced or removed without regenerating them shows here."""
+    table = load_results_table_script()
+    assert table.main([]) == 0
+    generated = capsys.readouterr().out.rstrip("\n")
+    readme = (table.README_DIR / "README.md").read_text()
+    assert generated.startswith("#### Training step") and generated in readme, \
+        "README.md's results tables differ from `python benchmarks/make_results_table.py`: paste its output"
+
+
 def test_results_table(tmp_path, capsys):
     table = load_results_table_script()
     assert table.main(["--results_dir", str(tmp_path)]) == 0

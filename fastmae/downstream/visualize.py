@@ -1,6 +1,6 @@
 """``fastmae visualize``: reconstructions of a pretrained MAE in the paper's figure layout.
 
-    fastmae visualize --checkpoint out/checkpoint-last.pth --images photos/ --mask_ratio 0.75 0.9 --output rec.png
+    fastmae visualize --checkpoint output_dir/checkpoint-799.pth --images photos/ --mask_ratio 0.75 0.9 --output rec.png
 
 Each image is resized (shorter side) and centre-cropped to the model's size; each row shows one
 image at one mask ratio: masked input | reconstruction with the visible patches pasted back |

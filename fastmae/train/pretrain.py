@@ -66,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ref.add_argument("--warmup_epochs", type=float, default=d.warmup_epochs, action=_STORE,
                      help="linear warm-up, per iteration, before the half-cycle cosine")
     ref.add_argument("--data_path", default=None, action=_STORE,
-                     help="image folder (train/<class>/*, <class>/* or flat); omitted: the embedded photographs")
+                     help="image folder (train/<class>/*, <class>/* or flat) or .tar shards; omitted: the embedded "
+                          "photographs")
     ref.add_argument("--output_dir", default=d.output_dir, action=_STORE, help="checkpoints, metrics.jsonl, the reference's log.txt, reconstruction.png")
     ref.add_argument("--log_dir", default=d.log_dir, action=_STORE, help="TensorBoard folder (default: output_dir)")
     ref.add_argument("--device", default=d.device, action=_STORE, help="cuda or cpu (default: cuda when available)")
