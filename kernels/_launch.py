@@ -128,6 +128,13 @@ def check_patch_ids(name: str, ids: torch.Tensor, batch: int, num_patches: int, 
             raise ValueError(f"{name} holds patch ids from {low} to {high}, outside 0..{num_patches - 1}")
 
 
+def check_permutations(name: str, ids: torch.Tensor) -> None:
+    """ids [N, L]: every row a permutation of 0..L-1, where the values can be read (``ids_readable``)."""
+    if ids_readable(ids) and not torch.equal(ids.sort(dim=1).values,
+                                             torch.arange(ids.shape[1], device=ids.device).expand_as(ids)):
+        raise ValueError(f"{name} must hold a permutation of 0..{ids.shape[1] - 1} in every row")
+
+
 def ids_readable(ids: torch.Tensor) -> bool:
     """Whether index values can be checked: on the CPU (the interpreter), where reading them back stalls
     no GPU, and outside tracing (fake tensors hold no values). On CUDA they are the caller's to get right

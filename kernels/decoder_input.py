@@ -23,10 +23,10 @@ from fastmae.kernels._launch import (
     cast_rtne,
     cdiv,
     check_kernel_device,
+    check_permutations,
     check_tensor,
     eager_autograd,
     first_derivative_only,
-    ids_readable,
     interpreting,
     next_power_of_2,
     num_warps_for,
@@ -151,9 +151,7 @@ def _check_inputs(x, mask_token, ids_restore, pos_embed) -> tuple[int, int, int,
     check_tensor("mask_token", mask_token, (1, 1, D), device=x.device)
     check_tensor("pos_embed", pos_embed, (1, L + 1, D), device=x.device)
     # the backward adds each output row's gradient into one slot: a repeated or missing slot gets a wrong one
-    if ids_readable(ids_restore) and not torch.equal(
-            ids_restore.sort(dim=1).values, torch.arange(L, device=ids_restore.device).expand(N, L)):
-        raise ValueError(f"ids_restore must hold a permutation of 0..{L - 1} in every row")
+    check_permutations("ids_restore", ids_restore)
     return N, T - 1, L, D
 
 
