@@ -1,16 +1,14 @@
 """Resized crops of a batch in two launches: crop, antialiased bicubic resize, round, flip, normalise.
 
-Reference semantics (``fastmae.data.augment.resized_crops_reference``, the data pipeline's): each
-crop, as float, through ``F.interpolate(size=(S, S), mode="bicubic", antialias=True)`` (torch's and
-PIL's antialiasing filter: Keys' cubic with a = -0.5, stretched by the downscale factor), rounded half
-to even and clamped to 0..255 as PIL's uint8 output is, mirrored when its flip is set, then
-normalised: (v - 255 mean) / (255 std). The resize runs as PIL's does, separably and horizontal first,
-with the rows rounded and clamped to uint8 between the two passes: PIL keeps that intermediate image
-in uint8, and where bicubic's negative lobes overshoot 0..255 (sharp edges) resizing in one pass
-differs from PIL's by up to about ten grey levels (measured on skimage's photographs, 64 to 448 px),
-where two passes differ by at most one.
+Reference semantics (``fastmae.data.augment.resized_crops_reference``, the data pipeline's): PIL's
+resize of each crop as PIL runs it, separably and horizontal first, each pass torch's antialiased
+bicubic (``F.interpolate(mode="bicubic", antialias=True)``: PIL's filter, Keys' cubic with a = -0.5
+stretched by the downscale factor) rounded half to even and clamped to 0..255, as PIL's uint8
+intermediate and output are; mirrored when its flip is set; then normalised: (v - 255 mean) / (255 std).
+Where bicubic's negative lobes overshoot 0..255 (sharp edges), one float pass instead of two differs
+from PIL by up to 19 grey levels (the tests' black-and-white blocks); two passes differ by at most one.
 
-Image by image that is four kernels and a few dozen microseconds of host work per crop: a thousand
+Image by image that is several kernels and a few dozen microseconds of host work per crop: a thousand
 launches per batch of 256, on the thread that also launches the training step. Here the batch's
 source images lie one after another in one uint8 buffer and a small table says where each crop is;
 two kernels do the whole batch (the horizontal pass into a uint8 buffer, then the vertical pass with
