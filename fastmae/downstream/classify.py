@@ -154,6 +154,12 @@ def datasets_and_loaders(args, input_size: int, train_augment: bool, rand_augmen
     return train_set, val_set, train_loader, val_loader_of(val_set, common, ctx)
 
 
+def smallest_train_batch(train_loader) -> int:
+    """The fewest images a training batch of ``datasets_and_loaders``' loader holds: drop_last leaves no batch
+    smaller than --batch_size unless this process's share is smaller still, and then it is one batch."""
+    return min(train_loader.batch_size, len(train_loader.sampler))
+
+
 def loader_settings(args, ctx: DistributedContext) -> dict:
     """The DataLoader settings both splits share."""
     if args.batch_size < 1:

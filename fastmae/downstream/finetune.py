@@ -37,7 +37,7 @@ from fastmae.downstream.classify import (
     EpochLogs, add_common_arguments, append_jsonl, build_classifier, check_start_epoch, datasets_and_loaders,
     describe_effective_batch, describe_pretrained, evaluate, evaluate_saved, input_size_of, number_of_classes,
     peak_lr, progress, resume_and_refuse_earlier_outputs, say_if_not_saved, show_rate, speaker, run_in_processes,
-    val_images_said,
+    smallest_train_batch, val_images_said,
 )
 from fastmae.downstream.lr_decay import optimizer_state_in_group_order, param_groups_lrd
 from fastmae.downstream.mixup import Mixup, soft_target_cross_entropy
@@ -132,7 +132,7 @@ def _run(args, ctx: DistributedContext) -> int:
         say(resumed.describe(args))
     mixup = None
     if args.mixup > 0 or args.cutmix > 0:
-        smallest_batch = min(args.batch_size, len(train_loader.sampler))  # drop_last leaves no smaller one
+        smallest_batch = smallest_train_batch(train_loader)
         if smallest_batch % 2:  # said now, not after the model is built and the first batch is loaded
             raise ValueError(f"mixup / cutmix pair image i with image N-1-i of a batch, so a batch must hold an "
                              f"even number of images; here one holds {smallest_batch} (--batch_size "

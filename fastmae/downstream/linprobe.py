@@ -41,7 +41,7 @@ from fastmae.downstream.classify import (
     EpochLogs, add_common_arguments, append_jsonl, build_classifier, check_start_epoch, datasets_and_loaders,
     describe_effective_batch, describe_pretrained, Resumed, evaluate, evaluate_saved, input_size_of,
     number_of_classes, peak_lr, progress, resume_and_refuse_earlier_outputs, say_if_not_saved, show_rate, speaker,
-    run_in_processes, val_images_said,
+    run_in_processes, smallest_train_batch, val_images_said,
 )
 from fastmae.downstream.lars import LARS
 from fastmae.downstream.sharding import (
@@ -208,7 +208,7 @@ def _run(args, ctx: DistributedContext) -> int:
     if resumed is not None:
         resumed.check_classes(train_set.classes)
     num_classes = number_of_classes(args, train_set)
-    smallest_batch = min(args.batch_size, len(train_loader.sampler))  # drop_last leaves no smaller one
+    smallest_batch = smallest_train_batch(train_loader)
     if smallest_batch < 2:
         raise ValueError(f"the probe's BatchNorm needs at least 2 images in a batch, and a batch here holds "
                          f"{smallest_batch} ({len(train_set)} train images over {ctx.world_size} process(es), "

@@ -447,7 +447,7 @@ class Pretrainer:
                 if self.ctx.any_rank(self._stop_signal is not None):
                     return self._stop_on_signal(window, epoch_sums)
                 start, stop = pos.batch, pos.batch + cfg.accum_iter
-                lr = lr_at(epoch + start / n, self.peak_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
+                lr = self._lr_at(epoch + start / n)
                 set_lr(self.optimizer, lr)
                 micro_batches = []
                 for micro in range(stop - start):
@@ -469,8 +469,7 @@ class Pretrainer:
                     # read, so that the loader ends its epoch as it began it
                     left_over = [next(batches) for _ in range(n - stepped)]
                     if left_over:
-                        left_lr = lr_at(epoch + stepped / n, self.peak_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
-                        epoch_sums.add(self._left_over_losses(left_over, pos.step - 1), left_lr)
+                        epoch_sums.add(self._left_over_losses(left_over, pos.step - 1), self._lr_at(epoch + stepped / n))
                     self._end_epoch(epoch, epoch_sums, window)  # may save a checkpoint: after the step count
                 last = self._finished()
                 if pos.step % cfg.log_every == 0 or last:
@@ -507,6 +506,11 @@ class Pretrainer:
             self.logger.message(f"could not keep {path.name} as checkpoint-{epoch}.pth: {err}; training goes on")
             return
         self.logger.message(f"epoch {epoch} done: {kept}")
+
+    def _lr_at(self, epochs_done: float) -> float:
+        """The schedule's lr after ``epochs_done`` epochs (a fraction within one), as the reference sets it."""
+        cfg = self.cfg
+        return lr_at(epochs_done, self.peak_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs)
 
     def _left_over_losses(self, batches: list[torch.Tensor], step: int) -> torch.Tensor:
         """The losses [M] of an epoch's left-over batches (fewer than --accum_iter), for its log.txt averages
