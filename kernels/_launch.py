@@ -161,6 +161,13 @@ def row_blocks(num_cols: int, gpu_elements: int = 4096, interpreter_elements: in
     return max(1, budget // block_cols), block_cols
 
 
+def one_tile_per_program(num_cols: int) -> RowTiles:
+    """On a GPU: ``row_blocks``' tile of about 4096 values, one per program, 4 warps. The fastest of the 16
+    launch shapes ``benchmarks/kernel_shapes_gpu.py`` timed on an H100 for both row-wise memory-bound kernels
+    that take it (the decoder input and the loss)."""
+    return RowTiles(row_blocks(num_cols)[0], 1, 4)
+
+
 def num_warps_for(block_elements: int) -> int:
     return 8 if block_elements >= 4096 else 4
 

@@ -30,6 +30,7 @@ from fastmae.kernels._launch import (
     interpreting,
     next_power_of_2,
     num_warps_for,
+    one_tile_per_program,
     row_blocks,
 )
 from fastmae.kernels.reference import decoder_unshuffle_reference  # noqa: F401  (the semantics; the torch path)
@@ -122,12 +123,11 @@ def _decoder_unshuffle_bwd_kernel(
 
 
 def _launch_shape(num_rows: int, block_d: int) -> RowTiles:
-    block_rows, _ = row_blocks(block_d)
     if interpreting():  # few programs: each costs ~1 ms there
+        block_rows, _ = row_blocks(block_d)
         return RowTiles(block_rows, 1 if block_rows >= num_rows else 8, num_warps_for(block_rows * block_d))
-    # 4096 values a tile, a tile per program, 4 warps: the fastest of the 16 shapes kernel_shapes_gpu.py timed on
-    # an H100 (fwd + bwd, batch 256, bf16): 0.118 ms at ViT-B/L's decoder, against 0.219 ms for 8 tiles of 8 warps
-    return RowTiles(block_rows, 1, 4)
+    # fwd + bwd, batch 256, bf16: 0.118 ms at ViT-B/L's decoder, against 0.219 ms for 8 tiles of 8 warps
+    return one_tile_per_program(block_d)
 
 
 def _grid_shape(num_rows: int, D: int) -> tuple[RowTiles, int, int]:

@@ -31,6 +31,7 @@ from fastmae.kernels._launch import (
     first_derivative_only,
     interpreting,
     next_power_of_2,
+    one_tile_per_program,
     patch_origin,
 )
 from fastmae.kernels.reference import NORM_PIX_EPS, masked_patch_loss_reference  # the semantics; the torch path
@@ -139,9 +140,8 @@ def _check_inputs(pred, imgs, patch_size, patch_ids, weight) -> tuple[int, int, 
 def _launch_shape(num_rows: int, block_p: int) -> RowTiles:
     if interpreting():  # few programs: each costs ~1 ms there
         return RowTiles(max(1, min(next_power_of_2(num_rows), (1 << 15) // block_p)), 1, 4)
-    # 4096 values a tile, a tile per program, 4 warps: the fastest of the 16 shapes kernel_shapes_gpu.py timed on
-    # an H100 (fwd + bwd, batch 256, bf16): 0.246 ms at ViT-B/L, against 0.325 ms for 8 tiles of 8 warps
-    return RowTiles(max(1, 4096 // block_p), 1, 4)
+    # fwd + bwd, batch 256, bf16: 0.246 ms at ViT-B/L, against 0.325 ms for 8 tiles of 8 warps
+    return one_tile_per_program(block_p)
 
 
 def masked_patch_loss_forward(pred, imgs, patch_size: int, norm_pix_loss: bool, patch_ids, weight, compute_grad: bool):
